@@ -1,0 +1,291 @@
+//! The CPU reference backend: simple, f32 accumulation, multi-threaded with rayon.
+//!
+//! It is the oracle the CUDA backend is checked against, so clarity wins over speed where the two
+//! conflict; the matmuls (where the time goes) are still blocked and threaded over all cores.
+//! Weights are read straight from the memory-mapped safetensors in their file dtype (bf16, f16 or
+//! f32) and widened to f32 on the fly; activations and the KV cache are f32.
+//!
+//! Files: `matmul.rs` (linear), `attention.rs`, `norm.rs` (RMSNorm, SwiGLU), `rope.rs` (RoPE and
+//! KV writes).
+
+mod attention;
+mod matmul;
+mod norm;
+mod rope;
+
+use half::{bf16, f16};
+
+use super::{AttnParams, Backend, KvLayout, SeqSpan};
+use crate::error::{Error, ErrorKind, Result};
+use crate::loader::{DType, HostTensor};
+use crate::rope::RopeBatch;
+
+/// KV caches grow in blocks of this many tokens, so appends rarely reallocate.
+const KV_BLOCK_TOKENS: usize = 256;
+
+/// The CPU backend. Threads come from rayon's global pool (all cores by default).
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+/// f32 activations, row-major `[rows, cols]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuAct {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>, // [rows, cols]
+}
+
+/// A weight in its file dtype: zero-copy over the memory map when aligned, else an owned copy.
+#[derive(Clone, Debug)]
+pub struct CpuWeight {
+    pub rows: usize, // out_features (or 1 for vectors)
+    pub cols: usize, // in_features (or the vector length)
+    storage: WeightStorage,
+}
+
+#[derive(Clone, Debug)]
+enum WeightStorage {
+    Mapped(HostTensor),
+    OwnedBf16(Vec<bf16>),
+    OwnedF16(Vec<f16>),
+    OwnedF32(Vec<f32>),
+}
+
+/// A typed view of a weight's elements.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WeightView<'a> {
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
+/// One sequence's KV cache: per layer, keys and values `[capacity, n_kv_heads, head_dim]`, f32.
+#[derive(Clone, Debug)]
+pub struct CpuKv {
+    layout: KvLayout,
+    capacity: usize,
+    k: Vec<Vec<f32>>, // [n_layers][capacity * n_kv_heads * head_dim]
+    v: Vec<Vec<f32>>, // [n_layers][capacity * n_kv_heads * head_dim]
+}
+
+impl CpuAct {
+    fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        debug_assert_eq!(data.len(), rows * cols);
+        CpuAct { rows, cols, data }
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+impl CpuWeight {
+    pub(crate) fn view(&self) -> Result<WeightView<'_>> {
+        match &self.storage {
+            WeightStorage::Mapped(t) => typed_view(t.dtype, t.bytes()).ok_or_else(|| {
+                Error::internal(format!("{}: mapped weight lost its alignment", t.name))
+            }),
+            WeightStorage::OwnedBf16(v) => Ok(WeightView::Bf16(v)),
+            WeightStorage::OwnedF16(v) => Ok(WeightView::F16(v)),
+            WeightStorage::OwnedF32(v) => Ok(WeightView::F32(v)),
+        }
+    }
+
+    /// All elements widened to f32 (norm weights are small; used once per call).
+    pub(crate) fn to_f32(&self) -> Result<Vec<f32>> {
+        Ok(match self.view()? {
+            WeightView::Bf16(w) => w.iter().map(|x| x.to_f32()).collect(),
+            WeightView::F16(w) => w.iter().map(|x| x.to_f32()).collect(),
+            WeightView::F32(w) => w.to_vec(),
+        })
+    }
+}
+
+/// The elements of `bytes` as `dtype`, or None when the bytes are not aligned for it.
+fn typed_view(dtype: DType, bytes: &[u8]) -> Option<WeightView<'_>> {
+    match dtype {
+        DType::BF16 => bytemuck::try_cast_slice(bytes).ok().map(WeightView::Bf16),
+        DType::F16 => bytemuck::try_cast_slice(bytes).ok().map(WeightView::F16),
+        DType::F32 => bytemuck::try_cast_slice(bytes).ok().map(WeightView::F32),
+    }
+}
+
+impl CpuKv {
+    fn row_len(&self) -> usize {
+        self.layout.n_kv_heads * self.layout.head_dim
+    }
+}
+
+/// Allocate a zeroed f32 buffer, reporting failure as OutOfMemory instead of aborting.
+fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        Error::new(
+            ErrorKind::OutOfMemory,
+            format!("cannot allocate {} MiB for {what}", len * 4 >> 20),
+        )
+    })?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
+impl Backend for CpuBackend {
+    type Act = CpuAct;
+    type Weight = CpuWeight;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, tensor: &HostTensor) -> Result<CpuWeight> {
+        let (rows, cols) = match tensor.shape[..] {
+            [n] => (1, n),
+            [r, c] => (r, c),
+            _ => {
+                return Err(Error::internal(format!(
+                    "{}: CPU backend takes vectors and matrices, got shape {:?}",
+                    tensor.name, tensor.shape
+                )))
+            }
+        };
+        let storage = if typed_view(tensor.dtype, tensor.bytes()).is_some() {
+            WeightStorage::Mapped(tensor.clone())
+        } else {
+            // Unaligned data (a header length that is not a multiple of the element size): copy once.
+            let bytes = tensor.bytes();
+            match tensor.dtype {
+                DType::BF16 => WeightStorage::OwnedBf16(
+                    bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
+                ),
+                DType::F16 => WeightStorage::OwnedF16(
+                    bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect(),
+                ),
+                DType::F32 => WeightStorage::OwnedF32(tensor.to_f32_vec()),
+            }
+        };
+        Ok(CpuWeight { rows, cols, storage })
+    }
+
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKv> {
+        Ok(CpuKv {
+            layout: *layout,
+            capacity: 0,
+            k: vec![Vec::new(); layout.n_layers],
+            v: vec![Vec::new(); layout.n_layers],
+        })
+    }
+
+    fn reserve_kv(&self, kv: &mut CpuKv, tokens: usize) -> Result<()> {
+        if tokens <= kv.capacity {
+            return Ok(());
+        }
+        let capacity = tokens.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
+        let len = capacity
+            .checked_mul(kv.row_len())
+            .ok_or_else(|| Error::new(ErrorKind::OutOfMemory, format!("KV cache of {tokens} tokens")))?;
+        // Grow every layer or none: on failure the cache keeps its old capacity.
+        let mut grown_k = Vec::with_capacity(kv.layout.n_layers);
+        let mut grown_v = Vec::with_capacity(kv.layout.n_layers);
+        for layer in 0..kv.layout.n_layers {
+            let mut k = try_zeroed(len, "the KV cache")?;
+            let mut v = try_zeroed(len, "the KV cache")?;
+            k[..kv.k[layer].len()].copy_from_slice(&kv.k[layer]);
+            v[..kv.v[layer].len()].copy_from_slice(&kv.v[layer]);
+            grown_k.push(k);
+            grown_v.push(v);
+        }
+        kv.k = grown_k;
+        kv.v = grown_v;
+        kv.capacity = capacity;
+        Ok(())
+    }
+
+    fn copy_kv(&self, src: &CpuKv, n_tokens: usize) -> Result<CpuKv> {
+        let mut dst = self.alloc_kv(&src.layout)?;
+        self.reserve_kv(&mut dst, n_tokens)?;
+        let n = n_tokens * src.row_len();
+        for layer in 0..src.layout.n_layers {
+            dst.k[layer][..n].copy_from_slice(&src.k[layer][..n]);
+            dst.v[layer][..n].copy_from_slice(&src.v[layer][..n]);
+        }
+        Ok(dst)
+    }
+
+    fn embed(&self, table: &CpuWeight, tokens: &[u32]) -> Result<CpuAct> {
+        let cols = table.cols;
+        let mut data = Vec::with_capacity(tokens.len() * cols);
+        let view = table.view()?;
+        for &t in tokens {
+            let range = t as usize * cols..(t as usize + 1) * cols;
+            match view {
+                WeightView::Bf16(w) => data.extend(w[range].iter().map(|x| x.to_f32())),
+                WeightView::F16(w) => data.extend(w[range].iter().map(|x| x.to_f32())),
+                WeightView::F32(w) => data.extend_from_slice(&w[range]),
+            }
+        }
+        Ok(CpuAct::new(tokens.len(), cols, data))
+    }
+
+    fn rms_norm(
+        &self,
+        residual: &mut CpuAct,
+        delta: Option<&CpuAct>,
+        weight: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuAct> {
+        if let Some(delta) = delta {
+            norm::add_in_place(&mut residual.data, &delta.data);
+        }
+        let data = norm::rms_norm(&residual.data, residual.cols, &weight.to_f32()?, eps);
+        Ok(CpuAct::new(residual.rows, residual.cols, data))
+    }
+
+    fn linear(&self, x: &CpuAct, w: &CpuWeight) -> Result<CpuAct> {
+        let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows)?;
+        Ok(CpuAct::new(x.rows, w.rows, data))
+    }
+
+    fn rope_store_kv(
+        &self,
+        qkv: &CpuAct,
+        seqs: &[SeqSpan],
+        rope: &RopeBatch,
+        kvs: &mut [&mut CpuKv],
+        layer: usize,
+        params: &AttnParams,
+    ) -> Result<CpuAct> {
+        let q = rope::rope_store_kv(&qkv.data, qkv.cols, seqs, rope, kvs, layer, params);
+        Ok(CpuAct::new(qkv.rows, params.n_heads * params.head_dim, q))
+    }
+
+    fn attention(
+        &self,
+        q: &CpuAct,
+        seqs: &[SeqSpan],
+        kvs: &[&CpuKv],
+        layer: usize,
+        params: &AttnParams,
+    ) -> Result<CpuAct> {
+        let out = attention::attention(&q.data, q.rows, seqs, kvs, layer, params);
+        Ok(CpuAct::new(q.rows, q.cols, out))
+    }
+
+    fn swiglu(&self, gate_up: &CpuAct) -> Result<CpuAct> {
+        let ffn = gate_up.cols / 2;
+        Ok(CpuAct::new(gate_up.rows, ffn, norm::swiglu(&gate_up.data, ffn)))
+    }
+
+    fn gather_rows(&self, x: &CpuAct, rows: &[usize]) -> Result<CpuAct> {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            data.extend_from_slice(x.row(r));
+        }
+        Ok(CpuAct::new(rows.len(), x.cols, data))
+    }
+
+    fn to_host(&self, x: &CpuAct) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}

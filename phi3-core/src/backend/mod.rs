@@ -1,0 +1,182 @@
+//! The `Backend` trait: the few fused operations a Phi-3 forward pass needs, in Phi-3 vocabulary.
+//!
+//! `forward.rs` is the only caller. A backend never sees HF names, the tokenizer, the sampler or
+//! sessions, and does not re-check shapes the loader already checked. Every method returns
+//! `Result` so that device errors (out of memory, a failed launch) are ordinary errors.
+//!
+//! Batches: every sequence-aware method takes a batch of sequences ([`SeqSpan`]s, each with its
+//! own KV cache), so continuous batching fits without changing the trait; rows of an activation
+//! are the tokens of all sequences, concatenated in span order.
+//!
+//! Not here: the layer loop (`forward.rs`), RoPE tables (`rope.rs`), KV bookkeeping (`kv_cache.rs`).
+
+pub mod cpu;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use crate::loader::HostTensor;
+use crate::rope::RopeBatch;
+
+/// Shape of one sequence's KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One sequence of a batch: `len` rows starting at activation row `row`, at positions
+/// `pos0..pos0 + len`. Its KV cache holds `pos0` tokens before the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqSpan {
+    pub row: usize,
+    pub len: usize,
+    pub pos0: usize,
+}
+
+/// Attention geometry, fixed per model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Leading dimensions of each head that rotate.
+    pub rotary_dim: usize,
+    /// Multiplies q·k (HF: head_dim^-0.5).
+    pub scale: f32,
+    /// A query at position p sees keys at positions > p - window (HF `sliding_window`).
+    pub sliding_window: Option<usize>,
+}
+
+/// A compute backend. Implementations: [`cpu::CpuBackend`] (the reference), CUDA (later).
+pub trait Backend: Send + Sync + 'static {
+    /// Activations: f32 rows (one per token) of a fixed width.
+    type Act: Send + Sync;
+    /// A weight tensor in its file dtype.
+    type Weight: Send + Sync;
+    /// One sequence's KV cache storage, all layers.
+    type Kv: Send + Sync;
+
+    /// Human-readable device name, e.g. "cpu (16 threads)".
+    fn name(&self) -> String;
+
+    /// Make a weight usable by this backend (zero-copy where the backend can read the host map).
+    fn upload(&self, tensor: &HostTensor) -> Result<Self::Weight>;
+
+    /// An empty KV cache.
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::Kv>;
+
+    /// Ensure the cache can hold `tokens` tokens (grows in blocks; OutOfMemory on failure).
+    fn reserve_kv(&self, kv: &mut Self::Kv, tokens: usize) -> Result<()>;
+
+    /// An independent copy of the first `n_tokens` tokens of `src`.
+    fn copy_kv(&self, src: &Self::Kv, n_tokens: usize) -> Result<Self::Kv>;
+
+    /// Rows of the embedding table: `[tokens.len(), hidden]`. Ids were range-checked by the caller.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;
+
+    /// `residual += delta` (when given), then return `rms_norm(residual) * weight` (HF Phi3RMSNorm).
+    fn rms_norm(
+        &self,
+        residual: &mut Self::Act,
+        delta: Option<&Self::Act>,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Act>;
+
+    /// `x @ w^T`: `[n, in]` x `[out, in]` -> `[n, out]`, f32 accumulation.
+    fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act>;
+
+    /// Split fused qkv rows, rotate q and k with `rope` (one row per token), write k and v into
+    /// each sequence's cache at its positions for `layer`, and return q: `[n, n_heads * head_dim]`.
+    fn rope_store_kv(
+        &self,
+        qkv: &Self::Act,
+        seqs: &[SeqSpan],
+        rope: &RopeBatch,
+        kvs: &mut [&mut Self::Kv],
+        layer: usize,
+        params: &AttnParams,
+    ) -> Result<Self::Act>;
+
+    /// Causal (optionally windowed) GQA attention of q over each sequence's cached keys and
+    /// values of `layer`, positions `0..pos0 + len`: `[n, n_heads * head_dim]`.
+    fn attention(
+        &self,
+        q: &Self::Act,
+        seqs: &[SeqSpan],
+        kvs: &[&Self::Kv],
+        layer: usize,
+        params: &AttnParams,
+    ) -> Result<Self::Act>;
+
+    /// `silu(gate) * up` of fused gate_up rows `[n, 2 * ffn]` -> `[n, ffn]`.
+    fn swiglu(&self, gate_up: &Self::Act) -> Result<Self::Act>;
+
+    /// The given rows of `x`, in order.
+    fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
+
+    /// Copy activations to the host, row-major.
+    fn to_host(&self, x: &Self::Act) -> Result<Vec<f32>>;
+}
+
+/// Where a model runs, as hosts spell it: "auto", "cpu", "cuda" or "cuda:N".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when a usable device exists, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Device> {
+        match s.trim() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "device \"{other}\" is not one of \"auto\", \"cpu\", \"cuda\", \"cuda:N\""
+                    ))
+                }),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings() {
+        assert_eq!("auto".parse::<Device>().unwrap(), Device::Auto);
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
+            let e = bad.parse::<Device>().unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
+        }
+        assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+    }
+}

@@ -1,0 +1,120 @@
+//! THE forward pass of Phi3ForCausalLM, written once, generic over the backend.
+//!
+//! HF reference: `modeling_phi3.py` (`Phi3Model.forward`, `Phi3DecoderLayer.forward`):
+//!   embed -> for each layer [RMSNorm -> qkv_proj -> RoPE q,k -> store k,v -> causal GQA
+//!   attention -> o_proj -> residual add -> RMSNorm -> gate_up_proj -> silu(gate)*up ->
+//!   down_proj -> residual add] -> RMSNorm -> lm_head.
+//! Residual adds are fused into the following RMSNorm (`Backend::rms_norm`). Only the last row
+//! of each sequence goes through the final norm and lm_head.
+//!
+//! A batch holds several sequences, each appending tokens to its own KV cache in a given
+//! LongRoPE regime (the regime of the sequence's final length, chosen by the session, which
+//! recomputes a cache whose regime changes: see `kv_cache.rs`).
+
+use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::loader::{HostTensor, ModelWeights};
+use crate::rope::{Rope, RopeBatch, RopeRegime};
+
+/// A backend with a model's weights on it.
+pub(crate) struct Engine<B: Backend> {
+    pub(crate) backend: B,
+    pub(crate) weights: ModelWeights<B::Weight>,
+    pub(crate) rope: Rope,
+    pub(crate) attn: AttnParams,
+    pub(crate) kv_layout: KvLayout,
+    eps: f32,
+    vocab_size: usize,
+}
+
+/// One sequence's part of a forward: new tokens appended to its cache.
+pub(crate) struct SeqInput<'a, B: Backend> {
+    pub(crate) tokens: &'a [u32],
+    pub(crate) kv: &'a mut KvCache<B>,
+    /// Rope regime of every position of this sequence in this pass.
+    pub(crate) regime: RopeRegime,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Upload `weights` to `backend`.
+    pub(crate) fn new(backend: B, config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> Result<Self> {
+        let weights = weights.try_map(|t| backend.upload(t))?;
+        Ok(Engine {
+            backend,
+            weights,
+            rope: Rope::new(&config.rope),
+            attn: AttnParams {
+                n_heads: config.num_attention_heads,
+                n_kv_heads: config.num_key_value_heads,
+                head_dim: config.head_dim,
+                rotary_dim: config.rope.rotary_dim,
+                scale: (config.head_dim as f32).powf(-0.5),
+                sliding_window: config.sliding_window,
+            },
+            kv_layout: KvLayout {
+                n_layers: config.num_hidden_layers,
+                n_kv_heads: config.num_key_value_heads,
+                head_dim: config.head_dim,
+            },
+            eps: config.rms_norm_eps as f32,
+            vocab_size: config.vocab_size,
+        })
+    }
+
+    /// A new, empty KV cache for one sequence.
+    pub(crate) fn new_kv(&self) -> Result<KvCache<B>> {
+        KvCache::new(&self.backend, &self.kv_layout)
+    }
+
+    /// Run `seqs` (each non-empty, ids already range-checked) and return each sequence's
+    /// last-position logits `[vocab]`. Caches grow only when the whole pass succeeds; on error
+    /// their lengths are unchanged.
+    pub(crate) fn forward(&self, seqs: &mut [SeqInput<'_, B>]) -> Result<Vec<Vec<f32>>> {
+        let be = &self.backend;
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut tokens = Vec::new();
+        let mut rope = RopeBatch::new(self.rope.half());
+        for seq in seqs.iter_mut() {
+            let pos0 = seq.kv.len();
+            let new_len = pos0 + seq.tokens.len();
+            let regime = seq.regime;
+            seq.kv.prepare(regime)?;
+            be.reserve_kv(&mut seq.kv.storage, new_len)?;
+            spans.push(SeqSpan { row: tokens.len(), len: seq.tokens.len(), pos0 });
+            rope.push_positions(self.rope.tables(regime), pos0..new_len);
+            tokens.extend_from_slice(seq.tokens);
+        }
+
+        let w = &self.weights;
+        let mut residual = be.embed(&w.embed_tokens, &tokens)?; // [n, hidden]
+        let mut mlp_out: Option<B::Act> = None; // [n, hidden], previous layer's MLP output
+        for (layer, lw) in w.layers.iter().enumerate() {
+            let x = be.rms_norm(&mut residual, mlp_out.as_ref(), &lw.input_layernorm, self.eps)?;
+            let qkv = be.linear(&x, &lw.qkv_proj)?; // [n, q_dim + 2 kv_dim]
+            let q = {
+                let mut kvs: Vec<&mut B::Kv> = seqs.iter_mut().map(|s| &mut s.kv.storage).collect();
+                be.rope_store_kv(&qkv, &spans, &rope, &mut kvs, layer, &self.attn)?
+            };
+            let kvs: Vec<&B::Kv> = seqs.iter().map(|s| &s.kv.storage).collect();
+            let attn = be.attention(&q, &spans, &kvs, layer, &self.attn)?; // [n, q_dim]
+            let attn_out = be.linear(&attn, &lw.o_proj)?; // [n, hidden]
+            let x = be.rms_norm(&mut residual, Some(&attn_out), &lw.post_attention_layernorm, self.eps)?;
+            let gate_up = be.linear(&x, &lw.gate_up_proj)?; // [n, 2 ffn]
+            let act = be.swiglu(&gate_up)?; // [n, ffn]
+            mlp_out = Some(be.linear(&act, &lw.down_proj)?);
+        }
+
+        let last_rows: Vec<usize> = spans.iter().map(|s| s.row + s.len - 1).collect();
+        let mut last = be.gather_rows(&residual, &last_rows)?;
+        let last_mlp = mlp_out.map(|m| be.gather_rows(&m, &last_rows)).transpose()?;
+        let x = be.rms_norm(&mut last, last_mlp.as_ref(), &w.norm, self.eps)?;
+        let logits = be.to_host(&be.linear(&x, w.output_matrix())?)?; // [n_seqs, vocab]
+
+        for (seq, span) in seqs.iter_mut().zip(&spans) {
+            seq.kv.set_len(span.pos0 + span.len);
+        }
+        Ok(logits.chunks(self.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+}

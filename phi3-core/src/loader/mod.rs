@@ -1,0 +1,161 @@
+//! Checkpoint loading: a model folder -> [`ModelWeights`] of validated [`HostTensor`]s.
+//!
+//! Every expected tensor's name, shape and dtype is checked here, before any backend sees a byte,
+//! and each error names the file and the tensor. Weights stay in their file dtype, memory-mapped:
+//! nothing is copied or converted here.
+//!
+//! Also here: deterministic random ("dummy") weights of any shape, for benchmarks and the demo
+//! model, so no files are needed.
+
+pub mod names;
+pub mod safetensors;
+
+use std::path::Path;
+
+pub use self::safetensors::{Checkpoint, DType, HostTensor};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// The tensors of one decoder layer, generic over where they live (host map or backend buffer).
+#[derive(Clone, Debug)]
+pub struct LayerWeights<W> {
+    pub input_layernorm: W,          // [hidden]
+    pub qkv_proj: W,                 // [q_dim + 2 * kv_dim, hidden]
+    pub o_proj: W,                   // [hidden, q_dim]
+    pub post_attention_layernorm: W, // [hidden]
+    pub gate_up_proj: W,             // [2 * intermediate, hidden]: gate rows first, then up
+    pub down_proj: W,                // [hidden, intermediate]
+}
+
+/// All tensors of a Phi3ForCausalLM.
+#[derive(Clone, Debug)]
+pub struct ModelWeights<W> {
+    pub embed_tokens: W,              // [vocab, hidden]
+    pub layers: Vec<LayerWeights<W>>, // num_hidden_layers
+    pub norm: W,                      // [hidden]
+    /// `None` when the embeddings are tied: the logits then use `embed_tokens`.
+    pub lm_head: Option<W>, // [vocab, hidden]
+}
+
+impl<W> ModelWeights<W> {
+    /// Convert every tensor with `f` (e.g. upload to a backend), in load order, stopping at the first error.
+    pub fn try_map<V>(&self, mut f: impl FnMut(&W) -> Result<V>) -> Result<ModelWeights<V>> {
+        let embed_tokens = f(&self.embed_tokens)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    input_layernorm: f(&l.input_layernorm)?,
+                    qkv_proj: f(&l.qkv_proj)?,
+                    o_proj: f(&l.o_proj)?,
+                    post_attention_layernorm: f(&l.post_attention_layernorm)?,
+                    gate_up_proj: f(&l.gate_up_proj)?,
+                    down_proj: f(&l.down_proj)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = f(&self.norm)?;
+        let lm_head = self.lm_head.as_ref().map(&mut f).transpose()?;
+        Ok(ModelWeights { embed_tokens, layers, norm, lm_head })
+    }
+
+    /// The matrix that produces the logits: `lm_head`, or the embeddings when tied.
+    pub fn output_matrix(&self) -> &W {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+}
+
+/// Open the safetensors of `dir` and check every tensor `config` needs.
+pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights<HostTensor>> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let take = |name: &str, shape: &[usize]| -> Result<HostTensor> {
+        let tensor = checkpoint.get(name).ok_or_else(|| {
+            Error::model_format(format!(
+                "{}: tensor {name} is missing from the checkpoint",
+                dir.display()
+            ))
+        })??;
+        if tensor.shape != shape {
+            return Err(Error::model_format(format!(
+                "{}: {name}: shape {:?}, expected {shape:?}",
+                tensor.file, tensor.shape
+            )));
+        }
+        Ok(tensor)
+    };
+    // Fetch in the order of names::expected_tensors so its shapes are the single source of truth.
+    let tensors = names::expected_tensors(config)
+        .into_iter()
+        .map(|(name, shape)| take(&name, &shape))
+        .collect::<Result<Vec<_>>>()?;
+    assemble(config, tensors)
+}
+
+/// Arrange tensors given in the order of `names::expected_tensors` into a [`ModelWeights`].
+fn assemble(config: &ModelConfig, tensors: Vec<HostTensor>) -> Result<ModelWeights<HostTensor>> {
+    let mut it = tensors.into_iter();
+    let mut next = || it.next().ok_or_else(|| Error::internal("expected tensor list too short"));
+    let embed_tokens = next()?;
+    let layers = (0..config.num_hidden_layers)
+        .map(|_| {
+            Ok(LayerWeights {
+                input_layernorm: next()?,
+                qkv_proj: next()?,
+                o_proj: next()?,
+                post_attention_layernorm: next()?,
+                gate_up_proj: next()?,
+                down_proj: next()?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let norm = next()?;
+    let lm_head = if config.tie_word_embeddings { None } else { Some(next()?) };
+    Ok(ModelWeights { embed_tokens, layers, norm, lm_head })
+}
+
+/// Deterministic random weights for `config` in `dtype`: uniform in ±`scale / sqrt(fan_in)` for
+/// matrices, 1 ± 0.1 for norm weights, ±1 for embeddings. Same seed, same weights.
+pub fn dummy(config: &ModelConfig, dtype: DType, seed: u64) -> Result<ModelWeights<HostTensor>> {
+    let mut rng = SplitMix64(seed);
+    let mut tensors = Vec::new();
+    for (name, shape) in names::expected_tensors(config) {
+        let n: usize = shape.iter().product();
+        let (center, half_width) = if shape.len() == 1 {
+            (1.0, 0.1)
+        } else if name == names::EMBED_TOKENS {
+            (0.0, 1.0)
+        } else {
+            (0.0, 1.0 / (shape[1] as f32).sqrt())
+        };
+        let mut bytes = Vec::with_capacity(n * dtype.size());
+        for _ in 0..n {
+            let x = center + half_width * rng.next_signed_unit();
+            match dtype {
+                DType::F32 => bytes.extend_from_slice(&x.to_le_bytes()),
+                DType::F16 => bytes.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                DType::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+            }
+        }
+        tensors.push(HostTensor::from_bytes(&name, dtype, shape, bytes)?);
+    }
+    assemble(config, tensors)
+}
+
+/// SplitMix64: a tiny, well-known generator; quality is ample for random test weights.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn next_signed_unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}

@@ -1,0 +1,277 @@
+//! `Model`: a loaded checkpoint on a backend, shared by any number of sessions and threads.
+//!
+//! `Model` is an `Arc` around the config, the tokenizer, the chat template and the engine
+//! (backend + weights), so it is cheap to clone and `Send + Sync`. The backend is chosen at load
+//! time and matched once per forward pass ([`AnyEngine`]), so the layer loop is monomorphised.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backend::cpu::CpuBackend;
+pub use crate::backend::Device;
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::config::ModelConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::forward::{Engine, SeqInput};
+use crate::kv_cache::KvCache;
+use crate::loader::{self, DType, HostTensor, ModelWeights};
+use crate::rope::RopeRegime;
+use crate::session::{Session, SessionOptions};
+use crate::tokenizer::Tokenizer;
+
+/// How to load a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Where to run: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N".
+    pub device: Device,
+    /// Upper bound on any session's context, in tokens (default: the model's
+    /// `max_position_embeddings`). Sessions may ask for less, never more.
+    pub max_context: Option<usize>,
+    /// Ignore the checkpoint's weights and use deterministic random ones (benchmarks).
+    pub dummy_weights: Option<DummyWeights>,
+}
+
+/// Random weights instead of the checkpoint's: only config.json (and the tokenizer) are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DummyWeights {
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+/// A model on a backend. Cheap to clone; share it across threads.
+#[derive(Clone)]
+pub struct Model {
+    inner: Arc<ModelInner>,
+}
+
+struct ModelInner {
+    config: ModelConfig,
+    tokenizer: Option<Tokenizer>,
+    chat_template: ChatTemplate,
+    engine: AnyEngine,
+    path: Option<PathBuf>,
+    max_context: usize,
+}
+
+/// The engine on whichever backend was chosen at load time.
+pub(crate) enum AnyEngine {
+    Cpu(Engine<CpuBackend>),
+}
+
+/// A KV cache on whichever backend its model uses.
+pub(crate) enum AnyKv {
+    Cpu(KvCache<CpuBackend>),
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.inner.path)
+            .field("device", &self.device_name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Load a Hugging Face model folder: config.json (+ generation_config.json), the safetensors
+    /// (single or sharded, memory-mapped, validated before any compute), tokenizer.json and
+    /// tokenizer_config.json when present. Costs a few milliseconds of header parsing on the CPU
+    /// backend (weights are read lazily through the map).
+    ///
+    /// Errors: `Io` (missing files), `ModelFormat` (config, header, index, tensor name/shape/dtype),
+    /// `Unsupported` (model type, rope type, device).
+    pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Model> {
+        let dir = path.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{}: not a model folder (no such directory)", dir.display()),
+            ));
+        }
+        let config = ModelConfig::from_dir(dir)?;
+        let weights = match options.dummy_weights {
+            Some(d) => loader::dummy(&config, d.dtype, d.seed)?,
+            None => loader::load(dir, &config)?,
+        };
+        let tokenizer = if dir.join("tokenizer.json").is_file() {
+            Some(Tokenizer::from_dir(dir)?)
+        } else {
+            log::info!("{}: no tokenizer.json; text input is unavailable", dir.display());
+            None
+        };
+        Self::from_parts(config, &weights, tokenizer, options, Some(dir.to_path_buf()))
+    }
+
+    /// A model from a config and weights already in memory (the demo model, tests, benchmarks).
+    pub fn from_parts(
+        config: ModelConfig,
+        weights: &ModelWeights<HostTensor>,
+        tokenizer: Option<Tokenizer>,
+        options: &LoadOptions,
+        path: Option<PathBuf>,
+    ) -> Result<Model> {
+        config.validate()?;
+        let chat_template = match &tokenizer {
+            Some(t) => ChatTemplate::from_tokenizer(t)?,
+            None => ChatTemplate::phi3_default(),
+        };
+        let engine = match options.device {
+            Device::Cpu => AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights)?),
+            Device::Auto => {
+                log::info!("device \"auto\": no CUDA backend in this build, using the CPU");
+                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights)?)
+            }
+            Device::Cuda(n) => {
+                return Err(Error::unsupported(format!(
+                    "device \"cuda:{n}\": this build has no CUDA backend yet; use \"cpu\" or \"auto\""
+                )))
+            }
+        };
+        let max_context = match options.max_context {
+            Some(0) => return Err(Error::invalid_argument("max_context must be > 0")),
+            Some(n) => n.min(config.max_position_embeddings),
+            None => config.max_position_embeddings,
+        };
+        Ok(Model {
+            inner: Arc::new(ModelInner { config, tokenizer, chat_template, engine, path, max_context }),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.inner.config
+    }
+
+    /// The tokenizer. Errors with `Unsupported` when the model folder had no tokenizer.json.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.inner.tokenizer.as_ref().ok_or_else(|| {
+            Error::unsupported("this model has no tokenizer (tokenizer.json was not in its folder)")
+        })
+    }
+
+    /// The chat template: the model's own, or the built-in Phi-3 format.
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.inner.chat_template
+    }
+
+    /// Token ids of a conversation, equal to transformers'
+    /// `apply_chat_template(messages, add_generation_prompt, tokenize=True)`.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let tok = self.tokenizer()?;
+        let text = self.inner.chat_template.render(
+            messages,
+            add_generation_prompt,
+            tok.bos_token().unwrap_or(""),
+            tok.eos_token().unwrap_or(""),
+        )?;
+        tok.encode(&text, false)
+    }
+
+    /// The folder the model was loaded from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    /// Where the model runs, e.g. "cpu (16 threads)".
+    pub fn device_name(&self) -> String {
+        match &self.inner.engine {
+            AnyEngine::Cpu(e) => crate::backend::Backend::name(&e.backend),
+        }
+    }
+
+    /// The most tokens any session of this model may hold.
+    pub fn max_context(&self) -> usize {
+        self.inner.max_context
+    }
+
+    /// Token ids the model may emit: ids at or past the tokenizer's size (padding rows of the
+    /// embedding, e.g. 32011..32064 for Phi-3) cannot be decoded and are never produced.
+    pub fn emittable_vocab(&self) -> usize {
+        let vocab = self.inner.config.vocab_size;
+        self.inner.tokenizer.as_ref().map_or(vocab, |t| t.vocab_size().min(vocab))
+    }
+
+    /// Tokens that end a generation by default: the config's eos ids (config.json and
+    /// generation_config.json), the tokenizer's eos token and `<|end|>` when it has them.
+    pub fn default_stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.inner.config.eos_token_ids.clone();
+        if let Some(tok) = &self.inner.tokenizer {
+            ids.extend(tok.eos_token_id());
+            ids.extend(tok.token_to_id("<|end|>"));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// A new, empty session. Cheap: KV memory is allocated as the session grows.
+    pub fn session(&self, options: SessionOptions) -> Result<Session> {
+        Session::new(self.clone(), options)
+    }
+
+    /// Check that every id is a row of the embedding table, naming the first that is not.
+    pub(crate) fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.inner.config.vocab_size;
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(i) => Err(Error::token_out_of_range(i, tokens[i] as i64, vocab)),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn new_kv(&self) -> Result<AnyKv> {
+        match &self.inner.engine {
+            AnyEngine::Cpu(e) => Ok(AnyKv::Cpu(e.new_kv()?)),
+        }
+    }
+
+    /// The LongRoPE regime of a sequence of `len` tokens.
+    pub(crate) fn regime_for_len(&self, len: usize) -> RopeRegime {
+        match &self.inner.engine {
+            AnyEngine::Cpu(e) => e.rope.regime_for_len(len),
+        }
+    }
+
+    /// Append `tokens` to `kv` in one forward pass in `regime`; the last position's logits.
+    pub(crate) fn forward_one(
+        &self,
+        tokens: &[u32],
+        kv: &mut AnyKv,
+        regime: RopeRegime,
+    ) -> Result<Vec<f32>> {
+        let mut logits = match (&self.inner.engine, kv) {
+            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => e.forward(&mut [SeqInput { tokens, kv, regime }])?,
+        };
+        logits.pop().ok_or_else(|| Error::internal("forward returned no logits"))
+    }
+
+    pub(crate) fn fork_kv(&self, kv: &AnyKv) -> Result<AnyKv> {
+        match (&self.inner.engine, kv) {
+            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => Ok(AnyKv::Cpu(kv.fork(&e.backend)?)),
+        }
+    }
+}
+
+impl AnyKv {
+    pub(crate) fn truncate(&mut self, len: usize) {
+        match self {
+            AnyKv::Cpu(kv) => kv.truncate(len),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            AnyKv::Cpu(kv) => kv.len(),
+        }
+    }
+
+    /// The LongRoPE regime the cached keys are rotated with.
+    pub(crate) fn regime(&self) -> RopeRegime {
+        match self {
+            AnyKv::Cpu(kv) => kv.regime(),
+        }
+    }
+}

@@ -1,0 +1,712 @@
+//! Token selection from logits: greedy, temperature, top-k, top-p, min-p, repetition / presence /
+//! frequency penalties, logit bias, and a seedable random generator. Pure functions of the logits;
+//! no model state.
+//!
+//! HF reference (transformers 5.24): the processor classes in `generation/logits_process.py`
+//! (`RepetitionPenaltyLogitsProcessor`, `TemperatureLogitsWarper`, `TopKLogitsWarper`,
+//! `TopPLogitsWarper`, `MinPLogitsWarper`), applied in the order `_get_logits_processor` in
+//! `generation/utils.py` builds them for `do_sample=True`, then `softmax` and `torch.multinomial`
+//! as in `_sample`. With temperature 0 we do what HF's `do_sample=False` does: argmax of the
+//! logits after the (non-warper) repetition penalty.
+//!
+//! The pipeline, in order:
+//! 1. NaN logits and ids `>= limit` (ids the tokenizer cannot decode, e.g. Phi-3's padding rows)
+//!    become -inf, so nothing later can choose them. HF has no such step.
+//! 2. Repetition penalty (HF): each distinct id in `penalty_history` (the whole sequence, prompt
+//!    included, as HF's `input_ids`) has its logit divided by the penalty if positive (or zero),
+//!    multiplied by it if negative.
+//! 3. Our extras, which have no HF processor, placed right after the repetition penalty (the
+//!    other processor that rewrites logits from the history): frequency then presence penalty over
+//!    `generated` (OpenAI / vLLM semantics: `x -= frequency * count; x -= presence` when
+//!    `count > 0`), then `logit_bias` added.
+//! 4. Temperature (HF): `x / t`, in f32 (torch divides, it does not multiply by `1 / t`).
+//! 5. Top-k (HF): remove every logit strictly below the k-th largest. Ties with the k-th value all
+//!    survive, so more than k ids can remain.
+//! 6. Top-p (HF, `min_tokens_to_keep = 1`): sort ascending, float32 softmax, cumulative sum
+//!    (accumulated in f64, each partial sum rounded to f32, as torch's CPU `cumsum`), remove the
+//!    ids whose cumulative sum is `<= f32(1 - top_p)` (computed in f64, as Python does), always
+//!    keeping the largest. The boundary is inclusive: a prefix summing to exactly `1 - top_p` is
+//!    removed. HF sorts with torch's unstable sort, so when the cut falls inside a group of equal
+//!    logits it does not define which of them survive; we keep the lower ids (they rank higher, as
+//!    greedy's tie rule).
+//! 7. Min-p (HF): float32 softmax; remove ids whose probability is strictly below
+//!    `min_p * max_probability` (relative to the most likely token, after the filters above).
+//! 8. Softmax of what is left (exp and sum in f64; the result rounded to f32).
+//!
+//! HF adds no processor for temperature 1, top-k 0, top-p 1 or min-p 0; those are no-ops here too.
+//!
+//! Sampling is inverse-CDF with exactly one [`Rng::next_f64`] draw per token: the first id whose
+//! running probability sum exceeds `u * total`. The same seed, logits and options always give the
+//! same tokens. `tests/sampler_parity.rs` checks [`probabilities`] against HF's own processors
+//! (fixtures from `tests/oracle/make_sampler_fixtures.py`).
+
+use std::cmp::Ordering;
+
+use crate::error::{Error, Result};
+
+/// Sampling settings. The defaults switch everything off and select greedily.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplerOptions {
+    /// Softmax temperature; 0 selects greedily (HF `do_sample=False`).
+    pub temperature: f32,
+    /// Keep only the `top_k` largest logits (ties with the k-th included); 0 = off.
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of most likely ids whose mass reaches `top_p`;
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// Drop ids less likely than `min_p` times the most likely one; 0.0 = off.
+    pub min_p: f32,
+    /// HF repetition penalty over the whole history (prompt included); 1.0 = off.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every id present in the generated tokens; 0.0 = off.
+    pub presence_penalty: f32,
+    /// Subtracted `count` times from the logit of every id generated `count` times; 0.0 = off.
+    pub frequency_penalty: f32,
+    /// `(id, bias)`: bias added to that id's logit. A repeated id gets the sum of its biases.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        SamplerOptions {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+impl SamplerOptions {
+    /// Check every field for a model with `vocab` token ids. The error names the field and value.
+    pub fn validate(&self, vocab: usize) -> Result<()> {
+        fn bad(field: &str, value: f32, rule: &str) -> Error {
+            Error::invalid_argument(format!("{field} = {value}: {rule}"))
+        }
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(bad("temperature", t, "must be a finite number >= 0 (0 = greedy)"));
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(bad("top_p", p, "must be in (0, 1] (1 = off)"));
+        }
+        let m = self.min_p;
+        if !(0.0..=1.0).contains(&m) {
+            return Err(bad("min_p", m, "must be in [0, 1] (0 = off)"));
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return Err(bad("repetition_penalty", r, "must be a finite number > 0 (1 = off)"));
+        }
+        if !self.presence_penalty.is_finite() {
+            return Err(bad("presence_penalty", self.presence_penalty, "must be finite (0 = off)"));
+        }
+        if !self.frequency_penalty.is_finite() {
+            return Err(bad(
+                "frequency_penalty",
+                self.frequency_penalty,
+                "must be finite (0 = off)",
+            ));
+        }
+        for (i, &(id, bias)) in self.logit_bias.iter().enumerate() {
+            if id as usize >= vocab {
+                return Err(Error::invalid_argument(format!(
+                    "logit_bias[{i}]: token id {id} out of range [0, {vocab})"
+                )));
+            }
+            if !bias.is_finite() {
+                return Err(Error::invalid_argument(format!(
+                    "logit_bias[{i}]: bias {bias} for token id {id} must be finite"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A small deterministic random generator: xoshiro256** (Blackman and Vigna), seeded through
+/// SplitMix64 as its authors recommend. Its whole state is four `u64`s ([`Rng::state`]), so a
+/// saved session continues the exact same random sequence after [`Rng::from_state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+/// One SplitMix64 step: advances `x` and returns the next output.
+fn splitmix64(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Rng {
+    /// A generator whose sequence depends only on `seed`.
+    pub fn seeded(seed: u64) -> Rng {
+        let mut x = seed;
+        // SplitMix64 never yields four zero words in a row, so the state is valid for xoshiro.
+        let s = [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)];
+        Rng { s }
+    }
+
+    /// A generator seeded from this process's hash randomness (std's `RandomState`, which the OS
+    /// seeds), the clock, a per-process counter and a stack address: different on every call
+    /// without an extra crate. Not for cryptography.
+    pub fn from_entropy() -> Rng {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.write_u128(nanos);
+        h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        let local = 0u8;
+        h.write_usize(&local as *const u8 as usize);
+        Rng::seeded(h.finish())
+    }
+
+    /// The full state, for saving; [`Rng::from_state`] restores it.
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
+    /// Restore a generator saved with [`Rng::state`]. An all-zero state is invalid (xoshiro
+    /// would return 0 forever) and gives InvalidArgument; [`Rng::state`] never returns one.
+    pub fn from_state(state: [u64; 4]) -> Result<Rng> {
+        if state == [0; 4] {
+            return Err(Error::invalid_argument(
+                "rng state is all zeros (not a saved xoshiro256** state)",
+            ));
+        }
+        Ok(Rng { s: state })
+    }
+
+    /// The next 64 random bits (xoshiro256**).
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// A uniform number in [0, 1): the top 53 bits of [`Rng::next_u64`], so every value is a
+    /// multiple of 2^-53 and 1.0 is never returned.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// The id of the largest logit among the first `limit` ids (ids past it cannot be decoded by the
+/// tokenizer, e.g. Phi-3's padding rows 32011..32064). Ties go to the lowest id, as torch.argmax.
+/// NaN logits are never chosen. Returns None when no logit in range is a number.
+pub fn greedy(logits: &[f32], limit: usize) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in logits.iter().take(limit).enumerate() {
+        if x.is_nan() {
+            continue;
+        }
+        if best.map_or(true, |(_, b)| x > b) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|(i, _)| i as u32)
+}
+
+/// The final probability distribution over the ids of `logits` after every processor (see the
+/// module docs for the order). Ids `>= limit`, NaN logits and filtered ids get probability 0.
+/// With temperature 0 it is one-hot on the greedy choice, the token [`sample`] returns. When no
+/// token is possible (every logit in range NaN or -inf) it is all zeros.
+///
+/// `penalty_history` feeds the repetition penalty (HF: the whole sequence, prompt included);
+/// `generated` feeds the presence and frequency penalties (the tokens of this generate call).
+/// Ids in either that are outside `logits` are ignored, as HF does.
+pub fn probabilities(
+    logits: &[f32],
+    penalty_history: &[u32],
+    generated: &[u32],
+    opts: &SamplerOptions,
+    limit: usize,
+) -> Vec<f32> {
+    let x = processed_logits(logits, penalty_history, generated, opts, limit);
+    if opts.temperature == 0.0 {
+        let mut p = vec![0.0; x.len()];
+        if let Some(i) = greedy_finite(&x) {
+            p[i] = 1.0;
+        }
+        return p;
+    }
+    softmax(&x).into_iter().map(|p| p as f32).collect()
+}
+
+/// Choose the next token: greedy over the processed logits when the temperature is 0 (penalties
+/// and bias still apply), otherwise one draw from [`probabilities`]' distribution by inverse CDF,
+/// taking exactly one [`Rng::next_f64`]. Never returns an id `>= limit` or one whose logit is NaN.
+/// Options are assumed valid ([`SamplerOptions::validate`]); invalid ones give some token or an
+/// error, never a panic. Errors (Internal) only when no token is possible (every logit in range
+/// NaN or -inf).
+pub fn sample(
+    logits: &[f32],
+    penalty_history: &[u32],
+    generated: &[u32],
+    opts: &SamplerOptions,
+    limit: usize,
+    rng: &mut Rng,
+) -> Result<u32> {
+    let x = processed_logits(logits, penalty_history, generated, opts, limit);
+    let none = || {
+        Error::internal(format!(
+            "no token can be sampled: all {} logits in range are NaN or -inf after processing",
+            limit.min(logits.len())
+        ))
+    };
+    if opts.temperature == 0.0 {
+        return greedy_finite(&x).map(|i| i as u32).ok_or_else(none);
+    }
+    let p = softmax(&x);
+    let total: f64 = p.iter().sum();
+    if total.is_nan() || total <= 0.0 {
+        return Err(none());
+    }
+    // Scale the draw by the actual total rather than assuming the probabilities sum to exactly 1,
+    // so rounding can never push the target past the last id.
+    let target = rng.next_f64() * total;
+    let mut cum = 0.0;
+    let mut last = None;
+    for (i, &pi) in p.iter().enumerate() {
+        if pi > 0.0 {
+            cum += pi;
+            last = Some(i);
+            if cum > target {
+                return Ok(i as u32);
+            }
+        }
+    }
+    last.map(|i| i as u32).ok_or_else(none)
+}
+
+/// Greedy over processed logits, where removed ids are -inf: None when nothing is above -inf.
+fn greedy_finite(x: &[f32]) -> Option<usize> {
+    let i = greedy(x, x.len())? as usize;
+    (x[i] > f32::NEG_INFINITY).then_some(i)
+}
+
+/// Steps 1-7 of the module docs: the logits with every removed id at -inf. With temperature 0,
+/// only steps 1-3 (HF's greedy search runs no warpers).
+fn processed_logits(
+    logits: &[f32],
+    penalty_history: &[u32],
+    generated: &[u32],
+    opts: &SamplerOptions,
+    limit: usize,
+) -> Vec<f32> {
+    let n = logits.len();
+    let limit = limit.min(n);
+    let mut x: Vec<f32> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| if i < limit && !v.is_nan() { v } else { f32::NEG_INFINITY })
+        .collect();
+
+    if opts.repetition_penalty != 1.0 {
+        // HF gathers the logit of every id in the history once (duplicates write the same value).
+        let mut seen = vec![false; n];
+        for &id in penalty_history {
+            if let Some(s) = seen.get_mut(id as usize) {
+                *s = true;
+            }
+        }
+        let r = opts.repetition_penalty;
+        for (v, _) in x.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+            *v = if *v < 0.0 { *v * r } else { *v / r };
+        }
+    }
+
+    if opts.presence_penalty != 0.0 || opts.frequency_penalty != 0.0 {
+        let mut ids: Vec<u32> = generated.iter().copied().filter(|&id| (id as usize) < n).collect();
+        ids.sort_unstable();
+        for run in ids.chunk_by(|a, b| a == b) {
+            let v = &mut x[run[0] as usize];
+            *v -= opts.frequency_penalty * run.len() as f32;
+            *v -= opts.presence_penalty;
+        }
+    }
+
+    for &(id, bias) in &opts.logit_bias {
+        if let Some(v) = x.get_mut(id as usize) {
+            *v += bias;
+        }
+    }
+
+    if opts.temperature == 0.0 {
+        return sanitize(x);
+    }
+    if opts.temperature != 1.0 {
+        let t = opts.temperature;
+        x.iter_mut().for_each(|v| *v /= t);
+    }
+    // A NaN here (from options that validate() rejects) must not reach the filters below.
+    let mut x = sanitize(x);
+
+    if opts.top_k > 0 && opts.top_k < n {
+        let mut sorted = x.clone();
+        // The k-th largest value: everything strictly below it goes; ties with it stay (HF).
+        let (_, kth, _) = sorted.select_nth_unstable_by(opts.top_k - 1, |a, b| b.total_cmp(a));
+        let kth = *kth;
+        x.iter_mut().filter(|v| **v < kth).for_each(|v| *v = f32::NEG_INFINITY);
+    }
+
+    if opts.top_p < 1.0 {
+        top_p_filter(&mut x, opts.top_p);
+    }
+
+    if opts.min_p > 0.0 {
+        let p: Vec<f32> = softmax(&x).into_iter().map(|p| p as f32).collect();
+        if let Some(best) = argmax_f32(&p) {
+            let threshold = opts.min_p * p[best];
+            for (i, (v, &pi)) in x.iter_mut().zip(&p).enumerate() {
+                if pi < threshold && i != best {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    x
+}
+
+/// NaN becomes -inf (never chosen).
+fn sanitize(mut x: Vec<f32>) -> Vec<f32> {
+    x.iter_mut().filter(|v| v.is_nan()).for_each(|v| *v = f32::NEG_INFINITY);
+    x
+}
+
+/// HF's TopPLogitsWarper with min_tokens_to_keep = 1 (module docs, step 6).
+fn top_p_filter(x: &mut [f32], top_p: f32) {
+    // -inf entries have probability 0 and cumulative sum 0 <= 1 - top_p: HF removes them, and
+    // they are removed already, so sorting only the live ones changes nothing.
+    let mut live: Vec<usize> = (0..x.len()).filter(|&i| x[i] > f32::NEG_INFINITY).collect();
+    if live.len() <= 1 {
+        return;
+    }
+    // Ascending by value; among equal values the higher id first, so it is removed first.
+    live.sort_unstable_by(|&a, &b| x[a].total_cmp(&x[b]).then(b.cmp(&a)));
+    let sorted: Vec<f32> = live.iter().map(|&i| x[i]).collect();
+    let p = softmax(&sorted);
+    // Python computes 1 - top_p in f64; torch compares the f32 tensor with that scalar cast to f32.
+    let threshold = (1.0 - f64::from(top_p)) as f32;
+    let mut cum = 0.0f64;
+    let last = live.len() - 1;
+    for (k, (&i, &pk)) in live.iter().zip(&p).enumerate() {
+        // torch's CPU cumsum of an f32 tensor accumulates in f64 and rounds each output to f32;
+        // the input is the f32 softmax.
+        cum += f64::from(pk as f32);
+        if k < last && (cum as f32) <= threshold {
+            x[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Index of the largest value (lowest index on ties); None for an empty slice.
+fn argmax_f32(p: &[f32]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, &v) in p.iter().enumerate() {
+        if best.map_or(true, |b| v.total_cmp(&p[b]) == Ordering::Greater) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+/// Softmax with f64 exp and sum. `x - max` is taken in f32, as torch does, so equal logits give
+/// equal probabilities and the f32 result is within a few ulp of torch's. All -inf gives all
+/// zeros; +inf logits (an f16 overflow upstream) share all the mass equally.
+fn softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY || max.is_nan() {
+        return vec![0.0; x.len()];
+    }
+    if max == f32::INFINITY {
+        let count = x.iter().filter(|&&v| v == f32::INFINITY).count() as f64;
+        return x.iter().map(|&v| if v == f32::INFINITY { 1.0 / count } else { 0.0 }).collect();
+    }
+    let e: Vec<f64> = x.iter().map(|&v| f64::from(v - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn sampling(temperature: f32) -> SamplerOptions {
+        SamplerOptions { temperature, ..SamplerOptions::default() }
+    }
+
+    #[test]
+    fn greedy_respects_limit_ties_and_nan() {
+        assert_eq!(greedy(&[0.0, 2.0, 2.0, 9.0], 3), Some(1));
+        assert_eq!(greedy(&[f32::NAN, -1.0], 2), Some(1));
+        assert_eq!(greedy(&[f32::NAN], 1), None);
+        assert_eq!(greedy(&[], 5), None);
+    }
+
+    #[test]
+    fn default_options_are_off_and_valid() {
+        let o = SamplerOptions::default();
+        assert_eq!(o.temperature, 0.0);
+        assert!(o.validate(10).is_ok());
+        let logits = [1.0, 3.0, 3.0, -2.0];
+        assert_eq!(probabilities(&logits, &[], &[], &o, 4), vec![0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn xoshiro_reference_vector() {
+        // The reference xoshiro256** outputs for the state [1, 2, 3, 4] (as in rand_xoshiro's tests).
+        let mut r = Rng::from_state([1, 2, 3, 4]).unwrap();
+        let expected: [u64; 10] = [
+            11520,
+            0,
+            1509978240,
+            1215971899390074240,
+            1216172134540287360,
+            607988272756665600,
+            16172922978634559625,
+            8476171486693032832,
+            10595114339597558777,
+            2904607092377533576,
+        ];
+        for e in expected {
+            assert_eq!(r.next_u64(), e);
+        }
+    }
+
+    #[test]
+    fn splitmix_reference_value() {
+        // SplitMix64 from state 0: first output 0xE220A8397B1DCDAF (Vigna's reference code).
+        let mut x = 0;
+        assert_eq!(splitmix64(&mut x), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn rng_state_round_trips_and_zero_state_is_rejected() {
+        let mut a = Rng::seeded(7);
+        a.next_u64();
+        let mut b = Rng::from_state(a.state()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.next_u64(), b.next_u64());
+        let e = Rng::from_state([0; 4]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_ne!(Rng::from_entropy(), Rng::from_entropy());
+        let mut r = Rng::seeded(1);
+        for _ in 0..10_000 {
+            let u = r.next_f64();
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_multiplies_negative() {
+        let o = SamplerOptions { repetition_penalty: 2.0, ..sampling(1.0) };
+        // ids 0 (positive), 1 (negative), 2 (zero) penalised; id 3 not; 99 is outside and ignored.
+        let x = processed_logits(&[4.0, -3.0, 0.0, 1.0], &[0, 1, 1, 2, 99], &[], &o, 4);
+        assert_eq!(x, vec![2.0, -6.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn presence_frequency_and_bias_by_hand() {
+        let o = SamplerOptions {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: vec![(3, 2.0), (1, -1.0), (3, 0.5)],
+            ..sampling(1.0)
+        };
+        // id 0 generated 3 times: 1 - 3 * 0.25 - 0.5 = -0.25; id 1 once: 2 - 0.25 - 0.5 - 1 = 0.25;
+        // id 2 never; id 3 biased twice: 0 + 2 + 0.5; id 9 is outside and ignored.
+        let x = processed_logits(&[1.0, 2.0, 3.0, 0.0], &[], &[0, 1, 0, 0, 9], &o, 4);
+        assert_eq!(x, vec![-0.25, 0.25, 3.0, 2.5]);
+        // Penalties come after the repetition penalty: (4 / 2) - 0.25 - 0.5.
+        let o = SamplerOptions { repetition_penalty: 2.0, ..o };
+        let x = processed_logits(&[4.0, 2.0, 3.0, 0.0], &[0], &[0], &o, 4);
+        assert_eq!(x[0], 1.25);
+        // Negative penalties raise logits (OpenAI allows them).
+        let o = SamplerOptions { presence_penalty: -1.0, ..sampling(1.0) };
+        let x = processed_logits(&[1.0, 2.0], &[], &[0], &o, 2);
+        assert_eq!(x, vec![2.0, 2.0]);
+    }
+
+    #[test]
+    fn greedy_at_temperature_zero_sees_penalties_and_bias() {
+        let logits = [1.0, 3.0, 2.0, 10.0];
+        let mut rng = Rng::seeded(0);
+        let o = sampling(0.0);
+        // id 3 is past the limit.
+        assert_eq!(sample(&logits, &[], &[], &o, 3, &mut rng).unwrap(), 1);
+        let o = SamplerOptions { logit_bias: vec![(2, 1.5)], ..sampling(0.0) };
+        assert_eq!(sample(&logits, &[], &[], &o, 3, &mut rng).unwrap(), 2);
+        let o = SamplerOptions { repetition_penalty: 2.0, ..sampling(0.0) };
+        assert_eq!(sample(&logits, &[1], &[], &o, 3, &mut rng).unwrap(), 2);
+        let o = SamplerOptions { frequency_penalty: 1.5, ..sampling(0.0) };
+        assert_eq!(sample(&logits, &[], &[1], &o, 3, &mut rng).unwrap(), 2);
+        // Greedy takes no random draw.
+        assert_eq!(rng, Rng::seeded(0));
+        // Ties go to the lowest id.
+        assert_eq!(sample(&[5.0, 5.0], &[], &[], &sampling(0.0), 2, &mut rng).unwrap(), 0);
+    }
+
+    #[test]
+    fn top_k_keeps_ties_with_the_kth() {
+        let o = SamplerOptions { top_k: 2, ..sampling(1.0) };
+        let x = processed_logits(&[1.0, 5.0, 3.0, 3.0, 0.0], &[], &[], &o, 5);
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(x, vec![ninf, 5.0, 3.0, 3.0, ninf]);
+        let o = SamplerOptions { top_k: 100, ..sampling(1.0) };
+        assert_eq!(processed_logits(&[1.0, 2.0], &[], &[], &o, 2), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn top_p_boundary_is_inclusive_and_ties_keep_lower_ids() {
+        // Four equal logits: probabilities exactly 0.25, cumulative 0.25, 0.5, 0.75, 1.
+        let logits = [0.0; 4];
+        let p = |top_p: f32| {
+            let o = SamplerOptions { top_p, ..sampling(1.0) };
+            probabilities(&logits, &[], &[], &o, 4)
+        };
+        // 1 - 0.5 = 0.5: the two lowest-ranked (highest ids) are removed, cumsum 0.5 included.
+        assert_eq!(p(0.5), vec![0.5, 0.5, 0.0, 0.0]);
+        assert_eq!(p(0.75), vec![1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]);
+        assert_eq!(p(1e-6), vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(p(0.9), vec![0.25; 4]);
+    }
+
+    #[test]
+    fn min_p_is_relative_to_the_top_probability() {
+        // Probabilities e^0 : e^-1 : e^-3 ~ 0.71 : 0.26 : 0.035. min_p 0.3 -> threshold 0.21.
+        let o = SamplerOptions { min_p: 0.3, ..sampling(1.0) };
+        let p = probabilities(&[0.0, -1.0, -3.0], &[], &[], &o, 3);
+        assert!(p[0] > 0.0 && p[1] > 0.0 && p[2] == 0.0);
+        // min_p 1 keeps exactly the ties with the maximum.
+        let o = SamplerOptions { min_p: 1.0, ..sampling(1.0) };
+        let p = probabilities(&[2.0, 1.0, 2.0], &[], &[], &o, 3);
+        assert_eq!(p, vec![0.5, 0.0, 0.5]);
+    }
+
+    #[test]
+    fn nan_limit_and_dead_logits() {
+        let mut rng = Rng::seeded(3);
+        let o = SamplerOptions {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 3,
+            min_p: 0.1,
+            ..Default::default()
+        };
+        let logits = [f32::NAN, 0.0, f32::NAN, 0.5, 9.0];
+        for _ in 0..200 {
+            let t = sample(&logits, &[], &[], &o, 4, &mut rng).unwrap();
+            assert!(t == 1 || t == 3, "{t}");
+        }
+        let p = probabilities(&logits, &[], &[], &o, 4);
+        assert_eq!((p[0], p[2], p[4]), (0.0, 0.0, 0.0));
+        // Nothing possible: an Internal error, not a panic; probabilities are all zero.
+        for t in [0.0, 1.0] {
+            let o = sampling(t);
+            let dead = [f32::NAN, f32::NEG_INFINITY, 5.0];
+            let e = sample(&dead, &[], &[], &o, 2, &mut rng).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Internal);
+            assert_eq!(probabilities(&dead, &[], &[], &o, 2), vec![0.0; 3]);
+            assert!(sample(&[], &[], &[], &o, 10, &mut rng).is_err());
+        }
+        // +inf logits share the mass.
+        let p = probabilities(&[f32::INFINITY, 1.0, f32::INFINITY], &[], &[], &sampling(1.0), 3);
+        assert_eq!(p, vec![0.5, 0.0, 0.5]);
+    }
+
+    #[test]
+    fn invalid_options_do_not_panic() {
+        let mut rng = Rng::seeded(0);
+        let bad = SamplerOptions {
+            temperature: f32::NAN,
+            top_p: f32::NAN,
+            min_p: f32::INFINITY,
+            repetition_penalty: 0.0,
+            ..Default::default()
+        };
+        let _ = sample(&[1.0, 2.0], &[0], &[1], &bad, 2, &mut rng);
+        let _ = probabilities(&[1.0, 2.0], &[0], &[1], &bad, 2);
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let cases: Vec<(SamplerOptions, &str)> = vec![
+            (sampling(-1.0), "temperature"),
+            (sampling(f32::NAN), "temperature"),
+            (sampling(f32::INFINITY), "temperature"),
+            (SamplerOptions { top_p: 0.0, ..Default::default() }, "top_p"),
+            (SamplerOptions { top_p: 1.5, ..Default::default() }, "top_p"),
+            (SamplerOptions { top_p: f32::NAN, ..Default::default() }, "top_p"),
+            (SamplerOptions { min_p: -0.1, ..Default::default() }, "min_p"),
+            (SamplerOptions { min_p: 1.1, ..Default::default() }, "min_p"),
+            (SamplerOptions { min_p: f32::NAN, ..Default::default() }, "min_p"),
+            (
+                SamplerOptions { repetition_penalty: 0.0, ..Default::default() },
+                "repetition_penalty",
+            ),
+            (
+                SamplerOptions { repetition_penalty: -1.0, ..Default::default() },
+                "repetition_penalty",
+            ),
+            (
+                SamplerOptions { repetition_penalty: f32::INFINITY, ..Default::default() },
+                "repetition_penalty",
+            ),
+            (
+                SamplerOptions { presence_penalty: f32::NAN, ..Default::default() },
+                "presence_penalty",
+            ),
+            (
+                SamplerOptions { frequency_penalty: f32::NEG_INFINITY, ..Default::default() },
+                "frequency_penalty",
+            ),
+            (
+                SamplerOptions { logit_bias: vec![(1, 1.0), (10, 1.0)], ..Default::default() },
+                "logit_bias[1]: token id 10",
+            ),
+            (
+                SamplerOptions { logit_bias: vec![(2, f32::NAN)], ..Default::default() },
+                "logit_bias[0]",
+            ),
+        ];
+        for (o, field) in cases {
+            let e = o.validate(10).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+            assert!(e.message().contains(field), "{:?} -> {}", o, e.message());
+        }
+        let ok = SamplerOptions {
+            temperature: 0.7,
+            top_k: 5,
+            top_p: 1.0,
+            min_p: 1.0,
+            repetition_penalty: 0.5,
+            presence_penalty: -2.0,
+            frequency_penalty: 2.0,
+            logit_bias: vec![(9, -100.0)],
+        };
+        assert!(ok.validate(10).is_ok());
+    }
+}

@@ -1,0 +1,432 @@
+//! `Session`: one conversation's token history and KV cache on a shared [`Model`].
+//!
+//! Text and chat messages are appended lazily: they are tokenized, checked and added to the
+//! history, and the forward pass over them runs at the next call that needs logits (`generate`,
+//! `logits`, `append_tokens`), in chunks of [`PREFILL_CHUNK`] tokens that can be cancelled. So
+//! the KV cache may lag the history (`kv.len() <= tokens.len()`); the pending tokens are
+//! `tokens[kv.len()..]`.
+//!
+//! Every call is transactional: on error the session holds the tokens it held before (a failed
+//! prefill of already-accepted pending tokens leaves them pending).
+//!
+//! When the history crosses LongRoPE's `original_max_position_embeddings` (either way, e.g. after
+//! a truncate), the cache is emptied and the whole history recomputed in the new regime, which is
+//! what makes the logits equal HF's full forward of the whole sequence (see `kv_cache.rs`).
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use crate::chat::ChatMessage;
+use crate::detok::IncrementalDecoder;
+use crate::error::{Error, ErrorKind, Result};
+use crate::generate::{
+    CancelToken, FinishReason, GenerateOptions, GenerationResult, GenerationStats, StopText,
+};
+use crate::model::{AnyKv, Model};
+use crate::sampler::{self, Rng};
+
+/// Tokens per forward pass when running a long input.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Options for a new session.
+#[derive(Clone, Debug, Default)]
+pub struct SessionOptions {
+    /// Most tokens the session may hold (default and upper bound: the model's max context).
+    pub max_context: Option<usize>,
+}
+
+/// A conversation: tokens, their KV cache, and the logits after the last token.
+pub struct Session {
+    model: Model,
+    tokens: Vec<u32>,
+    kv: AnyKv,
+    max_context: usize,
+    /// Logits after the last token, `[vocab]`; empty until computed.
+    last_logits: Vec<f32>,
+    /// Messages appended with `append_message` (and replies generated after them), to render
+    /// the chat template incrementally.
+    messages: Vec<ChatMessage>,
+    cancel: CancelToken,
+    rng: Rng,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("len", &self.tokens.len())
+            .field("cached", &self.kv.len())
+            .field("max_context", &self.max_context)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub(crate) fn new(model: Model, options: SessionOptions) -> Result<Session> {
+        let max_context = match options.max_context {
+            Some(0) => return Err(Error::invalid_argument("max_context must be > 0")),
+            Some(n) => n.min(model.max_context()),
+            None => model.max_context(),
+        };
+        let kv = model.new_kv()?;
+        Ok(Session {
+            model,
+            tokens: Vec::new(),
+            kv,
+            max_context,
+            last_logits: Vec::new(),
+            messages: Vec::new(),
+            cancel: CancelToken::new(),
+            rng: Rng::from_entropy(),
+        })
+    }
+
+    /// The model this session runs on.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Append `tokens` and run the model over everything pending; returns the logits of the last
+    /// position (`[vocab]`). Costs one forward pass per 512 tokens.
+    ///
+    /// Errors (session unchanged): `InvalidArgument` for an empty input, `TokenOutOfRange`
+    /// naming the first bad id, `ContextFull` past the session's max context, `Cancelled`,
+    /// backend errors.
+    pub fn append_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.cancel.reset();
+        let old_len = self.tokens.len();
+        self.push_tokens(tokens)?;
+        if let Err(e) = self.sync() {
+            self.tokens.truncate(old_len);
+            self.kv.truncate(old_len);
+            return Err(e);
+        }
+        Ok(self.last_logits.clone())
+    }
+
+    /// Tokenize `text` and add it to the history (the forward pass runs later). A BOS token is
+    /// added when the session is empty and the tokenizer adds one, as HF `tokenizer(text)` does.
+    pub fn append_text(&mut self, text: &str) -> Result<()> {
+        let ids = self.model.tokenizer()?.encode(text, self.tokens.is_empty())?;
+        self.push_tokens(&ids)
+    }
+
+    /// Add a chat message (role "system", "user" or "assistant") formatted by the model's chat
+    /// template, followed by the assistant prompt when the role is not "assistant". The forward
+    /// pass runs later. The template is rendered for the whole conversation and only the new
+    /// part is appended, so the tokens equal `apply_chat_template` of all messages so far.
+    ///
+    /// Errors: `InvalidArgument` for a role the template rejects, `Unsupported` for a template
+    /// whose output for a longer conversation does not extend that of the shorter one.
+    pub fn append_message(&mut self, role: &str, content: &str) -> Result<()> {
+        let message = ChatMessage::new(role, content);
+        let ids = self.message_tokens(&message)?;
+        self.push_tokens(&ids)?;
+        self.messages.push(message);
+        Ok(())
+    }
+
+    /// Logits after the last token (`[vocab]`), running the model over pending tokens first.
+    /// Errors with `InvalidArgument` on an empty session.
+    pub fn logits(&mut self) -> Result<&[f32]> {
+        self.cancel.reset();
+        self.sync()?;
+        Ok(&self.last_logits)
+    }
+
+    /// Generate until a stop token, a stop string, `max_tokens`, a full context, the callback
+    /// (returning `ControlFlow::Break`) or cancellation. Pending tokens are prefilled first.
+    ///
+    /// `on_token(text, Some(token))` is called once per sampled token (not for the stop token) on
+    /// this thread, with the text that token completed (possibly empty: bytes of a character
+    /// split across tokens, or text that may start a stop string, are held back until decided);
+    /// a last `on_token(text, None)` delivers held-back text when generation ends. The
+    /// concatenated texts equal `GenerationResult::text`.
+    /// Every sampled token stays in the session, also when generation is cancelled (the
+    /// session stays usable). Errors: `InvalidArgument` for bad options or an empty session,
+    /// `Cancelled` (tokens of completed steps are kept), `Unsupported` without a tokenizer.
+    pub fn generate(
+        &mut self,
+        options: &GenerateOptions,
+        mut on_token: impl FnMut(&str, Option<u32>) -> ControlFlow<()>,
+    ) -> Result<GenerationResult> {
+        self.cancel.reset();
+        let started = Instant::now();
+        let vocab = self.model.config().vocab_size;
+        options.validate(vocab)?;
+        let tokenizer = self.model.tokenizer()?.clone();
+        if self.tokens.is_empty() {
+            return Err(Error::invalid_argument("generate needs a prompt: the session is empty"));
+        }
+        let stop_ids = match &options.stop_token_ids {
+            Some(ids) => ids.clone(),
+            None => self.model.default_stop_ids(),
+        };
+        let sampling = options.sampler_options();
+        if let Some(seed) = options.seed {
+            self.rng = Rng::seeded(seed);
+        }
+
+        let prompt_tokens = self.tokens.len() - self.kv.len();
+        self.sync()?;
+        let prefill_time = started.elapsed();
+
+        let mut detok = IncrementalDecoder::with_prefix(
+            tokenizer,
+            options.skip_special_tokens,
+            &self.tokens,
+        );
+        let mut stop_text = StopText::new(&options.stop);
+        let mut text = String::new();
+        let mut generated: Vec<u32> = Vec::new();
+        let mut first_token_at = None;
+        let limit = self.model.emittable_vocab();
+        let mut finish = loop {
+            if generated.len() >= options.max_tokens {
+                break FinishReason::Length;
+            }
+            if self.tokens.len() >= self.max_context {
+                break FinishReason::Length;
+            }
+            let token = sampler::sample(
+                &self.last_logits,
+                &self.tokens,
+                &generated,
+                &sampling,
+                limit,
+                &mut self.rng,
+            )?;
+            first_token_at.get_or_insert_with(|| started.elapsed());
+            generated.push(token);
+            // The token joins the history now; its forward pass runs only if generation goes on.
+            self.tokens.push(token);
+            self.last_logits.clear();
+            if stop_ids.contains(&token) {
+                break FinishReason::Eos;
+            }
+            let piece = detok.push(token)?;
+            let chunk = stop_text.push(&piece);
+            text.push_str(&chunk.text);
+            let flow = on_token(&chunk.text, Some(token));
+            if chunk.stopped {
+                break FinishReason::StopString;
+            }
+            if flow.is_break() {
+                break FinishReason::Callback;
+            }
+            if self.cancel.is_cancelled() {
+                break FinishReason::Cancelled;
+            }
+            if generated.len() >= options.max_tokens {
+                break FinishReason::Length;
+            }
+            if let Err(e) = self.sync() {
+                // The token stays in the history as pending; the session remains usable.
+                if e.kind() == ErrorKind::Cancelled {
+                    break FinishReason::Cancelled;
+                }
+                return Err(e);
+            }
+        };
+        if finish != FinishReason::StopString {
+            // Bytes the decoder still holds (an unfinished character) and text held back as a
+            // possible stop-string start are delivered now, in one last callback.
+            let chunk = stop_text.push(&detok.flush());
+            let mut tail = chunk.text;
+            if chunk.stopped {
+                finish = FinishReason::StopString;
+            } else {
+                tail.push_str(&stop_text.finish());
+            }
+            if !tail.is_empty() {
+                text.push_str(&tail);
+                // The generation is over, so the callback's answer no longer matters.
+                let _ = on_token(&tail, None);
+            }
+        }
+        if !self.messages.is_empty() {
+            self.messages.push(ChatMessage::new("assistant", text.clone()));
+        }
+        let elapsed = started.elapsed();
+        let ttft = first_token_at.unwrap_or(elapsed);
+        let decode_steps = generated.len().saturating_sub(1);
+        let stats = GenerationStats {
+            prompt_tokens,
+            generated_tokens: generated.len(),
+            time_to_first_token: ttft,
+            prefill_tokens_per_s: per_second(prompt_tokens, prefill_time.as_secs_f64()),
+            decode_tokens_per_s: per_second(decode_steps, (elapsed - ttft).as_secs_f64()),
+        };
+        let result = GenerationResult { text, tokens: generated, finish_reason: finish, stats };
+        if finish == FinishReason::Cancelled {
+            return Err(Error::new(
+                ErrorKind::Cancelled,
+                format!("generation cancelled after {} tokens", result.tokens.len()),
+            ));
+        }
+        Ok(result)
+    }
+
+    /// A handle that cancels this session's running call from another thread.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    /// Number of tokens in the session.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// True when the session holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The token history.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The most tokens this session may hold.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Logits after the last token if they are already computed (no pending tokens).
+    pub fn last_logits(&self) -> Option<&[f32]> {
+        (!self.last_logits.is_empty()).then_some(&self.last_logits[..])
+    }
+
+    /// Keep the first `n_tokens` tokens (a rewind). Free: no KV data moves. Chat messages
+    /// recorded for the template are forgotten.
+    /// Errors with `InvalidArgument` when `n_tokens` exceeds the session's length.
+    pub fn truncate(&mut self, n_tokens: usize) -> Result<()> {
+        if n_tokens > self.tokens.len() {
+            return Err(Error::invalid_argument(format!(
+                "truncate to {n_tokens} tokens: the session holds only {}",
+                self.tokens.len()
+            )));
+        }
+        if n_tokens < self.tokens.len() {
+            self.tokens.truncate(n_tokens);
+            self.kv.truncate(n_tokens);
+            self.last_logits.clear();
+            self.messages.clear();
+        }
+        Ok(())
+    }
+
+    /// Forget everything (the KV memory is kept for reuse).
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+        self.kv.truncate(0);
+        self.last_logits.clear();
+        self.messages.clear();
+    }
+
+    /// An independent copy: same tokens, cache and random state; later changes to either do not
+    /// affect the other. Costs a copy of the KV cache.
+    pub fn fork(&self) -> Result<Session> {
+        Ok(Session {
+            model: self.model.clone(),
+            tokens: self.tokens.clone(),
+            kv: self.model.fork_kv(&self.kv)?,
+            max_context: self.max_context,
+            last_logits: self.last_logits.clone(),
+            messages: self.messages.clone(),
+            cancel: CancelToken::new(),
+            rng: self.rng.clone(),
+        })
+    }
+
+    /// Debug view of the cache: (cached tokens, entries computed with long LongRoPE factors).
+    #[doc(hidden)]
+    pub fn kv_state(&self) -> (usize, bool) {
+        (self.kv.len(), self.kv.regime() == crate::rope::RopeRegime::Long)
+    }
+
+    /// Validate and add tokens to the history without running the model.
+    fn push_tokens(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::invalid_argument("tokens is empty"));
+        }
+        self.model.check_tokens(tokens)?;
+        if self.tokens.len() + tokens.len() > self.max_context {
+            return Err(Error::new(
+                ErrorKind::ContextFull,
+                format!(
+                    "appending {} tokens to a session of {} would exceed its max context of {}",
+                    tokens.len(),
+                    self.tokens.len(),
+                    self.max_context
+                ),
+            ));
+        }
+        self.tokens.extend_from_slice(tokens);
+        self.last_logits.clear();
+        Ok(())
+    }
+
+    /// Run the model over pending tokens so that `last_logits` is current. On error the cache
+    /// keeps what completed (in a consistent regime) and the tokens stay pending.
+    fn sync(&mut self) -> Result<()> {
+        if self.tokens.is_empty() {
+            return Err(Error::invalid_argument("the session is empty"));
+        }
+        if !self.last_logits.is_empty() && self.kv.len() == self.tokens.len() {
+            return Ok(());
+        }
+        let regime = self.model.regime_for_len(self.tokens.len());
+        if self.kv.len() > 0 && self.kv.regime() != regime {
+            self.kv.truncate(0);
+        }
+        if self.kv.len() == self.tokens.len() {
+            // Logits were dropped (truncate): recompute the last position.
+            self.kv.truncate(self.tokens.len() - 1);
+        }
+        while self.kv.len() < self.tokens.len() {
+            if self.cancel.is_cancelled() {
+                return Err(Error::new(ErrorKind::Cancelled, "cancelled during prefill"));
+            }
+            let start = self.kv.len();
+            let end = (start + PREFILL_CHUNK).min(self.tokens.len());
+            let logits = self.model.forward_one(&self.tokens[start..end], &mut self.kv, regime)?;
+            if end == self.tokens.len() {
+                self.last_logits = logits;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokens that `message` adds to the conversation rendered so far.
+    fn message_tokens(&self, message: &ChatMessage) -> Result<Vec<u32>> {
+        let tokenizer = self.model.tokenizer()?;
+        let template = self.model.chat_template();
+        let (bos, eos) = (tokenizer.bos_token().unwrap_or(""), tokenizer.eos_token().unwrap_or(""));
+        let before = if self.messages.is_empty() {
+            String::new()
+        } else {
+            template.render(&self.messages, false, bos, eos)?
+        };
+        let mut all = self.messages.clone();
+        all.push(message.clone());
+        let add_generation_prompt = message.role != "assistant";
+        let after = template.render(&all, add_generation_prompt, bos, eos)?;
+        let Some(delta) = after.strip_prefix(&before) else {
+            return Err(Error::unsupported(
+                "the chat template's output for a longer conversation does not extend that of the \
+                 shorter one, so messages cannot be appended one at a time",
+            ));
+        };
+        // A session that already holds tokens must not get a second BOS from the template.
+        let delta = if self.tokens.is_empty() { delta } else { delta.strip_prefix(bos).unwrap_or(delta) };
+        tokenizer.encode(delta, false)
+    }
+}
+
+fn per_second(count: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
