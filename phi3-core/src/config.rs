@@ -123,9 +123,7 @@ impl ModelConfig {
         let gen_path = dir.join("generation_config.json");
         if gen_path.is_file() {
             let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
-            config
-                .merge_generation_config(&text)
-                .map_err(|e| e.context(gen_path.display()))?;
+            config.merge_generation_config(&text).map_err(|e| e.context(gen_path.display()))?;
         }
         Ok(config)
     }
@@ -218,13 +216,13 @@ impl ModelConfig {
         if self.max_position_embeddings == 0 {
             return Err(Error::model_format("max_position_embeddings must be > 0"));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(Error::model_format(format!(
                 "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::model_format(format!("head_dim = {} must be even", self.head_dim)));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
@@ -243,7 +241,10 @@ impl ModelConfig {
                 rope.theta
             )));
         }
-        if rope.rotary_dim == 0 || rope.rotary_dim % 2 != 0 || rope.rotary_dim > self.head_dim {
+        if rope.rotary_dim == 0
+            || !rope.rotary_dim.is_multiple_of(2)
+            || rope.rotary_dim > self.head_dim
+        {
             return Err(Error::model_format(format!(
                 "rotary dimension {} (head_dim x partial_rotary_factor) must be even and in [2, head_dim = {}]",
                 rope.rotary_dim, self.head_dim
@@ -314,11 +315,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let message = if path == "." {
-            format!("invalid JSON: {inner}")
-        } else {
-            format!("{path}: {inner}")
-        };
+        let message =
+            if path == "." { format!("invalid JSON: {inner}") } else { format!("{path}: {inner}") };
         Error::model_format(message).with_source(inner)
     })
 }
@@ -336,7 +334,8 @@ fn parse_rope(raw: &RawConfig, head_dim: usize) -> Result<RopeConfig> {
             }
         }
     }
-    let field = |key: &str| params.and_then(|p| p.get(key)).or_else(|| scaling.and_then(|s| s.get(key)));
+    let field =
+        |key: &str| params.and_then(|p| p.get(key)).or_else(|| scaling.and_then(|s| s.get(key)));
 
     let theta = match field("rope_theta") {
         Some(v) => as_f64(v, "rope_parameters.rope_theta")?,
@@ -393,11 +392,9 @@ fn parse_rope(raw: &RawConfig, head_dim: usize) -> Result<RopeConfig> {
                 attention_factor,
             }
         }
-        Some(other) => {
-            return Err(Error::unsupported(format!(
-                "rope type \"{other}\" is not supported (expected \"longrope\", \"su\" or \"default\")"
-            )))
-        }
+        Some(other) => return Err(Error::unsupported(format!(
+            "rope type \"{other}\" is not supported (expected \"longrope\", \"su\" or \"default\")"
+        ))),
     };
     Ok(RopeConfig { theta, rotary_dim, scaling })
 }
@@ -413,20 +410,20 @@ fn default_longrope_attention_factor(max_pos: usize, original_max: usize) -> f64
 }
 
 fn as_f64(v: &Value, name: &str) -> Result<f64> {
-    v.as_f64()
-        .ok_or_else(|| Error::model_format(format!("{name} must be a number, got {v}")))
+    v.as_f64().ok_or_else(|| Error::model_format(format!("{name} must be a number, got {v}")))
 }
 
 fn as_usize(v: &Value, name: &str) -> Result<usize> {
-    v.as_u64()
-        .and_then(|x| usize::try_from(x).ok())
-        .ok_or_else(|| Error::model_format(format!("{name} must be a non-negative integer, got {v}")))
+    v.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| {
+        Error::model_format(format!("{name} must be a non-negative integer, got {v}"))
+    })
 }
 
 fn opt_id(id: Option<i64>, name: &str) -> Result<Option<u32>> {
     id.map(|x| {
-        u32::try_from(x)
-            .map_err(|_| Error::new(ErrorKind::ModelFormat, format!("{name} = {x} is not a valid token id")))
+        u32::try_from(x).map_err(|_| {
+            Error::new(ErrorKind::ModelFormat, format!("{name} = {x} is not a valid token id"))
+        })
     })
     .transpose()
 }

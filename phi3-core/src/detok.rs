@@ -339,7 +339,7 @@ mod tests {
                 let full = tok.decode(&ids, skip).unwrap();
                 // The invariant is stated for prefixes whose text is a prefix of the whole text.
                 let probe = IncrementalDecoder::new(tok.clone(), skip);
-                let closes = prefix.last().map_or(true, |&id| probe.closes(id));
+                let closes = prefix.last().is_none_or(|&id| probe.closes(id));
                 if full.starts_with(&before) && closes {
                     check(prefix, rest, skip);
                 }

@@ -39,7 +39,11 @@ pub(crate) struct SeqInput<'a, B: Backend> {
 
 impl<B: Backend> Engine<B> {
     /// Upload `weights` to `backend`.
-    pub(crate) fn new(backend: B, config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> Result<Self> {
+    pub(crate) fn new(
+        backend: B,
+        config: &ModelConfig,
+        weights: &ModelWeights<HostTensor>,
+    ) -> Result<Self> {
         let weights = weights.try_map(|t| backend.upload(t))?;
         Ok(Engine {
             backend,
@@ -100,7 +104,12 @@ impl<B: Backend> Engine<B> {
             let kvs: Vec<&B::Kv> = seqs.iter().map(|s| &s.kv.storage).collect();
             let attn = be.attention(&q, &spans, &kvs, layer, &self.attn)?; // [n, q_dim]
             let attn_out = be.linear(&attn, &lw.o_proj)?; // [n, hidden]
-            let x = be.rms_norm(&mut residual, Some(&attn_out), &lw.post_attention_layernorm, self.eps)?;
+            let x = be.rms_norm(
+                &mut residual,
+                Some(&attn_out),
+                &lw.post_attention_layernorm,
+                self.eps,
+            )?;
             let gate_up = be.linear(&x, &lw.gate_up_proj)?; // [n, 2 ffn]
             let act = be.swiglu(&gate_up)?; // [n, ffn]
             mlp_out = Some(be.linear(&act, &lw.down_proj)?);

@@ -12,8 +12,8 @@
 //! session therefore recomputes its history in the new regime, as HF's generate does.
 
 use crate::backend::{Backend, KvLayout};
-use crate::error::Result;
 use crate::error::Error;
+use crate::error::Result;
 use crate::rope::RopeRegime;
 
 /// A sequence's KV cache on backend `B`.
@@ -39,6 +39,12 @@ impl<B: Backend> KvCache<B> {
     /// Record that positions `0..len` are now valid (after a successful forward).
     pub(crate) fn set_len(&mut self, len: usize) {
         self.len = len;
+    }
+
+    /// Declare that the storage holds `len` tokens computed in `regime` (after a restore).
+    pub(crate) fn restore(&mut self, len: usize, regime: RopeRegime) {
+        self.len = len;
+        self.regime = regime;
     }
 
     /// Forget tokens past `len` (no data moves).

@@ -6,17 +6,22 @@
 //! the whole sequence in one forward pass (see `tests/oracle/`).
 //!
 //! ```no_run
-//! use phi3_core::{LoadOptions, Model, SessionOptions};
+//! use phi3_core::{GenerateOptions, LoadOptions, Model, SessionOptions};
 //! let model = Model::load("Phi-3-medium-128k-instruct", &LoadOptions::default())?;
 //! let mut session = model.session(SessionOptions::default())?;
-//! let logits = session.append_text("Hello")?;
-//! println!("{} logits, session holds {} tokens", logits.len(), session.len());
+//! session.append_message("user", "Hello")?;
+//! let reply = session.generate(&GenerateOptions::default(), |text, _token| {
+//!     print!("{text}");
+//!     std::ops::ControlFlow::Continue(())
+//! })?;
+//! println!("\n{} tokens, finished by {}", reply.tokens.len(), reply.finish_reason.as_str());
 //! # Ok::<(), phi3_core::Error>(())
 //! ```
 
 pub mod backend;
 pub mod chat;
 pub mod config;
+pub mod demo;
 pub mod detok;
 mod error;
 mod forward;
@@ -27,6 +32,8 @@ mod model;
 pub mod rope;
 pub mod sampler;
 mod session;
+mod session_file;
+mod stream;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
@@ -35,5 +42,6 @@ pub use error::{Error, ErrorKind, Result};
 pub use generate::{CancelToken, FinishReason, GenerateOptions, GenerationResult, GenerationStats};
 pub use model::DummyWeights;
 pub use model::{Device, LoadOptions, Model};
-pub use session::{Session, SessionOptions};
+pub use session::{Session, SessionOptions, PREFILL_CHUNK};
+pub use stream::{StreamChunk, TokenStream};
 pub use tokenizer::Tokenizer;

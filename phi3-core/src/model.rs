@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 pub use crate::backend::Device;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::ModelConfig;
@@ -51,6 +52,8 @@ struct ModelInner {
     engine: AnyEngine,
     path: Option<PathBuf>,
     max_context: usize,
+    /// Identifies the config and weights, so a saved session only loads into the same model.
+    fingerprint: [u8; 32],
 }
 
 /// The engine on whichever backend was chosen at load time.
@@ -121,19 +124,26 @@ impl Model {
                 log::info!("device \"auto\": no CUDA backend in this build, using the CPU");
                 AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights)?)
             }
-            Device::Cuda(n) => {
-                return Err(Error::unsupported(format!(
-                    "device \"cuda:{n}\": this build has no CUDA backend yet; use \"cpu\" or \"auto\""
-                )))
-            }
+            Device::Cuda(n) => return Err(Error::unsupported(format!(
+                "device \"cuda:{n}\": this build has no CUDA backend yet; use \"cpu\" or \"auto\""
+            ))),
         };
         let max_context = match options.max_context {
             Some(0) => return Err(Error::invalid_argument("max_context must be > 0")),
             Some(n) => n.min(config.max_position_embeddings),
             None => config.max_position_embeddings,
         };
+        let fingerprint = fingerprint(&config, weights);
         Ok(Model {
-            inner: Arc::new(ModelInner { config, tokenizer, chat_template, engine, path, max_context }),
+            inner: Arc::new(ModelInner {
+                config,
+                tokenizer,
+                chat_template,
+                engine,
+                path,
+                max_context,
+                fingerprint,
+            }),
         })
     }
 
@@ -179,8 +189,14 @@ impl Model {
     /// Where the model runs, e.g. "cpu (16 threads)".
     pub fn device_name(&self) -> String {
         match &self.inner.engine {
-            AnyEngine::Cpu(e) => crate::backend::Backend::name(&e.backend),
+            AnyEngine::Cpu(e) => e.backend.name(),
         }
+    }
+
+    /// A hash of the config and of every tensor's name, dtype, shape and sampled bytes: equal
+    /// for the same model, different for different weights (used by session files).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.inner.fingerprint
     }
 
     /// The most tokens any session of this model may hold.
@@ -243,9 +259,34 @@ impl Model {
         regime: RopeRegime,
     ) -> Result<Vec<f32>> {
         let mut logits = match (&self.inner.engine, kv) {
-            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => e.forward(&mut [SeqInput { tokens, kv, regime }])?,
+            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => {
+                e.forward(&mut [SeqInput { tokens, kv, regime }])?
+            }
         };
         logits.pop().ok_or_else(|| Error::internal("forward returned no logits"))
+    }
+
+    pub(crate) fn kv_to_host(&self, kv: &AnyKv) -> Result<Vec<f32>> {
+        match (&self.inner.engine, kv) {
+            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => e.backend.kv_to_host(&kv.storage, kv.len()),
+        }
+    }
+
+    /// A cache holding `n_tokens` tokens computed in `regime`, from `kv_to_host` data.
+    pub(crate) fn kv_from_host(
+        &self,
+        n_tokens: usize,
+        regime: RopeRegime,
+        data: &[f32],
+    ) -> Result<AnyKv> {
+        match &self.inner.engine {
+            AnyEngine::Cpu(e) => {
+                let mut kv = e.new_kv()?;
+                e.backend.kv_from_host(&mut kv.storage, n_tokens, data)?;
+                kv.restore(n_tokens, regime);
+                Ok(AnyKv::Cpu(kv))
+            }
+        }
     }
 
     pub(crate) fn fork_kv(&self, kv: &AnyKv) -> Result<AnyKv> {
@@ -253,6 +294,41 @@ impl Model {
             (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => Ok(AnyKv::Cpu(kv.fork(&e.backend)?)),
         }
     }
+}
+
+/// SHA-256 over the config's shape-defining fields and, per tensor, its name, dtype, shape and
+/// up to 3 x 4 KiB of its bytes (start, middle, end): cheap even for 28 GB of weights.
+fn fingerprint(config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    const SAMPLE: usize = 4096;
+    let mut h = Sha256::new();
+    h.update(format!(
+        "phi3 v{} vocab={} hidden={} inter={} layers={} heads={} kv={} hd={} rope={:?} eps={} window={:?} tied={}",
+        1,
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.rope,
+        config.rms_norm_eps,
+        config.sliding_window,
+        config.tie_word_embeddings
+    ));
+    let _ = weights.try_map(|t| {
+        h.update(format!("{}:{}:{:?}", t.name, t.dtype.name(), t.shape));
+        let bytes = t.bytes();
+        let mid = bytes.len() / 2;
+        for range in [0..SAMPLE, mid..mid + SAMPLE, bytes.len().saturating_sub(SAMPLE)..bytes.len()]
+        {
+            let end = range.end.min(bytes.len());
+            h.update(&bytes[range.start.min(end)..end]);
+        }
+        Ok(())
+    });
+    h.finalize().into()
 }
 
 impl AnyKv {

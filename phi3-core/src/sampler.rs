@@ -221,7 +221,7 @@ pub fn greedy(logits: &[f32], limit: usize) -> Option<u32> {
         if x.is_nan() {
             continue;
         }
-        if best.map_or(true, |(_, b)| x > b) {
+        if best.is_none_or(|(_, b)| x > b) {
             best = Some((i, x));
         }
     }
@@ -425,7 +425,7 @@ fn top_p_filter(x: &mut [f32], top_p: f32) {
 fn argmax_f32(p: &[f32]) -> Option<usize> {
     let mut best: Option<usize> = None;
     for (i, &v) in p.iter().enumerate() {
-        if best.map_or(true, |b| v.total_cmp(&p[b]) == Ordering::Greater) {
+        if best.is_none_or(|b| v.total_cmp(&p[b]) == Ordering::Greater) {
             best = Some(i);
         }
     }

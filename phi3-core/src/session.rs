@@ -14,16 +14,15 @@
 //! what makes the logits equal HF's full forward of the whole sequence (see `kv_cache.rs`).
 
 use std::ops::ControlFlow;
-use std::time::Instant;
+use std::path::Path;
 
 use crate::chat::ChatMessage;
-use crate::detok::IncrementalDecoder;
 use crate::error::{Error, ErrorKind, Result};
-use crate::generate::{
-    CancelToken, FinishReason, GenerateOptions, GenerationResult, GenerationStats, StopText,
-};
+use crate::generate::{CancelToken, FinishReason, GenerateOptions, GenerationResult};
 use crate::model::{AnyKv, Model};
-use crate::sampler::{self, Rng};
+use crate::sampler::{self, Rng, SamplerOptions};
+use crate::session_file::{self, SessionState};
+use crate::stream::TokenStream;
 
 /// Tokens per forward pass when running a long input.
 pub const PREFILL_CHUNK: usize = 512;
@@ -46,6 +45,8 @@ pub struct Session {
     /// Messages appended with `append_message` (and replies generated after them), to render
     /// the chat template incrementally.
     messages: Vec<ChatMessage>,
+    /// The last message awaits a reply: `generate` adds the assistant prompt first.
+    needs_generation_prompt: bool,
     cancel: CancelToken,
     rng: Rng,
 }
@@ -75,6 +76,7 @@ impl Session {
             max_context,
             last_logits: Vec::new(),
             messages: Vec::new(),
+            needs_generation_prompt: false,
             cancel: CancelToken::new(),
             rng: Rng::from_entropy(),
         })
@@ -107,21 +109,29 @@ impl Session {
     /// added when the session is empty and the tokenizer adds one, as HF `tokenizer(text)` does.
     pub fn append_text(&mut self, text: &str) -> Result<()> {
         let ids = self.model.tokenizer()?.encode(text, self.tokens.is_empty())?;
-        self.push_tokens(&ids)
+        self.push_tokens(&ids)?;
+        self.needs_generation_prompt = false;
+        Ok(())
     }
 
     /// Add a chat message (role "system", "user" or "assistant") formatted by the model's chat
-    /// template, followed by the assistant prompt when the role is not "assistant". The forward
-    /// pass runs later. The template is rendered for the whole conversation and only the new
-    /// part is appended, so the tokens equal `apply_chat_template` of all messages so far.
+    /// template. The forward pass runs later. The template is rendered for the whole conversation
+    /// and only the new part is appended, so the tokens equal `apply_chat_template` of all
+    /// messages so far; the next `generate` first adds the assistant prompt (as
+    /// `add_generation_prompt=True` renders it) when the last message is not the assistant's.
     ///
     /// Errors: `InvalidArgument` for a role the template rejects, `Unsupported` for a template
     /// whose output for a longer conversation does not extend that of the shorter one.
     pub fn append_message(&mut self, role: &str, content: &str) -> Result<()> {
         let message = ChatMessage::new(role, content);
-        let ids = self.message_tokens(&message)?;
-        self.push_tokens(&ids)?;
-        self.messages.push(message);
+        let mut all = self.messages.clone();
+        all.push(message);
+        let ids = self.template_delta(&self.messages, false, &all, false)?;
+        if !ids.is_empty() {
+            self.push_tokens(&ids)?;
+        }
+        self.needs_generation_prompt = all.last().is_some_and(|m| m.role != "assistant");
+        self.messages = all;
         Ok(())
     }
 
@@ -149,121 +159,20 @@ impl Session {
         options: &GenerateOptions,
         mut on_token: impl FnMut(&str, Option<u32>) -> ControlFlow<()>,
     ) -> Result<GenerationResult> {
-        self.cancel.reset();
-        let started = Instant::now();
-        let vocab = self.model.config().vocab_size;
-        options.validate(vocab)?;
-        let tokenizer = self.model.tokenizer()?.clone();
-        if self.tokens.is_empty() {
-            return Err(Error::invalid_argument("generate needs a prompt: the session is empty"));
+        let mut stream = self.stream(options)?;
+        while let Some(chunk) = stream.next() {
+            let chunk = chunk?;
+            if on_token(&chunk.text, chunk.token).is_break() {
+                stream.stop(FinishReason::Callback);
+            }
         }
-        let stop_ids = match &options.stop_token_ids {
-            Some(ids) => ids.clone(),
-            None => self.model.default_stop_ids(),
-        };
-        let sampling = options.sampler_options();
-        if let Some(seed) = options.seed {
-            self.rng = Rng::seeded(seed);
-        }
+        stream.into_result()
+    }
 
-        let prompt_tokens = self.tokens.len() - self.kv.len();
-        self.sync()?;
-        let prefill_time = started.elapsed();
-
-        let mut detok = IncrementalDecoder::with_prefix(
-            tokenizer,
-            options.skip_special_tokens,
-            &self.tokens,
-        );
-        let mut stop_text = StopText::new(&options.stop);
-        let mut text = String::new();
-        let mut generated: Vec<u32> = Vec::new();
-        let mut first_token_at = None;
-        let limit = self.model.emittable_vocab();
-        let mut finish = loop {
-            if generated.len() >= options.max_tokens {
-                break FinishReason::Length;
-            }
-            if self.tokens.len() >= self.max_context {
-                break FinishReason::Length;
-            }
-            let token = sampler::sample(
-                &self.last_logits,
-                &self.tokens,
-                &generated,
-                &sampling,
-                limit,
-                &mut self.rng,
-            )?;
-            first_token_at.get_or_insert_with(|| started.elapsed());
-            generated.push(token);
-            // The token joins the history now; its forward pass runs only if generation goes on.
-            self.tokens.push(token);
-            self.last_logits.clear();
-            if stop_ids.contains(&token) {
-                break FinishReason::Eos;
-            }
-            let piece = detok.push(token)?;
-            let chunk = stop_text.push(&piece);
-            text.push_str(&chunk.text);
-            let flow = on_token(&chunk.text, Some(token));
-            if chunk.stopped {
-                break FinishReason::StopString;
-            }
-            if flow.is_break() {
-                break FinishReason::Callback;
-            }
-            if self.cancel.is_cancelled() {
-                break FinishReason::Cancelled;
-            }
-            if generated.len() >= options.max_tokens {
-                break FinishReason::Length;
-            }
-            if let Err(e) = self.sync() {
-                // The token stays in the history as pending; the session remains usable.
-                if e.kind() == ErrorKind::Cancelled {
-                    break FinishReason::Cancelled;
-                }
-                return Err(e);
-            }
-        };
-        if finish != FinishReason::StopString {
-            // Bytes the decoder still holds (an unfinished character) and text held back as a
-            // possible stop-string start are delivered now, in one last callback.
-            let chunk = stop_text.push(&detok.flush());
-            let mut tail = chunk.text;
-            if chunk.stopped {
-                finish = FinishReason::StopString;
-            } else {
-                tail.push_str(&stop_text.finish());
-            }
-            if !tail.is_empty() {
-                text.push_str(&tail);
-                // The generation is over, so the callback's answer no longer matters.
-                let _ = on_token(&tail, None);
-            }
-        }
-        if !self.messages.is_empty() {
-            self.messages.push(ChatMessage::new("assistant", text.clone()));
-        }
-        let elapsed = started.elapsed();
-        let ttft = first_token_at.unwrap_or(elapsed);
-        let decode_steps = generated.len().saturating_sub(1);
-        let stats = GenerationStats {
-            prompt_tokens,
-            generated_tokens: generated.len(),
-            time_to_first_token: ttft,
-            prefill_tokens_per_s: per_second(prompt_tokens, prefill_time.as_secs_f64()),
-            decode_tokens_per_s: per_second(decode_steps, (elapsed - ttft).as_secs_f64()),
-        };
-        let result = GenerationResult { text, tokens: generated, finish_reason: finish, stats };
-        if finish == FinishReason::Cancelled {
-            return Err(Error::new(
-                ErrorKind::Cancelled,
-                format!("generation cancelled after {} tokens", result.tokens.len()),
-            ));
-        }
-        Ok(result)
+    /// Generation as an iterator of [`crate::StreamChunk`]s (the same steps as [`Session::generate`]):
+    /// pending tokens are prefilled here, then each `next()` samples one token.
+    pub fn stream(&mut self, options: &GenerateOptions) -> Result<TokenStream<'_>> {
+        TokenStream::start(self, options)
     }
 
     /// A handle that cancels this session's running call from another thread.
@@ -311,6 +220,7 @@ impl Session {
             self.kv.truncate(n_tokens);
             self.last_logits.clear();
             self.messages.clear();
+            self.needs_generation_prompt = false;
         }
         Ok(())
     }
@@ -321,6 +231,7 @@ impl Session {
         self.kv.truncate(0);
         self.last_logits.clear();
         self.messages.clear();
+        self.needs_generation_prompt = false;
     }
 
     /// An independent copy: same tokens, cache and random state; later changes to either do not
@@ -333,8 +244,47 @@ impl Session {
             max_context: self.max_context,
             last_logits: self.last_logits.clone(),
             messages: self.messages.clone(),
+            needs_generation_prompt: self.needs_generation_prompt,
             cancel: CancelToken::new(),
             rng: self.rng.clone(),
+        })
+    }
+
+    /// Write the session (tokens, KV cache, logits, LongRoPE state, RNG state, chat messages) to
+    /// `path` in phi3's versioned session format. The file is written beside `path` and renamed
+    /// into place, so a failed save leaves any previous file intact. Costs about
+    /// `n_layers * 2 * kv_dim * 4` bytes per cached token.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let state = SessionState {
+            tokens: self.tokens.clone(),
+            last_logits: self.last_logits.clone(),
+            kv_tokens: self.kv.len(),
+            regime: self.kv.regime(),
+            kv: self.model.kv_to_host(&self.kv)?,
+            max_context: self.max_context,
+            rng: self.rng.clone(),
+            messages: self.messages.clone(),
+            needs_generation_prompt: self.needs_generation_prompt,
+        };
+        session_file::save(&self.model, &state, path.as_ref())
+    }
+
+    /// Read a session saved by [`Session::save`] from the same model; it continues exactly as
+    /// the original would have. Errors: `Io`, `ModelFormat` (truncated or corrupted file),
+    /// `Unsupported` (a newer format version), `InvalidArgument` (saved from a different model).
+    pub fn load(model: &Model, path: impl AsRef<Path>) -> Result<Session> {
+        let state = session_file::load(model, path.as_ref())?;
+        let kv = model.kv_from_host(state.kv_tokens, state.regime, &state.kv)?;
+        Ok(Session {
+            model: model.clone(),
+            tokens: state.tokens,
+            kv,
+            max_context: state.max_context,
+            last_logits: state.last_logits,
+            needs_generation_prompt: state.needs_generation_prompt,
+            messages: state.messages,
+            cancel: CancelToken::new(),
+            rng: state.rng,
         })
     }
 
@@ -366,9 +316,51 @@ impl Session {
         Ok(())
     }
 
+    /// Tokens in the history that the KV cache does not hold yet.
+    pub(crate) fn pending(&self) -> usize {
+        self.tokens.len() - self.kv.len()
+    }
+
+    /// Restart the random generator from `seed`.
+    pub(crate) fn reseed(&mut self, seed: u64) {
+        self.rng = Rng::seeded(seed);
+    }
+
+    pub(crate) fn has_messages(&self) -> bool {
+        !self.messages.is_empty()
+    }
+
+    pub(crate) fn push_message(&mut self, message: ChatMessage) {
+        self.messages.push(message);
+    }
+
+    /// Sample the next token from the current logits (`sync` must have run) and add it to the
+    /// history; its forward pass runs at the next `sync`.
+    pub(crate) fn sample_next(
+        &mut self,
+        generated: &[u32],
+        sampling: &SamplerOptions,
+        limit: usize,
+    ) -> Result<u32> {
+        if self.last_logits.is_empty() {
+            return Err(Error::internal("sample_next without current logits"));
+        }
+        let token = sampler::sample(
+            &self.last_logits,
+            &self.tokens,
+            generated,
+            sampling,
+            limit,
+            &mut self.rng,
+        )?;
+        self.tokens.push(token);
+        self.last_logits.clear();
+        Ok(token)
+    }
+
     /// Run the model over pending tokens so that `last_logits` is current. On error the cache
     /// keeps what completed (in a consistent regime) and the tokens stay pending.
-    fn sync(&mut self) -> Result<()> {
+    pub(crate) fn sync(&mut self) -> Result<()> {
         if self.tokens.is_empty() {
             return Err(Error::invalid_argument("the session is empty"));
         }
@@ -397,20 +389,24 @@ impl Session {
         Ok(())
     }
 
-    /// Tokens that `message` adds to the conversation rendered so far.
-    fn message_tokens(&self, message: &ChatMessage) -> Result<Vec<u32>> {
+    /// Tokens that rendering `after` adds to the rendering of `before` (each with its own
+    /// `add_generation_prompt`).
+    fn template_delta(
+        &self,
+        before: &[ChatMessage],
+        before_prompt: bool,
+        after: &[ChatMessage],
+        after_prompt: bool,
+    ) -> Result<Vec<u32>> {
         let tokenizer = self.model.tokenizer()?;
         let template = self.model.chat_template();
         let (bos, eos) = (tokenizer.bos_token().unwrap_or(""), tokenizer.eos_token().unwrap_or(""));
-        let before = if self.messages.is_empty() {
+        let before = if before.is_empty() && !before_prompt {
             String::new()
         } else {
-            template.render(&self.messages, false, bos, eos)?
+            template.render(before, before_prompt, bos, eos)?
         };
-        let mut all = self.messages.clone();
-        all.push(message.clone());
-        let add_generation_prompt = message.role != "assistant";
-        let after = template.render(&all, add_generation_prompt, bos, eos)?;
+        let after = template.render(after, after_prompt, bos, eos)?;
         let Some(delta) = after.strip_prefix(&before) else {
             return Err(Error::unsupported(
                 "the chat template's output for a longer conversation does not extend that of the \
@@ -418,15 +414,24 @@ impl Session {
             ));
         };
         // A session that already holds tokens must not get a second BOS from the template.
-        let delta = if self.tokens.is_empty() { delta } else { delta.strip_prefix(bos).unwrap_or(delta) };
+        let delta =
+            if self.tokens.is_empty() { delta } else { delta.strip_prefix(bos).unwrap_or(delta) };
+        if delta.is_empty() {
+            return Ok(Vec::new());
+        }
         tokenizer.encode(delta, false)
     }
-}
 
-fn per_second(count: usize, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        count as f64 / seconds
-    } else {
-        0.0
+    /// Before generating a chat reply: append the assistant prompt if the template has one.
+    pub(crate) fn add_generation_prompt(&mut self) -> Result<()> {
+        if !self.needs_generation_prompt {
+            return Ok(());
+        }
+        let ids = self.template_delta(&self.messages, false, &self.messages, true)?;
+        if !ids.is_empty() {
+            self.push_tokens(&ids)?;
+        }
+        self.needs_generation_prompt = false;
+        Ok(())
     }
 }

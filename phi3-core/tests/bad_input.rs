@@ -37,7 +37,8 @@ fn expect_err(dir: &Path, kind: ErrorKind, needles: &[&str]) {
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut v);
     fs::write(path, v.to_string()).unwrap();
 }
@@ -162,11 +163,8 @@ fn replace_tensor(dir: &Path, name: &str, dtype: Dtype, shape: Vec<usize>) {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let n: usize = shape.iter().product();
     let replacement = vec![0u8; n * dtype.bitsize() / 8];
-    let mut views: Vec<(String, TensorView)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(n, _)| n != name)
-        .collect();
+    let mut views: Vec<(String, TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != name).collect();
     views.push((name.to_string(), TensorView::new(dtype, shape, &replacement).unwrap()));
     let out = safetensors::serialize(views, None).unwrap();
     fs::write(&path, out).unwrap();

@@ -116,7 +116,10 @@ fn token_by_token_decoding_matches_full_forward() {
             worst = worst.max(oracle.check(&logits, i + 1, "one token at a time"));
         }
         if let Some(orig) = oracle.original_max {
-            assert!(oracle.tokens.len() > orig, "{name}: fixture must cross the LongRoPE threshold");
+            assert!(
+                oracle.tokens.len() > orig,
+                "{name}: fixture must cross the LongRoPE threshold"
+            );
             assert!(s.kv_state().1, "{name}: cache should be in the long regime");
         }
         println!("{name}: worst relative L2 over {} steps: {worst:.2e}", oracle.tokens.len());
@@ -226,8 +229,20 @@ fn wrong_regime_is_detected() {
 fn rope_tables_equal_hf_buffers_bit_for_bit() {
     use phi3_core::rope::{Rope, RopeRegime};
     for (name, keys) in [
-        ("gqa-longrope-bf16", vec![("rope_inv_freq_short", RopeRegime::Short), ("rope_inv_freq_long", RopeRegime::Long)]),
-        ("partial-rotary-f16", vec![("rope_inv_freq_short", RopeRegime::Short), ("rope_inv_freq_long", RopeRegime::Long)]),
+        (
+            "gqa-longrope-bf16",
+            vec![
+                ("rope_inv_freq_short", RopeRegime::Short),
+                ("rope_inv_freq_long", RopeRegime::Long),
+            ],
+        ),
+        (
+            "partial-rotary-f16",
+            vec![
+                ("rope_inv_freq_short", RopeRegime::Short),
+                ("rope_inv_freq_long", RopeRegime::Long),
+            ],
+        ),
         ("mha-f32-tied", vec![("rope_inv_freq", RopeRegime::Short)]),
         ("sliding-window-f32", vec![("rope_inv_freq", RopeRegime::Short)]),
     ] {

@@ -20,8 +20,16 @@ fn prompted(model: &Model, text: &str) -> Session {
     s
 }
 
+/// Length of the prompt `generate` runs on for one user message (assistant prompt included).
+fn prompt_len(model: &Model, text: &str) -> usize {
+    model.apply_chat_template(&[ChatMessage::new("user", text)], true).unwrap().len()
+}
+
 /// Generate collecting every streamed chunk.
-fn run(s: &mut Session, o: &GenerateOptions) -> (phi3_core::Result<phi3_core::GenerationResult>, Vec<String>) {
+fn run(
+    s: &mut Session,
+    o: &GenerateOptions,
+) -> (phi3_core::Result<phi3_core::GenerationResult>, Vec<String>) {
     let mut chunks = Vec::new();
     let r = s.generate(o, |text, _| {
         chunks.push(text.to_string());
@@ -38,13 +46,13 @@ fn no_stop_tokens(o: GenerateOptions) -> GenerateOptions {
 fn streamed_text_equals_result_and_decoded_tokens() {
     let model = model();
     let mut s = prompted(&model, "Tell me a story about a cat.");
-    let prompt = s.tokens().to_vec();
     let o = no_stop_tokens(GenerateOptions { max_tokens: 40, ..Default::default() });
     let (r, chunks) = run(&mut s, &o);
     let r = r.unwrap();
     assert_eq!(r.finish_reason, FinishReason::Length);
     assert_eq!(r.tokens.len(), 40);
     assert_eq!(chunks.concat(), r.text);
+    let prompt = s.tokens()[..prompt_len(&model, "Tell me a story about a cat.")].to_vec();
     let tok = model.tokenizer().unwrap();
     let all = tok.decode(s.tokens(), true).unwrap();
     let before = tok.decode(&prompt, true).unwrap();
@@ -85,7 +93,9 @@ fn stop_token_max_tokens_and_callback_finish_reasons() {
     let stop_at = reference.tokens[3];
     let first = reference.tokens.iter().position(|&t| t == stop_at).unwrap();
     let mut s = base.fork().unwrap();
-    let r = run(&mut s, &GenerateOptions { stop_token_ids: Some(vec![stop_at]), ..o.clone() }).0.unwrap();
+    let r = run(&mut s, &GenerateOptions { stop_token_ids: Some(vec![stop_at]), ..o.clone() })
+        .0
+        .unwrap();
     assert_eq!(r.finish_reason, FinishReason::Eos);
     assert_eq!(r.tokens, reference.tokens[..=first]);
     assert_eq!(*s.tokens().last().unwrap(), stop_at, "the stop token stays in the session");
@@ -104,7 +114,7 @@ fn stop_token_max_tokens_and_callback_finish_reasons() {
         .unwrap();
     assert_eq!(r.finish_reason, FinishReason::Callback);
     assert_eq!(r.tokens, reference.tokens[..2]);
-    assert_eq!(s.len(), base.len() + 2);
+    assert_eq!(s.len(), prompt_len(&model, "Hi") + 2);
 }
 
 #[test]
@@ -148,7 +158,7 @@ fn cancel_during_decode_from_another_thread() {
         rx.recv().unwrap();
         cancel.cancel();
     });
-    let before = s.len();
+    let before = prompt_len(&model, "Go on forever");
     let o = no_stop_tokens(GenerateOptions { max_tokens: 1000, ..Default::default() });
     let mut steps = 0;
     let err = s
@@ -175,7 +185,8 @@ fn cancel_during_a_long_prefill() {
     let model = model();
     let mut s = model.session(SessionOptions::default()).unwrap();
     // Queue ~3500 pending tokens (append_text is lazy; the prefill runs inside generate).
-    let per_word = model.tokenizer().unwrap().encode(&"word ".repeat(100), false).unwrap().len() / 100;
+    let per_word =
+        model.tokenizer().unwrap().encode(&"word ".repeat(100), false).unwrap().len() / 100;
     let text = "word ".repeat(3500 / per_word.max(1));
     s.append_text(&text).unwrap();
     assert!(s.len() > 2000);
@@ -185,7 +196,8 @@ fn cancel_during_a_long_prefill() {
         cancel.cancel();
     });
     let len = s.len();
-    let err = s.generate(&GenerateOptions::default(), |_, _| ControlFlow::Continue(())).unwrap_err();
+    let err =
+        s.generate(&GenerateOptions::default(), |_, _| ControlFlow::Continue(())).unwrap_err();
     canceller.join().unwrap();
     assert_eq!(err.kind(), ErrorKind::Cancelled);
     assert_eq!(s.len(), len, "pending prompt tokens stay; nothing was generated");
@@ -204,14 +216,14 @@ fn chat_messages_match_the_template_of_the_whole_conversation() {
     let mut s = model.session(SessionOptions::default()).unwrap();
     s.append_message("system", "You are terse.").unwrap();
     s.append_message("user", "Hello").unwrap();
-    let expected = model
-        .apply_chat_template(
-            &[ChatMessage::new("system", "You are terse."), ChatMessage::new("user", "Hello")],
-            true,
-        )
-        .unwrap();
-    assert_eq!(s.tokens(), &expected[..]);
+    let messages =
+        [ChatMessage::new("system", "You are terse."), ChatMessage::new("user", "Hello")];
+    assert_eq!(s.tokens(), &model.apply_chat_template(&messages, false).unwrap()[..]);
+    // generate adds the assistant prompt first: the prompt it runs on is the template's.
+    let expected = model.apply_chat_template(&messages, true).unwrap();
     let reply = run(&mut s, &GenerateOptions { max_tokens: 5, ..Default::default() }).0.unwrap();
+    assert_eq!(s.tokens()[..expected.len()], expected[..]);
+    assert_eq!(s.tokens()[expected.len()..], reply.tokens[..]);
     s.append_message("user", "More").unwrap();
     assert!(s.len() > expected.len() + reply.tokens.len());
 }

@@ -74,6 +74,14 @@ pub trait Backend: Send + Sync + 'static {
     /// An independent copy of the first `n_tokens` tokens of `src`.
     fn copy_kv(&self, src: &Self::Kv, n_tokens: usize) -> Result<Self::Kv>;
 
+    /// The first `n_tokens` tokens of the cache on the host: for each layer, its keys then its
+    /// values, each `[n_tokens, n_kv_heads * head_dim]` f32 (the session file layout).
+    fn kv_to_host(&self, kv: &Self::Kv, n_tokens: usize) -> Result<Vec<f32>>;
+
+    /// Fill the first `n_tokens` tokens of `kv` (reserving room) from data in the
+    /// [`Backend::kv_to_host`] layout.
+    fn kv_from_host(&self, kv: &mut Self::Kv, n_tokens: usize, data: &[f32]) -> Result<()>;
+
     /// Rows of the embedding table: `[tokens.len(), hidden]`. Ids were range-checked by the caller.
     fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;
 

@@ -137,7 +137,12 @@ impl MappedFile {
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&map)
             .map_err(|e| Error::model_format(format!("{name}: invalid safetensors file: {e}")))?;
-        Ok(MappedFile { name: name.to_string(), map: Arc::new(map), metadata, data_start: 8 + header_len })
+        Ok(MappedFile {
+            name: name.to_string(),
+            map: Arc::new(map),
+            metadata,
+            data_start: 8 + header_len,
+        })
     }
 
     fn tensor(&self, name: &str) -> Option<Result<HostTensor>> {
@@ -210,9 +215,8 @@ impl Checkpoint {
         let mut file_ids: HashMap<String, usize> = HashMap::new();
         let mut location = HashMap::new();
         for (tensor, file_name) in &index.weight_map {
-            check_shard_name(file_name).map_err(|e| {
-                e.context(format!("model.safetensors.index.json: {tensor}"))
-            })?;
+            check_shard_name(file_name)
+                .map_err(|e| e.context(format!("model.safetensors.index.json: {tensor}")))?;
             let id = match file_ids.get(file_name) {
                 Some(&id) => id,
                 None => {

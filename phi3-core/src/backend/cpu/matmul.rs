@@ -5,10 +5,11 @@
 //!   bound by weight bandwidth, so it reads weights exactly once and keeps x in cache.
 //! - many rows (prefill): each task widens a block of weight rows to f32 and multiplies it with
 //!   all of x through `ndarray` (matrixmultiply's blocked, SIMD sgemm); bound by compute.
+//!
 //! Results are produced transposed (`[out, n]`, contiguous per task) and transposed at the end.
 
-use half::slice::HalfFloatSliceExt;
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 use multiversion::multiversion;
 use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2, ShapeBuilder};
 use rayon::prelude::*;
@@ -24,7 +25,13 @@ const GEMV_BLOCK: usize = 16;
 const GEMM_BLOCK: usize = 64;
 
 /// `x`: `[n, k]` f32; `w`: `[m, k]`; returns `[n, m]`.
-pub(super) fn linear(x: &[f32], n: usize, k: usize, w: WeightView<'_>, m: usize) -> Result<Vec<f32>> {
+pub(super) fn linear(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: WeightView<'_>,
+    m: usize,
+) -> Result<Vec<f32>> {
     let mut out_t = vec![0.0f32; m * n]; // [m, n]
     if n <= GEMV_MAX_ROWS {
         out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
@@ -152,7 +159,9 @@ mod tests {
 
     #[test]
     fn both_paths_match_reference_at_odd_sizes() {
-        for (n, k, m) in [(1, 1, 1), (1, 37, 5), (3, 100, 33), (4, 17, 70), (5, 64, 65), (19, 129, 131)] {
+        for (n, k, m) in
+            [(1, 1, 1), (1, 37, 5), (3, 100, 33), (4, 17, 70), (5, 64, 65), (19, 129, 131)]
+        {
             check(n, k, m);
         }
     }

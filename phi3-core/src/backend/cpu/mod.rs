@@ -123,7 +123,7 @@ fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
     v.try_reserve_exact(len).map_err(|_| {
         Error::new(
             ErrorKind::OutOfMemory,
-            format!("cannot allocate {} MiB for {what}", len * 4 >> 20),
+            format!("cannot allocate {} MiB for {what}", (len * 4) >> 20),
         )
     })?;
     v.resize(len, 0.0);
@@ -182,9 +182,9 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         let capacity = tokens.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
-        let len = capacity
-            .checked_mul(kv.row_len())
-            .ok_or_else(|| Error::new(ErrorKind::OutOfMemory, format!("KV cache of {tokens} tokens")))?;
+        let len = capacity.checked_mul(kv.row_len()).ok_or_else(|| {
+            Error::new(ErrorKind::OutOfMemory, format!("KV cache of {tokens} tokens"))
+        })?;
         // Grow every layer or none: on failure the cache keeps its old capacity.
         let mut grown_k = Vec::with_capacity(kv.layout.n_layers);
         let mut grown_v = Vec::with_capacity(kv.layout.n_layers);
@@ -211,6 +211,34 @@ impl Backend for CpuBackend {
             dst.v[layer][..n].copy_from_slice(&src.v[layer][..n]);
         }
         Ok(dst)
+    }
+
+    fn kv_to_host(&self, kv: &CpuKv, n_tokens: usize) -> Result<Vec<f32>> {
+        let n = n_tokens * kv.row_len();
+        let mut out = Vec::with_capacity(2 * n * kv.layout.n_layers);
+        for layer in 0..kv.layout.n_layers {
+            out.extend_from_slice(&kv.k[layer][..n]);
+            out.extend_from_slice(&kv.v[layer][..n]);
+        }
+        Ok(out)
+    }
+
+    fn kv_from_host(&self, kv: &mut CpuKv, n_tokens: usize, data: &[f32]) -> Result<()> {
+        let n = n_tokens * kv.row_len();
+        if data.len() != 2 * n * kv.layout.n_layers {
+            return Err(Error::internal(format!(
+                "KV data holds {} values, expected {}",
+                data.len(),
+                2 * n * kv.layout.n_layers
+            )));
+        }
+        self.reserve_kv(kv, n_tokens)?;
+        for (layer, chunk) in data.chunks_exact(2 * n.max(1)).enumerate().take(kv.layout.n_layers) {
+            let (k, v) = chunk.split_at(n);
+            kv.k[layer][..n].copy_from_slice(k);
+            kv.v[layer][..n].copy_from_slice(v);
+        }
+        Ok(())
     }
 
     fn embed(&self, table: &CpuWeight, tokens: &[u32]) -> Result<CpuAct> {

@@ -1,0 +1,277 @@
+//! Session files: `Session::save(path)` / `Session::load(model, path)`.
+//!
+//! Layout (all little-endian), version 1:
+//! ```text
+//! magic      8 bytes  b"PHI3SES\0"
+//! version    u32      1
+//! header_len u32      length of the JSON header (at most 16 MiB)
+//! header     JSON     SessionHeader: model fingerprint, sizes, rope regime, RNG state, messages
+//! tokens     u32 x n_tokens
+//! logits     f32 x vocab            (only when header.has_logits)
+//! kv         f32 x n_layers x 2 x kv_tokens x kv_dim   (per layer: keys, then values)
+//! checksum   32 bytes SHA-256 of everything above
+//! ```
+//! Loading checks, before allocating anything, that the file's length equals what the header
+//! implies and that every size is within the model's limits (a hostile file cannot make us
+//! allocate more than its own size); then the checksum, the fingerprint (the session must come
+//! from the same config and weights) and the version. Saving writes a temporary file beside the
+//! target and renames it, so a failed save never leaves a half-written file at `path`.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::chat::ChatMessage;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::Model;
+use crate::rope::RopeRegime;
+use crate::sampler::Rng;
+
+const MAGIC: &[u8; 8] = b"PHI3SES\0";
+const VERSION: u32 = 1;
+const MAX_HEADER: u32 = 16 << 20;
+
+/// The JSON header of a session file.
+#[derive(Serialize, Deserialize, Debug)]
+struct SessionHeader {
+    fingerprint: String,
+    n_tokens: usize,
+    kv_tokens: usize,
+    long_rope: bool,
+    max_context: usize,
+    rng_state: [u64; 4],
+    n_layers: usize,
+    kv_dim: usize,
+    vocab: usize,
+    has_logits: bool,
+    messages: Vec<ChatMessage>,
+    needs_generation_prompt: bool,
+}
+
+/// What a session file holds, independent of the `Session` type.
+pub(crate) struct SessionState {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) last_logits: Vec<f32>,
+    pub(crate) kv_tokens: usize,
+    pub(crate) regime: RopeRegime,
+    pub(crate) kv: Vec<f32>,
+    pub(crate) max_context: usize,
+    pub(crate) rng: Rng,
+    pub(crate) messages: Vec<ChatMessage>,
+    pub(crate) needs_generation_prompt: bool,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn format_err(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::ModelFormat, format!("{}: {message}", path.display()))
+}
+
+/// Write `state` of a session of `model` to `path` (atomically: temp file + rename).
+pub(crate) fn save(model: &Model, state: &SessionState, path: &Path) -> Result<()> {
+    let config = model.config();
+    let header = SessionHeader {
+        fingerprint: hex(&model.fingerprint()),
+        n_tokens: state.tokens.len(),
+        kv_tokens: state.kv_tokens,
+        long_rope: state.regime == RopeRegime::Long,
+        max_context: state.max_context,
+        rng_state: state.rng.state(),
+        n_layers: config.num_hidden_layers,
+        kv_dim: config.kv_dim(),
+        vocab: config.vocab_size,
+        has_logits: !state.last_logits.is_empty(),
+        messages: state.messages.clone(),
+        needs_generation_prompt: state.needs_generation_prompt,
+    };
+    let header_json =
+        serde_json::to_vec(&header).map_err(|e| Error::internal(format!("session header: {e}")))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile_in(dir, path)?;
+    let write = || -> std::io::Result<()> {
+        let mut out =
+            HashingWriter { inner: BufWriter::new(File::create(&tmp)?), hash: Sha256::new() };
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        out.write_all(&(header_json.len() as u32).to_le_bytes())?;
+        out.write_all(&header_json)?;
+        write_words(&mut out, state.tokens.iter().copied())?;
+        write_words(&mut out, state.last_logits.iter().chain(&state.kv).map(|x| x.to_bits()))?;
+        let digest = out.hash.finalize();
+        let mut inner = out.inner;
+        inner.write_all(&digest)?;
+        inner.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    if let Err(e) = write().and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// A temporary file name beside `target`, unique to this process and call.
+fn tempfile_in(dir: &Path, target: &Path) -> Result<std::path::PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::invalid_argument(format!("{}: not a file path", target.display())))?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    Ok(dir.join(format!(".{}.{}.{n}.tmp", name.to_string_lossy(), std::process::id())))
+}
+
+/// Read and check a session file written for `model`.
+pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut input = HashingReader { inner: BufReader::new(file), hash: Sha256::new() };
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            format_err(path, "truncated session file")
+        } else {
+            Error::io(path, e)
+        }
+    };
+
+    let mut fixed = [0u8; 16];
+    input.read_exact(&mut fixed).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            format_err(path, "not a phi3 session file (too short)")
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    if &fixed[..8] != MAGIC {
+        return Err(format_err(path, "not a phi3 session file (bad magic)"));
+    }
+    let version = u32::from_le_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
+    if version != VERSION {
+        return Err(Error::unsupported(format!(
+            "{}: session file version {version}; this build reads version {VERSION}",
+            path.display()
+        )));
+    }
+    let header_len = u32::from_le_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]);
+    if header_len > MAX_HEADER || u64::from(header_len) + 16 > file_len {
+        return Err(format_err(path, format!("session header length {header_len} is invalid")));
+    }
+    let mut header_bytes = vec![0u8; header_len as usize];
+    input.read_exact(&mut header_bytes).map_err(io)?;
+    let header: SessionHeader = serde_json::from_slice(&header_bytes)
+        .map_err(|e| format_err(path, format!("invalid session header: {e}")))?;
+
+    let config = model.config();
+    if header.fingerprint != hex(&model.fingerprint()) {
+        return Err(Error::invalid_argument(format!(
+            "{}: the session was saved from a different model (fingerprint {}, this model {})",
+            path.display(),
+            header.fingerprint,
+            hex(&model.fingerprint())
+        )));
+    }
+    let geometry_ok = header.n_layers == config.num_hidden_layers
+        && header.kv_dim == config.kv_dim()
+        && header.vocab == config.vocab_size;
+    if !geometry_ok
+        || header.n_tokens > model.max_context()
+        || header.kv_tokens > header.n_tokens
+        || header.max_context == 0
+        || header.max_context > model.max_context()
+        || header.n_tokens > header.max_context
+    {
+        return Err(format_err(path, "session header sizes do not fit this model"));
+    }
+    let logits_len = if header.has_logits { header.vocab } else { 0 };
+    let kv_len = header.n_layers * 2 * header.kv_tokens * header.kv_dim;
+    // Sizes are bounded by the model's limits above, so these products cannot overflow u64.
+    let expected = 16
+        + u64::from(header_len)
+        + 4 * header.n_tokens as u64
+        + 4 * (logits_len + kv_len) as u64
+        + 32;
+    if expected != file_len {
+        return Err(format_err(
+            path,
+            format!("session file is {file_len} bytes, its header implies {expected} (truncated or corrupted)"),
+        ));
+    }
+    let tokens = read_words(&mut input, header.n_tokens).map_err(io)?;
+    let last_logits: Vec<f32> =
+        read_words(&mut input, logits_len).map_err(io)?.into_iter().map(f32::from_bits).collect();
+    let kv: Vec<f32> =
+        read_words(&mut input, kv_len).map_err(io)?.into_iter().map(f32::from_bits).collect();
+    let digest = input.hash.finalize();
+    let mut stored = [0u8; 32];
+    input.inner.read_exact(&mut stored).map_err(io)?;
+    if digest.as_slice() != stored {
+        return Err(format_err(path, "session file checksum mismatch (corrupted)"));
+    }
+    model.check_tokens(&tokens).map_err(|e| e.context(path.display()))?;
+    let rng = Rng::from_state(header.rng_state).map_err(|e| e.context(path.display()))?;
+    Ok(SessionState {
+        tokens,
+        last_logits,
+        kv_tokens: header.kv_tokens,
+        regime: if header.long_rope { RopeRegime::Long } else { RopeRegime::Short },
+        kv,
+        max_context: header.max_context,
+        rng,
+        messages: header.messages,
+        needs_generation_prompt: header.needs_generation_prompt,
+    })
+}
+
+/// Write 32-bit words little-endian, in blocks (one hash update per block, not per word).
+fn write_words(out: &mut impl Write, words: impl Iterator<Item = u32>) -> std::io::Result<()> {
+    let mut block = Vec::with_capacity(1 << 16);
+    for w in words {
+        block.extend_from_slice(&w.to_le_bytes());
+        if block.len() == block.capacity() {
+            out.write_all(&block)?;
+            block.clear();
+        }
+    }
+    out.write_all(&block)
+}
+
+/// Read `n` little-endian 32-bit words.
+fn read_words(input: &mut impl Read, n: usize) -> std::io::Result<Vec<u32>> {
+    let mut bytes = vec![0u8; n * 4];
+    input.read_exact(&mut bytes)?;
+    Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct HashingReader<R: Read> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
