@@ -93,7 +93,8 @@ def prompt_ids(vocab: int, n: int):
 
 def run_ours(phi3: Path, model: Path, args):
     cmd = [str(phi3), "bench", "--model", str(model), "--device", "cpu",
-           "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--json"]
+           "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
+           "--repeat", str(args.repeat), "--json"]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -111,15 +112,21 @@ def run_hf(model: Path, dtype_name: str, args):
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt_ids(m.config.vocab_size, args.prompt_tokens)])
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = m(ids, use_cache=True)
-        prefill_s = time.perf_counter() - t0
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        t0 = time.perf_counter()
-        for _ in range(args.gen_tokens):
-            out = m(nxt, past_key_values=past, use_cache=True)
+        # Same protocol as `phi3 bench --repeat N`: N runs, the median of each phase reported.
+        runs = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            out = m(ids, use_cache=True)
+            prefill_s = time.perf_counter() - t0
             past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        decode_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(args.gen_tokens):
+                out = m(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            decode_s = time.perf_counter() - t0
+            runs.append((prefill_s, decode_s))
+        prefill_s = sorted(r[0] for r in runs)[len(runs) // 2]
+        decode_s = sorted(r[1] for r in runs)[len(runs) // 2]
     import transformers
 
     return {
@@ -137,6 +144,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=3, help="runs per implementation; the median is reported")
     ap.add_argument("--hf-f32", action="store_true", help="also run HF in float32 (needs 15 GB RAM)")
     args = ap.parse_args()
 
@@ -149,7 +157,8 @@ def main():
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads; commit {commit}; "
-          f"prompt {args.prompt_tokens} tokens, {args.gen_tokens} decode steps; Phi-3-mini shapes, random bf16 weights\n")
+          f"prompt {args.prompt_tokens} tokens, {args.gen_tokens} decode steps, median of {args.repeat} runs; "
+          "Phi-3-mini shapes, random bf16 weights\n")
     print("| implementation | prefill tok/s | decode tok/s | ours / it (prefill) | ours / it (decode) |")
     print("|---|---|---|---|---|")
     for name, r in rows:

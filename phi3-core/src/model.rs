@@ -54,6 +54,8 @@ struct ModelInner {
     max_context: usize,
     /// Identifies the config and weights, so a saved session only loads into the same model.
     fingerprint: [u8; 32],
+    /// Bytes of all weight tensors in their dtype (tied embeddings counted once).
+    weight_bytes: u64,
 }
 
 /// The engine on whichever backend was chosen at load time.
@@ -134,6 +136,11 @@ impl Model {
             None => config.max_position_embeddings,
         };
         let fingerprint = fingerprint(&config, weights);
+        let mut weight_bytes = 0u64;
+        let _ = weights.try_map(|t| {
+            weight_bytes += t.bytes().len() as u64;
+            Ok(())
+        });
         Ok(Model {
             inner: Arc::new(ModelInner {
                 config,
@@ -143,6 +150,7 @@ impl Model {
                 path,
                 max_context,
                 fingerprint,
+                weight_bytes,
             }),
         })
     }
@@ -197,6 +205,11 @@ impl Model {
     /// for the same model, different for different weights (used by session files).
     pub fn fingerprint(&self) -> [u8; 32] {
         self.inner.fingerprint
+    }
+
+    /// Bytes of all weight tensors in their storage dtype (what a backend must hold).
+    pub fn weight_bytes(&self) -> u64 {
+        self.inner.weight_bytes
     }
 
     /// The most tokens any session of this model may hold.

@@ -264,3 +264,28 @@ fn bad_generate_options_and_empty_session() {
     }
     assert_eq!(s.len(), len);
 }
+
+#[test]
+fn streaming_holds_back_split_characters() {
+    // At a high temperature the demo model emits many byte-fallback tokens (ids 3..=258), so
+    // multi-byte characters split across tokens occur; the streamed chunks must still add up to
+    // exactly the decoded text, and no chunk may contain a replacement character that the full
+    // decode does not have at that place.
+    let model = model();
+    let mut s = prompted(&model, "Emoji please: 😀 🎉 café");
+    let o = no_stop_tokens(GenerateOptions {
+        max_tokens: 200,
+        temperature: 1.5,
+        seed: Some(3),
+        ..Default::default()
+    });
+    let (r, chunks) = run(&mut s, &o);
+    let r = r.unwrap();
+    let byte_tokens = r.tokens.iter().filter(|&&t| (3..=258).contains(&t)).count();
+    assert!(byte_tokens >= 10, "only {byte_tokens} byte tokens: pick another seed");
+    assert_eq!(chunks.concat(), r.text);
+    let tok = model.tokenizer().unwrap();
+    let prompt = &s.tokens()[..s.len() - r.tokens.len()];
+    let full = tok.decode(s.tokens(), true).unwrap();
+    assert_eq!(full.strip_prefix(&tok.decode(prompt, true).unwrap()).unwrap(), r.text);
+}

@@ -22,7 +22,7 @@ const GEMV_MAX_ROWS: usize = 4;
 /// Output features per task on the dot-product path.
 const GEMV_BLOCK: usize = 16;
 /// Output features per task on the sgemm path (a block of widened weights stays in L2).
-const GEMM_BLOCK: usize = 64;
+const GEMM_BLOCK: usize = 256;
 
 /// `x`: `[n, k]` f32; `w`: `[m, k]`; returns `[n, m]`.
 pub(super) fn linear(

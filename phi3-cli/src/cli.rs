@@ -1,0 +1,335 @@
+//! The command line: clap definitions of `phi3` and its subcommands, and the conversion of the
+//! sampling flags into phi3-core's [`GenerateOptions`].
+//!
+//! Values are checked here where the check needs no model (ranges of sampling parameters, the
+//! device string), so a bad flag is a usage error (exit code 2) before anything loads.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use phi3_core::loader::DType;
+use phi3_core::{Device, GenerateOptions};
+
+/// Run Microsoft Phi-3 models locally.
+///
+/// Models are Hugging Face folders (config.json, *.safetensors, tokenizer.json) or Hugging Face
+/// repo ids such as microsoft/Phi-3-medium-128k-instruct, found in the local Hugging Face cache
+/// or downloaded into it. Without --model a small built-in demo model with random weights is used.
+#[derive(Debug, Parser)]
+#[command(name = "phi3", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// More log output on stderr: -v for info, -vv for debug (RUST_LOG overrides).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a reply to one prompt, streamed to stdout.
+    ///
+    /// The prompt is sent as a user message through the model's chat template, or with --raw as
+    /// plain text to continue. Ctrl-C stops the reply; a second Ctrl-C quits.
+    #[command(after_help = "Examples:
+  phi3 generate \"Write a haiku about Rust\"
+  phi3 generate -m microsoft/Phi-3-mini-4k-instruct -t 0.7 --seed 1 \"Tell me a joke\"
+  phi3 generate --raw -n 32 \"def fibonacci(n):\"")]
+    Generate(GenerateArgs),
+    /// Chat interactively, one user message per line of stdin.
+    ///
+    /// The conversation is kept in one session, so each turn only processes the new message.
+    /// Type /reset to start over and /exit (or Ctrl-D) to quit. Ctrl-C stops the current reply;
+    /// a second Ctrl-C quits. Stdin may be a pipe: each line is one user message.
+    Chat(ChatArgs),
+    /// Show a model's configuration, size and memory needs.
+    Info(InfoArgs),
+    /// Measure load time, prefill and decode speed.
+    Bench(BenchArgs),
+}
+
+/// Which model to load and where.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model folder, or Hugging Face repo id (org/name) looked up in the local HF cache
+    /// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub) and downloaded when
+    /// missing (unless HF_HUB_OFFLINE=1). Default: the built-in demo model (random weights).
+    #[arg(short, long, value_name = "DIR|REPO_ID")]
+    pub model: Option<String>,
+
+    /// Where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.
+    #[arg(short, long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+
+    /// Largest context a session may hold, in tokens (default: the model's maximum).
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_context: Option<u64>,
+}
+
+/// Sampling and stopping flags shared by `generate` and `chat`.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate per reply.
+    #[arg(short = 'n', long, default_value_t = 256, value_name = "N")]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 picks the most likely token every time (greedy).
+    #[arg(short, long, default_value_t = 0.0, value_name = "T", value_parser = non_negative)]
+    pub temperature: f32,
+
+    /// Sample only among the K most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: usize,
+
+    /// Sample only among the most likely tokens whose probabilities add up to P (1 = off).
+    #[arg(long, default_value_t = 1.0, value_name = "P", value_parser = probability_nonzero)]
+    pub top_p: f32,
+
+    /// Drop tokens less likely than M times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0, value_name = "M", value_parser = probability)]
+    pub min_p: f32,
+
+    /// Penalise tokens already in the conversation (HF repetition penalty; 1 = off).
+    #[arg(long, default_value_t = 1.0, value_name = "R", value_parser = positive)]
+    pub repetition_penalty: f32,
+
+    /// Subtract this from the logit of every token generated so far (0 = off).
+    #[arg(long, default_value_t = 0.0, value_name = "X", value_parser = finite)]
+    pub presence_penalty: f32,
+
+    /// Subtract this, per occurrence, from the logit of every token generated so far (0 = off).
+    #[arg(long, default_value_t = 0.0, value_name = "X", value_parser = finite)]
+    pub frequency_penalty: f32,
+
+    /// Random seed: the same seed and input give the same output (default: a fresh one).
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+
+    /// Stop when the reply contains this text (not printed). Repeat for several.
+    #[arg(long, value_name = "STR", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub stop: Vec<String>,
+
+    /// Do not stop at the model's end-of-sequence tokens (only --max-tokens and --stop end a
+    /// reply).
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    /// Send the prompt as plain text to complete, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+
+    /// A system message sent before the prompt (chat template only).
+    #[arg(short, long, value_name = "TEXT", conflicts_with = "raw")]
+    pub system: Option<String>,
+
+    /// Print token counts and speeds to stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// The prompt; "-" reads it from stdin.
+    pub prompt: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    /// A system message that starts the conversation (and every conversation after /reset).
+    #[arg(short, long, value_name = "TEXT")]
+    pub system: Option<String>,
+
+    /// Print token counts and speeds to stderr after each reply.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Context length, in tokens, for the KV-cache memory estimate (default: the model's
+    /// maximum).
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub context: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Prompt length, in tokens, for the prefill measurement.
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub prompt_tokens: u64,
+
+    /// Tokens to decode one at a time after the prompt.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub gen_tokens: u64,
+
+    /// Runs to measure; the median run is reported.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat: u64,
+
+    /// Use random weights of this type instead of the checkpoint's (only config.json is read).
+    #[arg(long, value_name = "DTYPE")]
+    pub dummy_weights: Option<WeightType>,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Element type of `--dummy-weights`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WeightType {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl From<WeightType> for DType {
+    fn from(w: WeightType) -> DType {
+        match w {
+            WeightType::Bf16 => DType::BF16,
+            WeightType::F16 => DType::F16,
+            WeightType::F32 => DType::F32,
+        }
+    }
+}
+
+impl SamplingArgs {
+    /// The phi3-core options these flags describe.
+    pub fn generate_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            stop_token_ids: self.ignore_eos.then(Vec::new),
+            ..GenerateOptions::default()
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse::<Device>().map_err(|e| e.to_string())
+}
+
+fn finite(s: &str) -> Result<f32, String> {
+    let x: f32 = s.parse().map_err(|_| format!("\"{s}\" is not a number"))?;
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(format!("{s} is not a finite number"))
+    }
+}
+
+fn non_negative(s: &str) -> Result<f32, String> {
+    let x = finite(s)?;
+    if x >= 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("{s} is negative"))
+    }
+}
+
+fn positive(s: &str) -> Result<f32, String> {
+    let x = finite(s)?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("{s} must be > 0"))
+    }
+}
+
+fn probability(s: &str) -> Result<f32, String> {
+    let x = finite(s)?;
+    if (0.0..=1.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("{s} is not in [0, 1]"))
+    }
+}
+
+fn probability_nonzero(s: &str) -> Result<f32, String> {
+    let x = probability(s)?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("{s} is not in (0, 1]"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sampling_flags_become_options() {
+        let cli = Cli::try_parse_from([
+            "phi3",
+            "generate",
+            "--max-tokens",
+            "7",
+            "--temperature",
+            "0.5",
+            "--top-k",
+            "40",
+            "--stop",
+            "A",
+            "--stop",
+            "B",
+            "--ignore-eos",
+            "hi",
+        ])
+        .unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        let o = g.sampling.generate_options();
+        assert_eq!((o.max_tokens, o.temperature, o.top_k), (7, 0.5, 40));
+        assert_eq!(o.stop, ["A", "B"]);
+        assert_eq!(o.stop_token_ids, Some(vec![]));
+        assert_eq!(g.prompt, "hi");
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["phi3", "generate", "--max-tokens=-1", "x"][..],
+            &["phi3", "generate", "--temperature", "-1", "x"],
+            &["phi3", "generate", "--top-p", "0", "x"],
+            &["phi3", "generate", "--device", "gpu", "x"],
+            &["phi3", "generate", "--stop", "", "x"],
+            &["phi3", "generate", "--raw", "--system", "s", "x"],
+            &["phi3", "bench", "--dummy-weights", "int4"],
+            &["phi3", "info", "--context", "0"],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+}
