@@ -1,12 +1,9 @@
 //! `phi3 info`: a model's configuration, size and memory needs.
 
-use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use phi3_core::config::RopeScaling;
-use phi3_core::loader::{names, Checkpoint};
 use phi3_core::{Model, ModelConfig};
 
 use crate::cli::InfoArgs;
@@ -113,31 +110,11 @@ fn id_list(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
 }
 
-/// Bytes of the weights the model uses, in their stored types, e.g. "27.9 GiB (BF16)".
+/// Bytes of the weights the model uses, in their stored types, e.g. "27.9 GiB (... bytes, BF16)".
 fn weights_summary(model: &Model) -> String {
-    let Some(dir) = model.path() else {
-        return "unknown (built-in model)".into();
-    };
-    match checkpoint_bytes(dir, model.config()) {
-        Ok((bytes, dtypes)) => format!("{} ({bytes} bytes, {dtypes})", binary(bytes as f64)),
-        Err(e) => format!("unknown ({e})"),
-    }
-}
-
-/// Sum of the sizes of the tensors `config` needs, in their dtype, and the dtypes' names.
-fn checkpoint_bytes(dir: &Path, config: &ModelConfig) -> Result<(u64, String)> {
-    let checkpoint = Checkpoint::open(dir)?;
-    let mut bytes = 0u64;
-    let mut dtypes = BTreeSet::new();
-    for (name, _) in names::expected_tensors(config) {
-        let Some(tensor) = checkpoint.get(&name) else {
-            anyhow::bail!("{name} is missing");
-        };
-        let tensor = tensor?;
-        bytes += (tensor.numel() * tensor.dtype.size()) as u64;
-        dtypes.insert(tensor.dtype.name());
-    }
-    Ok((bytes, dtypes.into_iter().collect::<Vec<_>>().join("+")))
+    let bytes = model.weight_bytes();
+    let dtypes: Vec<&str> = model.weight_dtypes().iter().map(|d| d.name()).collect();
+    format!("{} ({bytes} bytes, {})", binary(bytes as f64), dtypes.join("+"))
 }
 
 /// A count with an SI suffix, e.g. "13.96 B" (parameters).

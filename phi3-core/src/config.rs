@@ -392,9 +392,11 @@ fn parse_rope(raw: &RawConfig, head_dim: usize) -> Result<RopeConfig> {
                 attention_factor,
             }
         }
-        Some(other) => return Err(Error::unsupported(format!(
+        Some(other) => {
+            return Err(Error::unsupported(format!(
             "rope type \"{other}\" is not supported (expected \"longrope\", \"su\" or \"default\")"
-        ))),
+        )))
+        }
     };
     Ok(RopeConfig { theta, rotary_dim, scaling })
 }

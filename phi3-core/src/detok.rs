@@ -75,7 +75,12 @@ impl IncrementalDecoder {
         };
         let (start, read) = dec.window_of(prefix_ids);
         dec.ids = prefix_ids[start..].to_vec();
-        dec.read_offset = read - start;
+        // A prefix ending in a byte run that already decodes to whole characters (e.g. "é"
+        // before skipped special tokens) is prompt text: count it as returned, so the reply never
+        // repeats it. Only a character left incomplete by the prefix is held for the reply.
+        let complete =
+            dec.decode(0, dec.ids.len()).map(|text| !text.ends_with('\u{FFFD}')).unwrap_or(false);
+        dec.read_offset = if complete { dec.ids.len() } else { read - start };
         dec
     }
 

@@ -1,8 +1,9 @@
 //! Generation options and results, stop rules, streaming text and cancellation.
 //!
-//! The loop itself lives in `Session::generate` (session.rs); this file holds what it works with:
+//! The loop itself lives in `stream.rs` (`TokenStream`, driven by `Session::generate`); this file
+//! holds what it works with:
 //! - [`GenerateOptions`]: sampling settings (see `sampler.rs`), limits and stop rules;
-//! - [`StopText`]: holds back streamed text that may be the start of a stop string, so a stop
+//! - `StopText`: holds back streamed text that may be the start of a stop string, so a stop
 //!   string never reaches the host, and cuts the text where one completes;
 //! - [`CancelToken`]: a flag another thread sets; checked between forward passes;
 //! - [`GenerationResult`], [`FinishReason`], [`GenerationStats`].

@@ -56,6 +56,8 @@ struct ModelInner {
     fingerprint: [u8; 32],
     /// Bytes of all weight tensors in their dtype (tied embeddings counted once).
     weight_bytes: u64,
+    /// The distinct dtypes of the weight tensors, in a fixed order.
+    weight_dtypes: Vec<DType>,
 }
 
 /// The engine on whichever backend was chosen at load time.
@@ -126,9 +128,11 @@ impl Model {
                 log::info!("device \"auto\": no CUDA backend in this build, using the CPU");
                 AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights)?)
             }
-            Device::Cuda(n) => return Err(Error::unsupported(format!(
+            Device::Cuda(n) => {
+                return Err(Error::unsupported(format!(
                 "device \"cuda:{n}\": this build has no CUDA backend yet; use \"cpu\" or \"auto\""
-            ))),
+            )))
+            }
         };
         let max_context = match options.max_context {
             Some(0) => return Err(Error::invalid_argument("max_context must be > 0")),
@@ -137,10 +141,15 @@ impl Model {
         };
         let fingerprint = fingerprint(&config, weights);
         let mut weight_bytes = 0u64;
+        let mut weight_dtypes = Vec::new();
         let _ = weights.try_map(|t| {
             weight_bytes += t.bytes().len() as u64;
+            if !weight_dtypes.contains(&t.dtype) {
+                weight_dtypes.push(t.dtype);
+            }
             Ok(())
         });
+        weight_dtypes.sort_by_key(|d| d.name());
         Ok(Model {
             inner: Arc::new(ModelInner {
                 config,
@@ -151,6 +160,7 @@ impl Model {
                 max_context,
                 fingerprint,
                 weight_bytes,
+                weight_dtypes,
             }),
         })
     }
@@ -210,6 +220,11 @@ impl Model {
     /// Bytes of all weight tensors in their storage dtype (what a backend must hold).
     pub fn weight_bytes(&self) -> u64 {
         self.inner.weight_bytes
+    }
+
+    /// The distinct dtypes of the weight tensors (e.g. `[BF16]`).
+    pub fn weight_dtypes(&self) -> &[DType] {
+        &self.inner.weight_dtypes
     }
 
     /// The most tokens any session of this model may hold.

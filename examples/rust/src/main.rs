@@ -17,7 +17,8 @@ fn main() -> Result<(), phi3_core::Error> {
     let mut session = model.session(SessionOptions::default())?;
     let generate = GenerateOptions { max_tokens: 128, ..Default::default() };
     for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| phi3_core::Error::new(phi3_core::ErrorKind::Io, e.to_string()))?;
+        let line =
+            line.map_err(|e| phi3_core::Error::new(phi3_core::ErrorKind::Io, e.to_string()))?;
         if line.trim().is_empty() {
             continue;
         }
