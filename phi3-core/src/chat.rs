@@ -131,6 +131,7 @@ impl ChatTemplate {
     }
 
     /// The tokenizer's own template (`chat_template`) when it has one, else [`Self::phi3_default`].
+    /// Errors: `ModelFormat` when the tokenizer's template does not compile.
     pub fn from_tokenizer(tok: &Tokenizer) -> Result<ChatTemplate> {
         match tok.chat_template() {
             Some(source) => Self::new(source),

@@ -17,35 +17,55 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// Largest dimension we accept from a config: far above any Phi model, far below overflow.
 const MAX_DIM: usize = 1 << 20;
+/// Largest context a config may declare.
+const MAX_POSITIONS: usize = 1 << 24;
 
 /// The model's architecture and generation defaults, normalised from the HF files.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
+    /// Rows of the embedding table and of `lm_head`; may exceed the tokenizer's size (Phi-3:
+    /// 32064 rows, 32011 ids).
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's hidden layer (each of gate and up).
     pub intermediate_size: usize,
+    /// Number of decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads per layer.
     pub num_attention_heads: usize,
+    /// Key/value heads; query heads share them in groups (GQA). Defaults to
+    /// `num_attention_heads` when config.json omits it.
     pub num_key_value_heads: usize,
+    /// Dimensions per head; defaults to `hidden_size / num_attention_heads`.
     pub head_dim: usize,
+    /// Longest sequence the model supports, in tokens: the default and upper bound of a
+    /// session's context.
     pub max_position_embeddings: usize,
+    /// Epsilon added to the mean square in every RMSNorm (default 1e-5).
     pub rms_norm_eps: f64,
     /// Keys at distance >= this from the query are masked (HF `sliding_window`); `None`: full causal.
     pub sliding_window: Option<usize>,
+    /// The logits reuse `embed_tokens`; the checkpoint then has no `lm_head.weight`.
     pub tie_word_embeddings: bool,
+    /// Rotary embedding parameters, normalised from either config format.
     pub rope: RopeConfig,
+    /// Beginning-of-sequence id from config.json, else generation_config.json.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence ids from config.json, then generation_config.json (deduplicated).
     pub eos_token_ids: Vec<u32>,
+    /// Padding id from config.json, else generation_config.json.
     pub pad_token_id: Option<u32>,
 }
 
 /// Rotary embedding parameters, whichever config format they came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeConfig {
+    /// Base of the rotary frequencies (HF `rope_theta`, default 10000).
     pub theta: f64,
     /// Number of leading dimensions of each head that rotate (`head_dim * partial_rotary_factor`).
     pub rotary_dim: usize,
+    /// Frequency scaling: none, or LongRoPE.
     pub scaling: RopeScaling,
 }
 
@@ -57,9 +77,14 @@ pub enum RopeScaling {
     /// LongRoPE (HF "longrope", formerly "su"): per-frequency factors, short up to
     /// `original_max_position_embeddings` tokens and long beyond, cos/sin scaled by `attention_factor`.
     LongRope {
+        /// Divisors of the inverse frequencies up to the threshold, `[rotary_dim / 2]`.
         short_factor: Vec<f64>,
+        /// Divisors of the inverse frequencies past the threshold, `[rotary_dim / 2]`.
         long_factor: Vec<f64>,
+        /// The threshold: a sequence longer than this many tokens uses `long_factor`.
         original_max_position_embeddings: usize,
+        /// Multiplies cos and sin. When config.json omits it: `sqrt(1 + ln(max / original_max)
+        /// / ln(original_max))`, or 1 when `max <= original_max` (HF's Phi-3 default).
         attention_factor: f64,
     },
 }
@@ -116,6 +141,9 @@ struct RawGenerationConfig {
 
 impl ModelConfig {
     /// Read `config.json` and, when present, `generation_config.json` from a model folder.
+    ///
+    /// Errors: `Io` when a file cannot be read (config.json missing included); otherwise those
+    /// of [`ModelConfig::from_json`], the message prefixed with the file's path.
     pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -129,6 +157,11 @@ impl ModelConfig {
     }
 
     /// Parse and validate the text of a config.json.
+    ///
+    /// Errors: `ModelFormat` for invalid JSON, a missing or mistyped field (named by its path),
+    /// a negative token id or a failed [`ModelConfig::validate`]; `Unsupported` for a
+    /// `model_type` other than "phi3", a `hidden_act` other than "silu", `attention_bias = true`
+    /// or a rope type other than "default", "su" or "longrope".
     pub fn from_json(text: &str) -> Result<ModelConfig> {
         let raw: RawConfig = parse_json(text)?;
         let config = Self::from_raw(raw)?;
@@ -196,6 +229,12 @@ impl ModelConfig {
     }
 
     /// Check every invariant the loader and the forward pass rely on.
+    ///
+    /// Errors: `ModelFormat` naming the first field that breaks one: a layer dimension of 0 or
+    /// above 2^20, `max_position_embeddings = 0`, heads not a multiple of KV heads, an odd
+    /// `head_dim`, `sliding_window = 0`, an epsilon or LongRoPE value that is not finite and > 0,
+    /// a theta not finite and > 1, a rotary dimension that is 0, odd or above `head_dim`, or
+    /// LongRoPE factor lists whose length is not `rotary_dim / 2`.
     pub fn validate(&self) -> Result<()> {
         let dims = [
             ("vocab_size", self.vocab_size),
@@ -213,8 +252,13 @@ impl ModelConfig {
                 )));
             }
         }
-        if self.max_position_embeddings == 0 {
-            return Err(Error::model_format("max_position_embeddings must be > 0"));
+        // 16M positions is 128x Phi-3's 128k; the bound keeps every size derived from a context
+        // length (KV caches, session files) far from overflow.
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
+            return Err(Error::model_format(format!(
+                "max_position_embeddings = {} out of range [1, {MAX_POSITIONS}]",
+                self.max_position_embeddings
+            )));
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(Error::model_format(format!(

@@ -316,6 +316,9 @@ fn pretty(v: &Value) -> String {
 /// The demo model: [`demo_config_json`], random bf16 weights from [`DEMO_SEED`] and the demo
 /// tokenizer. `options.dummy_weights`, when set, picks another dtype and seed. Loads in a few
 /// milliseconds; nothing is read from disk.
+///
+/// Errors: those of [`Model::from_parts`] for `options`: `Unsupported` for a CUDA device,
+/// `InvalidArgument` for `max_context = Some(0)`.
 pub fn demo_model(options: &LoadOptions) -> Result<Model> {
     let config = ModelConfig::from_json(&demo_config_json())?;
     let DummyWeights { dtype, seed } =

@@ -87,6 +87,7 @@ impl IncrementalDecoder {
     /// Add one generated id; returns the text it completes (empty while a character's bytes, or
     /// the context a decoder needs, are still incomplete). An id outside the vocabulary is a
     /// `TokenOutOfRange` error naming its position among the pushed ids; the state is unchanged.
+    /// A failure inside the `tokenizers` crate's decode is `Internal`.
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.tokenizer.check_id(self.pushed, id)?;
         self.pushed += 1;

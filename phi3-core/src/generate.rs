@@ -82,6 +82,9 @@ impl GenerateOptions {
     }
 
     /// Check every field against a model with `vocab` token ids.
+    ///
+    /// Errors: `InvalidArgument` naming the first bad field: a sampling value out of range (see
+    /// [`SamplerOptions::validate`]), an empty stop string, or a stop token id `>= vocab`.
     pub fn validate(&self, vocab: usize) -> Result<()> {
         self.sampler_options().validate(vocab)?;
         if let Some(i) = self.stop.iter().position(String::is_empty) {
@@ -136,6 +139,7 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     /// From the call to the first sampled token (includes the prefill of pending tokens).
     pub time_to_first_token: Duration,
+    /// `prompt_tokens` over the time from the call until they were prefilled (0 when none).
     pub prefill_tokens_per_s: f64,
     /// Decode steps after the first token, per second.
     pub decode_tokens_per_s: f64,
@@ -148,7 +152,9 @@ pub struct GenerationResult {
     pub text: String,
     /// Tokens sampled, the stop token included; all of them are in the session.
     pub tokens: Vec<u32>,
+    /// Why generation ended.
     pub finish_reason: FinishReason,
+    /// Token counts and speeds of this call.
     pub stats: GenerationStats,
 }
 

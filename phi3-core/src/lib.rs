@@ -18,6 +18,8 @@
 //! # Ok::<(), phi3_core::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod chat;
 pub mod config;

@@ -35,7 +35,9 @@ pub struct LoadOptions {
 /// Random weights instead of the checkpoint's: only config.json (and the tokenizer) are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DummyWeights {
+    /// Element type of every weight tensor.
     pub dtype: DType,
+    /// Seed of the generator; the same seed and config give the same weights.
     pub seed: u64,
 }
 
@@ -83,10 +85,12 @@ impl Model {
     /// Load a Hugging Face model folder: config.json (+ generation_config.json), the safetensors
     /// (single or sharded, memory-mapped, validated before any compute), tokenizer.json and
     /// tokenizer_config.json when present. Costs a few milliseconds of header parsing on the CPU
-    /// backend (weights are read lazily through the map).
+    /// backend (weights are read lazily through the map); with `dummy_weights`, generating every
+    /// weight in memory instead.
     ///
-    /// Errors: `Io` (missing files), `ModelFormat` (config, header, index, tensor name/shape/dtype),
-    /// `Unsupported` (model type, rope type, device).
+    /// Errors: `Io` (missing folder or files), `ModelFormat` (config, header, index, tensor
+    /// name/shape/dtype, tokenizer files, chat template), `Unsupported` (model type, rope type,
+    /// device), `InvalidArgument` (`max_context = Some(0)`).
     pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Model> {
         let dir = path.as_ref();
         if !dir.is_dir() {
@@ -110,6 +114,12 @@ impl Model {
     }
 
     /// A model from a config and weights already in memory (the demo model, tests, benchmarks).
+    /// `weights` must have the shapes `config` implies ([`loader::load`] and [`loader::dummy`]
+    /// guarantee it); they are not re-checked here.
+    ///
+    /// Errors: `ModelFormat` when `config` fails [`ModelConfig::validate`] or the tokenizer's chat
+    /// template does not compile, `Unsupported` for a CUDA device, `InvalidArgument` for
+    /// `max_context = Some(0)`, and the backend's errors while taking the weights.
     pub fn from_parts(
         config: ModelConfig,
         weights: &ModelWeights<HostTensor>,
@@ -184,6 +194,9 @@ impl Model {
 
     /// Token ids of a conversation, equal to transformers'
     /// `apply_chat_template(messages, add_generation_prompt, tokenize=True)`.
+    ///
+    /// Errors: `Unsupported` without a tokenizer, and those of [`ChatTemplate::render`]
+    /// (`InvalidArgument` when the template rejects the messages, `ModelFormat` when it fails).
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
@@ -253,6 +266,9 @@ impl Model {
     }
 
     /// A new, empty session. Cheap: KV memory is allocated as the session grows.
+    ///
+    /// Errors: `InvalidArgument` for `max_context = Some(0)` (a larger one is capped at
+    /// [`Model::max_context`]).
     pub fn session(&self, options: SessionOptions) -> Result<Session> {
         Session::new(self.clone(), options)
     }

@@ -48,8 +48,10 @@ pub struct Rope {
 pub struct RopeBatch {
     /// Half the rotary dimension: the number of distinct frequencies.
     pub half: usize,
-    pub cos: Vec<f32>, // [n_tokens, half], attention factor included
-    pub sin: Vec<f32>, // [n_tokens, half], attention factor included
+    /// Cosines of every token's angles, `[n_tokens, half]`, attention factor included.
+    pub cos: Vec<f32>,
+    /// Sines of every token's angles, `[n_tokens, half]`, attention factor included.
+    pub sin: Vec<f32>,
 }
 
 impl RopeTables {

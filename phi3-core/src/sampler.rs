@@ -82,7 +82,9 @@ impl Default for SamplerOptions {
 }
 
 impl SamplerOptions {
-    /// Check every field for a model with `vocab` token ids. The error names the field and value.
+    /// Check every field for a model with `vocab` token ids. Errors: `InvalidArgument` naming
+    /// the first bad field and its value (a NaN or out-of-range number, a `logit_bias` id
+    /// `>= vocab`).
     pub fn validate(&self, vocab: usize) -> Result<()> {
         fn bad(field: &str, value: f32, rule: &str) -> Error {
             Error::invalid_argument(format!("{field} = {value}: {rule}"))

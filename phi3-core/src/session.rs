@@ -96,10 +96,15 @@ impl Session {
     pub fn append_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.cancel.reset();
         let old_len = self.tokens.len();
+        let old_logits = self.last_logits.clone();
         self.push_tokens(tokens)?;
         if let Err(e) = self.sync() {
             self.tokens.truncate(old_len);
             self.kv.truncate(old_len);
+            // The logits of the old last token are still right only if its cache entry is.
+            if self.kv.len() == old_len {
+                self.last_logits = old_logits;
+            }
             return Err(e);
         }
         Ok(self.last_logits.clone())
@@ -107,6 +112,9 @@ impl Session {
 
     /// Tokenize `text` and add it to the history (the forward pass runs later). A BOS token is
     /// added when the session is empty and the tokenizer adds one, as HF `tokenizer(text)` does.
+    ///
+    /// Errors (session unchanged): `Unsupported` without a tokenizer, `InvalidArgument` when
+    /// `text` encodes to no tokens, `ContextFull` past the session's max context.
     pub fn append_text(&mut self, text: &str) -> Result<()> {
         let ids = self.model.tokenizer()?.encode(text, self.tokens.is_empty())?;
         self.push_tokens(&ids)?;
@@ -120,8 +128,10 @@ impl Session {
     /// messages so far; the next `generate` first adds the assistant prompt (as
     /// `add_generation_prompt=True` renders it) when the last message is not the assistant's.
     ///
-    /// Errors: `InvalidArgument` for a role the template rejects, `Unsupported` for a template
-    /// whose output for a longer conversation does not extend that of the shorter one.
+    /// Errors (session unchanged): `InvalidArgument` for a role the template rejects,
+    /// `ModelFormat` when rendering fails otherwise, `Unsupported` without a tokenizer or for a
+    /// template whose output for a longer conversation does not extend that of the shorter one,
+    /// `ContextFull` past the session's max context.
     pub fn append_message(&mut self, role: &str, content: &str) -> Result<()> {
         let message = ChatMessage::new(role, content);
         let mut all = self.messages.clone();
@@ -135,8 +145,11 @@ impl Session {
         Ok(())
     }
 
-    /// Logits after the last token (`[vocab]`), running the model over pending tokens first.
-    /// Errors with `InvalidArgument` on an empty session.
+    /// Logits after the last token (`[vocab]`), running the model over pending tokens first
+    /// (one forward pass per [`PREFILL_CHUNK`] of them; the whole history when its length
+    /// crossed LongRoPE's threshold since the cache was filled).
+    /// Errors: `InvalidArgument` on an empty session; `Cancelled` or a backend error during the
+    /// prefill, after which the tokens not yet run stay pending.
     pub fn logits(&mut self) -> Result<&[f32]> {
         self.cancel.reset();
         self.sync()?;
@@ -153,7 +166,10 @@ impl Session {
     /// concatenated texts equal `GenerationResult::text`.
     /// Every sampled token stays in the session, also when generation is cancelled (the
     /// session stays usable). Errors: `InvalidArgument` for bad options or an empty session,
-    /// `Cancelled` (tokens of completed steps are kept), `Unsupported` without a tokenizer.
+    /// `Cancelled` (tokens of completed steps are kept), `Unsupported` without a tokenizer,
+    /// `ContextFull` when the chat's assistant prompt does not fit, the chat template's errors
+    /// (see [`Session::append_message`]), backend errors during the prefill, and the stream's
+    /// item errors (see [`TokenStream`]).
     pub fn generate(
         &mut self,
         options: &GenerateOptions,
@@ -170,7 +186,8 @@ impl Session {
     }
 
     /// Generation as an iterator of [`crate::StreamChunk`]s (the same steps as [`Session::generate`]):
-    /// pending tokens are prefilled here, then each `next()` samples one token.
+    /// pending tokens are prefilled here, then each `next()` samples one token. Errors: those
+    /// [`Session::generate`] reports before its first token.
     pub fn stream(&mut self, options: &GenerateOptions) -> Result<TokenStream<'_>> {
         TokenStream::start(self, options)
     }
@@ -205,8 +222,10 @@ impl Session {
         (!self.last_logits.is_empty()).then_some(&self.last_logits[..])
     }
 
-    /// Keep the first `n_tokens` tokens (a rewind). Free: no KV data moves. Chat messages
-    /// recorded for the template are forgotten.
+    /// Keep the first `n_tokens` tokens (a rewind). Free: no KV data moves; the next call that
+    /// needs logits reruns the last kept token (or the whole history when the rewind crosses
+    /// LongRoPE's threshold). When tokens are dropped, the chat messages recorded for the
+    /// template are forgotten.
     /// Errors with `InvalidArgument` when `n_tokens` exceeds the session's length.
     pub fn truncate(&mut self, n_tokens: usize) -> Result<()> {
         if n_tokens > self.tokens.len() {
@@ -236,6 +255,7 @@ impl Session {
 
     /// An independent copy: same tokens, cache and random state; later changes to either do not
     /// affect the other. Costs a copy of the KV cache.
+    /// Errors: `OutOfMemory` when the copy cannot be allocated.
     pub fn fork(&self) -> Result<Session> {
         Ok(Session {
             model: self.model.clone(),
@@ -254,6 +274,9 @@ impl Session {
     /// `path` in phi3's versioned session format. The file is written beside `path` and renamed
     /// into place, so a failed save leaves any previous file intact. Costs about
     /// `n_layers * 2 * kv_dim * 4` bytes per cached token.
+    ///
+    /// Errors: `Io` when the file cannot be written or renamed into place, `InvalidArgument`
+    /// when `path` has no file name, and the backend's errors reading the cache.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let state = SessionState {
             tokens: self.tokens.clone(),
@@ -270,8 +293,13 @@ impl Session {
     }
 
     /// Read a session saved by [`Session::save`] from the same model; it continues exactly as
-    /// the original would have. Errors: `Io`, `ModelFormat` (truncated or corrupted file),
-    /// `Unsupported` (a newer format version), `InvalidArgument` (saved from a different model).
+    /// the original would have. Reads the whole file and allocates its KV cache.
+    ///
+    /// Errors: `Io` when the file cannot be read; `ModelFormat` for a truncated, corrupted or
+    /// inconsistent file, including sizes that do not fit this model (e.g. a max context above
+    /// [`Model::max_context`]); `Unsupported` for another format version; `InvalidArgument` when
+    /// it was saved from a different model or holds an invalid RNG state; `TokenOutOfRange` for
+    /// a token outside the vocabulary; `OutOfMemory` when the cache cannot be allocated.
     pub fn load(model: &Model, path: impl AsRef<Path>) -> Result<Session> {
         let state = session_file::load(model, path.as_ref())?;
         let kv = model.kv_from_host(state.kv_tokens, state.regime, &state.kv)?;
@@ -420,6 +448,17 @@ impl Session {
             return Ok(Vec::new());
         }
         tokenizer.encode(delta, false)
+    }
+
+    /// Remove an assistant prompt added by `add_generation_prompt` when the generation that
+    /// added it failed before sampling: back to `len` tokens, the prompt still owed.
+    pub(crate) fn undo_generation_prompt(&mut self, len: usize) {
+        if self.tokens.len() > len {
+            self.tokens.truncate(len);
+            self.kv.truncate(len);
+            self.last_logits.clear();
+            self.needs_generation_prompt = true;
+        }
     }
 
     /// Before generating a chat reply: append the assistant prompt if the template has one.

@@ -187,13 +187,21 @@ pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
         return Err(format_err(path, "session header sizes do not fit this model"));
     }
     let logits_len = if header.has_logits { header.vocab } else { 0 };
-    let kv_len = header.n_layers * 2 * header.kv_tokens * header.kv_dim;
-    // Sizes are bounded by the model's limits above, so these products cannot overflow u64.
-    let expected = 16
-        + u64::from(header_len)
-        + 4 * header.n_tokens as u64
-        + 4 * (logits_len + kv_len) as u64
-        + 32;
+    // Every factor is bounded by the checks above (dims <= 2^20, tokens <= 2^24), yet checked
+    // arithmetic keeps a hostile header from wrapping on any platform.
+    let sizes = || -> Option<(usize, u64)> {
+        let kv_len = header
+            .n_layers
+            .checked_mul(2)?
+            .checked_mul(header.kv_tokens)?
+            .checked_mul(header.kv_dim)?;
+        let words = header.n_tokens.checked_add(logits_len)?.checked_add(kv_len)?;
+        let expected = u64::try_from(words).ok()?.checked_mul(4)?.checked_add(16 + 32)?;
+        Some((kv_len, expected.checked_add(u64::from(header_len))?))
+    };
+    let Some((kv_len, expected)) = sizes() else {
+        return Err(format_err(path, "session header sizes overflow"));
+    };
     if expected != file_len {
         return Err(format_err(
             path,

@@ -28,7 +28,11 @@ pub struct StreamChunk {
 }
 
 /// A generation in progress. Iterate to get [`StreamChunk`]s; the iterator ends when generation
-/// finishes (see [`TokenStream::finish_reason`]). Errors end the stream after being yielded once.
+/// finishes (see [`TokenStream::finish_reason`]). Errors end the stream after being yielded once:
+/// a backend error from the forward pass after a token (the token stays in the session, its
+/// forward pass pending), `Internal` when no token can be sampled, or `TokenOutOfRange` when the
+/// sampled id is one the tokenizer cannot decode (a gap in its ids). Cancellation is not an item
+/// error: it ends the stream with [`FinishReason::Cancelled`].
 /// Dropping it early leaves the session valid, holding every token sampled so far.
 pub struct TokenStream<'s> {
     session: &'s mut Session,
@@ -47,6 +51,8 @@ pub struct TokenStream<'s> {
     finish: Option<FinishReason>,
     /// True once the final (token-less) chunk was produced or the stream failed.
     done: bool,
+    /// Kind and message of an error a step returned (so `into_result` reports it too).
+    failed: Option<(ErrorKind, String)>,
 }
 
 impl<'s> TokenStream<'s> {
@@ -64,9 +70,15 @@ impl<'s> TokenStream<'s> {
         if let Some(seed) = options.seed {
             session.reseed(seed);
         }
+        let before_prompt = session.len();
         session.add_generation_prompt()?;
         let prompt_tokens = session.pending();
-        session.sync()?;
+        if let Err(e) = session.sync() {
+            // The assistant prompt was this call's addition: take it back. (Pending tokens from
+            // earlier appends stay pending, as the host appended them.)
+            session.undo_generation_prompt(before_prompt);
+            return Err(e);
+        }
         let detok = IncrementalDecoder::with_prefix(
             tokenizer,
             options.skip_special_tokens,
@@ -87,6 +99,7 @@ impl<'s> TokenStream<'s> {
             first_token_at: None,
             finish: None,
             done: false,
+            failed: None,
             session,
         })
     }
@@ -102,13 +115,17 @@ impl<'s> TokenStream<'s> {
         self.finish.get_or_insert(reason);
     }
 
-    /// The result so far (complete once the stream has ended). A cancelled generation is an
-    /// error of kind `Cancelled`; its tokens stay in the session.
+    /// Run the stream to its end and return the result. A cancelled generation is an error of
+    /// kind `Cancelled`; its tokens stay in the session. A step that failed (now or in an
+    /// earlier `next()`) makes this an error of the same kind and message.
     pub fn into_result(mut self) -> Result<GenerationResult> {
         while !self.done {
             if let Some(Err(e)) = self.next() {
                 return Err(e);
             }
+        }
+        if let Some((kind, message)) = self.failed.take() {
+            return Err(Error::new(kind, message));
         }
         let finish = self.finish.unwrap_or(FinishReason::Length);
         if finish == FinishReason::Cancelled {
@@ -209,6 +226,7 @@ impl Iterator for TokenStream<'_> {
                 Ok(None) => {}
                 Err(e) => {
                     self.done = true;
+                    self.failed = Some((e.kind(), e.message().to_string()));
                     return Some(Err(e));
                 }
             }

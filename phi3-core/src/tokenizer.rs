@@ -83,6 +83,10 @@ impl Tokenizer {
     ///
     /// `chat_template.jinja` (how recent transformers saves templates) wins over the
     /// `chat_template` field of `tokenizer_config.json`, as in transformers.
+    ///
+    /// Errors: `Io` when `tokenizer.json` is missing or any of the files cannot be read;
+    /// `ModelFormat` for invalid JSON, a file the `tokenizers` crate rejects, a mistyped field,
+    /// a BOS/EOS token missing from the vocabulary, or a `chat_template.jinja` that is not UTF-8.
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let json_path = dir.join("tokenizer.json");
         let json = read_file(&json_path)?;
@@ -107,6 +111,8 @@ impl Tokenizer {
     }
 
     /// Load from explicit files: `tokenizer.json` and optionally `tokenizer_config.json`.
+    ///
+    /// Errors: `Io` when a given file cannot be read; otherwise as [`Tokenizer::from_dir`].
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Tokenizer> {
         let json = read_file(tokenizer_json)?;
         let config = match tokenizer_config {
@@ -122,8 +128,8 @@ impl Tokenizer {
     }
 
     /// Load from the contents of `tokenizer.json` and optionally `tokenizer_config.json`
-    /// (for models built in memory and for tests). Errors name the files as
-    /// `tokenizer.json` / `tokenizer_config.json`.
+    /// (for models built in memory and for tests). Errors (`ModelFormat`, as
+    /// [`Tokenizer::from_dir`]) name the files as `tokenizer.json` / `tokenizer_config.json`.
     pub fn from_bytes(
         tokenizer_json: &[u8],
         tokenizer_config_json: Option<&[u8]>,
@@ -140,6 +146,7 @@ impl Tokenizer {
     /// Token ids of `text`, equal to transformers' `tokenizer(text, add_special_tokens=...)`.
     /// With `add_special_tokens` the post-processor adds BOS (Phi-3: `<s>` = 1).
     /// Special-token text inside `text` (e.g. `"<|user|>"`) becomes the special token.
+    /// Errors: `Internal` when the `tokenizers` crate fails to encode.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
@@ -150,7 +157,8 @@ impl Tokenizer {
     }
 
     /// Text of `ids`, equal to transformers' `tokenizer.decode(ids, skip_special_tokens=...)`.
-    /// An id outside the vocabulary is a `TokenOutOfRange` error naming its index.
+    /// An id outside the vocabulary is a `TokenOutOfRange` error naming its index; a failure
+    /// inside the `tokenizers` crate is `Internal`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.check_ids(ids)?;
         self.decode_unchecked(ids, skip_special_tokens)

@@ -289,3 +289,69 @@ fn streaming_holds_back_split_characters() {
     let full = tok.decode(s.tokens(), true).unwrap();
     assert_eq!(full.strip_prefix(&tok.decode(prompt, true).unwrap()).unwrap(), r.text);
 }
+
+#[test]
+fn stream_iterator_yields_the_same_as_generate() {
+    let model = model();
+    let base = prompted(&model, "Stream it");
+    let o = no_stop_tokens(GenerateOptions { max_tokens: 15, ..Default::default() });
+    let (generated, chunks) = run(&mut base.fork().unwrap(), &o);
+    let generated = generated.unwrap();
+
+    let mut s = base.fork().unwrap();
+    let mut stream = s.stream(&o).unwrap();
+    let mut texts = Vec::new();
+    let mut tokens = Vec::new();
+    for chunk in stream.by_ref() {
+        let chunk = chunk.unwrap();
+        texts.push(chunk.text);
+        tokens.extend(chunk.token);
+    }
+    assert_eq!(stream.finish_reason(), Some(FinishReason::Length));
+    let result = stream.into_result().unwrap();
+    assert_eq!(texts, chunks);
+    assert_eq!(tokens, generated.tokens);
+    assert_eq!(result.tokens, generated.tokens);
+    assert_eq!(result.text, generated.text);
+
+    // Dropping a stream early keeps the session valid with the tokens sampled so far.
+    let mut s = base.fork().unwrap();
+    let taken: Vec<_> = s.stream(&o).unwrap().take(4).collect();
+    assert_eq!(taken.len(), 4);
+    let next = run(&mut s, &GenerateOptions { max_tokens: 11, ..o }).0.unwrap();
+    assert_eq!([&generated.tokens[..4], &next.tokens[..]].concat(), generated.tokens);
+}
+
+#[test]
+fn model_and_session_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Model>();
+    send::<Session>();
+    send_sync::<phi3_core::CancelToken>();
+}
+
+#[test]
+fn failed_generate_takes_back_its_assistant_prompt() {
+    let model = model();
+    let per_word =
+        model.tokenizer().unwrap().encode(&"word ".repeat(100), false).unwrap().len() / 100;
+    let text = "word ".repeat(3000 / per_word.max(1));
+    let mut s = model.session(SessionOptions::default()).unwrap();
+    s.append_message("user", &text).unwrap();
+    let len = s.len();
+    let cancel = s.cancel_token();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        cancel.cancel();
+    });
+    let err =
+        s.generate(&GenerateOptions::default(), |_, _| ControlFlow::Continue(())).unwrap_err();
+    canceller.join().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Cancelled);
+    assert_eq!(s.len(), len, "the assistant prompt added by generate is taken back");
+    // A later generate adds it again: the prompt equals the template's.
+    let r = run(&mut s, &GenerateOptions { max_tokens: 2, ..Default::default() }).0.unwrap();
+    let prompt = model.apply_chat_template(&[ChatMessage::new("user", &text)], true).unwrap();
+    assert_eq!(s.tokens(), &[prompt, r.tokens].concat()[..]);
+}

@@ -22,8 +22,11 @@ use crate::rope::RopeBatch;
 /// Shape of one sequence's KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
+    /// Decoder layers, each with its own keys and values.
     pub n_layers: usize,
+    /// Key/value heads per layer.
     pub n_kv_heads: usize,
+    /// Dimensions per head.
     pub head_dim: usize,
 }
 
@@ -31,16 +34,22 @@ pub struct KvLayout {
 /// `pos0..pos0 + len`. Its KV cache holds `pos0` tokens before the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SeqSpan {
+    /// First activation row of this sequence.
     pub row: usize,
+    /// Number of new tokens (rows); at least 1.
     pub len: usize,
+    /// Position of the first new token: the number of tokens already cached.
     pub pos0: usize,
 }
 
 /// Attention geometry, fixed per model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnParams {
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads; each serves `n_heads / n_kv_heads` query heads (GQA).
     pub n_kv_heads: usize,
+    /// Dimensions per head.
     pub head_dim: usize,
     /// Leading dimensions of each head that rotate.
     pub rotary_dim: usize,
@@ -51,6 +60,10 @@ pub struct AttnParams {
 }
 
 /// A compute backend. Implementations: [`cpu::CpuBackend`] (the reference), CUDA (later).
+///
+/// Failures: `OutOfMemory` when host or device memory runs out, `Device` when a device fails,
+/// `Internal` for inputs that break the caller's contract (e.g. the CPU backend's `upload` of a
+/// tensor that is neither 1-D nor 2-D, or `kv_from_host` data of the wrong length).
 pub trait Backend: Send + Sync + 'static {
     /// Activations: f32 rows (one per token) of a fixed width.
     type Act: Send + Sync;
@@ -130,13 +143,17 @@ pub trait Backend: Send + Sync + 'static {
     fn to_host(&self, x: &Self::Act) -> Result<Vec<f32>>;
 }
 
-/// Where a model runs, as hosts spell it: "auto", "cpu", "cuda" or "cuda:N".
+/// Where a model runs, as hosts spell it: "auto", "cpu", "cuda" or "cuda:N". Parsing
+/// (`str::parse`) trims surrounding whitespace and fails with `InvalidArgument` on any other
+/// string.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
     /// CUDA when a usable device exists, else the CPU.
     #[default]
     Auto,
+    /// The CPU reference backend.
     Cpu,
+    /// CUDA device `N` (`"cuda"` is device 0).
     Cuda(usize),
 }
 

@@ -19,26 +19,39 @@ use crate::error::{Error, Result};
 /// The tensors of one decoder layer, generic over where they live (host map or backend buffer).
 #[derive(Clone, Debug)]
 pub struct LayerWeights<W> {
-    pub input_layernorm: W,          // [hidden]
-    pub qkv_proj: W,                 // [q_dim + 2 * kv_dim, hidden]
-    pub o_proj: W,                   // [hidden, q_dim]
-    pub post_attention_layernorm: W, // [hidden]
-    pub gate_up_proj: W,             // [2 * intermediate, hidden]: gate rows first, then up
-    pub down_proj: W,                // [hidden, intermediate]
+    /// RMSNorm weight before attention, `[hidden]`.
+    pub input_layernorm: W,
+    /// Fused query, key and value projection, `[q_dim + 2 * kv_dim, hidden]`: q rows, then k,
+    /// then v.
+    pub qkv_proj: W,
+    /// Attention output projection, `[hidden, q_dim]`.
+    pub o_proj: W,
+    /// RMSNorm weight before the MLP, `[hidden]`.
+    pub post_attention_layernorm: W,
+    /// Fused gate and up projection, `[2 * intermediate, hidden]`: gate rows first, then up.
+    pub gate_up_proj: W,
+    /// MLP output projection, `[hidden, intermediate]`.
+    pub down_proj: W,
 }
 
 /// All tensors of a Phi3ForCausalLM.
 #[derive(Clone, Debug)]
 pub struct ModelWeights<W> {
-    pub embed_tokens: W,              // [vocab, hidden]
-    pub layers: Vec<LayerWeights<W>>, // num_hidden_layers
-    pub norm: W,                      // [hidden]
-    /// `None` when the embeddings are tied: the logits then use `embed_tokens`.
-    pub lm_head: Option<W>, // [vocab, hidden]
+    /// Token embeddings, `[vocab, hidden]`.
+    pub embed_tokens: W,
+    /// The decoder layers, `num_hidden_layers` of them, in order.
+    pub layers: Vec<LayerWeights<W>>,
+    /// Final RMSNorm weight, `[hidden]`.
+    pub norm: W,
+    /// Output projection to the logits, `[vocab, hidden]`; `None` when the embeddings are tied:
+    /// the logits then use `embed_tokens`.
+    pub lm_head: Option<W>,
 }
 
 impl<W> ModelWeights<W> {
     /// Convert every tensor with `f` (e.g. upload to a backend), in load order, stopping at the first error.
+    ///
+    /// Errors: the first error `f` returns, unchanged.
     pub fn try_map<V>(&self, mut f: impl FnMut(&W) -> Result<V>) -> Result<ModelWeights<V>> {
         let embed_tokens = f(&self.embed_tokens)?;
         let layers = self
@@ -66,7 +79,13 @@ impl<W> ModelWeights<W> {
     }
 }
 
-/// Open the safetensors of `dir` and check every tensor `config` needs.
+/// Open the safetensors of `dir` and check every tensor `config` needs. Cheap: only headers are
+/// parsed; tensor data stays memory-mapped and unread.
+///
+/// Errors: `Io` when the folder has neither `model.safetensors` nor
+/// `model.safetensors.index.json`, or a file cannot be opened or mapped; `ModelFormat` for an
+/// invalid header or index, a shard name outside the folder, or a tensor that is missing, has
+/// the wrong shape or an unsupported dtype (each message names the file and the tensor).
 pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights<HostTensor>> {
     let checkpoint = Checkpoint::open(dir)?;
     let take = |name: &str, shape: &[usize]| -> Result<HostTensor> {
@@ -114,8 +133,12 @@ fn assemble(config: &ModelConfig, tensors: Vec<HostTensor>) -> Result<ModelWeigh
     Ok(ModelWeights { embed_tokens, layers, norm, lm_head })
 }
 
-/// Deterministic random weights for `config` in `dtype`: uniform in ±`scale / sqrt(fan_in)` for
+/// Deterministic random weights for `config` in `dtype`: uniform in ±`1 / sqrt(fan_in)` for
 /// matrices, 1 ± 0.1 for norm weights, ±1 for embeddings. Same seed, same weights.
+///
+/// Costs one pass over every parameter and holds all of them in memory
+/// ([`ModelConfig::parameter_count`] x `dtype.size()` bytes). Errors with `OutOfMemory` when a
+/// tensor's buffer cannot be allocated.
 pub fn dummy(config: &ModelConfig, dtype: DType, seed: u64) -> Result<ModelWeights<HostTensor>> {
     let mut rng = SplitMix64(seed);
     let mut tensors = Vec::new();
@@ -128,7 +151,13 @@ pub fn dummy(config: &ModelConfig, dtype: DType, seed: u64) -> Result<ModelWeigh
         } else {
             (0.0, 1.0 / (shape[1] as f32).sqrt())
         };
-        let mut bytes = Vec::with_capacity(n * dtype.size());
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(n * dtype.size()).map_err(|_| {
+            Error::new(
+                crate::ErrorKind::OutOfMemory,
+                format!("{name}: cannot allocate {} bytes of dummy weights", n * dtype.size()),
+            )
+        })?;
         for _ in 0..n {
             let x = center + half_width * rng.next_signed_unit();
             match dtype {

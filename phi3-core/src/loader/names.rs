@@ -5,8 +5,11 @@
 
 use crate::config::ModelConfig;
 
+/// Token embeddings, `[vocab, hidden]`.
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+/// Final RMSNorm weight, `[hidden]`.
 pub const FINAL_NORM: &str = "model.norm.weight";
+/// Output projection, `[vocab, hidden]`; absent when the embeddings are tied.
 pub const LM_HEAD: &str = "lm_head.weight";
 
 /// Prefix of layer `i`'s tensors.
@@ -14,21 +17,27 @@ fn layer(i: usize) -> String {
     format!("model.layers.{i}")
 }
 
+/// Layer `i`'s RMSNorm weight before attention, `[hidden]`.
 pub fn input_layernorm(i: usize) -> String {
     format!("{}.input_layernorm.weight", layer(i))
 }
+/// Layer `i`'s fused query/key/value projection, `[q_dim + 2 * kv_dim, hidden]`.
 pub fn qkv_proj(i: usize) -> String {
     format!("{}.self_attn.qkv_proj.weight", layer(i))
 }
+/// Layer `i`'s attention output projection, `[hidden, q_dim]`.
 pub fn o_proj(i: usize) -> String {
     format!("{}.self_attn.o_proj.weight", layer(i))
 }
+/// Layer `i`'s RMSNorm weight before the MLP, `[hidden]`.
 pub fn post_attention_layernorm(i: usize) -> String {
     format!("{}.post_attention_layernorm.weight", layer(i))
 }
+/// Layer `i`'s fused gate/up projection, `[2 * intermediate, hidden]`.
 pub fn gate_up_proj(i: usize) -> String {
     format!("{}.mlp.gate_up_proj.weight", layer(i))
 }
+/// Layer `i`'s MLP output projection, `[hidden, intermediate]`.
 pub fn down_proj(i: usize) -> String {
     format!("{}.mlp.down_proj.weight", layer(i))
 }

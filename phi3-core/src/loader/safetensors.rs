@@ -23,8 +23,11 @@ use crate::error::{Error, Result};
 /// Element type of a weight tensor. Only floating types a Phi-3 checkpoint uses are accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE 754 single precision, 4 bytes.
     F32,
+    /// IEEE 754 half precision, 2 bytes.
     F16,
+    /// bfloat16 (the upper half of an f32), 2 bytes.
     BF16,
 }
 
@@ -54,7 +57,9 @@ pub struct HostTensor {
     pub name: String,
     /// File name within the model folder, for error messages.
     pub file: String,
+    /// Element type, as stored in the file.
     pub dtype: DType,
+    /// Dimensions, outermost first (row-major); `nn.Linear` weights are `[out, in]`.
     pub shape: Vec<usize>,
     data: TensorBytes,
 }
@@ -68,6 +73,9 @@ enum TensorBytes {
 
 impl HostTensor {
     /// A tensor held in memory (dummy or converted weights); `bytes` are little-endian elements.
+    ///
+    /// Errors: `InvalidArgument` when `bytes.len()` is not the element count of `shape` times
+    /// `dtype.size()`.
     pub fn from_bytes(name: &str, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n.checked_mul(dtype.size()) != Some(bytes.len()) {
@@ -99,7 +107,8 @@ impl HostTensor {
         self.shape.iter().product()
     }
 
-    /// Convert to f32 (for small tensors such as norm weights, and for tests).
+    /// Convert to f32 (for small tensors such as norm weights, and for tests). Reads every byte
+    /// and allocates `4 * numel()` bytes.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let bytes = self.bytes();
         match self.dtype {
@@ -185,7 +194,12 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Open `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
+    /// Open `model.safetensors`, or the shards listed by `model.safetensors.index.json`. Maps
+    /// each file and parses its header; no tensor data is read.
+    ///
+    /// Errors: `Io` when neither file exists or a file cannot be opened or mapped; `ModelFormat`
+    /// for an invalid safetensors header or index, an index entry naming a file outside the
+    /// folder, or one mapping a tensor to a file that does not contain it.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let index_path = dir.join("model.safetensors.index.json");
         if index_path.is_file() {
@@ -235,7 +249,8 @@ impl Checkpoint {
         Ok(Checkpoint { files, location })
     }
 
-    /// The tensor called `name`, if the checkpoint has it.
+    /// The tensor called `name`, if the checkpoint has it. The inner error is `ModelFormat` when
+    /// its dtype is not BF16, F16 or F32.
     pub fn get(&self, name: &str) -> Option<Result<HostTensor>> {
         let &id = self.location.get(name)?;
         self.files[id].tensor(name)

@@ -30,16 +30,21 @@ pub struct CpuBackend;
 /// f32 activations, row-major `[rows, cols]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuAct {
+    /// Number of rows: one per token.
     pub rows: usize,
+    /// Width of every row.
     pub cols: usize,
-    pub data: Vec<f32>, // [rows, cols]
+    /// The values, `[rows, cols]`.
+    pub data: Vec<f32>,
 }
 
 /// A weight in its file dtype: zero-copy over the memory map when aligned, else an owned copy.
 #[derive(Clone, Debug)]
 pub struct CpuWeight {
-    pub rows: usize, // out_features (or 1 for vectors)
-    pub cols: usize, // in_features (or the vector length)
+    /// `out_features` of a matrix, 1 for a vector.
+    pub rows: usize,
+    /// `in_features` of a matrix, the length of a vector.
+    pub cols: usize,
     storage: WeightStorage,
 }
 
@@ -74,7 +79,7 @@ impl CpuAct {
         CpuAct { rows, cols, data }
     }
 
-    /// Row `i`.
+    /// Row `i`. Panics when `i >= rows`.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.cols..(i + 1) * self.cols]
     }
