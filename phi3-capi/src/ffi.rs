@@ -1,0 +1,222 @@
+//! The panic boundary, the thread-local last error, and argument helpers that turn raw C
+//! arguments into Rust values or an `InvalidArgument` error naming the parameter.
+//!
+//! Every status-returning entry point is `boundary(|| { ... })`: it clears the last error, runs
+//! the body under `catch_unwind`, maps `Err(e)` to `e.kind()`'s code and a panic to
+//! `PHI3_ERR_INTERNAL`, and records the message (rustls-ffi's `ffi_panic_boundary!`, returning
+//! `Result` so `?` works).
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use phi3_core::{Error, ErrorKind, Result};
+
+use crate::status::{phi3_status, status_of, PHI3_ERR_INTERNAL, PHI3_OK};
+
+thread_local! {
+    /// Message of this thread's last failed call; empty after a success.
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    // Interior NULs would truncate the C string; show them instead of dropping the message.
+    let clean = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = clean);
+}
+
+/// This thread's last error message: "" after a successful call. The pointer stays valid until
+/// the next phi3 call on this thread; do not free it. Thread-safe (thread-local); cannot fail.
+#[no_mangle]
+pub extern "C" fn phi3_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Run an entry point's body: clear the last error, catch panics, map errors to status codes.
+pub(crate) fn boundary(body: impl FnOnce() -> Result<()>) -> phi3_status {
+    set_last_error("");
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => PHI3_OK,
+        Ok(Err(e)) => {
+            set_last_error(&e.to_string());
+            status_of(e.kind())
+        }
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            set_last_error(&format!("internal error (panic): {text}"));
+            PHI3_ERR_INTERNAL
+        }
+    }
+}
+
+/// For entry points that cannot report errors (getters, `_free`): run, and on a panic return
+/// `fallback` (rustls-ffi's PanicOrDefault).
+pub(crate) fn guarded<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
+}
+
+pub(crate) fn null_arg(name: &str) -> Error {
+    Error::new(ErrorKind::InvalidArgument, format!("{name} is NULL"))
+}
+
+/// A shared reference from a handle pointer.
+///
+/// # Safety
+/// `p` is NULL or a pointer this library returned that has not been freed.
+pub(crate) unsafe fn arg_ref<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
+    // SAFETY: the caller guarantees p is NULL or a live handle; NULL is rejected here.
+    unsafe { p.as_ref() }.ok_or_else(|| null_arg(name))
+}
+
+/// A NUL-terminated UTF-8 string argument.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that stays valid during the call.
+pub(crate) unsafe fn arg_cstr<'a>(p: *const c_char, name: &str) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(null_arg(name));
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    utf8(bytes, name)
+}
+
+/// A `(pointer, length)` UTF-8 string argument (not necessarily NUL-terminated).
+///
+/// # Safety
+/// `p` is NULL or points to `len` readable bytes that stay valid during the call.
+pub(crate) unsafe fn arg_str<'a>(p: *const c_char, len: usize, name: &str) -> Result<&'a str> {
+    // SAFETY: forwarded contract.
+    let bytes = unsafe { arg_slice(p.cast::<u8>(), len, name) }?;
+    utf8(bytes, name)
+}
+
+fn utf8<'a>(bytes: &'a [u8], name: &str) -> Result<&'a str> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{name} is not valid UTF-8 (byte {})", e.valid_up_to()),
+        )
+    })
+}
+
+/// A `(pointer, count)` array argument; NULL is allowed only when `n` is 0.
+///
+/// # Safety
+/// `p` is NULL or points to `n` readable, initialised elements valid during the call.
+pub(crate) unsafe fn arg_slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(null_arg(name));
+    }
+    // SAFETY: non-NULL, n elements readable by the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// Token ids from C (`int32_t`) as u32, rejecting negatives with the index.
+pub(crate) fn token_ids(tokens: &[i32], name: &str) -> Result<Vec<u32>> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            u32::try_from(t).map_err(|_| {
+                Error::new(ErrorKind::TokenOutOfRange, format!("{name}[{i}] = {t} is negative"))
+            })
+        })
+        .collect()
+}
+
+/// Write `value` through an out-pointer (only called on success).
+///
+/// # Safety
+/// `p` is NULL or a valid, writable, aligned pointer to `T`.
+pub(crate) unsafe fn write_out<T>(p: *mut T, value: T, name: &str) -> Result<()> {
+    if p.is_null() {
+        return Err(null_arg(name));
+    }
+    // SAFETY: non-NULL and writable by the caller's contract.
+    unsafe { p.write(value) };
+    Ok(())
+}
+
+/// Copy `data` into a caller's buffer `(out, cap)`, always reporting the needed length through
+/// `out_len`; `BufferTooSmall` when it does not fit.
+///
+/// # Safety
+/// `out` is NULL or has room for `cap` elements; `out_len` is NULL or writable.
+pub(crate) unsafe fn copy_out<T: Copy>(
+    data: &[T],
+    out: *mut T,
+    cap: usize,
+    out_len: *mut usize,
+) -> Result<()> {
+    if !out_len.is_null() {
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out_len.write(data.len()) };
+    }
+    if data.len() > cap {
+        return Err(Error::new(
+            ErrorKind::BufferTooSmall,
+            format!("buffer holds {cap} elements, {} needed", data.len()),
+        ));
+    }
+    if !data.is_empty() {
+        if out.is_null() {
+            return Err(null_arg("out"));
+        }
+        // SAFETY: out has room for cap >= data.len() elements; regions cannot overlap (ours
+        // is a Rust-owned buffer).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), out, data.len()) };
+    }
+    Ok(())
+}
+
+/// An options struct that starts with `uint32_t struct_size`.
+pub(crate) trait Options: Copy {
+    /// The defaults, with `struct_size` set to this library's size.
+    fn defaults() -> Self;
+}
+
+/// Read an options struct of any size up to ours: NULL means defaults; fields past an older,
+/// smaller `struct_size` keep their defaults; a larger size than we know is an error.
+///
+/// # Safety
+/// `p` is NULL or points to at least `struct_size` readable bytes (its first field).
+pub(crate) unsafe fn read_options<T: Options>(p: *const T, name: &str) -> Result<T> {
+    let mut value = T::defaults();
+    if p.is_null() {
+        return Ok(value);
+    }
+    // SAFETY: every options struct starts with a u32 struct_size (its first field).
+    let size = unsafe { p.cast::<u32>().read_unaligned() } as usize;
+    let ours = std::mem::size_of::<T>();
+    if size < std::mem::size_of::<u32>() || size > ours {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{name}->struct_size = {size}: this library knows sizes up to {ours} (call the _init function)"),
+        ));
+    }
+    // SAFETY: the caller's struct has `size` readable bytes; ours has `ours >= size` bytes; both
+    // are plain repr(C) data, and the bytes past `size` keep our defaults.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&mut value as *mut T).cast::<u8>(), size)
+    };
+    Ok(value)
+}
+
+/// Fill an options struct with its defaults (the `_init` functions); NULL is ignored.
+///
+/// # Safety
+/// `p` is NULL or points to a writable `T`.
+pub(crate) unsafe fn init_options<T: Options>(p: *mut T) {
+    // SAFETY: NULL or writable by the caller's contract.
+    if let Some(p) = unsafe { p.as_mut() } {
+        *p = T::defaults();
+    }
+}

@@ -1,0 +1,163 @@
+//! Model handles: `phi3_model_options`, load (folder or built-in demo), free, getters.
+
+use std::ffi::c_char;
+use std::ptr;
+
+use phi3_core::{demo, Device, LoadOptions, Model};
+
+use crate::ffi::{
+    arg_cstr, arg_ref, boundary, guarded, init_options, read_options, write_out, Options,
+};
+use crate::status::phi3_status;
+
+/// A loaded model. Opaque. Reference-counted: sessions keep their model alive, so
+/// phi3_model_free may be called while sessions of it still exist. Thread-safe: any number of
+/// threads may use one model at once.
+pub struct phi3_model {
+    pub(crate) model: Model,
+}
+
+/// How to load a model. Fill with phi3_model_options_init, then change fields.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct phi3_model_options {
+    /// sizeof(phi3_model_options), set by phi3_model_options_init.
+    pub struct_size: u32,
+    /// "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; NULL means "auto".
+    /// Borrowed for the duration of the call.
+    pub device: *const c_char,
+    /// Largest context any session may hold, in tokens; 0 means the model's maximum.
+    pub max_context: usize,
+}
+
+impl Options for phi3_model_options {
+    fn defaults() -> Self {
+        phi3_model_options {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            device: ptr::null(),
+            max_context: 0,
+        }
+    }
+}
+
+/// Fill `*o` with the defaults (device "auto", model's max context). NULL is ignored.
+/// Thread-safe; cannot fail.
+///
+/// # Safety
+/// `o` is NULL or points to a writable phi3_model_options.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_model_options_init(o: *mut phi3_model_options) {
+    // SAFETY: forwarded contract.
+    unsafe { init_options(o) }
+}
+
+/// Rust LoadOptions from C options.
+///
+/// # Safety
+/// `o` is NULL or a valid options struct whose `device` is NULL or NUL-terminated.
+unsafe fn load_options(o: *const phi3_model_options) -> phi3_core::Result<LoadOptions> {
+    // SAFETY: forwarded contract.
+    let o = unsafe { read_options(o, "options") }?;
+    let device = if o.device.is_null() {
+        Device::Auto
+    } else {
+        // SAFETY: non-NULL, NUL-terminated by contract.
+        unsafe { arg_cstr(o.device, "options->device") }?.parse()?
+    };
+    Ok(LoadOptions {
+        device,
+        max_context: (o.max_context > 0).then_some(o.max_context),
+        ..Default::default()
+    })
+}
+
+/// Load a Hugging Face model folder (config.json, safetensors, tokenizer.json). On success
+/// `*out` receives a new model the caller frees with phi3_model_free. Thread-safe.
+///
+/// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `path` or `out`, bad options), PHI3_ERR_IO (missing
+/// files), PHI3_ERR_MODEL_FORMAT (malformed config or weights), PHI3_ERR_UNSUPPORTED (model or
+/// rope type, device), PHI3_ERR_OUT_OF_MEMORY.
+///
+/// # Safety
+/// `path` is NULL or NUL-terminated; `o` is NULL or a valid options struct; `out` is NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_model_load(
+    path: *const c_char,
+    o: *const phi3_model_options,
+    out: *mut *mut phi3_model,
+) -> phi3_status {
+    boundary(|| {
+        // SAFETY: forwarded contracts.
+        let path = unsafe { arg_cstr(path, "path") }?;
+        let options = unsafe { load_options(o) }?;
+        if out.is_null() {
+            return Err(crate::ffi::null_arg("out"));
+        }
+        let model = Model::load(path, &options)?;
+        let handle = Box::into_raw(Box::new(phi3_model { model }));
+        // SAFETY: out checked non-NULL above.
+        unsafe { write_out(out, handle, "out") }
+    })
+}
+
+/// Load the built-in demo model: small, random weights, its own tokenizer and chat template;
+/// no files needed. For examples and tests. Free with phi3_model_free. Thread-safe.
+///
+/// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `out`, bad options), PHI3_ERR_UNSUPPORTED (device).
+///
+/// # Safety
+/// `o` is NULL or a valid options struct; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_model_load_demo(
+    o: *const phi3_model_options,
+    out: *mut *mut phi3_model,
+) -> phi3_status {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let options = unsafe { load_options(o) }?;
+        if out.is_null() {
+            return Err(crate::ffi::null_arg("out"));
+        }
+        let model = demo::demo_model(&options)?;
+        let handle = Box::into_raw(Box::new(phi3_model { model }));
+        // SAFETY: out checked non-NULL above.
+        unsafe { write_out(out, handle, "out") }
+    })
+}
+
+/// Release the caller's reference to a model. Sessions of the model keep it alive until they are
+/// freed. NULL is a no-op. Must not race with other calls using the same `m` pointer.
+///
+/// # Safety
+/// `m` is NULL or a model from phi3_model_load / phi3_model_load_demo not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_model_free(m: *mut phi3_model) {
+    guarded((), || {
+        if !m.is_null() {
+            // SAFETY: m came from Box::into_raw in this library and is freed once (contract).
+            drop(unsafe { Box::from_raw(m) });
+        }
+    })
+}
+
+/// Number of logits per position (the model's padded vocabulary, e.g. 32064); 0 for NULL.
+/// Thread-safe.
+///
+/// # Safety
+/// `m` is NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_model_vocab_size(m: *const phi3_model) -> usize {
+    // SAFETY: forwarded contract.
+    guarded(0, || unsafe { arg_ref(m, "m") }.map_or(0, |m| m.model.config().vocab_size))
+}
+
+/// The most tokens a session of this model may hold; 0 for NULL. Thread-safe.
+///
+/// # Safety
+/// `m` is NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_model_max_context(m: *const phi3_model) -> usize {
+    // SAFETY: forwarded contract.
+    guarded(0, || unsafe { arg_ref(m, "m") }.map_or(0, |m| m.model.max_context()))
+}
