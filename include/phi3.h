@@ -138,7 +138,7 @@ typedef int32_t phi3_status;
  * during the call; `len` may be 0 while a character's bytes or a possible stop string are held
  * back), and once more with `token` = -1 to deliver held-back text at the end. Return 0 to go on,
  * non-zero to stop (phi3_session_generate then returns PHI3_OK with PHI3_FINISH_CALLBACK). It must
- * not call into the same session (that returns PHI3_ERR_BUSY).
+ * not call into the same session (that returns PHI3_ERR_BUSY), except phi3_session_cancel.
  */
 typedef int32_t (*phi3_token_callback)(void *user_data, const char *utf8, size_t len, int32_t token);
 

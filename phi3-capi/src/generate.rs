@@ -28,7 +28,7 @@ pub const PHI3_FINISH_CANCELLED: i32 = 4;
 /// during the call; `len` may be 0 while a character's bytes or a possible stop string are held
 /// back), and once more with `token` = -1 to deliver held-back text at the end. Return 0 to go on,
 /// non-zero to stop (phi3_session_generate then returns PHI3_OK with PHI3_FINISH_CALLBACK). It must
-/// not call into the same session (that returns PHI3_ERR_BUSY).
+/// not call into the same session (that returns PHI3_ERR_BUSY), except phi3_session_cancel.
 pub type phi3_token_callback = Option<
     unsafe extern "C" fn(
         user_data: *mut c_void,
