@@ -1,0 +1,121 @@
+"""Model loading and the HF oracle fixtures through Python (as phi3-core/tests/oracle.rs)."""
+
+import numpy as np
+import pytest
+
+import phi3
+from conftest import FIXTURES
+
+FIXTURE_MODELS = ["gqa-longrope-bf16", "mha-f32-tied", "partial-rotary-f16", "sliding-window-f32"]
+MAX_REL_L2 = 1e-4
+
+
+def oracle(name):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    return safetensors_numpy.load_file(str(FIXTURES / name / "oracle.safetensors"))
+
+
+def rel_l2(ours, ref):
+    return float(np.linalg.norm(ours.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_logits_match_hf_token_by_token(name):
+    model = phi3.Model(FIXTURES / name, device="cpu")
+    o = oracle(name)
+    tokens, logits = o["tokens"].tolist(), o["logits"]
+    assert model.vocab_size == logits.shape[1]
+    s = model.session()
+    worst = 0.0
+    for i, t in enumerate(tokens):
+        row = s.append_tokens([t])
+        assert row.dtype == np.float32 and row.shape == (model.vocab_size,)
+        worst = max(worst, rel_l2(row, logits[i]))
+    assert worst < MAX_REL_L2, f"{name}: relative L2 {worst:.2e}"
+    assert s.tokens == tokens and len(s) == len(tokens)
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_logits_match_hf_prefill_fork_truncate(name):
+    model = phi3.Model(str(FIXTURES / name), device="cpu")
+    o = oracle(name)
+    tokens, logits = o["tokens"].tolist(), o["logits"]
+    s = model.session()
+    assert rel_l2(s.append_tokens(tokens), logits[-1]) < MAX_REL_L2
+    half = len(tokens) // 2
+    f = model.session()
+    f.append_tokens(tokens[:half])
+    g = f.fork()
+    assert rel_l2(g.append_tokens(tokens[half:]), logits[-1]) < MAX_REL_L2
+    assert len(f) == half
+    s.truncate(half)
+    assert rel_l2(s.logits(), logits[half - 1]) < MAX_REL_L2
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_greedy_continuation_matches_hf(name):
+    model = phi3.Model(FIXTURES / name, device="cpu")
+    o = oracle(name)
+    s = model.session()
+    row = s.append_tokens(o["greedy_prompt"])  # a numpy int64 array is accepted too
+    out = []
+    for _ in range(len(o["greedy_tokens"])):
+        out.append(int(np.argmax(row)))
+        row = s.append_tokens([out[-1]])
+    assert out == o["greedy_tokens"].tolist()
+
+
+def test_fixture_model_has_no_tokenizer():
+    model = phi3.Model(FIXTURES / "mha-f32-tied", device="cpu")
+    with pytest.raises(phi3.UnsupportedError, match="tokenizer"):
+        model.tokenizer
+    s = model.session()
+    with pytest.raises(phi3.UnsupportedError):
+        s.append_text("hello")
+
+
+def test_demo_model(demo):
+    assert demo.path is None
+    assert demo.device.startswith("cpu")
+    assert demo.max_context == 4096
+    assert demo.tokenizer is demo.tokenizer
+    assert demo.vocab_size >= demo.tokenizer.vocab_size
+    assert "Model.demo" in repr(demo)
+    assert phi3.Model.demo(max_context=100).max_context == 100
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(phi3.IoError, match="no-such-model") as e:
+        phi3.Model(tmp_path / "no-such-model")
+    assert isinstance(e.value, OSError)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(phi3.ModelFormatError, match="config.json"):
+        phi3.Model(tmp_path)
+
+
+def test_bad_load_arguments_raise_before_loading(tmp_path):
+    missing = tmp_path / "missing"  # loading it would be an IoError
+    with pytest.raises(phi3.InvalidArgumentError, match="tpu") as e:
+        phi3.Model(missing, device="tpu")
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(phi3.UnsupportedError, match="int4"):
+        phi3.Model(missing, weights="int4")
+    with pytest.raises(phi3.InvalidArgumentError, match="max_context"):
+        phi3.Model(missing, max_context=0)
+    with pytest.raises(phi3.InvalidArgumentError, match="max_context"):
+        phi3.Model.demo(max_context=-5)
+    with pytest.raises(TypeError):
+        phi3.Model(123)
+    with pytest.raises(TypeError):
+        phi3.Model.demo(device=0)
+
+
+
+def test_cuda_device_loads_or_raises_cleanly():
+    # Without a CUDA backend (or device) this is an ordinary error naming the device.
+    try:
+        model = phi3.Model.demo(device="cuda:0")
+    except (phi3.UnsupportedError, phi3.DeviceError) as e:
+        assert "cuda" in str(e)
+    else:
+        assert "cuda" in model.device.lower()
