@@ -299,9 +299,12 @@ void phi3_generate_options_init(struct phi3_generate_options *o);
  * first. `cb` may be NULL (no streaming). `*out` (optional) receives the result; set its
  * `struct_size` first.
  *
- * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL session, empty session, bad options),
- * PHI3_ERR_CANCELLED (tokens generated so far stay in the session, which stays usable; `*out` is
- * filled), PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_BUSY.
+ * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL session, empty session, bad options or
+ * `out->struct_size`, checked before any work), PHI3_ERR_CANCELLED (tokens generated so far stay
+ * in the session, which stays usable; `*out` is filled), PHI3_ERR_CONTEXT_FULL (a chat's
+ * assistant prompt does not fit), PHI3_ERR_MODEL_FORMAT (the chat template fails to render),
+ * PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_OUT_OF_MEMORY, PHI3_ERR_DEVICE,
+ * PHI3_ERR_BUSY.
  *
  * # Safety
  * `s` NULL or live; `o` NULL or valid; `cb`, when called, gets `user_data` back unchanged;

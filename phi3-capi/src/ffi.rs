@@ -181,6 +181,12 @@ pub(crate) unsafe fn copy_out<T: Copy>(
 pub(crate) trait Options: Copy {
     /// The defaults, with `struct_size` set to this library's size.
     fn defaults() -> Self;
+
+    /// Byte range (start, end) of every field. An older version of the struct is a prefix of
+    /// its fields, so a `struct_size` is valid when it ends on or after a field's end and no
+    /// later than the next field's start (padding included), never inside a field. New fields go
+    /// after the last one, so an older version's tail padding never holds one.
+    fn fields() -> Vec<(usize, usize)>;
 }
 
 /// Read an options struct of any size up to ours: NULL means defaults; fields past an older,
@@ -194,20 +200,35 @@ pub(crate) unsafe fn read_options<T: Options>(p: *const T, name: &str) -> Result
         return Ok(value);
     }
     // SAFETY: every options struct starts with a u32 struct_size (its first field).
-    let size = unsafe { p.cast::<u32>().read_unaligned() } as usize;
-    let ours = std::mem::size_of::<T>();
-    if size < std::mem::size_of::<u32>() || size > ours {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            format!("{name}->struct_size = {size}: this library knows sizes up to {ours} (call the _init function)"),
-        ));
-    }
+    let size = unsafe { struct_size::<T>(p, name) }?;
     // SAFETY: the caller's struct has `size` readable bytes; ours has `ours >= size` bytes; both
     // are plain repr(C) data, and the bytes past `size` keep our defaults.
     unsafe {
         std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&mut value as *mut T).cast::<u8>(), size)
     };
     Ok(value)
+}
+
+/// The `struct_size` a caller put in the first field of its struct, if it is a size this struct
+/// had in some version (a field boundary up to ours).
+///
+/// # Safety
+/// `p` is non-NULL and points to at least 4 readable bytes.
+pub(crate) unsafe fn struct_size<T: Options>(p: *const T, name: &str) -> Result<usize> {
+    // SAFETY: the caller's struct starts with its u32 struct_size.
+    let size = unsafe { p.cast::<u32>().read_unaligned() } as usize;
+    let ours = std::mem::size_of::<T>();
+    let cuts_a_field = T::fields().iter().any(|&(start, end)| start < size && size < end);
+    if size < std::mem::size_of::<u32>() || size > ours || cuts_a_field {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{name}->struct_size = {size}: not a size of this struct in any version up to \
+                 {ours} bytes (set it with the _init function or sizeof)"
+            ),
+        ));
+    }
+    Ok(size)
 }
 
 /// Fill an options struct with its defaults (the `_init` functions); NULL is ignored.

@@ -7,7 +7,8 @@ use std::ptr;
 use phi3_core::{ErrorKind, FinishReason, GenerateOptions, GenerationResult};
 
 use crate::ffi::{
-    arg_cstr, arg_ref, arg_slice, boundary, init_options, read_options, token_ids, Options,
+    arg_cstr, arg_ref, arg_slice, boundary, init_options, read_options, struct_size, token_ids,
+    Options,
 };
 use crate::session::phi3_session;
 use crate::status::phi3_status;
@@ -76,6 +77,28 @@ pub struct phi3_generate_options {
 }
 
 impl Options for phi3_generate_options {
+    fn fields() -> Vec<(usize, usize)> {
+        use std::mem::{offset_of, size_of};
+        let field = |start: usize, len: usize| (start, start + len);
+        vec![
+            (0, size_of::<u32>()),
+            field(offset_of!(Self, max_tokens), size_of::<u32>()),
+            field(offset_of!(Self, temperature), size_of::<f32>()),
+            field(offset_of!(Self, top_k), size_of::<u32>()),
+            field(offset_of!(Self, top_p), size_of::<f32>()),
+            field(offset_of!(Self, min_p), size_of::<f32>()),
+            field(offset_of!(Self, repetition_penalty), size_of::<f32>()),
+            field(offset_of!(Self, presence_penalty), size_of::<f32>()),
+            field(offset_of!(Self, frequency_penalty), size_of::<f32>()),
+            field(offset_of!(Self, has_seed), size_of::<i32>()),
+            field(offset_of!(Self, seed), size_of::<u64>()),
+            field(offset_of!(Self, stop), size_of::<usize>()),
+            field(offset_of!(Self, n_stop), size_of::<usize>()),
+            field(offset_of!(Self, stop_token_ids), size_of::<usize>()),
+            field(offset_of!(Self, n_stop_token_ids), size_of::<usize>()),
+        ]
+    }
+
     fn defaults() -> Self {
         let d = GenerateOptions::default();
         phi3_generate_options {
@@ -150,7 +173,10 @@ unsafe fn generate_options(o: *const phi3_generate_options) -> phi3_core::Result
         // SAFETY: non-NULL, n readable (contract).
         let ids =
             unsafe { arg_slice(o.stop_token_ids, o.n_stop_token_ids, "options->stop_token_ids") }?;
-        Some(token_ids(ids, "options->stop_token_ids")?)
+        // A bad stop id is a bad option (INVALID_ARGUMENT), not a bad input token.
+        let ids = token_ids(ids, "options->stop_token_ids")
+            .map_err(|e| phi3_core::Error::new(ErrorKind::InvalidArgument, e.message()))?;
+        Some(ids)
     };
     Ok(GenerateOptions {
         max_tokens: o.max_tokens as usize,
@@ -187,16 +213,8 @@ unsafe fn result_size(out: *const phi3_generate_result) -> phi3_core::Result<Opt
     if out.is_null() {
         return Ok(None);
     }
-    // SAFETY: the caller's struct starts with its u32 struct_size.
-    let size = unsafe { out.cast::<u32>().read_unaligned() } as usize;
-    let ours = std::mem::size_of::<phi3_generate_result>();
-    if size < std::mem::size_of::<u32>() || size > ours {
-        return Err(phi3_core::Error::new(
-            ErrorKind::InvalidArgument,
-            format!("out->struct_size = {size}: set it to sizeof(phi3_generate_result) ({ours})"),
-        ));
-    }
-    Ok(Some(size))
+    // SAFETY: non-NULL; the caller's struct starts with its u32 struct_size.
+    unsafe { struct_size(out, "out") }.map(Some)
 }
 
 /// Write the first `size` bytes of `result` into the caller's struct (an older, smaller struct
@@ -222,9 +240,12 @@ unsafe fn write_result(out: *mut phi3_generate_result, size: usize, result: &phi
 /// first. `cb` may be NULL (no streaming). `*out` (optional) receives the result; set its
 /// `struct_size` first.
 ///
-/// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL session, empty session, bad options),
-/// PHI3_ERR_CANCELLED (tokens generated so far stay in the session, which stays usable; `*out` is
-/// filled), PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_BUSY.
+/// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL session, empty session, bad options or
+/// `out->struct_size`, checked before any work), PHI3_ERR_CANCELLED (tokens generated so far stay
+/// in the session, which stays usable; `*out` is filled), PHI3_ERR_CONTEXT_FULL (a chat's
+/// assistant prompt does not fit), PHI3_ERR_MODEL_FORMAT (the chat template fails to render),
+/// PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_OUT_OF_MEMORY, PHI3_ERR_DEVICE,
+/// PHI3_ERR_BUSY.
 ///
 /// # Safety
 /// `s` NULL or live; `o` NULL or valid; `cb`, when called, gets `user_data` back unchanged;
@@ -275,6 +296,26 @@ pub unsafe extern "C" fn phi3_session_generate(
         }
         outcome.map(drop)
     })
+}
+
+impl Options for phi3_generate_result {
+    fn fields() -> Vec<(usize, usize)> {
+        use std::mem::{offset_of, size_of};
+        let field = |start: usize, len: usize| (start, start + len);
+        vec![
+            (0, size_of::<u32>()),
+            field(offset_of!(Self, finish_reason), size_of::<i32>()),
+            field(offset_of!(Self, prompt_tokens), size_of::<usize>()),
+            field(offset_of!(Self, generated_tokens), size_of::<usize>()),
+            field(offset_of!(Self, time_to_first_token_s), size_of::<f64>()),
+            field(offset_of!(Self, prefill_tokens_per_s), size_of::<f64>()),
+            field(offset_of!(Self, decode_tokens_per_s), size_of::<f64>()),
+        ]
+    }
+
+    fn defaults() -> Self {
+        empty_result()
+    }
 }
 
 fn empty_result() -> phi3_generate_result {

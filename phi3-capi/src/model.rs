@@ -31,6 +31,16 @@ pub struct phi3_model_options {
 }
 
 impl Options for phi3_model_options {
+    fn fields() -> Vec<(usize, usize)> {
+        use std::mem::{offset_of, size_of};
+        let field = |start: usize, len: usize| (start, start + len);
+        vec![
+            (0, size_of::<u32>()),
+            field(offset_of!(Self, device), size_of::<usize>()),
+            field(offset_of!(Self, max_context), size_of::<usize>()),
+        ]
+    }
+
     fn defaults() -> Self {
         phi3_model_options {
             struct_size: std::mem::size_of::<Self>() as u32,
@@ -149,7 +159,7 @@ pub unsafe extern "C" fn phi3_model_free(m: *mut phi3_model) {
 #[no_mangle]
 pub unsafe extern "C" fn phi3_model_vocab_size(m: *const phi3_model) -> usize {
     // SAFETY: forwarded contract.
-    guarded(0, || unsafe { arg_ref(m, "m") }.map_or(0, |m| m.model.config().vocab_size))
+    guarded(0, || unsafe { arg_ref(m, "model") }.map_or(0, |m| m.model.config().vocab_size))
 }
 
 /// The most tokens a session of this model may hold; 0 for NULL. Thread-safe.
@@ -159,5 +169,5 @@ pub unsafe extern "C" fn phi3_model_vocab_size(m: *const phi3_model) -> usize {
 #[no_mangle]
 pub unsafe extern "C" fn phi3_model_max_context(m: *const phi3_model) -> usize {
     // SAFETY: forwarded contract.
-    guarded(0, || unsafe { arg_ref(m, "m") }.map_or(0, |m| m.model.max_context()))
+    guarded(0, || unsafe { arg_ref(m, "model") }.map_or(0, |m| m.model.max_context()))
 }

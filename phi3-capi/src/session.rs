@@ -69,6 +69,12 @@ pub struct phi3_session_options {
 }
 
 impl Options for phi3_session_options {
+    fn fields() -> Vec<(usize, usize)> {
+        use std::mem::{offset_of, size_of};
+        let field = |start: usize, len: usize| (start, start + len);
+        vec![(0, size_of::<u32>()), field(offset_of!(Self, max_context), size_of::<usize>())]
+    }
+
     fn defaults() -> Self {
         phi3_session_options { struct_size: std::mem::size_of::<Self>() as u32, max_context: 0 }
     }
@@ -99,7 +105,7 @@ pub unsafe extern "C" fn phi3_session_new(
 ) -> phi3_status {
     boundary(|| {
         // SAFETY: forwarded contracts.
-        let m = unsafe { arg_ref(m, "m") }?;
+        let m = unsafe { arg_ref(m, "model") }?;
         let o = unsafe { read_options(o, "options") }?;
         if out.is_null() {
             return Err(crate::ffi::null_arg("out"));
@@ -366,7 +372,7 @@ pub unsafe extern "C" fn phi3_session_load(
 ) -> phi3_status {
     boundary(|| {
         // SAFETY: forwarded contracts.
-        let m = unsafe { arg_ref(m, "m") }?;
+        let m = unsafe { arg_ref(m, "model") }?;
         let path = unsafe { arg_cstr(path, "path") }?;
         if out.is_null() {
             return Err(crate::ffi::null_arg("out"));

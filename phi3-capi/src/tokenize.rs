@@ -27,7 +27,7 @@ pub unsafe extern "C" fn phi3_tokenize(
 ) -> phi3_status {
     boundary(|| {
         // SAFETY: forwarded contracts.
-        let m = unsafe { arg_ref(m, "m") }?;
+        let m = unsafe { arg_ref(m, "model") }?;
         let text = unsafe { arg_str(utf8, len, "utf8") }?;
         let ids: Vec<i32> = m
             .model
@@ -61,7 +61,7 @@ pub unsafe extern "C" fn phi3_detokenize(
 ) -> phi3_status {
     boundary(|| {
         // SAFETY: forwarded contracts.
-        let m = unsafe { arg_ref(m, "m") }?;
+        let m = unsafe { arg_ref(m, "model") }?;
         let ids = token_ids(unsafe { arg_slice(tokens, n, "tokens") }?, "tokens")?;
         let text = m.model.tokenizer()?.decode(&ids, false)?;
         // SAFETY: forwarded contract.
