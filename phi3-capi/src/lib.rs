@@ -1,7 +1,7 @@
 //! The stable C ABI of phi3-rs (`libphi3.so`, `libphi3.a`, `include/phi3.h`).
 //!
 //! Only `extern "C"` functions and the `#[repr(C)]` types they take live here; every body runs
-//! inside [`ffi::boundary`], which catches panics and maps `phi3_core::Error` kinds to
+//! inside `ffi::boundary`, which catches panics and maps `phi3_core::Error` kinds to
 //! `phi3_status` codes while recording the message for `phi3_last_error()`. Front-end logic stays
 //! out: this crate converts arguments and errors, phi3-core does the work.
 //!
