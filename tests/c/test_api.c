@@ -23,18 +23,9 @@
 /* A pointer value that must never be dereferenced (fields past an older struct_size). */
 #define POISON_PTR ((void *)(uintptr_t)0x10)
 
-/* Used as stop_token_ids with n_stop_token_ids = 0: "no stop tokens", so generation always runs
- * to max_tokens and the token counts of the tests are exact. */
-static const int32_t NO_STOP_IDS[1] = {0};
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    CHECK(p != NULL);
-    return p;
-}
 
 static phi3_model *load_demo(void)
 {
@@ -81,20 +72,6 @@ static phi3_session *new_session_ctx(phi3_model *m, size_t max_context)
     return s;
 }
 
-/* The session's tokens (malloc'd; *n receives the count). */
-static int32_t *session_tokens(const phi3_session *s, size_t *n)
-{
-    size_t need = 0, got = 0;
-    int32_t *t;
-    phi3_status st = phi3_session_tokens(s, NULL, 0, &need);
-    CHECK(st == PHI3_OK || st == PHI3_ERR_BUFFER_TOO_SMALL);
-    CHECK_EQ_SIZE(need, phi3_session_len(s));
-    t = xmalloc(need * sizeof *t);
-    CHECK_OK(phi3_session_tokens(s, t, need, &got));
-    CHECK_EQ_SIZE(got, need);
-    *n = got;
-    return t;
-}
 
 /* The logits after the session's last token (malloc'd, vocab floats). */
 static float *session_logits(phi3_session *s, size_t vocab)
@@ -167,28 +144,7 @@ static int32_t *tokenize(const phi3_model *m, const char *text, int32_t add_spec
     return t;
 }
 
-/* Generation options with no stop tokens (always runs to max_tokens). */
-static phi3_generate_options gen_opts(uint32_t max_tokens, float temperature, int has_seed,
-                                      uint64_t seed)
-{
-    phi3_generate_options o;
-    phi3_generate_options_init(&o);
-    o.max_tokens = max_tokens;
-    o.temperature = temperature;
-    o.has_seed = has_seed;
-    o.seed = seed;
-    o.stop_token_ids = NO_STOP_IDS;
-    o.n_stop_token_ids = 0;
-    return o;
-}
 
-static phi3_generate_result new_result(void)
-{
-    phi3_generate_result r;
-    memset(&r, 0xAB, sizeof r);
-    r.struct_size = (uint32_t)sizeof r;
-    return r;
-}
 
 /* What a generate callback saw. */
 struct collect {

@@ -23,42 +23,9 @@
 #define FIXTURE "tests/fixtures/gqa-longrope-bf16"
 
 /* Used as stop_token_ids with n_stop_token_ids = 0: no stop tokens. */
-static const int32_t NO_STOP_IDS[1] = {0};
 
-static phi3_generate_options gen_opts(uint32_t max_tokens, float temperature, uint64_t seed)
-{
-    phi3_generate_options o;
-    phi3_generate_options_init(&o);
-    o.max_tokens = max_tokens;
-    o.temperature = temperature;
-    o.has_seed = 1;
-    o.seed = seed;
-    o.stop_token_ids = NO_STOP_IDS;
-    o.n_stop_token_ids = 0;
-    return o;
-}
 
-static phi3_generate_result new_result(void)
-{
-    phi3_generate_result r;
-    memset(&r, 0, sizeof r);
-    r.struct_size = (uint32_t)sizeof r;
-    return r;
-}
 
-static int32_t *session_tokens(const phi3_session *s, size_t *n)
-{
-    size_t need = 0, got = 0;
-    int32_t *t;
-    phi3_status st = phi3_session_tokens(s, NULL, 0, &need);
-    CHECK(st == PHI3_OK || st == PHI3_ERR_BUFFER_TOO_SMALL);
-    t = malloc((need ? need : 1) * sizeof *t);
-    CHECK(t != NULL);
-    CHECK_OK(phi3_session_tokens(s, t, need, &got));
-    CHECK_EQ_SIZE(got, need);
-    *n = got;
-    return t;
-}
 
 /* Absolute deadline `seconds` from now, for pthread_cond_timedwait. */
 static struct timespec deadline(int seconds)
@@ -124,7 +91,7 @@ static void test_cancel_from_other_thread(void)
     phi3_model *m = NULL;
     phi3_session *s = NULL;
     struct cancel_state st;
-    phi3_generate_options o = gen_opts(2000, 0.7f, 5);
+    phi3_generate_options o = gen_opts(2000, 0.7f, 1, 5);
     phi3_generate_result r = new_result();
     pthread_t th;
     void *thread_err = NULL;
@@ -156,7 +123,7 @@ static void test_cancel_from_other_thread(void)
     {
         size_t len1, n = 0;
         int32_t *t;
-        phi3_generate_options o2 = gen_opts(4, 0.0f, 0);
+        phi3_generate_options o2 = gen_opts(4, 0.0f, 1, 0);
         r = new_result();
         CHECK_OK(phi3_session_append_text(s, " and then", 9));
         len1 = phi3_session_len(s);
@@ -193,7 +160,7 @@ static void *gen_job_run(void *arg)
 {
     struct gen_job *j = arg;
     phi3_session *s = NULL;
-    phi3_generate_options o = gen_opts(JOB_TOKENS, 1.0f, j->seed);
+    phi3_generate_options o = gen_opts(JOB_TOKENS, 1.0f, 1, j->seed);
     size_t need = 0;
 
     j->status = phi3_session_new(j->m, NULL, &s);
@@ -302,7 +269,7 @@ struct busy_gen {
 static void *busy_generate(void *arg)
 {
     struct busy_gen *g = arg;
-    phi3_generate_options o = gen_opts(5, 0.0f, 0);
+    phi3_generate_options o = gen_opts(5, 0.0f, 1, 0);
     g->r = new_result();
     g->status = phi3_session_generate(g->b->s, &o, busy_cb, g->b, &g->r);
     return NULL;
