@@ -132,17 +132,26 @@ pub(crate) fn token_ids(tokens: &[i32], name: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Write `value` through an out-pointer (only called on success).
-///
-/// # Safety
-/// `p` is NULL or a valid, writable, aligned pointer to `T`.
-pub(crate) unsafe fn write_out<T>(p: *mut T, value: T, name: &str) -> Result<()> {
+/// An out-pointer checked for NULL before any work, written only on success.
+pub(crate) struct Out<T>(*mut T);
+
+/// Check an out-pointer argument up front, naming it when NULL.
+pub(crate) fn arg_out<T>(p: *mut T, name: &str) -> Result<Out<T>> {
     if p.is_null() {
         return Err(null_arg(name));
     }
-    // SAFETY: non-NULL and writable by the caller's contract.
-    unsafe { p.write(value) };
-    Ok(())
+    Ok(Out(p))
+}
+
+impl<T> Out<T> {
+    /// Store the result.
+    ///
+    /// # Safety
+    /// The pointer is valid, writable and aligned for `T` (the entry point's contract).
+    pub(crate) unsafe fn write(self, value: T) {
+        // SAFETY: non-NULL (checked by arg_out) and writable by the caller's contract.
+        unsafe { self.0.write(value) }
+    }
 }
 
 /// Copy `data` into a caller's buffer `(out, cap)`, always reporting the needed length through

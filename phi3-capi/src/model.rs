@@ -6,7 +6,7 @@ use std::ptr;
 use phi3_core::{demo, Device, LoadOptions, Model};
 
 use crate::ffi::{
-    arg_cstr, arg_ref, boundary, guarded, init_options, read_options, write_out, Options,
+    arg_cstr, arg_out, arg_ref, boundary, guarded, init_options, read_options, Options,
 };
 use crate::status::phi3_status;
 
@@ -101,13 +101,12 @@ pub unsafe extern "C" fn phi3_model_load(
         // SAFETY: forwarded contracts.
         let path = unsafe { arg_cstr(path, "path") }?;
         let options = unsafe { load_options(o) }?;
-        if out.is_null() {
-            return Err(crate::ffi::null_arg("out"));
-        }
+        let out = arg_out(out, "out")?;
         let model = Model::load(path, &options)?;
         let handle = Box::into_raw(Box::new(phi3_model { model }));
-        // SAFETY: out checked non-NULL above.
-        unsafe { write_out(out, handle, "out") }
+        // SAFETY: out was checked by arg_out and is writable (contract).
+        unsafe { out.write(handle) };
+        Ok(())
     })
 }
 
@@ -126,13 +125,12 @@ pub unsafe extern "C" fn phi3_model_load_demo(
     boundary(|| {
         // SAFETY: forwarded contract.
         let options = unsafe { load_options(o) }?;
-        if out.is_null() {
-            return Err(crate::ffi::null_arg("out"));
-        }
+        let out = arg_out(out, "out")?;
         let model = demo::demo_model(&options)?;
         let handle = Box::into_raw(Box::new(phi3_model { model }));
-        // SAFETY: out checked non-NULL above.
-        unsafe { write_out(out, handle, "out") }
+        // SAFETY: out was checked by arg_out and is writable (contract).
+        unsafe { out.write(handle) };
+        Ok(())
     })
 }
 

@@ -12,8 +12,8 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 use phi3_core::{CancelToken, Error, ErrorKind, Result, Session, SessionOptions};
 
 use crate::ffi::{
-    arg_cstr, arg_ref, arg_slice, arg_str, boundary, copy_out, guarded, init_options, read_options,
-    token_ids, write_out, Options,
+    arg_cstr, arg_out, arg_ref, arg_slice, arg_str, boundary, copy_out, guarded, init_options,
+    read_options, token_ids, Options,
 };
 use crate::model::phi3_model;
 use crate::status::phi3_status;
@@ -107,13 +107,12 @@ pub unsafe extern "C" fn phi3_session_new(
         // SAFETY: forwarded contracts.
         let m = unsafe { arg_ref(m, "model") }?;
         let o = unsafe { read_options(o, "options") }?;
-        if out.is_null() {
-            return Err(crate::ffi::null_arg("out"));
-        }
+        let out = arg_out(out, "out")?;
         let max_context = (o.max_context > 0).then_some(o.max_context);
         let session = m.model.session(SessionOptions { max_context })?;
-        // SAFETY: out checked non-NULL.
-        unsafe { write_out(out, phi3_session::new(session), "out") }
+        // SAFETY: out was checked by arg_out and is writable (contract).
+        unsafe { out.write(phi3_session::new(session)) };
+        Ok(())
     })
 }
 
@@ -328,12 +327,11 @@ pub unsafe extern "C" fn phi3_session_fork(
     boundary(|| {
         // SAFETY: forwarded contracts.
         let s = unsafe { arg_ref(s, "session") }?;
-        if out.is_null() {
-            return Err(crate::ffi::null_arg("out"));
-        }
+        let out = arg_out(out, "out")?;
         let fork = s.with(|session| session.fork())?;
-        // SAFETY: out checked non-NULL.
-        unsafe { write_out(out, phi3_session::new(fork), "out") }
+        // SAFETY: out was checked by arg_out and is writable (contract).
+        unsafe { out.write(phi3_session::new(fork)) };
+        Ok(())
     })
 }
 
@@ -374,11 +372,10 @@ pub unsafe extern "C" fn phi3_session_load(
         // SAFETY: forwarded contracts.
         let m = unsafe { arg_ref(m, "model") }?;
         let path = unsafe { arg_cstr(path, "path") }?;
-        if out.is_null() {
-            return Err(crate::ffi::null_arg("out"));
-        }
+        let out = arg_out(out, "out")?;
         let session = Session::load(&m.model, path)?;
-        // SAFETY: out checked non-NULL.
-        unsafe { write_out(out, phi3_session::new(session), "out") }
+        // SAFETY: out was checked by arg_out and is writable (contract).
+        unsafe { out.write(phi3_session::new(session)) };
+        Ok(())
     })
 }
