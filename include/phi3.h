@@ -112,7 +112,7 @@ typedef struct phi3_generate_options {
    */
   const char *const *stop;
   /**
-   * Number of stop strings.
+   * Number of stop strings, at most 4096.
    */
   size_t n_stop;
   /**
@@ -121,7 +121,7 @@ typedef struct phi3_generate_options {
    */
   const int32_t *stop_token_ids;
   /**
-   * Number of stop token ids.
+   * Number of stop token ids, at most 4096.
    */
   size_t n_stop_token_ids;
 } phi3_generate_options;
@@ -137,8 +137,14 @@ typedef int32_t phi3_status;
  * token with the UTF-8 text that token completed (`utf8` is not NUL-terminated and is valid only
  * during the call; `len` may be 0 while a character's bytes or a possible stop string are held
  * back), and once more with `token` = -1 to deliver held-back text at the end. Return 0 to go on,
- * non-zero to stop (phi3_session_generate then returns PHI3_OK with PHI3_FINISH_CALLBACK). It must
- * not call into the same session (that returns PHI3_ERR_BUSY), except phi3_session_cancel.
+ * non-zero to stop (phi3_session_generate then returns PHI3_OK with PHI3_FINISH_CALLBACK; the
+ * final `token` = -1 call may still follow). It must not call into the same session (that
+ * returns PHI3_ERR_BUSY), except phi3_session_cancel. It must return normally: leaving it by a
+ * C++ exception or longjmp crosses Rust frames and is undefined behaviour (a Rust `extern "C"`
+ * callback that panics aborts the process with Rust >= 1.81). A host whose callback can fail
+ * catches the failure inside the callback, returns non-zero, and raises it again after
+ * phi3_session_generate returns; the tokens generated until then stay in the session, which
+ * stays usable (phi3.hpp and Phi3.cs do this).
  */
 typedef int32_t (*phi3_token_callback)(void *user_data, const char *utf8, size_t len, int32_t token);
 

@@ -115,21 +115,28 @@ pub(crate) unsafe fn arg_slice<'a, T>(p: *const T, n: usize, name: &str) -> Resu
     if p.is_null() {
         return Err(null_arg(name));
     }
-    // SAFETY: non-NULL, n elements readable by the caller's contract.
+    // A slice may not span more than isize::MAX bytes; a larger count is a lie about the buffer.
+    if n > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{name}: {n} elements is more than any buffer can hold"),
+        ));
+    }
+    // SAFETY: non-NULL, n elements readable by the caller's contract, n * size <= isize::MAX.
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
 
-/// Token ids from C (`int32_t`) as u32, rejecting negatives with the index.
-pub(crate) fn token_ids(tokens: &[i32], name: &str) -> Result<Vec<u32>> {
-    tokens
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| {
-            u32::try_from(t).map_err(|_| {
-                Error::new(ErrorKind::TokenOutOfRange, format!("{name}[{i}] = {t} is negative"))
-            })
-        })
-        .collect()
+/// Token ids from C (`int32_t`) as u32, rejecting negatives with the index. Checked in place
+/// and reinterpreted, not copied: a count never turns into an allocation here.
+pub(crate) fn token_ids<'a>(tokens: &'a [i32], name: &str) -> Result<&'a [u32]> {
+    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t < 0) {
+        return Err(Error::new(
+            ErrorKind::TokenOutOfRange,
+            format!("{name}[{i}] = {t} is negative"),
+        ));
+    }
+    // Non-negative i32 and u32 have the same bits.
+    Ok(bytemuck::cast_slice(tokens))
 }
 
 /// An out-pointer checked for NULL before any work, written only on success.

@@ -28,8 +28,14 @@ pub const PHI3_FINISH_CANCELLED: i32 = 4;
 /// token with the UTF-8 text that token completed (`utf8` is not NUL-terminated and is valid only
 /// during the call; `len` may be 0 while a character's bytes or a possible stop string are held
 /// back), and once more with `token` = -1 to deliver held-back text at the end. Return 0 to go on,
-/// non-zero to stop (phi3_session_generate then returns PHI3_OK with PHI3_FINISH_CALLBACK). It must
-/// not call into the same session (that returns PHI3_ERR_BUSY), except phi3_session_cancel.
+/// non-zero to stop (phi3_session_generate then returns PHI3_OK with PHI3_FINISH_CALLBACK; the
+/// final `token` = -1 call may still follow). It must not call into the same session (that
+/// returns PHI3_ERR_BUSY), except phi3_session_cancel. It must return normally: leaving it by a
+/// C++ exception or longjmp crosses Rust frames and is undefined behaviour (a Rust `extern "C"`
+/// callback that panics aborts the process with Rust >= 1.81). A host whose callback can fail
+/// catches the failure inside the callback, returns non-zero, and raises it again after
+/// phi3_session_generate returns; the tokens generated until then stay in the session, which
+/// stays usable (phi3.hpp and Phi3.cs do this).
 pub type phi3_token_callback = Option<
     unsafe extern "C" fn(
         user_data: *mut c_void,
@@ -67,12 +73,12 @@ pub struct phi3_generate_options {
     pub seed: u64,
     /// `n_stop` NUL-terminated UTF-8 stop strings (borrowed for the call); may be NULL if 0.
     pub stop: *const *const c_char,
-    /// Number of stop strings.
+    /// Number of stop strings, at most 4096.
     pub n_stop: usize,
     /// Token ids that end generation. NULL: the model's eos ids and `<|end|>`; non-NULL with
     /// `n_stop_token_ids` 0: none.
     pub stop_token_ids: *const i32,
-    /// Number of stop token ids.
+    /// Number of stop token ids, at most 4096.
     pub n_stop_token_ids: usize,
 }
 
@@ -152,6 +158,9 @@ pub unsafe extern "C" fn phi3_generate_options_init(o: *mut phi3_generate_option
     unsafe { init_options(o) }
 }
 
+/// Most stop strings, and most stop token ids, one call takes.
+const MAX_STOP_ENTRIES: usize = 4096;
+
 /// Rust options from C options.
 ///
 /// # Safety
@@ -159,6 +168,18 @@ pub unsafe extern "C" fn phi3_generate_options_init(o: *mut phi3_generate_option
 unsafe fn generate_options(o: *const phi3_generate_options) -> phi3_core::Result<GenerateOptions> {
     // SAFETY: forwarded contract.
     let o = unsafe { read_options(o, "options") }?;
+    // Bounded before the arrays are read or copied, so a wild count is an error, not an
+    // allocation of its size.
+    for (name, n) in
+        [("options->n_stop", o.n_stop), ("options->n_stop_token_ids", o.n_stop_token_ids)]
+    {
+        if n > MAX_STOP_ENTRIES {
+            return Err(phi3_core::Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{name} = {n} exceeds the limit of {MAX_STOP_ENTRIES}"),
+            ));
+        }
+    }
     // SAFETY: forwarded contract.
     let stop_ptrs = unsafe { arg_slice(o.stop, o.n_stop, "options->stop") }?;
     let stop = stop_ptrs
@@ -176,7 +197,7 @@ unsafe fn generate_options(o: *const phi3_generate_options) -> phi3_core::Result
         // A bad stop id is a bad option (INVALID_ARGUMENT), not a bad input token.
         let ids = token_ids(ids, "options->stop_token_ids")
             .map_err(|e| phi3_core::Error::new(ErrorKind::InvalidArgument, e.message()))?;
-        Some(ids)
+        Some(ids.to_vec())
     };
     Ok(GenerateOptions {
         max_tokens: o.max_tokens as usize,

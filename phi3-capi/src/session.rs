@@ -171,8 +171,20 @@ pub unsafe extern "C" fn phi3_session_append_tokens(
     boundary(|| {
         // SAFETY: forwarded contracts.
         let s = unsafe { arg_ref(s, "session") }?;
-        let ids = token_ids(unsafe { arg_slice(tokens, n, "tokens") }?, "tokens")?;
-        s.with(|session| session.append_tokens(&ids).map(drop))
+        s.with(|session| {
+            // Checked before the ids are read or copied: a count of 2^40 is an error, not a
+            // multi-terabyte allocation.
+            let room = session.max_context().saturating_sub(session.len());
+            if n > room {
+                return Err(Error::new(
+                    ErrorKind::ContextFull,
+                    format!("{n} tokens do not fit: the session has room for {room} more"),
+                ));
+            }
+            // SAFETY: forwarded contract.
+            let ids = token_ids(unsafe { arg_slice(tokens, n, "tokens") }?, "tokens")?;
+            session.append_tokens(ids).map(drop)
+        })
     })
 }
 

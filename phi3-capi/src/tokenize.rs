@@ -63,7 +63,7 @@ pub unsafe extern "C" fn phi3_detokenize(
         // SAFETY: forwarded contracts.
         let m = unsafe { arg_ref(m, "model") }?;
         let ids = token_ids(unsafe { arg_slice(tokens, n, "tokens") }?, "tokens")?;
-        let text = m.model.tokenizer()?.decode(&ids, false)?;
+        let text = m.model.tokenizer()?.decode(ids, false)?;
         // SAFETY: forwarded contract.
         unsafe { copy_out(text.as_bytes(), out.cast::<u8>(), cap, out_len) }
     })

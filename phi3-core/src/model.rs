@@ -149,11 +149,11 @@ impl Model {
             Some(n) => n.min(config.max_position_embeddings),
             None => config.max_position_embeddings,
         };
-        let fingerprint = fingerprint(&config, weights);
+        let fingerprint = fingerprint(&config, weights)?;
         let mut weight_bytes = 0u64;
         let mut weight_dtypes = Vec::new();
         let _ = weights.try_map(|t| {
-            weight_bytes += t.bytes().len() as u64;
+            weight_bytes += t.byte_len() as u64;
             if !weight_dtypes.contains(&t.dtype) {
                 weight_dtypes.push(t.dtype);
             }
@@ -342,7 +342,7 @@ impl Model {
 
 /// SHA-256 over the config's shape-defining fields and, per tensor, its name, dtype, shape and
 /// up to 3 x 4 KiB of its bytes (start, middle, end): cheap even for 28 GB of weights.
-fn fingerprint(config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> [u8; 32] {
+fn fingerprint(config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
     const SAMPLE: usize = 4096;
     let mut h = Sha256::new();
@@ -363,16 +363,16 @@ fn fingerprint(config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> [u8;
     ));
     let _ = weights.try_map(|t| {
         h.update(format!("{}:{}:{:?}", t.name, t.dtype.name(), t.shape));
-        let bytes = t.bytes();
-        let mid = bytes.len() / 2;
-        for range in [0..SAMPLE, mid..mid + SAMPLE, bytes.len().saturating_sub(SAMPLE)..bytes.len()]
-        {
-            let end = range.end.min(bytes.len());
-            h.update(&bytes[range.start.min(end)..end]);
+        let len = t.byte_len();
+        let mut sample = [0u8; SAMPLE];
+        for start in [0, len / 2, len.saturating_sub(SAMPLE)] {
+            let part = &mut sample[..SAMPLE.min(len - start)];
+            t.read_at(start, part)?;
+            h.update(&*part);
         }
         Ok(())
-    });
-    h.finalize().into()
+    })?;
+    Ok(h.finalize().into())
 }
 
 impl AnyKv {

@@ -111,6 +111,23 @@ fn truncated_and_corrupted_safetensors() {
 }
 
 #[test]
+fn model_file_truncated_after_loading_began() {
+    // Headers are validated first; the weights are read afterwards, when the backend takes
+    // them. A file cut short in between is an Io error naming the file and a tensor, not SIGBUS.
+    let dir = copy_fixture("mha-f32-tied");
+    let config = phi3_core::ModelConfig::from_dir(dir.path()).unwrap();
+    let weights = phi3_core::loader::load(dir.path(), &config).unwrap();
+    let file =
+        fs::OpenOptions::new().write(true).open(dir.path().join("model.safetensors")).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.set_len(len / 2).unwrap();
+    let err = Model::from_parts(config, &weights, None, &cpu(), None).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    assert!(err.message().starts_with("model.safetensors: model."), "{err}");
+    assert!(err.message().contains("file ends before byte"), "{err}");
+}
+
+#[test]
 fn inconsistent_shard_index() {
     let read_index = |dir: &Path| -> serde_json::Value {
         serde_json::from_str(&fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap())
@@ -145,6 +162,28 @@ fn inconsistent_shard_index() {
     index["weight_map"][name] = "../model-00001-of-00002.safetensors".into();
     write_index(dir.path(), &index);
     expect_err(dir.path(), ErrorKind::ModelFormat, &["../model-00001-of-00002.safetensors"]);
+    let absolute = dir.path().join("model-00001-of-00002.safetensors");
+    index["weight_map"][name] = absolute.to_str().unwrap().into();
+    write_index(dir.path(), &index);
+    expect_err(dir.path(), ErrorKind::ModelFormat, &["plain file name"]);
+
+    // A shard that is a symlink out of the folder (to a copy of a real shard, so only the
+    // location is wrong).
+    #[cfg(unix)]
+    {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path().join(&file);
+        fs::copy(dir.path().join(&file), &target).unwrap();
+        fs::remove_file(dir.path().join(&file)).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(&file)).unwrap();
+        let mut index = read_index(dir.path());
+        index["weight_map"][name] = file.clone().into();
+        write_index(dir.path(), &index);
+        expect_err(dir.path(), ErrorKind::ModelFormat, &[&file, "outside the model folder"]);
+        fs::remove_file(dir.path().join(&file)).unwrap();
+        fs::copy(&target, dir.path().join(&file)).unwrap();
+        assert!(Model::load(dir.path(), &cpu()).is_ok(), "the restored folder loads");
+    }
 
     // A tensor missing from the index altogether.
     let mut index = read_index(dir.path());

@@ -6,12 +6,15 @@
  * Run under ASan/UBSan with LeakSanitizer on, so every handle must be freed. */
 #define _POSIX_C_SOURCE 200809L
 
+#include <dirent.h>
 #include <math.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -1481,6 +1484,119 @@ static void test_getters_null(void)
     CHECK_EQ_SIZE(phi3_session_len(NULL), 0);
 }
 
+/* Counts that no buffer can back (a wrong size_t, a hostile host) are errors before anything is
+ * read or allocated from them; the session is unchanged. */
+static void test_size_bombs(void)
+{
+    phi3_model *d = shared_demo();
+    phi3_session *s = new_session_ctx(d, 0);
+    int32_t toks[2] = {1, 2};
+    size_t huge = (size_t)1 << 40;
+    size_t absurd = SIZE_MAX / 2;
+    char buf[16];
+    size_t got = 0;
+
+    CHECK_OK(phi3_session_append_tokens(s, toks, 2));
+    CHECK_ERR(phi3_session_append_tokens(s, toks, huge), PHI3_ERR_CONTEXT_FULL, "1099511627776");
+    CHECK_ERR(phi3_session_append_tokens(s, toks, absurd), PHI3_ERR_CONTEXT_FULL, NULL);
+    CHECK_EQ_SIZE(phi3_session_len(s), 2);
+    CHECK_ERR(phi3_detokenize(d, toks, absurd, buf, sizeof buf, &got), PHI3_ERR_INVALID_ARGUMENT,
+              "more than any buffer");
+    CHECK_ERR(phi3_session_append_text(s, "hi", SIZE_MAX), PHI3_ERR_INVALID_ARGUMENT,
+              "more than any buffer");
+    {
+        phi3_generate_options o = gen_opts(4, 0.0f, 0, 0);
+        const char *stop[1] = {"x"};
+        o.stop = stop;
+        o.n_stop = huge;
+        CHECK_ERR(phi3_session_generate(s, &o, NULL, NULL, NULL), PHI3_ERR_INVALID_ARGUMENT,
+                  "options->n_stop");
+        o.n_stop = 1;
+        o.stop_token_ids = toks;
+        o.n_stop_token_ids = huge;
+        CHECK_ERR(phi3_session_generate(s, &o, NULL, NULL, NULL), PHI3_ERR_INVALID_ARGUMENT,
+                  "options->n_stop_token_ids");
+    }
+    CHECK_EQ_SIZE(phi3_session_len(s), 2);
+    phi3_session_free(s);
+}
+
+static unsigned char *read_file(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    unsigned char *buf;
+    long len;
+    CHECK(f != NULL);
+    CHECK(fseek(f, 0, SEEK_END) == 0);
+    len = ftell(f);
+    CHECK(len >= 0);
+    rewind(f);
+    buf = xmalloc((size_t)len + 1);
+    CHECK(fread(buf, 1, (size_t)len, f) == (size_t)len);
+    fclose(f);
+    *n = (size_t)len;
+    return buf;
+}
+
+/* A save that runs out of space (here: RLIMIT_FSIZE, which fails writes with EFBIG just as a full
+ * disk fails them with ENOSPC) is PHI3_ERR_IO; the previous file at the path is intact, no
+ * temporary file is left behind, and the session is unchanged. */
+static void test_save_disk_full(void)
+{
+    phi3_model *m = shared_demo();
+    phi3_session *s = new_session(m);
+    phi3_session *loaded = NULL;
+    char dir[256], path[512];
+    unsigned char *before, *after;
+    size_t n_before, n_after, len;
+    struct rlimit old_limit, small;
+    void (*old_handler)(int);
+    DIR *d;
+    struct dirent *e;
+    int entries = 0;
+
+    snprintf(dir, sizeof dir, "%s/phi3-c-full-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/chat.session", dir);
+    CHECK_OK(phi3_session_append_text(s, "Hello, the moon", 15));
+    CHECK_OK(phi3_session_save(s, path));
+    before = read_file(path, &n_before);
+
+    CHECK_OK(phi3_session_append_text(s, " is bright tonight and the sea is calm", 38));
+    len = phi3_session_len(s);
+    CHECK(getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+    small = old_limit;
+    small.rlim_cur = (rlim_t)n_before; /* the new file is larger than the old one */
+    old_handler = signal(SIGXFSZ, SIG_IGN);
+    CHECK(setrlimit(RLIMIT_FSIZE, &small) == 0);
+    CHECK_ERR(phi3_session_save(s, path), PHI3_ERR_IO, "chat.session");
+    CHECK(setrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+    signal(SIGXFSZ, old_handler);
+
+    after = read_file(path, &n_after);
+    CHECK(n_after == n_before && memcmp(before, after, n_before) == 0);
+    d = opendir(dir);
+    CHECK(d != NULL);
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            entries++;
+    closedir(d);
+    CHECK_MSG(entries == 1, "%d files in the save folder: a temporary file was left behind", entries);
+
+    /* The session is unchanged and the next save works. */
+    CHECK_EQ_SIZE(phi3_session_len(s), len);
+    CHECK_OK(phi3_session_save(s, path));
+    CHECK_OK(phi3_session_load(m, path, &loaded));
+    CHECK_EQ_SIZE(phi3_session_len(loaded), len);
+
+    phi3_session_free(loaded);
+    phi3_session_free(s);
+    free(before);
+    free(after);
+    CHECK(unlink(path) == 0);
+    CHECK(rmdir(dir) == 0);
+}
+
 int main(void)
 {
     printf("test_api\n");
@@ -1511,6 +1627,8 @@ int main(void)
     RUN_TEST(test_save_load);
     RUN_TEST(test_cancel_idle);
     RUN_TEST(test_negative_stop_token_id);
+    RUN_TEST(test_size_bombs);
+    RUN_TEST(test_save_disk_full);
     phi3_model_free(g_demo);
     printf("test_api: all tests passed\n");
     return 0;

@@ -1,13 +1,14 @@
 //! Checkpoint loading: a model folder -> [`ModelWeights`] of validated [`HostTensor`]s.
 //!
 //! Every expected tensor's name, shape and dtype is checked here, before any backend sees a byte,
-//! and each error names the file and the tensor. Weights stay in their file dtype, memory-mapped:
-//! nothing is copied or converted here.
+//! and each error names the file and the tensor. Weights stay in their files, in their file dtype:
+//! nothing is read, copied or converted here (the backends read each tensor when they take it).
 //!
 //! Also here: deterministic random ("dummy") weights of any shape, for benchmarks and the demo
 //! model, so no files are needed.
 
 pub mod names;
+pub mod paths;
 pub mod safetensors;
 
 use std::path::Path;
@@ -80,11 +81,11 @@ impl<W> ModelWeights<W> {
 }
 
 /// Open the safetensors of `dir` and check every tensor `config` needs. Cheap: only headers are
-/// parsed; tensor data stays memory-mapped and unread.
+/// read; tensor data stays unread in the files.
 ///
 /// Errors: `Io` when the folder has neither `model.safetensors` nor
-/// `model.safetensors.index.json`, or a file cannot be opened or mapped; `ModelFormat` for an
-/// invalid header or index, a shard name outside the folder, or a tensor that is missing, has
+/// `model.safetensors.index.json`, or a file cannot be opened or read; `ModelFormat` for an
+/// invalid header or index, a file that resolves outside the folder, or a tensor that is missing, has
 /// the wrong shape or an unsupported dtype (each message names the file and the tensor).
 pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights<HostTensor>> {
     let checkpoint = Checkpoint::open(dir)?;

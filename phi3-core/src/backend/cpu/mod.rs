@@ -2,8 +2,8 @@
 //!
 //! It is the oracle the CUDA backend is checked against, so clarity wins over speed where the two
 //! conflict; the matmuls (where the time goes) are still blocked and threaded over all cores.
-//! Weights are read straight from the memory-mapped safetensors in their file dtype (bf16, f16 or
-//! f32) and widened to f32 on the fly; activations and the KV cache are f32.
+//! Weights are read from the safetensors files into memory once, in their file dtype (bf16, f16
+//! or f32), and widened to f32 on the fly; activations and the KV cache are f32.
 //!
 //! Files: `matmul.rs` (linear), `attention.rs`, `norm.rs` (RMSNorm, SwiGLU), `rope.rs` (RoPE and
 //! KV writes).
@@ -38,7 +38,7 @@ pub struct CpuAct {
     pub data: Vec<f32>,
 }
 
-/// A weight in its file dtype: zero-copy over the memory map when aligned, else an owned copy.
+/// A weight in its file dtype, in memory owned by the backend.
 #[derive(Clone, Debug)]
 pub struct CpuWeight {
     /// `out_features` of a matrix, 1 for a vector.
@@ -50,7 +50,6 @@ pub struct CpuWeight {
 
 #[derive(Clone, Debug)]
 enum WeightStorage {
-    Mapped(HostTensor),
     OwnedBf16(Vec<bf16>),
     OwnedF16(Vec<f16>),
     OwnedF32(Vec<f32>),
@@ -88,9 +87,6 @@ impl CpuAct {
 impl CpuWeight {
     pub(crate) fn view(&self) -> Result<WeightView<'_>> {
         match &self.storage {
-            WeightStorage::Mapped(t) => typed_view(t.dtype, t.bytes()).ok_or_else(|| {
-                Error::internal(format!("{}: mapped weight lost its alignment", t.name))
-            }),
             WeightStorage::OwnedBf16(v) => Ok(WeightView::Bf16(v)),
             WeightStorage::OwnedF16(v) => Ok(WeightView::F16(v)),
             WeightStorage::OwnedF32(v) => Ok(WeightView::F32(v)),
@@ -107,14 +103,25 @@ impl CpuWeight {
     }
 }
 
-/// The elements of `bytes` as `dtype`, or None when the bytes are not aligned for it.
-fn typed_view(dtype: DType, bytes: &[u8]) -> Option<WeightView<'_>> {
-    match dtype {
-        DType::BF16 => bytemuck::try_cast_slice(bytes).ok().map(WeightView::Bf16),
-        DType::F16 => bytemuck::try_cast_slice(bytes).ok().map(WeightView::F16),
-        DType::F32 => bytemuck::try_cast_slice(bytes).ok().map(WeightView::F32),
-    }
+/// A tensor's elements read from its file straight into a typed buffer: one copy, no staging.
+fn read_elements<T: bytemuck::Pod>(tensor: &HostTensor, zero: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(tensor.numel()).map_err(|_| {
+        Error::new(
+            ErrorKind::OutOfMemory,
+            format!("{}: cannot allocate {} MiB", tensor.name, tensor.byte_len() >> 20),
+        )
+    })?;
+    v.resize(tensor.numel(), zero);
+    tensor.read_at(0, bytemuck::cast_slice_mut(&mut v))?;
+    Ok(v)
 }
+
+// The files are little-endian, and so are the elements read into place above.
+#[cfg(target_endian = "big")]
+compile_error!(
+    "the CPU backend reads little-endian weights in place: big-endian hosts are unsupported"
+);
 
 impl CpuKv {
     fn row_len(&self) -> usize {
@@ -155,20 +162,10 @@ impl Backend for CpuBackend {
                 )))
             }
         };
-        let storage = if typed_view(tensor.dtype, tensor.bytes()).is_some() {
-            WeightStorage::Mapped(tensor.clone())
-        } else {
-            // Unaligned data (a header length that is not a multiple of the element size): copy once.
-            let bytes = tensor.bytes();
-            match tensor.dtype {
-                DType::BF16 => WeightStorage::OwnedBf16(
-                    bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
-                ),
-                DType::F16 => WeightStorage::OwnedF16(
-                    bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect(),
-                ),
-                DType::F32 => WeightStorage::OwnedF32(tensor.to_f32_vec()),
-            }
+        let storage = match tensor.dtype {
+            DType::BF16 => WeightStorage::OwnedBf16(read_elements(tensor, bf16::ZERO)?),
+            DType::F16 => WeightStorage::OwnedF16(read_elements(tensor, f16::ZERO)?),
+            DType::F32 => WeightStorage::OwnedF32(read_elements(tensor, 0.0f32)?),
         };
         Ok(CpuWeight { rows, cols, storage })
     }
