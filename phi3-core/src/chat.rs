@@ -34,6 +34,11 @@ use crate::tokenizer::Tokenizer;
 /// Name of the one template in a [`ChatTemplate`]'s environment (shown in template errors).
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Instructions one render may execute. A template comes from the model folder, which is not
+/// trusted: without a bound, `{% for i in range(10**9) %}` hangs the host. Phi-3's own template
+/// spends about 20 per message (see the test), so this allows conversations of ~100k messages.
+const RENDER_FUEL: u64 = 2_000_000;
+
 /// The built-in Phi-3.5 chat format: `<|system|>`, `<|user|>` and `<|assistant|>` turns, each
 /// `<|role|>\n{content}<|end|>\n`, after `bos_token`; `<|assistant|>\n` when a reply is wanted.
 /// As in Phi-3.5's template, a system message with empty content is left out. Unknown roles are
@@ -175,6 +180,7 @@ impl ChatTemplate {
 /// lstrip_blocks=True, extensions=[loopcontrols])`, with HF's extra globals and filters.
 fn sandbox() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(RENDER_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     // Prompt text is not HTML.
@@ -627,6 +633,20 @@ mod tests {
 
     fn render(source: &str, messages: &[(&str, &str)]) -> Result<String> {
         ChatTemplate::new(source)?.render(&msgs(messages), true, "<s>", "</s>")
+    }
+
+    #[test]
+    fn render_time_is_bounded_but_long_chats_fit() {
+        let hang = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let err = render(hang, &[("user", "hi")]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ModelFormat);
+        assert!(err.message().contains("fuel"), "{err}");
+        // 50k messages through the built-in template stay well within the fuel.
+        let many: Vec<ChatMessage> = (0..50_000)
+            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "hello"))
+            .collect();
+        let text = ChatTemplate::phi3_default().render(&many, true, "<s>", "</s>").unwrap();
+        assert_eq!(text.matches("<|user|>").count(), 25_000);
     }
 
     #[test]
