@@ -637,7 +637,8 @@ mod tests {
 
     #[test]
     fn render_time_is_bounded_but_long_chats_fit() {
-        let hang = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let hang =
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
         let err = render(hang, &[("user", "hi")]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ModelFormat);
         assert!(err.message().contains("fuel"), "{err}");
