@@ -181,8 +181,12 @@ impl PySession {
     /// Generate as an iterator of text chunks (a TokenStream); takes the same arguments as
     /// `generate`. The prompt is prefilled before this returns; a worker thread then decodes
     /// while `next()` waits with the GIL released. The chunks add up to the text `generate`
-    /// would return; `on_token`, if given, runs on the worker thread. Closing or dropping the
-    /// iterator (or Ctrl-C while it waits) cancels the generation; the session stays usable.
+    /// would return; `on_token`, if given, runs on the worker thread. An exception raised by
+    /// `on_token` ends the generation: `next()` returns the chunk of that token, then raises it.
+    /// Closing or dropping the iterator (or Ctrl-C while it waits) cancels the generation; the
+    /// session keeps the tokens sampled so far and stays usable. Until then the session is busy
+    /// (BusyError), also when the consumer raised while a reference to the iterator lives on
+    /// (e.g. in a traceback): `with session.stream(...) as it:` closes it in every case.
     #[pyo3(signature = (
         max_tokens = 256, *, temperature = 0.0, top_k = 0, top_p = 1.0, min_p = 0.0,
         repetition_penalty = 1.0, seed = None, stop = None, on_token = None,

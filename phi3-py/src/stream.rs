@@ -43,7 +43,9 @@ struct Consumer {
 /// An iterator of text chunks from `Session.stream()` or `Model.chat(..., stream=True)`.
 /// Joining the chunks gives the text `generate` would have returned. After it is exhausted,
 /// `result` holds the GenerationResult. `close()` (or leaving a `with` block, or dropping it)
-/// cancels the generation; the session keeps the tokens sampled so far and stays usable.
+/// cancels the generation; the session keeps the tokens sampled so far and stays usable. An
+/// exception raised by `on_token` ends the generation and is raised by `next()` after the chunk
+/// of the token it was called for; `on_token` is not called again.
 #[pyclass(name = "TokenStream", module = "phi3", frozen)]
 pub(crate) struct PyTokenStream {
     session: Py<PySession>,
@@ -100,6 +102,9 @@ fn work(
         }
     };
     let _ = tx.send(Msg::Started);
+    // Set once on_token raised: it is not called again, and nothing more reaches the consumer
+    // (the final chunk of held-back text included) before the exception.
+    let mut raised = false;
     while let Some(item) = stream.next() {
         if closed.load(Ordering::SeqCst) {
             stream.stop(FinishReason::Cancelled);
@@ -109,6 +114,9 @@ fn work(
             Ok(chunk) => chunk,
             Err(_) => continue, // into_result reports it
         };
+        if raised {
+            continue;
+        }
         if let Some(f) = &on_token {
             let outcome = Python::attach(|py| {
                 f.call1(py, (chunk.text.as_str(), chunk.token)).and_then(|v| v.is_truthy(py))
@@ -118,6 +126,7 @@ fn work(
                 Ok(true) => stream.stop(FinishReason::Callback),
                 Err(e) => {
                     stream.stop(FinishReason::Callback);
+                    raised = true;
                     let _ = tx.send(Msg::Chunk(chunk.text));
                     let _ = tx.send(Msg::Raised(e));
                     continue;
@@ -215,7 +224,10 @@ impl PyTokenStream {
         }
     }
 
-    /// Stop the worker (if still running) and wait for it, with the GIL released.
+    /// Stop the worker (if still running) and wait for it, with the GIL released. Called on the
+    /// worker itself (`close()` from `on_token`, or the iterator freed there by a garbage
+    /// collection), it only tells the worker to stop: it ends, and frees the session, after
+    /// `on_token` returns.
     fn finish(&self, py: Python<'_>) {
         let handle = self.worker.lock().ok().and_then(|mut w| w.take());
         let Some(handle) = handle else { return };
@@ -227,6 +239,9 @@ impl PyTokenStream {
         if let Ok(mut c) = self.consumer.try_lock() {
             // Dropping the receiver unblocks a worker waiting to send.
             c.rx = None;
+        }
+        if handle.thread().id() == std::thread::current().id() {
+            return; // joining itself would fail (EDEADLK); the handle detaches the thread
         }
         py.detach(|| {
             let _ = handle.join();

@@ -18,6 +18,7 @@ const Test tests[] = {
     {"generate_streams", test_generate_streams},
     {"callback_stops", test_callback_stops},
     {"callback_exception", test_callback_exception},
+    {"callback_exception_edges", test_callback_exception_edges},
     {"cancel", test_cancel},
     {"threads_busy_and_cancel", test_threads_busy_and_cancel},
     {"generate_options_defaults", test_generate_options_defaults},

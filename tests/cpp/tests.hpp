@@ -48,6 +48,7 @@ void check_status(phi3_status status, F &&body, const char *where) {
 void test_generate_streams(phi3::Model &model);
 void test_callback_stops(phi3::Model &model);
 void test_callback_exception(phi3::Model &model);
+void test_callback_exception_edges(phi3::Model &model);
 void test_cancel(phi3::Model &model);
 void test_threads_busy_and_cancel(phi3::Model &model);
 void test_generate_options_defaults(phi3::Model &model);

@@ -85,9 +85,11 @@ void test_callback_exception(phi3::Model &model) {
     phi3::GenerateOptions options;
     options.max_tokens = 32;
 
+    options.stop_token_ids = std::vector<int32_t>{}; // run to max_tokens: the throw must happen
+
     // A std::exception-derived type comes back as that type with its payload.
     int calls_after_throw = 0;
-    int tokens = 0;
+    std::vector<int32_t> seen;
     bool thrown = false;
     const CallbackError *thrown_address = nullptr;
     try {
@@ -95,9 +97,12 @@ void test_callback_exception(phi3::Model &model) {
             if (thrown) {
                 ++calls_after_throw;
             }
-            if (token >= 0 && ++tokens == 3) {
-                thrown = true;
-                throw CallbackError(42);
+            if (token >= 0) {
+                seen.push_back(token);
+                if (seen.size() == 3) {
+                    thrown = true;
+                    throw CallbackError(42);
+                }
             }
             return true;
         });
@@ -111,14 +116,23 @@ void test_callback_exception(phi3::Model &model) {
     CHECK(thrown_address != nullptr);
     CHECK(calls_after_throw == 0); // the trampoline stops calling the user after a throw
 
-    // The session is still usable: the tokens generated so far stayed, and it generates again.
+    // The session holds exactly the tokens generated before the throw (after the prompt) ...
+    phi3::Session reference = chat_session(model);
+    const phi3::GenerateResult full = reference.generate(options);
+    const size_t prompt = reference.size() - full.tokens.size();
+    const std::vector<int32_t> history = session.tokens();
+    CHECK(history.size() == prompt + 3);
+    CHECK(std::vector<int32_t>(history.begin() + prompt, history.end()) == seen);
+    CHECK(std::vector<int32_t>(full.tokens.begin(), full.tokens.begin() + 3) == seen);
+
+    // ... and is still usable: it generates again, continuing after them.
     const size_t len = session.size();
-    CHECK(len > 0);
     phi3::GenerateOptions more;
     more.max_tokens = 4;
+    more.stop_token_ids = std::vector<int32_t>{};
     phi3::GenerateResult r = session.generate(more);
-    CHECK(!r.tokens.empty());
-    CHECK(session.size() > len);
+    CHECK(r.tokens.size() == 4);
+    CHECK(session.size() == len + 4);
 
     // Any type, not only std::exception.
     try {
@@ -128,6 +142,63 @@ void test_callback_exception(phi3::Model &model) {
         CHECK(e.code == 7);
     }
     CHECK(session.generate(more).generated_tokens > 0);
+}
+
+void test_callback_exception_edges(phi3::Model &model) {
+    phi3::GenerateOptions options;
+    options.max_tokens = 8;
+    options.stop_token_ids = std::vector<int32_t>{};
+
+    // A phi3::Error thrown inside the callback (here: BUSY from calling into the generating
+    // session) comes back as itself, and the session is left usable.
+    phi3::Session session = chat_session(model);
+    try {
+        session.generate(options, [&](std::string_view, int32_t) -> bool {
+            session.append_text("re-entrant");
+            return true;
+        });
+        CHECK(!"generate did not rethrow");
+    } catch (const phi3::Error &e) {
+        CHECK(e.status() == PHI3_ERR_BUSY);
+    }
+    const size_t len = session.size();
+    session.append_text(" more");
+    CHECK(session.size() > len);
+    CHECK(session.generate(options).tokens.size() == 8);
+
+    // A throw from the final call (token -1, held-back text) is rethrown too, after every token
+    // stayed. A stop string of the reply's last character plus an unlikely byte holds that
+    // character back until the end.
+    phi3::Session a = chat_session(model);
+    phi3::Session b = a.fork();
+    const phi3::GenerateResult free_run = a.generate(options);
+    CHECK(!free_run.text.empty());
+    size_t last = free_run.text.size() - 1;
+    while (last > 0 && (static_cast<unsigned char>(free_run.text[last]) & 0xC0) == 0x80) {
+        --last; // the start of the last UTF-8 character
+    }
+    phi3::GenerateOptions held = options;
+    held.stop = {free_run.text.substr(last) + "\x01"};
+    std::vector<int32_t> tokens;
+    bool final_call = false;
+    try {
+        b.generate(held, [&](std::string_view text, int32_t token) -> bool {
+            if (token >= 0) {
+                tokens.push_back(token);
+                return true;
+            }
+            final_call = true;
+            CHECK(text == free_run.text.substr(last));
+            throw NotStd{-1};
+        });
+        CHECK(!"generate did not rethrow");
+    } catch (const NotStd &e) {
+        CHECK(e.code == -1);
+    }
+    CHECK(final_call);
+    CHECK(tokens == free_run.tokens);
+    CHECK(b.tokens() == a.tokens());
+    CHECK(b.generate(options).tokens == a.generate(options).tokens); // and goes on as `a` does
 }
 
 void test_cancel(phi3::Model &model) {

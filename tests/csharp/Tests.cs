@@ -92,22 +92,28 @@ public static class Tests
 
     private static void CallbackExceptionPropagates(Phi3Model model)
     {
+        // No stop tokens: generation runs to MaxTokens, so the throw always happens.
+        var options = new GenerateOptions { MaxTokens = 32, StopTokenIds = new int[0] };
         using (Phi3Session session = ChatSession(model))
         {
-            int tokens = 0;
+            var seen = new List<int>();
             int callsAfterThrow = 0;
             bool thrown = false;
             CallbackError original = null;
             try
             {
-                session.Generate(new GenerateOptions { MaxTokens = 32 }, (text, token) =>
+                session.Generate(options, (text, token) =>
                 {
                     if (thrown) callsAfterThrow++;
-                    if (token >= 0 && ++tokens == 3)
+                    if (token >= 0)
                     {
-                        thrown = true;
-                        original = new CallbackError(42);
-                        throw original;
+                        seen.Add(token);
+                        if (seen.Count == 3)
+                        {
+                            thrown = true;
+                            original = new CallbackError(42);
+                            throw original;
+                        }
                     }
                     return true;
                 });
@@ -122,10 +128,94 @@ public static class Tests
             }
             Check(callsAfterThrow == 0, "no callbacks after the throw");
 
+            // The session holds exactly the prompt and the three tokens seen before the throw.
+            int[] history = session.Tokens();
+            using (Phi3Session reference = ChatSession(model))
+            {
+                GenerateResult full = reference.Generate(options);
+                int prompt = reference.Length - full.Tokens.Length;
+                Check(history.Length == prompt + 3, "prompt plus the tokens before the throw");
+                Check(history.Skip(prompt).SequenceEqual(seen), "the tokens the callback saw stayed");
+                Check(full.Tokens.Take(3).SequenceEqual(seen), "the same tokens a clean run samples");
+            }
+
             int len = session.Length;
-            Check(len > 0, "tokens stayed in the session");
-            GenerateResult r = session.Generate(new GenerateOptions { MaxTokens = 4 });
-            Check(r.Tokens.Length > 0 && session.Length > len, "session usable after the exception");
+            GenerateResult r = session.Generate(new GenerateOptions { MaxTokens = 4, StopTokenIds = new int[0] });
+            Check(r.Tokens.Length == 4 && session.Length == len + 4, "session usable after the exception");
+        }
+    }
+
+    private static void CallbackExceptionEdges(Phi3Model model)
+    {
+        var options = new GenerateOptions { MaxTokens = 8, StopTokenIds = new int[0] };
+
+        // A Phi3Exception thrown inside the callback (BUSY from calling into the generating
+        // session) comes back as itself; the session is usable afterwards.
+        using (Phi3Session session = ChatSession(model))
+        {
+            Phi3Exception busy = null;
+            try
+            {
+                session.Generate(options, (text, token) =>
+                {
+                    session.AppendText("re-entrant");
+                    return true;
+                });
+                throw new CheckFailed("Generate did not rethrow");
+            }
+            catch (Phi3Exception e)
+            {
+                busy = e;
+            }
+            Check(busy.Status == Phi3Status.Busy, "BUSY from the re-entrant call, got " + busy.Status);
+            int len = session.Length;
+            session.AppendText(" more");
+            Check(session.Length > len, "append after the exception");
+            Check(session.Generate(options).Tokens.Length == 8, "generate after the exception");
+        }
+
+        // A throw from the final call (token -1, held-back text) is rethrown too, with every token
+        // kept. A stop string of the reply's last character plus an unlikely one holds that
+        // character back until the end.
+        using (Phi3Session a = ChatSession(model))
+        using (Phi3Session b = a.Fork())
+        {
+            GenerateResult free = a.Generate(options);
+            Check(free.Text.Length > 0, "the reply has text");
+            int last = free.Text.Length - 1;
+            if (last > 0 && char.IsLowSurrogate(free.Text[last])) last--;
+            string tail = free.Text.Substring(last);
+            var held = new GenerateOptions
+            {
+                MaxTokens = 8,
+                StopTokenIds = new int[0],
+                Stop = new[] { tail + "\u0001" },
+            };
+            var tokens = new List<int>();
+            string finalText = null;
+            try
+            {
+                b.Generate(held, (text, token) =>
+                {
+                    if (token >= 0)
+                    {
+                        tokens.Add(token);
+                        return true;
+                    }
+                    finalText = text;
+                    throw new InvalidOperationException("final call");
+                });
+                throw new CheckFailed("Generate did not rethrow");
+            }
+            catch (InvalidOperationException e)
+            {
+                Check(e.Message == "final call", "the final call's exception");
+            }
+            Check(finalText == tail, "the final call delivered the held-back character");
+            Check(tokens.SequenceEqual(free.Tokens), "every token was delivered before it");
+            Check(b.Tokens().SequenceEqual(a.Tokens()), "every token stayed in the session");
+            Check(b.Generate(options).Tokens.SequenceEqual(a.Generate(options).Tokens),
+                  "goes on as the other does");
         }
     }
 
@@ -350,6 +440,7 @@ public static class Tests
         {
             new KeyValuePair<string, Action<Phi3Model>>("generate_streams", GenerateStreams),
             new KeyValuePair<string, Action<Phi3Model>>("callback_exception_propagates", CallbackExceptionPropagates),
+            new KeyValuePair<string, Action<Phi3Model>>("callback_exception_edges", CallbackExceptionEdges),
             new KeyValuePair<string, Action<Phi3Model>>("cancel", Cancel),
             new KeyValuePair<string, Action<Phi3Model>>("threads_busy_and_cancel", ThreadsBusyAndCancel),
             new KeyValuePair<string, Action<Phi3Model>>("missing_folder_is_io", MissingFolderIsIo),
