@@ -33,10 +33,15 @@ pub extern "C" fn phi3_last_error() -> *const c_char {
 }
 
 /// Run an entry point's body: clear the last error, catch panics, map errors to status codes.
+/// A success clears the last error again at the end: a failing call made from inside a
+/// callback during this one must not leave its message behind a PHI3_OK.
 pub(crate) fn boundary(body: impl FnOnce() -> Result<()>) -> phi3_status {
     set_last_error("");
     match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => PHI3_OK,
+        Ok(Ok(())) => {
+            set_last_error("");
+            PHI3_OK
+        }
         Ok(Err(e)) => {
             set_last_error(&e.to_string());
             status_of(e.kind())

@@ -38,10 +38,19 @@ impl phi3_session {
 
     /// Run `f` on the session, or fail with Busy if another thread is inside a call.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
-        let mut guard = self.lock()?;
-        let result = f(&mut guard);
-        self.len.store(guard.len(), Ordering::SeqCst);
-        result
+        /// Publishes the session's length when the call ends, also when it unwinds (the
+        /// boundary catches the panic; phi3_session_len must not report a stale length).
+        struct PublishLen<'a> {
+            guard: MutexGuard<'a, Session>,
+            len: &'a AtomicUsize,
+        }
+        impl Drop for PublishLen<'_> {
+            fn drop(&mut self) {
+                self.len.store(self.guard.len(), Ordering::SeqCst);
+            }
+        }
+        let mut locked = PublishLen { guard: self.lock()?, len: &self.len };
+        f(&mut locked.guard)
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Session>> {

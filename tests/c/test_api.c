@@ -996,6 +996,28 @@ static void test_generate_errors_and_struct_size(void)
     phi3_model_free(f);
 }
 
+/* A callback that calls back into its own session gets PHI3_ERR_BUSY; the outer generate still
+ * succeeds, and its PHI3_OK leaves no stale message in phi3_last_error(). */
+static int32_t reenter_cb(void *user, const char *utf8, size_t len, int32_t token)
+{
+    phi3_session *s = (phi3_session *)user;
+    (void)utf8;
+    (void)len;
+    if (token >= 0)
+        CHECK_STATUS(phi3_session_append_text(s, "x", 1), PHI3_ERR_BUSY);
+    return 0;
+}
+
+static void test_callback_reentry_is_busy(void)
+{
+    phi3_model *m = shared_demo();
+    phi3_session *s = new_session(m);
+    phi3_generate_options o = gen_opts(3, 0.0f, 0, 0);
+    CHECK_OK(phi3_session_append_text(s, "Hello", 5));
+    CHECK_OK(phi3_session_generate(s, &o, reenter_cb, s, NULL));
+    phi3_session_free(s);
+}
+
 static void test_generate_callback_stop(void)
 {
     phi3_model *m = shared_demo();
@@ -1618,6 +1640,7 @@ int main(void)
     RUN_TEST(test_generate_basic);
     RUN_TEST(test_generate_errors_and_struct_size);
     RUN_TEST(test_generate_callback_stop);
+    RUN_TEST(test_callback_reentry_is_busy);
     RUN_TEST(test_generate_stop_string);
     RUN_TEST(test_stream_utf8);
     RUN_TEST(test_append_message);
