@@ -19,6 +19,11 @@ use crate::error::{Error, ErrorKind, Result};
 const MAX_DIM: usize = 1 << 20;
 /// Largest context a config may declare.
 const MAX_POSITIONS: usize = 1 << 24;
+/// Largest parameter count a config may imply: 2^40 (1.1 trillion; Phi-3-medium has 14 billion).
+/// Keeps every weight's byte size, and their sum, far from overflow, so a config of valid
+/// dimensions whose products are astronomical is an error here rather than an overflow or an
+/// allocation attempt later (dummy weights, tensor shapes).
+pub const MAX_PARAMETERS: u64 = 1 << 40;
 
 /// The model's architecture and generation defaults, normalised from the HF files.
 #[derive(Clone, Debug, PartialEq)]
@@ -139,6 +144,14 @@ struct RawGenerationConfig {
     pad_token_id: Option<i64>,
 }
 
+/// A model-folder file as text (`None` when absent); it must stay inside the folder.
+fn read_text(dir: &Path, name: &str) -> Result<Option<String>> {
+    let Some(bytes) = crate::loader::paths::read_model_file(dir, name)? else { return Ok(None) };
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|e| Error::model_format(format!("{}: not UTF-8: {e}", dir.join(name).display())))
+}
+
 impl ModelConfig {
     /// Read `config.json` and, when present, `generation_config.json` from a model folder.
     ///
@@ -146,11 +159,13 @@ impl ModelConfig {
     /// of [`ModelConfig::from_json`], the message prefixed with the file's path.
     pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let text = read_text(dir, "config.json")?.ok_or_else(|| {
+            let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+            Error::io(&config_path, missing)
+        })?;
         let mut config = Self::from_json(&text).map_err(|e| e.context(config_path.display()))?;
-        let gen_path = dir.join("generation_config.json");
-        if gen_path.is_file() {
-            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+        if let Some(text) = read_text(dir, "generation_config.json")? {
+            let gen_path = dir.join("generation_config.json");
             config.merge_generation_config(&text).map_err(|e| e.context(gen_path.display()))?;
         }
         Ok(config)
@@ -215,23 +230,34 @@ impl ModelConfig {
         })
     }
 
-    /// Merge generation_config.json: its eos ids join config.json's; bos/pad fill gaps.
-    fn merge_generation_config(&mut self, text: &str) -> Result<()> {
+    /// Merge the text of a generation_config.json (what [`ModelConfig::from_dir`] does when the
+    /// file exists): its eos ids join config.json's; bos/pad fill gaps. Other fields are ignored.
+    ///
+    /// Errors: `ModelFormat` for invalid JSON, a mistyped field or a negative token id; `self`
+    /// is unchanged on error.
+    pub fn merge_generation_config(&mut self, text: &str) -> Result<()> {
         let raw: RawGenerationConfig = parse_json(text)?;
-        push_ids(&mut self.eos_token_ids, raw.eos_token_id.as_ref(), "eos_token_id")?;
-        if self.bos_token_id.is_none() {
-            self.bos_token_id = opt_id(raw.bos_token_id, "bos_token_id")?;
-        }
-        if self.pad_token_id.is_none() {
-            self.pad_token_id = opt_id(raw.pad_token_id, "pad_token_id")?;
-        }
+        let mut eos_token_ids = self.eos_token_ids.clone();
+        push_ids(&mut eos_token_ids, raw.eos_token_id.as_ref(), "eos_token_id")?;
+        let bos_token_id = match self.bos_token_id {
+            Some(id) => Some(id),
+            None => opt_id(raw.bos_token_id, "bos_token_id")?,
+        };
+        let pad_token_id = match self.pad_token_id {
+            Some(id) => Some(id),
+            None => opt_id(raw.pad_token_id, "pad_token_id")?,
+        };
+        self.eos_token_ids = eos_token_ids;
+        self.bos_token_id = bos_token_id;
+        self.pad_token_id = pad_token_id;
         Ok(())
     }
 
     /// Check every invariant the loader and the forward pass rely on.
     ///
     /// Errors: `ModelFormat` naming the first field that breaks one: a layer dimension of 0 or
-    /// above 2^20, `max_position_embeddings = 0`, heads not a multiple of KV heads, an odd
+    /// above 2^20, dimensions that imply more than [`MAX_PARAMETERS`] parameters,
+    /// `max_position_embeddings = 0` or above 2^24, heads not a multiple of KV heads, an odd
     /// `head_dim`, `sliding_window = 0`, an epsilon or LongRoPE value that is not finite and > 0,
     /// a theta not finite and > 1, a rotary dimension that is 0, odd or above `head_dim`, or
     /// LongRoPE factor lists whose length is not `rotary_dim / 2`.
@@ -250,6 +276,15 @@ impl ModelConfig {
                 return Err(Error::model_format(format!(
                     "{name} = {value} out of range [1, {MAX_DIM}]"
                 )));
+            }
+        }
+        match self.checked_parameter_count() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            n => {
+                return Err(Error::model_format(format!(
+                    "the dimensions imply {} parameters, more than the limit of {MAX_PARAMETERS}",
+                    n.map_or_else(|| "over 2^64".to_string(), |n| n.to_string())
+                )))
             }
         }
         // 16M positions is 128x Phi-3's 128k; the bound keeps every size derived from a context
@@ -339,17 +374,35 @@ impl ModelConfig {
         self.num_key_value_heads * self.head_dim
     }
 
-    /// Total parameter count, tied embeddings counted once.
+    /// Total parameter count, tied embeddings counted once. At most [`MAX_PARAMETERS`] for a
+    /// config that passes [`ModelConfig::validate`]; `u64::MAX` for one whose count overflows.
     pub fn parameter_count(&self) -> u64 {
-        let h = self.hidden_size as u64;
-        let per_layer = h * (self.q_dim() + 2 * self.kv_dim()) as u64 // qkv_proj
-            + self.q_dim() as u64 * h                                  // o_proj
-            + h * 2 * self.intermediate_size as u64                    // gate_up_proj
-            + self.intermediate_size as u64 * h                        // down_proj
-            + 2 * h; // two norms
-        let embed = self.vocab_size as u64 * h;
+        self.checked_parameter_count().unwrap_or(u64::MAX)
+    }
+
+    /// The parameter count, or `None` when it (or a tensor's element count) overflows a u64.
+    fn checked_parameter_count(&self) -> Option<u64> {
+        let [vocab, h, inter, layers, heads, kv_heads, head_dim] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        ]
+        .map(|x| x as u64);
+        let q_dim = heads.checked_mul(head_dim)?;
+        let kv_dim = kv_heads.checked_mul(head_dim)?;
+        let qkv = kv_dim.checked_mul(2)?.checked_add(q_dim)?.checked_mul(h)?;
+        let o = q_dim.checked_mul(h)?;
+        let gate_up = inter.checked_mul(2)?.checked_mul(h)?;
+        let down = inter.checked_mul(h)?;
+        let norms = h.checked_mul(2)?;
+        let per_layer = [o, gate_up, down, norms].into_iter().try_fold(qkv, u64::checked_add)?;
+        let embed = vocab.checked_mul(h)?;
         let lm_head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + lm_head + h + per_layer * self.num_hidden_layers as u64
+        [embed, lm_head, h].into_iter().try_fold(per_layer.checked_mul(layers)?, u64::checked_add)
     }
 }
 

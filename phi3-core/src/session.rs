@@ -14,6 +14,7 @@
 //! what makes the logits equal HF's full forward of the whole sequence (see `kv_cache.rs`).
 
 use std::ops::ControlFlow;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
 use crate::chat::ChatMessage;
@@ -114,9 +115,12 @@ impl Session {
     /// added when the session is empty and the tokenizer adds one, as HF `tokenizer(text)` does.
     ///
     /// Errors (session unchanged): `Unsupported` without a tokenizer, `InvalidArgument` when
-    /// `text` encodes to no tokens, `ContextFull` past the session's max context.
+    /// `text` encodes to no tokens, `ContextFull` past the session's max context (checked
+    /// before tokenizing when the text is certainly too long, so a huge text costs no memory).
     pub fn append_text(&mut self, text: &str) -> Result<()> {
-        let ids = self.model.tokenizer()?.encode(text, self.tokens.is_empty())?;
+        let tokenizer = self.model.tokenizer()?;
+        self.check_text_fits(tokenizer, text)?;
+        let ids = tokenizer.encode(text, self.tokens.is_empty())?;
         self.push_tokens(&ids)?;
         self.needs_generation_prompt = false;
         Ok(())
@@ -165,11 +169,19 @@ impl Session {
     /// a last `on_token(text, None)` delivers held-back text when generation ends. The
     /// concatenated texts equal `GenerationResult::text`.
     /// Every sampled token stays in the session, also when generation is cancelled (the
-    /// session stays usable). Errors: `InvalidArgument` for bad options or an empty session,
-    /// `Cancelled` (tokens of completed steps are kept), `Unsupported` without a tokenizer,
-    /// `ContextFull` when the chat's assistant prompt does not fit, the chat template's errors
-    /// (see [`Session::append_message`]), backend errors during the prefill, and the stream's
-    /// item errors (see [`TokenStream`]).
+    /// session stays usable); a call that ends before sampling any token (cancelled or failed)
+    /// leaves the session's tokens and chat history as they were. Errors: `InvalidArgument`
+    /// for bad options or an empty session, `Cancelled` (tokens of completed steps are kept),
+    /// `Unsupported` without a tokenizer, `ContextFull` when the chat's assistant prompt does
+    /// not fit, the chat template's errors (see [`Session::append_message`]), backend errors
+    /// during the prefill, and the stream's item errors (see [`TokenStream`]).
+    ///
+    /// A panic in `on_token` is not caught: it ends the generation and propagates out of
+    /// `generate` with its original payload, after the session has been left exactly as if
+    /// `on_token` had returned `ControlFlow::Break` at that call (every sampled token kept, a
+    /// chat reply recorded), so a caller that catches it (`std::panic::catch_unwind`) can go on
+    /// using the session. `on_token` is not called again after it panicked, so held-back text is
+    /// not delivered. (With `panic = "abort"` the process ends instead.)
     pub fn generate(
         &mut self,
         options: &GenerateOptions,
@@ -178,8 +190,18 @@ impl Session {
         let mut stream = self.stream(options)?;
         while let Some(chunk) = stream.next() {
             let chunk = chunk?;
-            if on_token(&chunk.text, chunk.token).is_break() {
-                stream.stop(FinishReason::Callback);
+            // Caught only to finish the stream as a Break would, then resumed unchanged.
+            let flow = panic::catch_unwind(AssertUnwindSafe(|| on_token(&chunk.text, chunk.token)));
+            match flow {
+                Ok(ControlFlow::Continue(())) => {}
+                Ok(ControlFlow::Break(())) => stream.stop(FinishReason::Callback),
+                Err(payload) => {
+                    stream.stop(FinishReason::Callback);
+                    // After `stop` the stream only flushes and records the reply: no model work,
+                    // no error, no further callback.
+                    let _ = stream.into_result();
+                    panic::resume_unwind(payload);
+                }
             }
         }
         stream.into_result()
@@ -447,7 +469,30 @@ impl Session {
         if delta.is_empty() {
             return Ok(Vec::new());
         }
+        self.check_text_fits(tokenizer, delta)?;
         tokenizer.encode(delta, false)
+    }
+
+    /// `ContextFull` when `text` certainly encodes to more tokens than the session has room
+    /// for, found without tokenizing it: the tokenizer needs about 200 bytes of memory per byte
+    /// of text, so a text of many megabytes would otherwise cost seconds and gigabytes before
+    /// being rejected.
+    fn check_text_fits(&self, tokenizer: &crate::tokenizer::Tokenizer, text: &str) -> Result<()> {
+        let room = self.max_context.saturating_sub(self.tokens.len());
+        let needed = tokenizer.min_tokens(text);
+        if needed > room {
+            return Err(Error::new(
+                ErrorKind::ContextFull,
+                format!(
+                    "a text of {} bytes needs at least {needed} tokens; a session of {} has {room} \
+                     left of its max context of {}",
+                    text.len(),
+                    self.tokens.len(),
+                    self.max_context
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Remove an assistant prompt added by `add_generation_prompt` when the generation that

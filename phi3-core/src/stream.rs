@@ -32,7 +32,9 @@ pub struct StreamChunk {
 /// a backend error from the forward pass after a token (the token stays in the session, its
 /// forward pass pending), `Internal` when no token can be sampled, or `TokenOutOfRange` when the
 /// sampled id is one the tokenizer cannot decode (a gap in its ids). Cancellation is not an item
-/// error: it ends the stream with [`FinishReason::Cancelled`].
+/// error: it ends the stream with [`FinishReason::Cancelled`]. A stream that is cancelled or
+/// fails before sampling its first token takes back the assistant prompt it added and records no
+/// reply, so the session holds what it held before (wherever the cancel landed).
 /// Dropping it early leaves the session valid, holding every token sampled so far.
 pub struct TokenStream<'s> {
     session: &'s mut Session,
@@ -53,6 +55,8 @@ pub struct TokenStream<'s> {
     done: bool,
     /// Kind and message of an error a step returned (so `into_result` reports it too).
     failed: Option<(ErrorKind, String)>,
+    /// Session length before `start` added the assistant prompt.
+    before_prompt: usize,
 }
 
 impl<'s> TokenStream<'s> {
@@ -100,6 +104,7 @@ impl<'s> TokenStream<'s> {
             finish: None,
             done: false,
             failed: None,
+            before_prompt,
             session,
         })
     }
@@ -205,6 +210,18 @@ impl<'s> TokenStream<'s> {
         (!tail.is_empty()).then_some(StreamChunk { text: tail, token: None })
     }
 
+    /// A call that fails or is cancelled before sampling anything leaves the session as it was,
+    /// wherever the cancel landed (in the prefill, where `start` takes the prompt back, or just
+    /// after it): the assistant prompt is taken back and no reply is recorded. Returns whether
+    /// nothing was sampled.
+    fn take_back_prompt_if_nothing_sampled(&mut self) -> bool {
+        if !self.generated.is_empty() {
+            return false;
+        }
+        self.session.undo_generation_prompt(self.before_prompt);
+        true
+    }
+
     /// Record the reply as an assistant message when the conversation is a chat.
     fn record_reply(&mut self) {
         if self.session.has_messages() {
@@ -227,11 +244,17 @@ impl Iterator for TokenStream<'_> {
                 Err(e) => {
                     self.done = true;
                     self.failed = Some((e.kind(), e.message().to_string()));
+                    self.take_back_prompt_if_nothing_sampled();
                     return Some(Err(e));
                 }
             }
         }
         self.done = true;
+        if self.finish == Some(FinishReason::Cancelled)
+            && self.take_back_prompt_if_nothing_sampled()
+        {
+            return None;
+        }
         let tail = self.tail();
         self.record_reply();
         tail.map(Ok)

@@ -37,6 +37,15 @@ const FLAG_SPECIAL: u8 = 2;
 /// non-byte token closes it.
 const FLAG_BYTE: u8 = 4;
 
+/// Longest text [`Tokenizer::encode`] accepts, in bytes. The `tokenizers` crate needs about 200
+/// bytes of working memory per input byte (measured: 8 MiB of text, 1.6 GB peak), so this
+/// bounds one call at about 3.5 GB; it is 32 times the text of a full 128k-token Phi-3 context.
+pub const MAX_ENCODE_BYTES: usize = 16 << 20;
+
+/// How much a normalizer may shrink text (NFC/NFKC composition, e.g. `e` + U+0301 -> `é`, 3
+/// bytes -> 2) in the lower bound of [`Tokenizer::min_tokens`]; generous on purpose.
+const NORMALIZER_SHRINK: usize = 4;
+
 /// A loaded tokenizer. Cheap to clone (shared behind an `Arc`); `Send + Sync`.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -47,6 +56,8 @@ struct Inner {
     tk: tokenizers::Tokenizer,
     /// One entry per id in `0..vocab_size`: `FLAG_*` bits.
     flags: Vec<u8>,
+    /// Bytes of the longest token string (vocabulary pieces and added tokens).
+    max_token_bytes: usize,
     bos_token: Option<String>,
     eos_token: Option<String>,
     bos_token_id: Option<u32>,
@@ -88,14 +99,17 @@ impl Tokenizer {
     /// `ModelFormat` for invalid JSON, a file the `tokenizers` crate rejects, a mistyped field,
     /// a BOS/EOS token missing from the vocabulary, or a `chat_template.jinja` that is not UTF-8.
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
+        use crate::loader::paths::read_model_file;
         let json_path = dir.join("tokenizer.json");
-        let json = read_file(&json_path)?;
+        let json = read_model_file(dir, "tokenizer.json")?.ok_or_else(|| {
+            Error::io(&json_path, std::io::Error::from(std::io::ErrorKind::NotFound))
+        })?;
         let config_path = dir.join("tokenizer_config.json");
-        let config = read_optional(&config_path)?;
+        let config = read_model_file(dir, "tokenizer_config.json")?;
         let map_path = dir.join("special_tokens_map.json");
-        let map = read_optional(&map_path)?;
+        let map = read_model_file(dir, "special_tokens_map.json")?;
         let template_path = dir.join("chat_template.jinja");
-        let template = read_optional(&template_path)?;
+        let template = read_model_file(dir, "chat_template.jinja")?;
         let template = match template {
             Some(bytes) => Some(String::from_utf8(bytes).map_err(|e| {
                 Error::model_format(format!("{}: not UTF-8: {e}", template_path.display()))
@@ -146,8 +160,15 @@ impl Tokenizer {
     /// Token ids of `text`, equal to transformers' `tokenizer(text, add_special_tokens=...)`.
     /// With `add_special_tokens` the post-processor adds BOS (Phi-3: `<s>` = 1).
     /// Special-token text inside `text` (e.g. `"<|user|>"`) becomes the special token.
-    /// Errors: `Internal` when the `tokenizers` crate fails to encode.
+    /// Errors: `InvalidArgument` for a text longer than [`MAX_ENCODE_BYTES`] (checked before any
+    /// work), `Internal` when the `tokenizers` crate fails to encode.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        if text.len() > MAX_ENCODE_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "text of {} bytes is longer than the tokenizer's limit of {MAX_ENCODE_BYTES} bytes",
+                text.len()
+            )));
+        }
         let enc = self
             .inner
             .tk
@@ -175,6 +196,16 @@ impl Tokenizer {
             .tk
             .decode(ids, skip_special_tokens)
             .map_err(|e| Error::internal(format!("tokenizer: decoding failed: {e}")))
+    }
+
+    /// A lower bound on the number of tokens `encode(text, _)` returns, computed without
+    /// tokenizing: every token covers at most `max_token_bytes` bytes of normalized text, except
+    /// that added tokens with `lstrip`/`rstrip` swallow any amount of whitespace (so whitespace
+    /// is not counted) and a normalizer may shrink text (by at most [`NORMALIZER_SHRINK`]).
+    /// Lets a session reject a text that cannot fit its context before tokenizing it.
+    pub(crate) fn min_tokens(&self, text: &str) -> usize {
+        let bytes: usize = text.chars().filter(|c| !c.is_whitespace()).map(char::len_utf8).sum();
+        bytes.div_ceil(NORMALIZER_SHRINK * self.inner.max_token_bytes.max(1))
     }
 
     /// Ok when every id can be decoded; otherwise `TokenOutOfRange` naming the first bad index.
@@ -261,15 +292,6 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
-/// The file's bytes, or `None` when it does not exist (any other I/O error is an error).
-fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
 fn parse_json(src: &Source<'_>) -> Result<Value> {
     serde_json::from_slice(src.bytes)
         .map_err(|e| Error::model_format(format!("{}: invalid JSON: {e}", src.name)))
@@ -344,10 +366,12 @@ fn build(
     };
 
     let flags = token_flags(&tk);
+    let max_token_bytes = tk.get_vocab(true).keys().map(String::len).max().unwrap_or(1);
     Ok(Tokenizer {
         inner: Arc::new(Inner {
             tk,
             flags,
+            max_token_bytes,
             bos_token,
             eos_token,
             bos_token_id,

@@ -2,24 +2,28 @@
 # Compile and run the C tests (tests/c/test_*.c) and the C examples (examples/c/*.c) against an
 # already built libphi3 (scripts/c-tests builds it first, then calls this).
 #
-#   tests/c/run.sh [--lib-dir DIR] [--valgrind]
+#   tests/c/run.sh [--lib-dir DIR] [--valgrind] [--no-soak]
 #
 # Default run: every program built with -fsanitize=address,undefined and run with LeakSanitizer
 # on, so a leaked handle, a use after free or UB in the C code fails it. With --valgrind (and
 # valgrind installed) each program is also built without sanitizers and run under memcheck.
+# Then the soak (tests/c/soak.c), built without sanitizers because it measures resident memory:
+# thousands of generations, RSS, fds and threads flat after a warm-up (--no-soak skips it).
 # Prints "N passed, M failed" (counting programs; a valgrind run counts as its own program) and
 # exits non-zero on any failure. Environment: CC (default cc), TEST_TIMEOUT (seconds per program,
-# default 300).
+# default 300), PHI3_SOAK_ITERS / PHI3_SOAK_WARMUP / PHI3_SOAK_MAX_GROWTH_KB (see soak.c).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 lib_dir="${CARGO_TARGET_DIR:-target}/debug"
 use_valgrind=0
+use_soak=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --lib-dir) lib_dir="$2"; shift 2 ;;
     --valgrind) use_valgrind=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --no-soak) use_soak=0; shift ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -34,7 +38,7 @@ if [ ! -f "$lib_dir/libphi3.so" ]; then
 fi
 lib_dir="$(cd "$lib_dir" && pwd)"
 out_dir="${CARGO_TARGET_DIR:-target}/c-tests"
-mkdir -p "$out_dir/asan" "$out_dir/plain"
+mkdir -p "$out_dir/asan" "$out_dir/plain" "$out_dir/soak"
 
 base_flags=(-std=c99 -Wall -Wextra -Wpedantic -Werror -g -pthread -Iinclude -Itests/c)
 san_flags=(-fsanitize=address,undefined -fno-omit-frame-pointer)
@@ -53,10 +57,11 @@ failures=()
 pass() { passed=$((passed + 1)); echo "PASS $1 ($2 s)"; }
 fail() { failed=$((failed + 1)); failures+=("$1"); echo "FAIL $1: $2"; }
 
-# build NAME SOURCE KIND(asan|plain): compile SOURCE into $out_dir/KIND/NAME.
+# build NAME SOURCE KIND(asan|plain|soak): compile SOURCE into $out_dir/KIND/NAME.
 build() {
   local name="$1" src="$2" kind="$3" flags=("${base_flags[@]}")
   [ "$kind" = asan ] && flags+=("${san_flags[@]}") || flags+=(-O1)
+  [ "$kind" = soak ] && flags+=(-std=c11)
   "$cc" "${flags[@]}" "$src" -o "$out_dir/$kind/$name" "${link_flags[@]}"
 }
 
@@ -144,6 +149,15 @@ for kind in "${kinds[@]}"; do
     run_program "$label" "$kind" "$name"
   done
 done
+
+if [ $use_soak -eq 1 ]; then
+  echo "== tests/c/soak"
+  if build soak tests/c/soak.c soak; then
+    run_program tests/c/soak soak soak
+  else
+    fail tests/c/soak "does not compile"
+  fi
+fi
 
 echo
 if [ $failed -gt 0 ]; then

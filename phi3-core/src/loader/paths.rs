@@ -41,6 +41,22 @@ pub fn resolve_model_file(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(target)
 }
 
+/// The bytes of the model-folder file `name`, or `None` when there is no such entry; an entry
+/// that exists must pass [`resolve_model_file`] (so a FIFO, a device or a symlink out of the
+/// folder is an error, not a hang or a read of some other file).
+///
+/// Errors: as [`resolve_model_file`], and `Io` when the file cannot be read.
+pub fn read_model_file(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+    let joined = dir.join(name);
+    match std::fs::symlink_metadata(&joined) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&joined, e)),
+        Ok(_) => {}
+    }
+    let path = resolve_model_file(dir, name)?;
+    std::fs::read(&path).map(Some).map_err(|e| Error::io(&joined, e))
+}
+
 /// A file name as the model folder may give it: one normal component, no separators, no `..`.
 pub(crate) fn check_plain_name(name: &str) -> Result<()> {
     let path = Path::new(name);
@@ -96,6 +112,9 @@ mod tests {
         assert_eq!(resolve_model_file(&model, "missing").unwrap_err().kind(), ErrorKind::Io);
         std::fs::create_dir(model.join("sub")).unwrap();
         assert!(resolve_model_file(&model, "sub").unwrap_err().message().contains("regular file"));
+        assert_eq!(read_model_file(&model, "alias.safetensors").unwrap().unwrap(), b"x");
+        assert!(read_model_file(&model, "absent.json").unwrap().is_none());
+        assert!(read_model_file(&model, "escape.safetensors").is_err());
 
         // The hub cache layout: snapshots/<rev>/f -> ../../blobs/<hash>.
         let repo = root.path().join("models--org--name");
