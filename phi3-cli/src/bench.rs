@@ -65,6 +65,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         prefill_s,
         decode_s,
         parameter_count: model.config().parameter_count(),
+        stats: model.device_stats(),
     };
     if args.json {
         println!("{}", report.json());
@@ -129,6 +130,8 @@ struct Report {
     prefill_s: f64,
     decode_s: f64,
     parameter_count: u64,
+    /// Device, memory use and (CUDA) kernel status, taken after the runs.
+    stats: phi3_core::DeviceStats,
 }
 
 impl Report {
@@ -153,6 +156,12 @@ impl Report {
             "decode_s": self.decode_s,
             "decode_tokens_per_s": self.decode_tokens_per_s(),
             "parameter_count": self.parameter_count,
+            "weight_bytes_on_device": self.stats.weight_bytes,
+            "kv_bytes_per_token": self.stats.kv_bytes_per_token,
+            "kv_dtype": self.stats.kv_dtype,
+            "device_free_bytes": self.stats.cuda.as_ref().and_then(|c| c.free_memory),
+            "device_total_bytes": self.stats.cuda.as_ref().map(|c| c.total_memory),
+            "kernels": self.stats.cuda.as_ref().map(|c| c.kernels.to_string()),
         })
     }
 
@@ -173,6 +182,15 @@ impl Report {
             ("gen", self.gen_tokens.to_string()),
             ("decode tok/s", format!("{:.1}", self.decode_tokens_per_s())),
             ("ms/token", ms_per_token),
+            ("weights", crate::info::binary(self.stats.weight_bytes as f64)),
+            (
+                "kv/token",
+                format!(
+                    "{} {}",
+                    crate::info::binary(self.stats.kv_bytes_per_token as f64),
+                    self.stats.kv_dtype
+                ),
+            ),
         ];
         let widths: Vec<usize> = cells.iter().map(|(h, v)| h.len().max(v.len())).collect();
         let row = |f: &dyn Fn(&(&str, String)) -> String| {
@@ -180,7 +198,11 @@ impl Report {
                 cells.iter().zip(&widths).map(|(c, &w)| format!("{:<w$}", f(c))).collect();
             parts.join("  ").trim_end().to_string() + "\n"
         };
-        row(&|(h, _)| h.to_string()) + &row(&|(_, v)| v.clone())
+        let mut out = row(&|(h, _)| h.to_string()) + &row(&|(_, v)| v.clone());
+        if let Some(cuda) = &self.stats.cuda {
+            out += &format!("kernels: {}\n", cuda.kernels);
+        }
+        out
     }
 }
 

@@ -45,6 +45,32 @@ pub enum Command {
     Info(InfoArgs),
     /// Measure load time, prefill and decode speed.
     Bench(BenchArgs),
+    /// Check the CUDA backend on this machine's GPU: every op against the CPU backend, the full
+    /// model against the HF fixtures, then a short Phi-3-medium benchmark with dummy weights.
+    ///
+    /// Prints a table last and writes details to OUT/gpu-check.txt; exits 1 when a check fails
+    /// or there is no usable CUDA driver/device.
+    GpuCheck(GpuCheckArgs),
+}
+
+/// Arguments of `phi3 gpu-check`.
+#[derive(Debug, Args)]
+pub struct GpuCheckArgs {
+    /// The fixtures folder (tests/fixtures of the repository).
+    #[arg(long, default_value = "tests/fixtures", value_name = "DIR")]
+    pub fixtures: std::path::PathBuf,
+    /// Where to write gpu-check.txt.
+    #[arg(long, default_value = "gpu-check-out", value_name = "DIR")]
+    pub out: std::path::PathBuf,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub ordinal: usize,
+    /// Seed of the random op inputs (default: from the clock; printed in the details).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Skip the Phi-3-medium benchmark.
+    #[arg(long)]
+    pub skip_bench: bool,
 }
 
 /// Which model to load and where.

@@ -10,6 +10,7 @@ use crate::cli::InfoArgs;
 use crate::load::load_model;
 
 /// Bytes per element of the KV cache on the CPU backend (f32).
+#[cfg(test)]
 const KV_ELEMENT_BYTES: u64 = 4;
 
 pub fn run(args: &InfoArgs) -> Result<ExitCode> {
@@ -17,7 +18,6 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode> {
     let model = &loaded.model;
     let c = model.config();
     let context = args.context.unwrap_or(model.max_context() as u64);
-    let kv_per_token = kv_bytes_per_token(c);
 
     let mut rows: Vec<(&str, String)> = vec![
         ("model", loaded.name.clone()),
@@ -38,13 +38,28 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode> {
         ("stop ids", id_list(&model.default_stop_ids())),
         ("parameters", format!("{} ({})", si(c.parameter_count() as f64), c.parameter_count())),
     ];
+    let stats = model.device_stats();
+    let kv_per_token = stats.kv_bytes_per_token;
     rows.push(("weights", weights_summary(model)));
-    rows.push(("kv cache / token", format!("{} (f32)", binary(kv_per_token as f64))));
+    rows.push(("device", stats.device.clone()));
+    rows.push(("weights on device", binary(stats.weight_bytes as f64)));
+    rows.push((
+        "kv cache / token",
+        format!("{} ({})", binary(kv_per_token as f64), stats.kv_dtype),
+    ));
     rows.push((
         "kv cache",
         format!("{} for {context} tokens", binary(kv_per_token as f64 * context as f64)),
     ));
-    rows.push(("device", model.device_name()));
+    if let Some(cuda) = &stats.cuda {
+        let free = cuda.free_memory.map_or("?".into(), |f| binary(f as f64));
+        rows.push((
+            "device memory",
+            format!("{free} free of {}", binary(cuda.total_memory as f64)),
+        ));
+        rows.push(("kv cache in use", binary(cuda.kv_bytes as f64)));
+        rows.push(("kernels", cuda.kernels.to_string()));
+    }
 
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in rows {
@@ -53,8 +68,10 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// KV-cache bytes per token: keys and values of every layer, f32 on the CPU backend.
-pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
+/// KV-cache bytes per token on the CPU backend (f32); the model's `device_stats` gives the
+/// figure for the backend in use (bf16 on CUDA).
+#[cfg(test)]
+fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
     c.num_hidden_layers as u64
         * 2
         * c.num_key_value_heads as u64

@@ -26,6 +26,7 @@ pub fn load_model(args: &ModelArgs, dummy: Option<DummyWeights>) -> Result<Loade
         device: args.device,
         max_context: args.max_context.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         dummy_weights: dummy,
+        ..Default::default()
     };
     let Some(spec) = &args.model else {
         eprintln!("using the built-in demo model (random weights): pass --model for a real one");

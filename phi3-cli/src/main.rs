@@ -10,6 +10,7 @@ mod bench;
 mod chat;
 mod cli;
 mod generate;
+mod gpu_check;
 mod hub;
 mod info;
 mod interrupt;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::GpuCheck(args) => gpu_check::run(args),
     };
     match result {
         Ok(code) => code,

@@ -16,6 +16,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::loader::{HostTensor, ModelWeights};
+use crate::model::{LoadProgress, ProgressFn};
 use crate::rope::{Rope, RopeBatch, RopeRegime};
 
 /// A backend with a model's weights on it.
@@ -38,14 +39,35 @@ pub(crate) struct SeqInput<'a, B: Backend> {
 }
 
 impl<B: Backend> Engine<B> {
-    /// Upload `weights` to `backend`.
+    /// Upload `weights` to `backend`, reporting each tensor to `progress`.
     pub(crate) fn new(
         backend: B,
         config: &ModelConfig,
         weights: &ModelWeights<HostTensor>,
+        progress: Option<&ProgressFn>,
     ) -> Result<Self> {
-        let weights = weights.try_map(|t| backend.upload(t))?;
-        Ok(Engine {
+        let (mut tensors, mut bytes) = (0, 0u64);
+        let _ = weights.try_map(|t| {
+            tensors += 1;
+            bytes += t.byte_len() as u64;
+            Ok(())
+        });
+        let mut report = Progress::new(tensors, bytes, progress);
+        let weights = weights.try_map(|t| {
+            let w = backend.upload(t)?;
+            report.tensor_done(&t.name, t.byte_len() as u64);
+            Ok(w)
+        })?;
+        Ok(Self::with_weights(backend, config, weights))
+    }
+
+    /// An engine over weights already on `backend` (e.g. generated there).
+    pub(crate) fn with_weights(
+        backend: B,
+        config: &ModelConfig,
+        weights: ModelWeights<B::Weight>,
+    ) -> Self {
+        Engine {
             backend,
             weights,
             rope: Rope::new(&config.rope),
@@ -64,7 +86,7 @@ impl<B: Backend> Engine<B> {
             },
             eps: config.rms_norm_eps as f32,
             vocab_size: config.vocab_size,
-        })
+        }
     }
 
     /// A new, empty KV cache for one sequence.
@@ -125,5 +147,37 @@ impl<B: Backend> Engine<B> {
             seq.kv.set_len(span.pos0 + span.len);
         }
         Ok(logits.chunks(self.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// Counts uploaded tensors and bytes for a progress callback.
+pub(crate) struct Progress<'a> {
+    callback: Option<&'a ProgressFn>,
+    state: LoadProgress,
+}
+
+impl<'a> Progress<'a> {
+    /// A counter for `tensors` tensors of `bytes` bytes in all.
+    pub(crate) fn new(tensors: usize, bytes: u64, callback: Option<&'a ProgressFn>) -> Self {
+        Progress {
+            callback,
+            state: LoadProgress {
+                tensors_done: 0,
+                tensors_total: tensors,
+                bytes_done: 0,
+                bytes_total: bytes,
+                tensor: String::new(),
+            },
+        }
+    }
+
+    /// Record that `name` (`bytes` bytes) is on the backend and tell the callback.
+    pub(crate) fn tensor_done(&mut self, name: &str, bytes: u64) {
+        self.state.tensors_done += 1;
+        self.state.bytes_done += bytes;
+        if let Some(cb) = self.callback {
+            self.state.tensor = name.to_string();
+            cb(&self.state);
+        }
     }
 }

@@ -43,7 +43,7 @@ pub use config::ModelConfig;
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{CancelToken, FinishReason, GenerateOptions, GenerationResult, GenerationStats};
 pub use model::DummyWeights;
-pub use model::{Device, LoadOptions, Model};
+pub use model::{Device, DeviceStats, LoadOptions, LoadProgress, Model, ProgressFn};
 pub use session::{Session, SessionOptions, PREFILL_CHUNK};
 pub use stream::{StreamChunk, TokenStream};
 pub use tokenizer::Tokenizer;

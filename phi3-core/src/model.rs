@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend, CudaStats};
 use crate::backend::Backend;
 pub use crate::backend::Device;
 use crate::chat::{ChatMessage, ChatTemplate};
@@ -21,15 +22,62 @@ use crate::session::{Session, SessionOptions};
 use crate::tokenizer::Tokenizer;
 
 /// How to load a model.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct LoadOptions {
     /// Where to run: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N".
     pub device: Device,
     /// Upper bound on any session's context, in tokens (default: the model's
     /// `max_position_embeddings`). Sessions may ask for less, never more.
     pub max_context: Option<usize>,
-    /// Ignore the checkpoint's weights and use deterministic random ones (benchmarks).
+    /// Ignore the checkpoint's weights and use deterministic random ones (benchmarks). On CUDA
+    /// they are generated on the device (no files, no host copy) and differ from the CPU's.
     pub dummy_weights: Option<DummyWeights>,
+    /// Called after each weight tensor reaches the backend (from the loading thread).
+    pub progress: Option<ProgressFn>,
+}
+
+/// A load progress callback (see [`LoadOptions::progress`]).
+pub type ProgressFn = Arc<dyn Fn(&LoadProgress) + Send + Sync>;
+
+/// How far a load has come: reported after each tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// Tensors on the backend so far.
+    pub tensors_done: usize,
+    /// Tensors in the model.
+    pub tensors_total: usize,
+    /// Bytes (in the file dtype) on the backend so far.
+    pub bytes_done: u64,
+    /// Bytes of all tensors.
+    pub bytes_total: u64,
+    /// Name of the tensor just finished.
+    pub tensor: String,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("device", &self.device)
+            .field("max_context", &self.max_context)
+            .field("dummy_weights", &self.dummy_weights)
+            .field("progress", &self.progress.as_ref().map(|_| "<callback>"))
+            .finish()
+    }
+}
+
+/// What a model's backend holds, for reports (`phi3 info`, `phi3 bench`).
+#[derive(Clone, Debug)]
+pub struct DeviceStats {
+    /// The backend's device name, e.g. "cpu (16 threads)" or "cuda:0 (NVIDIA H100 ..., sm_90)".
+    pub device: String,
+    /// Bytes of weights the backend holds.
+    pub weight_bytes: u64,
+    /// Bytes per token of one session's KV cache (f32 on the CPU, bf16 on CUDA).
+    pub kv_bytes_per_token: u64,
+    /// Element type of the KV cache, e.g. "f32".
+    pub kv_dtype: &'static str,
+    /// CUDA only: memory, KV use and kernel compile/cache status.
+    pub cuda: Option<CudaStats>,
 }
 
 /// Random weights instead of the checkpoint's: only config.json (and the tokenizer) are read.
@@ -63,13 +111,63 @@ struct ModelInner {
 }
 
 /// The engine on whichever backend was chosen at load time.
+// One per model, built once and never moved in a hot path: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AnyEngine {
     Cpu(Engine<CpuBackend>),
+    Cuda(Box<Engine<CudaBackend>>),
 }
 
 /// A KV cache on whichever backend its model uses.
 pub(crate) enum AnyKv {
     Cpu(KvCache<CpuBackend>),
+    Cuda(KvCache<CudaBackend>),
+}
+
+/// Whether "auto" tries CUDA first. Off until the CUDA backend has passed `scripts/gpu-check`
+/// on a GPU: it was written and compiled without one, and "auto" is every front end's default,
+/// so an unverified device path must be asked for by name ("cuda"), never picked silently.
+const AUTO_SELECTS_CUDA: bool = false;
+
+/// The backend chosen for a load, before weights exist.
+enum Target {
+    Cpu,
+    Cuda(Box<CudaBackend>),
+}
+
+impl Target {
+    /// Resolve `device`: "auto" tries CUDA device 0 and falls back to the CPU, saying why.
+    fn choose(device: Device) -> Result<Target> {
+        match device {
+            Device::Cpu => Ok(Target::Cpu),
+            Device::Cuda(n) => Ok(Target::Cuda(Box::new(CudaBackend::new(n)?))),
+            Device::Auto if !AUTO_SELECTS_CUDA => {
+                log::info!(
+                    "device \"auto\": using the CPU (the CUDA backend has not yet passed \
+                     scripts/gpu-check on hardware; ask for \"cuda\" to use it)"
+                );
+                Ok(Target::Cpu)
+            }
+            Device::Auto => match CudaBackend::new(0) {
+                Ok(be) => {
+                    log::info!("device \"auto\": using {}", be.name());
+                    Ok(Target::Cuda(Box::new(be)))
+                }
+                Err(e) if cuda::device_count() > 0 => {
+                    log::warn!("device \"auto\": CUDA device unusable ({e}); using the CPU");
+                    Ok(Target::Cpu)
+                }
+                Err(e) => {
+                    log::info!("device \"auto\": using the CPU ({e})");
+                    Ok(Target::Cpu)
+                }
+            },
+        }
+    }
+}
+
+fn mismatch() -> Error {
+    Error::internal("KV cache belongs to a different backend than the model")
 }
 
 impl std::fmt::Debug for Model {
@@ -83,10 +181,10 @@ impl std::fmt::Debug for Model {
 
 impl Model {
     /// Load a Hugging Face model folder: config.json (+ generation_config.json), the safetensors
-    /// (single or sharded, memory-mapped, validated before any compute), tokenizer.json and
-    /// tokenizer_config.json when present. Costs a few milliseconds of header parsing on the CPU
-    /// backend (weights are read lazily through the map); with `dummy_weights`, generating every
-    /// weight in memory instead.
+    /// (single or sharded; every header validated before any tensor is read), tokenizer.json and
+    /// tokenizer_config.json when present. The CPU backend then reads every weight into its own
+    /// memory once (disk speed; the files are not used afterwards); with `dummy_weights`, every
+    /// weight is generated in memory instead.
     ///
     /// Errors: `Io` (missing folder or files), `ModelFormat` (config, header, index, tensor
     /// name/shape/dtype, tokenizer files, chat template), `Unsupported` (model type, rope type,
@@ -100,17 +198,23 @@ impl Model {
             ));
         }
         let config = ModelConfig::from_dir(dir)?;
-        let weights = match options.dummy_weights {
-            Some(d) => loader::dummy(&config, d.dtype, d.seed)?,
-            None => loader::load(dir, &config)?,
-        };
+        config.validate()?;
+        check_max_context(options)?;
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(Tokenizer::from_dir(dir)?)
         } else {
             log::info!("{}: no tokenizer.json; text input is unavailable", dir.display());
             None
         };
-        Self::from_parts(config, &weights, tokenizer, options, Some(dir.to_path_buf()))
+        let path = Some(dir.to_path_buf());
+        let (weights, target) = match (options.dummy_weights, Target::choose(options.device)?) {
+            (Some(d), Target::Cuda(be)) => {
+                return Self::dummy_on_device(config, *be, d, tokenizer, options, path)
+            }
+            (Some(d), target) => (loader::dummy(&config, d.dtype, d.seed)?, target),
+            (None, target) => (loader::load(dir, &config)?, target),
+        };
+        Self::build(config, &weights, target, tokenizer, options, path)
     }
 
     /// A model from a config and weights already in memory (the demo model, tests, benchmarks).
@@ -128,26 +232,35 @@ impl Model {
         path: Option<PathBuf>,
     ) -> Result<Model> {
         config.validate()?;
-        let chat_template = match &tokenizer {
-            Some(t) => ChatTemplate::from_tokenizer(t)?,
-            None => ChatTemplate::phi3_default(),
-        };
-        let engine = match options.device {
-            Device::Cpu => AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights)?),
-            Device::Auto => {
-                log::info!("device \"auto\": no CUDA backend in this build, using the CPU");
-                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights)?)
+        check_max_context(options)?;
+        let target = Target::choose(options.device)?;
+        Self::build(config, weights, target, tokenizer, options, path)
+    }
+
+    /// A model whose host `weights` go to `target` (CUDA: after the memory estimate passes).
+    fn build(
+        config: ModelConfig,
+        weights: &ModelWeights<HostTensor>,
+        target: Target,
+        tokenizer: Option<Tokenizer>,
+        options: &LoadOptions,
+        path: Option<PathBuf>,
+    ) -> Result<Model> {
+        let progress = options.progress.as_ref();
+        let engine = match target {
+            Target::Cpu => AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, progress)?),
+            Target::Cuda(be) => {
+                let mut shapes = Vec::new();
+                let _ = weights.try_map(|t| {
+                    shapes.push((t.shape.clone(), t.dtype));
+                    Ok(())
+                });
+                be.check_memory(&cuda::memory::estimate(
+                    &config,
+                    shapes.iter().map(|(s, d)| (s.as_slice(), *d)),
+                ))?;
+                AnyEngine::Cuda(Box::new(Engine::new(*be, &config, weights, progress)?))
             }
-            Device::Cuda(n) => {
-                return Err(Error::unsupported(format!(
-                "device \"cuda:{n}\": this build has no CUDA backend yet; use \"cpu\" or \"auto\""
-            )))
-            }
-        };
-        let max_context = match options.max_context {
-            Some(0) => return Err(Error::invalid_argument("max_context must be > 0")),
-            Some(n) => n.min(config.max_position_embeddings),
-            None => config.max_position_embeddings,
         };
         let fingerprint = fingerprint(&config, weights)?;
         let mut weight_bytes = 0u64;
@@ -160,6 +273,70 @@ impl Model {
             Ok(())
         });
         weight_dtypes.sort_by_key(|d| d.name());
+        let sums = (fingerprint, weight_bytes, weight_dtypes);
+        Self::finish(config, engine, tokenizer, options, path, sums)
+    }
+
+    /// Random weights generated on a CUDA device (no host copy); see `backend/cuda/upload.rs`.
+    fn dummy_on_device(
+        config: ModelConfig,
+        be: CudaBackend,
+        d: DummyWeights,
+        tokenizer: Option<Tokenizer>,
+        options: &LoadOptions,
+        path: Option<PathBuf>,
+    ) -> Result<Model> {
+        let layout = loader::layout(&config)?;
+        let mut shapes = Vec::new();
+        let _ = layout.try_map(|(_, shape)| {
+            shapes.push(shape.clone());
+            Ok(())
+        });
+        let tensors = shapes.iter().map(|s| (s.as_slice(), d.dtype));
+        be.check_memory(&cuda::memory::estimate(&config, tensors))?;
+        let bytes_of = |s: &[usize]| (s.iter().product::<usize>() * d.dtype.size()) as u64;
+        let total: u64 = shapes.iter().map(|s| bytes_of(s)).sum();
+        let progress = options.progress.as_ref();
+        let mut report = crate::forward::Progress::new(shapes.len(), total, progress);
+        let mut index = 0u64;
+        let weights = layout.try_map(|(name, shape)| {
+            let w = be.dummy_weight(name, shape, d.dtype, d.seed, index)?;
+            index += 1;
+            report.tensor_done(name, bytes_of(shape));
+            Ok(w)
+        })?;
+        be.synchronize()?;
+        let weight_bytes = total;
+        let fingerprint = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(config_header(&config));
+            h.update(format!("device dummy weights: seed {} dtype {}", d.seed, d.dtype.name()));
+            h.finalize().into()
+        };
+        let engine = AnyEngine::Cuda(Box::new(Engine::with_weights(be, &config, weights)));
+        let sums = (fingerprint, weight_bytes, vec![d.dtype]);
+        Self::finish(config, engine, tokenizer, options, path, sums)
+    }
+
+    /// The model around a ready engine; `sums` = (fingerprint, weight bytes, weight dtypes).
+    fn finish(
+        config: ModelConfig,
+        engine: AnyEngine,
+        tokenizer: Option<Tokenizer>,
+        options: &LoadOptions,
+        path: Option<PathBuf>,
+        sums: ([u8; 32], u64, Vec<DType>),
+    ) -> Result<Model> {
+        let (fingerprint, weight_bytes, weight_dtypes) = sums;
+        let chat_template = match &tokenizer {
+            Some(t) => ChatTemplate::from_tokenizer(t)?,
+            None => ChatTemplate::phi3_default(),
+        };
+        let max_context = match options.max_context {
+            Some(n) => n.min(config.max_position_embeddings),
+            None => config.max_position_embeddings,
+        };
         Ok(Model {
             inner: Arc::new(ModelInner {
                 config,
@@ -221,6 +398,32 @@ impl Model {
     pub fn device_name(&self) -> String {
         match &self.inner.engine {
             AnyEngine::Cpu(e) => e.backend.name(),
+            AnyEngine::Cuda(e) => e.backend.name(),
+        }
+    }
+
+    /// What the backend holds: device, weight and KV memory, and on CUDA the kernel status.
+    pub fn device_stats(&self) -> DeviceStats {
+        let c = &self.inner.config;
+        let kv_elements = 2 * c.num_hidden_layers as u64 * c.kv_dim() as u64;
+        match &self.inner.engine {
+            AnyEngine::Cpu(e) => DeviceStats {
+                device: e.backend.name(),
+                weight_bytes: self.inner.weight_bytes,
+                kv_bytes_per_token: 4 * kv_elements,
+                kv_dtype: "f32",
+                cuda: None,
+            },
+            AnyEngine::Cuda(e) => {
+                let stats = e.backend.stats();
+                DeviceStats {
+                    device: stats.device.clone(),
+                    weight_bytes: stats.weight_bytes,
+                    kv_bytes_per_token: 2 * kv_elements,
+                    kv_dtype: "bf16",
+                    cuda: Some(stats),
+                }
+            }
         }
     }
 
@@ -285,6 +488,7 @@ impl Model {
     pub(crate) fn new_kv(&self) -> Result<AnyKv> {
         match &self.inner.engine {
             AnyEngine::Cpu(e) => Ok(AnyKv::Cpu(e.new_kv()?)),
+            AnyEngine::Cuda(e) => Ok(AnyKv::Cuda(e.new_kv()?)),
         }
     }
 
@@ -292,6 +496,7 @@ impl Model {
     pub(crate) fn regime_for_len(&self, len: usize) -> RopeRegime {
         match &self.inner.engine {
             AnyEngine::Cpu(e) => e.rope.regime_for_len(len),
+            AnyEngine::Cuda(e) => e.rope.regime_for_len(len),
         }
     }
 
@@ -306,6 +511,10 @@ impl Model {
             (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => {
                 e.forward(&mut [SeqInput { tokens, kv, regime }])?
             }
+            (AnyEngine::Cuda(e), AnyKv::Cuda(kv)) => {
+                e.forward(&mut [SeqInput { tokens, kv, regime }])?
+            }
+            _ => return Err(mismatch()),
         };
         logits.pop().ok_or_else(|| Error::internal("forward returned no logits"))
     }
@@ -313,6 +522,8 @@ impl Model {
     pub(crate) fn kv_to_host(&self, kv: &AnyKv) -> Result<Vec<f32>> {
         match (&self.inner.engine, kv) {
             (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => e.backend.kv_to_host(&kv.storage, kv.len()),
+            (AnyEngine::Cuda(e), AnyKv::Cuda(kv)) => e.backend.kv_to_host(&kv.storage, kv.len()),
+            _ => Err(mismatch()),
         }
     }
 
@@ -330,12 +541,20 @@ impl Model {
                 kv.restore(n_tokens, regime);
                 Ok(AnyKv::Cpu(kv))
             }
+            AnyEngine::Cuda(e) => {
+                let mut kv = e.new_kv()?;
+                e.backend.kv_from_host(&mut kv.storage, n_tokens, data)?;
+                kv.restore(n_tokens, regime);
+                Ok(AnyKv::Cuda(kv))
+            }
         }
     }
 
     pub(crate) fn fork_kv(&self, kv: &AnyKv) -> Result<AnyKv> {
         match (&self.inner.engine, kv) {
             (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => Ok(AnyKv::Cpu(kv.fork(&e.backend)?)),
+            (AnyEngine::Cuda(e), AnyKv::Cuda(kv)) => Ok(AnyKv::Cuda(kv.fork(&e.backend)?)),
+            _ => Err(mismatch()),
         }
     }
 }
@@ -346,21 +565,7 @@ fn fingerprint(config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> Resu
     use sha2::{Digest, Sha256};
     const SAMPLE: usize = 4096;
     let mut h = Sha256::new();
-    h.update(format!(
-        "phi3 v{} vocab={} hidden={} inter={} layers={} heads={} kv={} hd={} rope={:?} eps={} window={:?} tied={}",
-        1,
-        config.vocab_size,
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_hidden_layers,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-        config.rope,
-        config.rms_norm_eps,
-        config.sliding_window,
-        config.tie_word_embeddings
-    ));
+    h.update(config_header(config));
     let _ = weights.try_map(|t| {
         h.update(format!("{}:{}:{:?}", t.name, t.dtype.name(), t.shape));
         let len = t.byte_len();
@@ -375,16 +580,44 @@ fn fingerprint(config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> Resu
     Ok(h.finalize().into())
 }
 
+fn check_max_context(options: &LoadOptions) -> Result<()> {
+    match options.max_context {
+        Some(0) => Err(Error::invalid_argument("max_context must be > 0")),
+        _ => Ok(()),
+    }
+}
+
+/// The config's shape-defining fields as text (the first part of every fingerprint).
+fn config_header(config: &ModelConfig) -> String {
+    format!(
+        "phi3 v{} vocab={} hidden={} inter={} layers={} heads={} kv={} hd={} rope={:?} eps={} window={:?} tied={}",
+        1,
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.rope,
+        config.rms_norm_eps,
+        config.sliding_window,
+        config.tie_word_embeddings
+    )
+}
+
 impl AnyKv {
     pub(crate) fn truncate(&mut self, len: usize) {
         match self {
             AnyKv::Cpu(kv) => kv.truncate(len),
+            AnyKv::Cuda(kv) => kv.truncate(len),
         }
     }
 
     pub(crate) fn len(&self) -> usize {
         match self {
             AnyKv::Cpu(kv) => kv.len(),
+            AnyKv::Cuda(kv) => kv.len(),
         }
     }
 
@@ -392,6 +625,7 @@ impl AnyKv {
     pub(crate) fn regime(&self) -> RopeRegime {
         match self {
             AnyKv::Cpu(kv) => kv.regime(),
+            AnyKv::Cuda(kv) => kv.regime(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! Not here: the layer loop (`forward.rs`), RoPE tables (`rope.rs`), KV bookkeeping (`kv_cache.rs`).
 
 pub mod cpu;
+pub mod cuda;
 
 use std::fmt;
 use std::str::FromStr;

@@ -112,8 +112,14 @@ pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights<HostTensor>
     assemble(config, tensors)
 }
 
+/// Every tensor's (name, shape) arranged as a [`ModelWeights`], in load order: what a backend
+/// that generates weights itself (CUDA dummy weights) fills.
+pub fn layout(config: &ModelConfig) -> Result<ModelWeights<(String, Vec<usize>)>> {
+    assemble(config, names::expected_tensors(config))
+}
+
 /// Arrange tensors given in the order of `names::expected_tensors` into a [`ModelWeights`].
-fn assemble(config: &ModelConfig, tensors: Vec<HostTensor>) -> Result<ModelWeights<HostTensor>> {
+fn assemble<T>(config: &ModelConfig, tensors: Vec<T>) -> Result<ModelWeights<T>> {
     let mut it = tensors.into_iter();
     let mut next = || it.next().ok_or_else(|| Error::internal("expected tensor list too short"));
     let embed_tokens = next()?;

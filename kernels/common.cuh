@@ -1,0 +1,80 @@
+// common.cuh: helpers shared by every phi3 kernel (supplied to NVRTC as a header by
+// phi3-core/src/backend/cuda/kernels.rs; the .cu files include it by name).
+//
+// Element types: bf16 and f16 are stored as their 16-bit patterns (struct bf16 / struct f16), so no
+// CUDA header is needed under NVRTC. bf16 -> f32 is a shift; f32 -> bf16 rounds to nearest even
+// (NaN stays NaN); f16 <-> f32 use the PTX cvt instructions. f32 weights are plain floats.
+// Reductions: warp_sum / warp_max with shuffles, block_sum / block_max through 32 floats of shared
+// memory (any blockDim.x that is a multiple of 32, up to 1024).
+#pragma once
+
+// -inf without math.h (NVRTC compiles with no system headers).
+#define PHI3_NEG_INF __int_as_float(0xff800000)
+
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) {
+    return __uint_as_float(((unsigned int)x.bits) << 16);
+}
+__device__ __forceinline__ float to_f32(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    bf16 b;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        b.bits = (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
+        return b;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    b.bits = (unsigned short)(u >> 16);
+    return b;
+}
+__device__ __forceinline__ f16 f32_to_f16(float f) {
+    f16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+    return h;
+}
+
+// Conversion from f32 to any element type, for templated stores.
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return f32_to_bf16(x); }
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) { return f32_to_f16(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum of `v` over the block, returned to every thread. `scratch`: 32 floats of shared memory.
+// Every thread of the block must call it (it synchronises).
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// Maximum of `v` over the block, returned to every thread (see block_sum).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : PHI3_NEG_INF;
+    return warp_max(v);
+}

@@ -1,0 +1,105 @@
+//! cuBLAS: the prefill matmul `x @ w^T` with fp32 accumulation.
+//!
+//! Row-major `y[n, out] = x[n, in] @ w[out, in]^T` is, in cuBLAS's column-major terms,
+//! `Y^T (out x n) = op_T(W: in x out) * X^T (in x n)`: cublasGemmEx(T, N, m = out, n = n,
+//! k = in, A = w (lda = in), B = x (ldb = in), C = y (ldc = out)). A and B share a type: bf16 or
+//! f16 (activations are rounded to the weight's type by a kernel first) or f32; C is f32;
+//! compute type CUBLAS_COMPUTE_32F (fp32 accumulation; no TF32, since the handle keeps the
+//! default math mode).
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::result as blas_result;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use super::error::{blas, guard};
+use crate::error::{Error, Result};
+
+/// Element type of the GEMM inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemmType {
+    Bf16,
+    F16,
+    F32,
+}
+
+/// One cuBLAS handle bound to the backend's stream. A mutex keeps calls from several host
+/// threads from interleaving inside cuBLAS (they are serialised on the one stream anyway).
+pub(crate) struct Blas {
+    handle: Mutex<CudaBlas>,
+}
+
+fn int(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::internal(format!("GEMM {what} = {x} exceeds i32")))
+}
+
+impl Blas {
+    pub(crate) fn new(stream: Arc<CudaStream>) -> Result<Blas> {
+        let handle = guard("cuBLAS", || {
+            CudaBlas::new(stream).map_err(|e| blas("create handle (is libcublas on the path?)", e))
+        })?;
+        Ok(Blas { handle: Mutex::new(handle) })
+    }
+
+    /// `y[n, out] = x[n, in] @ w[out, in]^T`. `x` and `w` hold elements of `ty` (u16 bit
+    /// patterns for bf16/f16, passed as raw slices), `y` is f32.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm<X, W>(
+        &self,
+        stream: &Arc<CudaStream>,
+        ty: GemmType,
+        x: &CudaSlice<X>,
+        w: &CudaSlice<W>,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        if x.len() < n * k || w.len() < m * k || y.len() < n * m {
+            return Err(Error::internal(format!(
+                "GEMM buffers too small for [{n}, {k}] x [{m}, {k}]^T"
+            )));
+        }
+        let (n_, k_, m_) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
+        let dt = match ty {
+            GemmType::Bf16 => cudaDataType::CUDA_R_16BF,
+            GemmType::F16 => cudaDataType::CUDA_R_16F,
+            GemmType::F32 => cudaDataType::CUDA_R_32F,
+        };
+        let handle = self.handle.lock().map_err(|_| Error::internal("cuBLAS handle poisoned"))?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (xp, _x_sync) = x.device_ptr(stream);
+        let (wp, _w_sync) = w.device_ptr(stream);
+        let (yp, _y_sync) = y.device_ptr_mut(stream);
+        // SAFETY: the three pointers are live device allocations of at least the sizes checked
+        // above; alpha and beta are host f32 values (the handle's default host pointer mode,
+        // CUBLAS_COMPUTE_32F scalars are f32); the handle is bound to `stream`.
+        unsafe {
+            blas_result::gemm_ex(
+                *handle.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m_,
+                n_,
+                k_,
+                &alpha as *const f32 as *const c_void,
+                wp as *const c_void,
+                dt,
+                k_,
+                xp as *const c_void,
+                dt,
+                k_,
+                &beta as *const f32 as *const c_void,
+                yp as *mut c_void,
+                cudaDataType::CUDA_R_32F,
+                m_,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas(&format!("GemmEx [{n}, {k}] x [{m}, {k}]^T ({ty:?})"), e))
+    }
+}

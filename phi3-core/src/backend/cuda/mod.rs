@@ -1,0 +1,706 @@
+//! The CUDA backend: the [`Backend`] operations on an NVIDIA GPU (sm_80 and newer).
+//!
+//! Everything is reached through cudarc with dynamic loading: libcuda, libnvrtc and libcublas are
+//! dlopen()ed when a CUDA device is requested (`context.rs`), so the crate builds and the CPU
+//! backend runs on machines without CUDA. Kernels are CUDA C++ in `kernels/*.cu`, compiled by
+//! NVRTC for the device at load time and cached on disk (`kernels.rs`).
+//!
+//! Numerics: activations (and the residual stream) are f32. `linear` with one row runs the GEMV
+//! kernel (weights in their dtype, f32 activations and accumulation); with more rows the
+//! activations are rounded to the weight's dtype (bf16/f16) and cuBLAS multiplies with fp32
+//! accumulation (f32 weights: an f32 GEMM). The KV cache is bf16 (half the memory of f32: a 128k
+//! context of Phi-3-medium takes 25 GiB next to 28 GiB of weights); attention reads it in f32.
+//!
+//! Files: `context.rs` (device, stream), `error.rs` (error mapping, panic guard), `nvrtc.rs` and
+//! `kernels.rs` (compile, cache, load), `memory.rs` (estimate), `upload.rs` (staging, dummy
+//! weights), `blas.rs` (cuBLAS GEMM), `ops.rs` (kernel launchers); this file holds the buffer types
+//! and the trait methods, which validate their inputs before launching.
+//!
+//! Not here: CUDA graphs, batched decode across sessions, fused/split-K attention (later issues).
+
+mod blas;
+mod context;
+mod error;
+pub mod kernels;
+pub mod memory;
+mod nvrtc;
+mod ops;
+mod upload;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use half::bf16;
+
+pub use self::context::device_count;
+use self::context::DeviceContext;
+use self::error::{guard, DriverResultExt};
+pub use self::kernels::KernelStatus;
+pub use self::upload::dummy_value;
+use super::{AttnParams, Backend, KvLayout, SeqSpan};
+use crate::error::{Error, ErrorKind, Result};
+use crate::loader::{DType, HostTensor};
+use crate::rope::RopeBatch;
+
+/// KV caches grow in blocks of this many tokens (and at least by their size, up to
+/// [`KV_GROWTH_MAX_TOKENS`], so long prompts do not copy the cache at every chunk).
+const KV_BLOCK_TOKENS: usize = 256;
+/// Largest single growth step of a KV cache beyond what was asked, in tokens.
+const KV_GROWTH_MAX_TOKENS: usize = 4096;
+/// bf16 NaN: poisons fresh KV storage in checks.
+const BF16_NAN: u16 = 0x7fc0;
+
+/// The CUDA backend on one device. Create with [`CudaBackend::new`].
+pub struct CudaBackend {
+    dev: DeviceContext,
+    blas: blas::Blas,
+    kernels: kernels::Kernels,
+    /// Bytes of weights held on the device.
+    weight_bytes: AtomicU64,
+    /// Bytes of KV storage held by all live caches (shared with each [`CudaKv`]).
+    kv_bytes: Arc<AtomicU64>,
+    /// Fill every new activation with NaN and new KV storage with bf16 NaN (checks only).
+    poison: AtomicBool,
+}
+
+/// f32 activations on the device, row-major `[rows, cols]`.
+pub struct CudaAct {
+    rows: usize,
+    cols: usize,
+    buf: CudaSlice<f32>, // [rows * cols] (at least 1 element)
+}
+
+/// A weight on the device.
+pub struct CudaWeight {
+    /// `out_features` of a matrix, 1 for a vector.
+    rows: usize,
+    /// `in_features` of a matrix, the length of a vector.
+    cols: usize,
+    data: WeightData,
+}
+
+/// Weight storage: matrices in their file dtype, vectors in f32.
+enum WeightData {
+    Bf16(CudaSlice<u16>), // [rows * cols], bf16 bit patterns
+    F16(CudaSlice<u16>),  // [rows * cols], f16 bit patterns
+    F32(CudaSlice<f32>),  // [rows * cols]
+}
+
+/// One sequence's KV cache on the device: per layer, keys and values
+/// `[capacity, n_kv_heads * head_dim]` bf16.
+pub struct CudaKv {
+    layout: KvLayout,
+    capacity: usize,
+    k: Vec<CudaSlice<u16>>, // [n_layers][capacity * kv_dim]; empty while capacity is 0
+    v: Vec<CudaSlice<u16>>, // [n_layers][capacity * kv_dim]
+    /// Bytes held here, counted in the backend's total.
+    bytes: u64,
+    counter: Arc<AtomicU64>,
+}
+
+impl Drop for CudaKv {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl CudaAct {
+    /// Number of rows (tokens).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Width of every row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl CudaWeight {
+    fn bytes(&self) -> u64 {
+        match &self.data {
+            WeightData::Bf16(b) | WeightData::F16(b) => 2 * b.len() as u64,
+            WeightData::F32(b) => 4 * b.len() as u64,
+        }
+    }
+
+    fn f32_vector(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            WeightData::F32(b) if self.rows == 1 => Ok(b),
+            _ => Err(Error::internal(format!("{what}: expected an f32 vector weight"))),
+        }
+    }
+}
+
+impl CudaKv {
+    fn kv_dim(&self) -> usize {
+        self.layout.n_kv_heads * self.layout.head_dim
+    }
+}
+
+/// Device facts and memory use, for `phi3 info` and `phi3 bench`.
+#[derive(Clone, Debug)]
+pub struct CudaStats {
+    /// e.g. "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)".
+    pub device: String,
+    /// Free device memory in bytes, when the driver answered.
+    pub free_memory: Option<u64>,
+    /// Total device memory in bytes.
+    pub total_memory: u64,
+    /// Bytes of weights on the device.
+    pub weight_bytes: u64,
+    /// Bytes of KV storage held by all live sessions.
+    pub kv_bytes: u64,
+    /// How the kernels were obtained.
+    pub kernels: KernelStatus,
+}
+
+impl CudaBackend {
+    /// Open CUDA device `ordinal` and load the kernels (compiled by NVRTC, or from the disk cache).
+    ///
+    /// Errors: `Unsupported` without a CUDA driver or NVRTC, or for a device older than sm_80;
+    /// `Device` when the driver reports no such device or a kernel fails to compile or load.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        let dev = DeviceContext::open(ordinal)?;
+        let kernels = kernels::Kernels::load(&dev.ctx, dev.arch).map_err(|e| {
+            e.context(format!("cuda:{ordinal}: loading kernels for sm_{}", dev.arch))
+        })?;
+        let blas = blas::Blas::new(dev.stream.clone())?;
+        Ok(CudaBackend {
+            dev,
+            blas,
+            kernels,
+            weight_bytes: AtomicU64::new(0),
+            kv_bytes: Arc::new(AtomicU64::new(0)),
+            poison: AtomicBool::new(false),
+        })
+    }
+
+    /// Device facts and current memory use.
+    pub fn stats(&self) -> CudaStats {
+        CudaStats {
+            device: self.name(),
+            free_memory: self.dev.memory_info().ok().map(|(free, _)| free),
+            total_memory: self.dev.total_memory,
+            weight_bytes: self.weight_bytes.load(Ordering::Relaxed),
+            kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
+            kernels: self.kernels.status.clone(),
+        }
+    }
+
+    /// `OutOfMemory`, naming the numbers, when `need` exceeds the device's free memory.
+    pub fn check_memory(&self, need: &memory::MemoryEstimate) -> Result<()> {
+        let (free, total) = self.dev.memory_info()?;
+        memory::check(&self.name(), need, free, total)
+    }
+
+    /// Checks only: fill every activation and KV block allocated from now on with NaN, so a
+    /// kernel that leaves part of its output unwritten shows up as NaN in the result.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Activations `[rows, cols]` from host data (checks and tests).
+    ///
+    /// Errors: `Internal` when `data.len() != rows * cols`; device errors.
+    pub fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaAct> {
+        if data.len() != rows * cols {
+            return Err(Error::internal(format!(
+                "{} values do not fill [{rows}, {cols}]",
+                data.len()
+            )));
+        }
+        let mut buf = self.alloc_f32(rows * cols, "activations")?;
+        if !data.is_empty() {
+            self.dev.stream.memcpy_htod(data, &mut buf).ctx("activations to the device")?;
+        }
+        Ok(CudaAct { rows, cols, buf })
+    }
+
+    /// A weight generated on the device (see `upload.rs`): `index` is the tensor's position in
+    /// load order, so every tensor gets different values.
+    pub fn dummy_weight(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        seed: u64,
+        index: u64,
+    ) -> Result<CudaWeight> {
+        self.dummy_tensor(name, shape, dtype, seed, index)
+    }
+
+    /// A weight's elements widened to f32 on the host (checks and tests).
+    pub fn weight_to_host(&self, w: &CudaWeight) -> Result<Vec<f32>> {
+        let out = match &w.data {
+            WeightData::F32(b) => self.dtoh(b)?,
+            WeightData::Bf16(b) => {
+                self.dtoh(b)?.into_iter().map(|x| bf16::from_bits(x).to_f32()).collect()
+            }
+            WeightData::F16(b) => {
+                self.dtoh(b)?.into_iter().map(|x| half::f16::from_bits(x).to_f32()).collect()
+            }
+        };
+        Ok(out)
+    }
+
+    fn add_weight_bytes(&self, w: &CudaWeight) {
+        self.weight_bytes.fetch_add(w.bytes(), Ordering::Relaxed);
+    }
+
+    fn alloc<T: DeviceRepr>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
+        // SAFETY: uninitialised device memory; every kernel writes its whole output before
+        // anything reads it, and KV positions past a cache's length are never read.
+        let r = guard(what, || unsafe { self.dev.stream.alloc::<T>(n.max(1)) }.ctx(what));
+        r.map_err(|e| {
+            if e.kind() == ErrorKind::OutOfMemory {
+                let free = self
+                    .dev
+                    .memory_info()
+                    .map_or(String::new(), |(f, _)| format!(" ({} MiB free)", f >> 20));
+                Error::new(
+                    ErrorKind::OutOfMemory,
+                    format!(
+                        "{}: out of device memory allocating {} MiB for {what}{free}",
+                        self.name(),
+                        (n * std::mem::size_of::<T>()) >> 20
+                    ),
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    fn alloc_f32(&self, n: usize, what: &str) -> Result<CudaSlice<f32>> {
+        let mut b = self.alloc::<f32>(n, what)?;
+        if self.poison.load(Ordering::Relaxed) {
+            self.launch_fill_f32(&mut b, f32::NAN)?;
+        }
+        Ok(b)
+    }
+
+    fn alloc_u16(&self, n: usize, what: &str) -> Result<CudaSlice<u16>> {
+        let mut b = self.alloc::<u16>(n, what)?;
+        if self.poison.load(Ordering::Relaxed) {
+            self.launch_fill_u16(&mut b, BF16_NAN)?;
+        }
+        Ok(b)
+    }
+
+    fn act(&self, rows: usize, cols: usize, what: &str) -> Result<CudaAct> {
+        Ok(CudaAct { rows, cols, buf: self.alloc_f32(rows * cols, what)? })
+    }
+
+    fn htod<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
+        let mut buf = self.alloc::<T>(data.len(), what)?;
+        if !data.is_empty() {
+            self.dev.stream.memcpy_htod(data, &mut buf).ctx(what)?;
+        }
+        Ok(buf)
+    }
+
+    /// Copy a whole buffer to the host and wait for it (and for all earlier work).
+    fn dtoh<T: DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); buf.len()];
+        self.dev.stream.memcpy_dtoh(buf, &mut out).ctx("copy to the host")?;
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// Wait for all queued work; report errors recorded by cudarc where it could not return them
+    /// (e.g. in a buffer's drop).
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.stream.synchronize().ctx("synchronize")?;
+        self.dev.ctx.check_err().ctx("deferred error")
+    }
+
+    /// `x` rounded to `name`'s 16-bit type (phi3_f32_to_bf16 / phi3_f32_to_f16).
+    fn to_half(&self, x: &CudaAct, name: &str) -> Result<CudaSlice<u16>> {
+        let n = x.rows * x.cols;
+        let mut y = self.alloc_u16(n, "GEMM input")?;
+        self.launch_to_half(name, &x.buf, &mut y, n)?;
+        Ok(y)
+    }
+
+    /// Grow (or create) layer buffers to `capacity` tokens, keeping the first `keep` tokens.
+    fn grow_kv(&self, kv: &mut CudaKv, capacity: usize) -> Result<()> {
+        let row = kv.kv_dim();
+        let keep = kv.capacity * row;
+        let n = capacity * row;
+        // Layer by layer, so at most one layer's old and new buffers coexist. A failure part way
+        // leaves some layers larger than `kv.capacity`, which stays the committed size.
+        for layer in 0..kv.layout.n_layers {
+            for which in [0, 1] {
+                let mut fresh = self.alloc_u16(n, "the KV cache")?;
+                let fresh_bytes = 2 * fresh.len() as u64;
+                let bufs = if which == 0 { &mut kv.k } else { &mut kv.v };
+                let mut old_bytes = 0;
+                if let Some(old) = bufs.get(layer) {
+                    let copy = keep.min(old.len());
+                    if copy > 0 {
+                        let mut dst = fresh.slice_mut(0..copy);
+                        self.dev
+                            .stream
+                            .memcpy_dtod(&old.slice(0..copy), &mut dst)
+                            .ctx("KV copy")?;
+                    }
+                    old_bytes = 2 * old.len() as u64;
+                    bufs[layer] = fresh;
+                } else {
+                    bufs.push(fresh);
+                }
+                kv.bytes = kv.bytes + fresh_bytes - old_bytes;
+                kv.counter.fetch_add(fresh_bytes, Ordering::Relaxed);
+                kv.counter.fetch_sub(old_bytes, Ordering::Relaxed);
+            }
+        }
+        kv.capacity = capacity;
+        Ok(())
+    }
+}
+
+fn gemv_name(w: &WeightData) -> &'static str {
+    match w {
+        WeightData::Bf16(_) => "phi3_gemv_bf16",
+        WeightData::F16(_) => "phi3_gemv_f16",
+        WeightData::F32(_) => "phi3_gemv_f32",
+    }
+}
+
+fn check_attn(p: &AttnParams) -> Result<()> {
+    if p.head_dim > 256
+        || p.n_kv_heads == 0
+        || (p.n_heads / p.n_kv_heads) * p.n_kv_heads != p.n_heads
+    {
+        return Err(Error::unsupported(format!(
+            "CUDA attention supports head_dim <= 256 and n_heads a multiple of n_kv_heads \
+             (got head_dim {}, {} heads, {} kv heads)",
+            p.head_dim, p.n_heads, p.n_kv_heads
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Act = CudaAct;
+    type Weight = CudaWeight;
+    type Kv = CudaKv;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({}, sm_{})", self.dev.ordinal, self.dev.name, self.dev.arch)
+    }
+
+    fn upload(&self, tensor: &HostTensor) -> Result<CudaWeight> {
+        self.upload_tensor(tensor)
+    }
+
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKv> {
+        Ok(CudaKv {
+            layout: *layout,
+            capacity: 0,
+            k: Vec::new(),
+            v: Vec::new(),
+            bytes: 0,
+            counter: self.kv_bytes.clone(),
+        })
+    }
+
+    fn reserve_kv(&self, kv: &mut CudaKv, tokens: usize) -> Result<()> {
+        if tokens <= kv.capacity {
+            return Ok(());
+        }
+        let step = kv.capacity.clamp(KV_BLOCK_TOKENS, KV_GROWTH_MAX_TOKENS);
+        let want = tokens.max(kv.capacity + step);
+        let capacity = want.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
+        if kv.capacity.checked_add(step).is_none() || capacity.checked_mul(kv.kv_dim()).is_none() {
+            return Err(Error::new(ErrorKind::OutOfMemory, format!("KV cache of {tokens} tokens")));
+        }
+        // Ask for the exact size when the geometric step would not fit but the request would.
+        match self.grow_kv(kv, capacity) {
+            Err(e) if e.kind() == ErrorKind::OutOfMemory && capacity > tokens => {
+                let exact = tokens.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
+                self.grow_kv(kv, exact)
+            }
+            r => r,
+        }
+    }
+
+    fn copy_kv(&self, src: &CudaKv, n_tokens: usize) -> Result<CudaKv> {
+        let mut dst = self.alloc_kv(&src.layout)?;
+        self.reserve_kv(&mut dst, n_tokens)?;
+        let n = n_tokens.min(src.capacity) * src.kv_dim();
+        if n > 0 {
+            for layer in 0..src.layout.n_layers {
+                for (s, d) in
+                    [(&src.k[layer], &mut dst.k[layer]), (&src.v[layer], &mut dst.v[layer])]
+                {
+                    let mut dv = d.slice_mut(0..n);
+                    self.dev.stream.memcpy_dtod(&s.slice(0..n), &mut dv).ctx("KV cache copy")?;
+                }
+            }
+        }
+        Ok(dst)
+    }
+
+    fn kv_to_host(&self, kv: &CudaKv, n_tokens: usize) -> Result<Vec<f32>> {
+        let n = n_tokens * kv.kv_dim();
+        if n_tokens > kv.capacity {
+            return Err(Error::internal(format!(
+                "KV cache holds {} tokens, {n_tokens} asked",
+                kv.capacity
+            )));
+        }
+        let mut out = Vec::with_capacity(2 * n * kv.layout.n_layers);
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut host = vec![0u16; n];
+        for layer in 0..kv.layout.n_layers {
+            for buf in [&kv.k[layer], &kv.v[layer]] {
+                self.dev.stream.memcpy_dtoh(&buf.slice(0..n), &mut host).ctx("KV to the host")?;
+                self.synchronize()?;
+                out.extend(host.iter().map(|&b| bf16::from_bits(b).to_f32()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn kv_from_host(&self, kv: &mut CudaKv, n_tokens: usize, data: &[f32]) -> Result<()> {
+        let n = n_tokens * kv.kv_dim();
+        if data.len() != 2 * n * kv.layout.n_layers {
+            return Err(Error::internal(format!(
+                "KV data holds {} values, expected {}",
+                data.len(),
+                2 * n * kv.layout.n_layers
+            )));
+        }
+        self.reserve_kv(kv, n_tokens)?;
+        if n == 0 {
+            return Ok(());
+        }
+        for (layer, chunk) in data.chunks_exact(2 * n).enumerate() {
+            let (k, v) = chunk.split_at(n);
+            for (src, buf) in [(k, &mut kv.k[layer]), (v, &mut kv.v[layer])] {
+                // Round to nearest even, as the rope_kv kernel stores keys and values.
+                let bits: Vec<u16> = src.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+                let mut dst = buf.slice_mut(0..n);
+                self.dev.stream.memcpy_htod(&bits, &mut dst).ctx("KV to the device")?;
+            }
+        }
+        self.synchronize()
+    }
+
+    fn embed(&self, table: &CudaWeight, tokens: &[u32]) -> Result<CudaAct> {
+        let ids = self.htod(tokens, "token ids")?;
+        let mut out = self.act(tokens.len(), table.cols, "embeddings")?;
+        let n = tokens.len();
+        match &table.data {
+            WeightData::Bf16(t) => {
+                self.launch_gather("phi3_embed_bf16", t, &ids, &mut out.buf, n, table.cols)?
+            }
+            WeightData::F16(t) => {
+                self.launch_gather("phi3_embed_f16", t, &ids, &mut out.buf, n, table.cols)?
+            }
+            WeightData::F32(t) => {
+                self.launch_gather("phi3_embed_f32", t, &ids, &mut out.buf, n, table.cols)?
+            }
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(
+        &self,
+        residual: &mut CudaAct,
+        delta: Option<&CudaAct>,
+        weight: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaAct> {
+        let w = weight.f32_vector("rms_norm weight")?;
+        if weight.cols != residual.cols
+            || delta.is_some_and(|d| d.rows != residual.rows || d.cols != residual.cols)
+        {
+            return Err(Error::internal("rms_norm: shapes differ"));
+        }
+        let mut out = self.act(residual.rows, residual.cols, "rms_norm output")?;
+        let (rows, cols) = (residual.rows, residual.cols);
+        self.launch_rms_norm(
+            &mut residual.buf,
+            delta.map(|d| &d.buf),
+            w,
+            &mut out.buf,
+            rows,
+            cols,
+            eps,
+        )?;
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaAct, w: &CudaWeight) -> Result<CudaAct> {
+        if x.cols != w.cols {
+            return Err(Error::internal(format!(
+                "linear: input width {} vs weight [{}, {}]",
+                x.cols, w.rows, w.cols
+            )));
+        }
+        let (n, k, m) = (x.rows, x.cols, w.rows);
+        let mut y = self.act(n, m, "linear output")?;
+        if n == 0 {
+            return Ok(y);
+        }
+        let stream = &self.dev.stream;
+        match &w.data {
+            WeightData::Bf16(wb) | WeightData::F16(wb) if n == 1 => {
+                self.launch_gemv(gemv_name(&w.data), wb, &x.buf, &mut y.buf, k, m)?
+            }
+            WeightData::F32(wb) if n == 1 => {
+                self.launch_gemv("phi3_gemv_f32", wb, &x.buf, &mut y.buf, k, m)?
+            }
+            WeightData::Bf16(wb) => {
+                let xh = self.to_half(x, "phi3_f32_to_bf16")?;
+                self.blas.gemm(stream, blas::GemmType::Bf16, &xh, wb, &mut y.buf, n, k, m)?
+            }
+            WeightData::F16(wb) => {
+                let xh = self.to_half(x, "phi3_f32_to_f16")?;
+                self.blas.gemm(stream, blas::GemmType::F16, &xh, wb, &mut y.buf, n, k, m)?
+            }
+            WeightData::F32(wb) => {
+                self.blas.gemm(stream, blas::GemmType::F32, &x.buf, wb, &mut y.buf, n, k, m)?
+            }
+        }
+        Ok(y)
+    }
+
+    fn rope_store_kv(
+        &self,
+        qkv: &CudaAct,
+        seqs: &[SeqSpan],
+        rope: &RopeBatch,
+        kvs: &mut [&mut CudaKv],
+        layer: usize,
+        params: &AttnParams,
+    ) -> Result<CudaAct> {
+        check_attn(params)?;
+        let (hd, half) = (params.head_dim, rope.half);
+        let q_dim = params.n_heads * hd;
+        let kv_dim = params.n_kv_heads * hd;
+        if qkv.cols != q_dim + 2 * kv_dim || rope.len() != qkv.rows || 2 * half > hd {
+            return Err(Error::internal(format!(
+                "rope_store_kv: qkv [{}, {}], {} rope rows, rotary half {half}, head_dim {hd}",
+                qkv.rows,
+                qkv.cols,
+                rope.len()
+            )));
+        }
+        if seqs.len() != kvs.len() {
+            return Err(Error::internal("rope_store_kv: one KV cache per sequence"));
+        }
+        let cos = self.htod(&rope.cos, "rope cos")?;
+        let sin = self.htod(&rope.sin, "rope sin")?;
+        let mut q = self.act(qkv.rows, q_dim, "rotated q")?;
+        for (seq, kv) in seqs.iter().zip(kvs.iter_mut()) {
+            if seq.row + seq.len > qkv.rows || seq.pos0 + seq.len > kv.capacity {
+                return Err(Error::internal(format!(
+                    "rope_store_kv: span {seq:?} outside {} rows / KV capacity {}",
+                    qkv.rows, kv.capacity
+                )));
+            }
+            if seq.len == 0 {
+                continue;
+            }
+            let (k_cache, v_cache) = (&mut kv.k[layer], &mut kv.v[layer]);
+            self.launch_rope_store_kv(
+                &qkv.buf,
+                &cos,
+                &sin,
+                &mut q.buf,
+                k_cache,
+                v_cache,
+                seq.row,
+                seq.len,
+                seq.pos0,
+                (params.n_heads, params.n_kv_heads, hd, half),
+            )?;
+        }
+        Ok(q)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaAct,
+        seqs: &[SeqSpan],
+        kvs: &[&CudaKv],
+        layer: usize,
+        params: &AttnParams,
+    ) -> Result<CudaAct> {
+        check_attn(params)?;
+        let q_dim = params.n_heads * params.head_dim;
+        if q.cols != q_dim || seqs.len() != kvs.len() {
+            return Err(Error::internal("attention: q width or KV count mismatch"));
+        }
+        let mut out = self.act(q.rows, q_dim, "attention output")?;
+        for (seq, kv) in seqs.iter().zip(kvs) {
+            if seq.row + seq.len > q.rows || seq.pos0 + seq.len > kv.capacity {
+                return Err(Error::internal(format!(
+                    "attention: span {seq:?} outside {} rows / KV capacity {}",
+                    q.rows, kv.capacity
+                )));
+            }
+            if seq.len == 0 {
+                continue;
+            }
+            self.launch_attention(
+                &q.buf,
+                &kv.k[layer],
+                &kv.v[layer],
+                &mut out.buf,
+                seq.row,
+                seq.len,
+                seq.pos0,
+                (params.n_heads, params.n_kv_heads, params.head_dim),
+                params.scale,
+                params.sliding_window,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn swiglu(&self, gate_up: &CudaAct) -> Result<CudaAct> {
+        if gate_up.cols & 1 == 1 {
+            return Err(Error::internal("swiglu: odd gate_up width"));
+        }
+        let ffn = gate_up.cols / 2;
+        let mut out = self.act(gate_up.rows, ffn, "swiglu output")?;
+        if gate_up.rows * ffn > 0 {
+            self.launch_swiglu(&gate_up.buf, &mut out.buf, gate_up.rows, ffn)?;
+        }
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= x.rows) {
+            return Err(Error::internal(format!("gather_rows: row {r} of {}", x.rows)));
+        }
+        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let ids = self.htod(&ids, "row ids")?;
+        let mut out = self.act(rows.len(), x.cols, "gathered rows")?;
+        if !rows.is_empty() {
+            self.launch_gather(
+                "phi3_gather_rows_f32",
+                &x.buf,
+                &ids,
+                &mut out.buf,
+                rows.len(),
+                x.cols,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CudaAct) -> Result<Vec<f32>> {
+        let mut v = self.dtoh(&x.buf)?;
+        v.truncate(x.rows * x.cols);
+        Ok(v)
+    }
+}

@@ -1,0 +1,238 @@
+//! Kernel launchers: one function per kernel that picks the grid and pushes the arguments in the
+//! order of the kernel's signature (see each `kernels/*.cu` header). Shapes were validated by the
+//! trait methods in `mod.rs`; launchers only convert sizes to the kernels' integer types.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::error::DriverResultExt;
+use super::CudaBackend;
+use crate::error::{Error, Result};
+
+/// Threads per block of the row and grid-stride kernels.
+const BLOCK: u32 = 256;
+/// Threads per block of phi3_attention (ATT_THREADS in attention.cu).
+const ATT_THREADS: u32 = 128;
+/// Output rows per block of the GEMV kernels (one warp each).
+const GEMV_ROWS_PER_BLOCK: usize = BLOCK as usize / 32;
+
+pub(crate) fn i32_of(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::internal(format!("{what} = {x} does not fit a kernel int")))
+}
+
+fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::internal(format!("{what} = {x} does not fit a grid size")))
+}
+
+/// One block per row.
+fn per_row(rows: usize, threads: u32) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (u32_of(rows.max(1), "rows")?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A grid-stride loop over `n` elements (at most 2^16 blocks; each thread loops).
+fn grid_stride(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launch `$f` with `$cfg` and the given arguments on the backend's stream.
+macro_rules! launch {
+    ($be:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = $be.kernels.get($name)?;
+        let mut b = $be.dev.stream.launch_builder(f);
+        $( b.arg($arg); )+
+        // SAFETY: the arguments match the kernel's parameter list in type and order (see the
+        // kernel's source), every buffer is a live allocation of the size the kernel indexes
+        // (checked by the caller), and all work is ordered on the one stream.
+        unsafe { b.launch($cfg) }.ctx($name).map(|_| ())
+    }};
+}
+
+impl CudaBackend {
+    pub(crate) fn launch_fill_f32(&self, x: &mut CudaSlice<f32>, value: f32) -> Result<()> {
+        let n = x.len() as u64;
+        let cfg = grid_stride(x.len());
+        launch!(self, "phi3_fill_f32", cfg, x, &n, &value)
+    }
+
+    pub(crate) fn launch_fill_u16(&self, x: &mut CudaSlice<u16>, value: u16) -> Result<()> {
+        let n = x.len() as u64;
+        let cfg = grid_stride(x.len());
+        launch!(self, "phi3_fill_u16", cfg, x, &n, &value)
+    }
+
+    /// `name` is phi3_embed_<dtype> or phi3_gather_rows_f32.
+    pub(crate) fn launch_gather<T>(
+        &self,
+        name: &str,
+        table: &CudaSlice<T>,
+        ids: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let cols = i32_of(cols, "cols")?;
+        launch!(self, name, per_row(n, BLOCK)?, table, ids, out, &cols)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_rms_norm(
+        &self,
+        residual: &mut CudaSlice<f32>,
+        delta: Option<&CudaSlice<f32>>,
+        weight: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let cols = i32_of(cols, "cols")?;
+        let cfg = per_row(rows, BLOCK)?;
+        match delta {
+            Some(d) => launch!(self, "phi3_rms_norm", cfg, residual, d, weight, out, &cols, &eps),
+            None => {
+                let null = 0u64; // a NULL `const float*`
+                launch!(self, "phi3_rms_norm", cfg, residual, &null, weight, out, &cols, &eps)
+            }
+        }
+    }
+
+    /// `name` is phi3_gemv_<dtype>; y[out] = w[out, in] x[in].
+    pub(crate) fn launch_gemv<W>(
+        &self,
+        name: &str,
+        w: &CudaSlice<W>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(m.div_ceil(GEMV_ROWS_PER_BLOCK), "gemv blocks")?, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (k, m) = (i32_of(k, "in")?, i32_of(m, "out")?);
+        launch!(self, name, cfg, w, x, y, &k, &m)
+    }
+
+    /// `name` is phi3_f32_to_bf16 or phi3_f32_to_f16.
+    pub(crate) fn launch_to_half(
+        &self,
+        name: &str,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<u16>,
+        n: usize,
+    ) -> Result<()> {
+        let n64 = n as u64;
+        launch!(self, name, grid_stride(n), x, y, &n64)
+    }
+
+    pub(crate) fn launch_swiglu(
+        &self,
+        gate_up: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        ffn: usize,
+    ) -> Result<()> {
+        let n = (rows * ffn) as u64;
+        let ffn_i = i32_of(ffn, "ffn")?;
+        launch!(self, "phi3_swiglu", grid_stride(rows * ffn), gate_up, out, &n, &ffn_i)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_rope_store_kv(
+        &self,
+        qkv: &CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        q_out: &mut CudaSlice<f32>,
+        k_cache: &mut CudaSlice<u16>,
+        v_cache: &mut CudaSlice<u16>,
+        row0: usize,
+        n_rows: usize,
+        pos0: usize,
+        heads: (usize, usize, usize, usize), // (n_heads, n_kv_heads, head_dim, half)
+    ) -> Result<()> {
+        let (row0, pos0) = (i32_of(row0, "row")?, i32_of(pos0, "position")?);
+        let (nh, nkv) = (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?);
+        let (hd, half) = (i32_of(heads.2, "head_dim")?, i32_of(heads.3, "rotary half")?);
+        launch!(
+            self,
+            "phi3_rope_store_kv",
+            per_row(n_rows, BLOCK)?,
+            qkv,
+            cos,
+            sin,
+            q_out,
+            k_cache,
+            v_cache,
+            &row0,
+            &pos0,
+            &nh,
+            &nkv,
+            &hd,
+            &half
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        out: &mut CudaSlice<f32>,
+        row0: usize,
+        n_rows: usize,
+        pos0: usize,
+        heads: (usize, usize, usize), // (n_heads, n_kv_heads, head_dim)
+        scale: f32,
+        window: Option<usize>,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(n_rows, "rows")?, u32_of(heads.0, "heads")?, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (row0, pos0) = (i32_of(row0, "row")?, i32_of(pos0, "position")?);
+        let (nh, nkv, hd) =
+            (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
+        // A window wider than any position is no window; 0 means none in the kernel.
+        let window = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        launch!(
+            self,
+            "phi3_attention",
+            cfg,
+            q,
+            k_cache,
+            v_cache,
+            out,
+            &row0,
+            &pos0,
+            &nh,
+            &nkv,
+            &hd,
+            &scale,
+            &window
+        )
+    }
+
+    /// `name` is phi3_fill_dummy_<dtype>.
+    pub(crate) fn launch_fill_dummy<T>(
+        &self,
+        name: &str,
+        out: &mut CudaSlice<T>,
+        seed: u64,
+        tensor: u64,
+        center: f32,
+        half_width: f32,
+    ) -> Result<()> {
+        let n = out.len() as u64;
+        let cfg = grid_stride(out.len());
+        launch!(self, name, cfg, out, &n, &seed, &tensor, &center, &half_width)
+    }
+}
