@@ -2,11 +2,18 @@
 //
 // phi3_gemv_<dtype>: w [out, in] (row-major, nn.Linear layout), x [in] f32, y [out] f32.
 // One warp per output row; a block of 256 threads computes 8 rows. When `in` is a multiple of the
-// elements in 16 bytes (8 for bf16/f16, 4 for f32) every lane reads W with 16-byte loads (rows
-// then start 16-byte aligned, since device allocations are 256-byte aligned); otherwise a scalar
-// loop. The warp's partial sums are combined with shuffles. Bandwidth bound: W is read once.
+// elements in 16 bytes (8 for bf16/f16, 4 for f32) every lane reads W and x with 16-byte loads
+// (rows then start 16-byte aligned when w and x do: cuMemAlloc gives 256-byte and cuMemAllocAsync
+// at least 16-byte alignment; the kernel checks the addresses, so an offset sub-slice takes the
+// scalar loop instead of faulting); otherwise a scalar loop. The warp's partial sums are combined with shuffles. Bandwidth bound: W is read once.
 // Launch: grid (ceil(out / 8)), block 256. Rust launcher: ops.rs (gemv).
 #include "common.cuh"
+
+// Whether both pointers are 16-byte aligned (the vector loads need it).
+__device__ __forceinline__ bool aligned16(const void* a, const void* b) {
+    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) &
+            15ull) == 0;
+}
 
 __device__ __forceinline__ void unpack8(uint4 p, const bf16*, float* f) {
     unsigned int w[4] = {p.x, p.y, p.z, p.w};
@@ -34,7 +41,7 @@ __device__ void gemv16_impl(const W* w, const float* x, float* y, int in, int ou
     if (row >= out) return;  // whole warps leave together
     const W* wr = w + (size_t)row * in;
     float acc = 0.0f;
-    if ((in & 7) == 0) {
+    if ((in & 7) == 0 && aligned16(w, x)) {
         for (int i = lane * 8; i < in; i += 32 * 8) {
             float f[8];
             unpack8(*reinterpret_cast<const uint4*>(wr + i), wr, f);
@@ -66,7 +73,7 @@ extern "C" __global__ void phi3_gemv_f32(const float* w, const float* x, float* 
     if (row >= out) return;
     const float* wr = w + (size_t)row * in;
     float acc = 0.0f;
-    if ((in & 3) == 0) {
+    if ((in & 3) == 0 && aligned16(w, x)) {
         for (int i = lane * 4; i < in; i += 32 * 4) {
             float4 a = *reinterpret_cast<const float4*>(wr + i);
             float4 b = *reinterpret_cast<const float4*>(x + i);

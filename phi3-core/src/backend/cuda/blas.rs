@@ -15,7 +15,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use super::error::{blas, guard};
+use super::error::{blas, driver, guard};
 use crate::error::{Error, Result};
 
 /// Element type of the GEMM inputs.
@@ -70,36 +70,44 @@ impl Blas {
             GemmType::F32 => cudaDataType::CUDA_R_32F,
         };
         let handle = self.handle.lock().map_err(|_| Error::internal("cuBLAS handle poisoned"))?;
+        // cuBLAS runs in the context current on the calling thread, which for a session on
+        // another host thread may be none (or another device's): make ours current first, as
+        // cudarc does before its own driver calls.
+        stream.context().bind_to_thread().map_err(|e| driver("GEMM: bind the CUDA context", e))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (xp, _x_sync) = x.device_ptr(stream);
         let (wp, _w_sync) = w.device_ptr(stream);
         let (yp, _y_sync) = y.device_ptr_mut(stream);
-        // SAFETY: the three pointers are live device allocations of at least the sizes checked
-        // above; alpha and beta are host f32 values (the handle's default host pointer mode,
-        // CUBLAS_COMPUTE_32F scalars are f32); the handle is bound to `stream`.
-        unsafe {
-            blas_result::gemm_ex(
-                *handle.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                m_,
-                n_,
-                k_,
-                &alpha as *const f32 as *const c_void,
-                wp as *const c_void,
-                dt,
-                k_,
-                xp as *const c_void,
-                dt,
-                k_,
-                &beta as *const f32 as *const c_void,
-                yp as *mut c_void,
-                cudaDataType::CUDA_R_32F,
-                m_,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| blas(&format!("GemmEx [{n}, {k}] x [{m}, {k}]^T ({ty:?})"), e))
+        let what = format!("GemmEx [{n}, {k}] x [{m}, {k}]^T ({ty:?})");
+        // guard: cudarc panics when a cuBLAS symbol is missing from the loaded library.
+        guard(&what, || {
+            // SAFETY: the three pointers are live device allocations of at least the sizes checked
+            // above; alpha and beta are host f32 values (the handle's default host pointer mode,
+            // CUBLAS_COMPUTE_32F scalars are f32); the handle is bound to `stream`.
+            unsafe {
+                blas_result::gemm_ex(
+                    *handle.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    m_,
+                    n_,
+                    k_,
+                    &alpha as *const f32 as *const c_void,
+                    wp as *const c_void,
+                    dt,
+                    k_,
+                    xp as *const c_void,
+                    dt,
+                    k_,
+                    &beta as *const f32 as *const c_void,
+                    yp as *mut c_void,
+                    cudaDataType::CUDA_R_32F,
+                    m_,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| blas(&what, e))
+        })
     }
 }

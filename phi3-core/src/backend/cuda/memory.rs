@@ -54,7 +54,8 @@ pub fn estimate<'a>(
         config.intermediate_size as u64,
     );
     let per_row_floats = 4 * h + (q + 2 * kv) + 2 * q + 3 * ffn;
-    let per_row_halves = h + q + ffn;
+    // 16-bit GEMM inputs: the normed input twice (qkv, gate_up), the attention output, SwiGLU's.
+    let per_row_halves = 2 * h + q + ffn;
     let rows = crate::PREFILL_CHUNK as u64;
     let activations = rows * (4 * per_row_floats + 2 * per_row_halves);
     let logits = 4 * config.vocab_size as u64 * 4;

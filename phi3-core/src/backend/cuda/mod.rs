@@ -369,6 +369,19 @@ fn gemv_name(w: &WeightData) -> &'static str {
     }
 }
 
+/// `kv` has `layer` and rows of `kv_dim` (the kernels index its buffers with the caller's
+/// geometry, so a mismatch would read or write out of bounds).
+fn check_kv(kv: &CudaKv, layer: usize, kv_dim: usize, what: &str) -> Result<()> {
+    if layer >= kv.layout.n_layers || kv.kv_dim() != kv_dim {
+        return Err(Error::internal(format!(
+            "{what}: layer {layer}, KV row width {kv_dim}, but the cache has {} layers of width {}",
+            kv.layout.n_layers,
+            kv.kv_dim()
+        )));
+    }
+    Ok(())
+}
+
 fn check_attn(p: &AttnParams) -> Result<()> {
     if p.head_dim > 256
         || p.n_kv_heads == 0
@@ -493,9 +506,13 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaWeight, tokens: &[u32]) -> Result<CudaAct> {
-        let ids = self.htod(tokens, "token ids")?;
         let mut out = self.act(tokens.len(), table.cols, "embeddings")?;
         let n = tokens.len();
+        if n == 0 {
+            // No launch: a grid of max(1, n) blocks would read an id that is not there.
+            return Ok(out);
+        }
+        let ids = self.htod(tokens, "token ids")?;
         match &table.data {
             WeightData::Bf16(t) => {
                 self.launch_gather("phi3_embed_bf16", t, &ids, &mut out.buf, n, table.cols)?
@@ -525,6 +542,9 @@ impl Backend for CudaBackend {
         }
         let mut out = self.act(residual.rows, residual.cols, "rms_norm output")?;
         let (rows, cols) = (residual.rows, residual.cols);
+        if rows == 0 {
+            return Ok(out);
+        }
         self.launch_rms_norm(
             &mut residual.buf,
             delta.map(|d| &d.buf),
@@ -546,7 +566,7 @@ impl Backend for CudaBackend {
         }
         let (n, k, m) = (x.rows, x.cols, w.rows);
         let mut y = self.act(n, m, "linear output")?;
-        if n == 0 {
+        if n == 0 || m == 0 {
             return Ok(y);
         }
         let stream = &self.dev.stream;
@@ -600,6 +620,7 @@ impl Backend for CudaBackend {
         let sin = self.htod(&rope.sin, "rope sin")?;
         let mut q = self.act(qkv.rows, q_dim, "rotated q")?;
         for (seq, kv) in seqs.iter().zip(kvs.iter_mut()) {
+            check_kv(kv, layer, kv_dim, "rope_store_kv")?;
             if seq.row + seq.len > qkv.rows || seq.pos0 + seq.len > kv.capacity {
                 return Err(Error::internal(format!(
                     "rope_store_kv: span {seq:?} outside {} rows / KV capacity {}",
@@ -641,6 +662,7 @@ impl Backend for CudaBackend {
         }
         let mut out = self.act(q.rows, q_dim, "attention output")?;
         for (seq, kv) in seqs.iter().zip(kvs) {
+            check_kv(kv, layer, params.n_kv_heads * params.head_dim, "attention")?;
             if seq.row + seq.len > q.rows || seq.pos0 + seq.len > kv.capacity {
                 return Err(Error::internal(format!(
                     "attention: span {seq:?} outside {} rows / KV capacity {}",
