@@ -191,7 +191,8 @@ typedef struct phi3_model_options {
    */
   uint32_t struct_size;
   /**
-   * "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; NULL means "auto".
+   * "auto" (the CPU until the CUDA backend is verified on a GPU), "cpu", "cuda" or "cuda:N";
+   * NULL means "auto".
    * Borrowed for the duration of the call.
    */
   const char *device;
@@ -199,6 +200,16 @@ typedef struct phi3_model_options {
    * Largest context any session may hold, in tokens; 0 means the model's maximum.
    */
   size_t max_context;
+  /**
+   * How the decoder projections (qkv, o, gate_up, down) are stored: "native" (the file's
+   * dtype), "int8" (per-row scales), "int4" (groups of 128 columns), "int4-g32", "int4-g64"
+   * or "int4-g128"; quantized at load time. NULL means "native". Embeddings, norms and
+   * lm_head stay in the file's dtype. Quantized weights run on the CPU only: with device
+   * "cuda" the load fails with PHI3_ERR_UNSUPPORTED, and "auto" uses the CPU. Borrowed for
+   * the duration of the call. A struct_size that ends before this field (a caller built
+   * against an older header) means "native".
+   */
+  const char *weights;
 } phi3_model_options;
 
 /**
@@ -323,7 +334,8 @@ phi3_status phi3_session_generate(struct phi3_session *s,
                                   struct phi3_generate_result *out);
 
 /**
- * Fill `*o` with the defaults (device "auto", model's max context). NULL is ignored.
+ * Fill `*o` with the defaults (device "auto", model's max context, "native" weights). NULL is
+ * ignored.
  * Thread-safe; cannot fail.
  *
  * # Safety

@@ -110,8 +110,9 @@ inline std::string status_name(phi3_status status) { return phi3_status_str(stat
 
 /// Options for loading a model (phi3_model_options).
 struct ModelOptions {
-    std::string device = "auto"; ///< "auto", "cpu", "cuda", "cuda:N"
-    size_t max_context = 0;      ///< 0: the model's maximum
+    std::string device = "auto";    ///< "auto", "cpu", "cuda", "cuda:N"
+    size_t max_context = 0;         ///< 0: the model's maximum
+    std::string weights = "native"; ///< "native", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"
 };
 
 /// Options for a new session (phi3_session_options).
@@ -257,10 +258,15 @@ private:
         if (options.device.find('\0') != std::string::npos) {
             throw Error(PHI3_ERR_INVALID_ARGUMENT, "device contains a NUL byte");
         }
+        if (options.weights.find('\0') != std::string::npos) {
+            throw Error(PHI3_ERR_INVALID_ARGUMENT, "weights contains a NUL byte");
+        }
         phi3_model_options o;
         phi3_model_options_init(&o);
-        o.device = options.device.c_str(); // lives as long as `options`, i.e. the load call
+        // Both strings live as long as `options`, i.e. the load call.
+        o.device = options.device.c_str();
         o.max_context = options.max_context;
+        o.weights = options.weights.c_str();
         return o;
     }
 

@@ -101,6 +101,10 @@ namespace Phi3
 
         /// <summary>0: the model's maximum.</summary>
         public long MaxContext = 0;
+
+        /// <summary>"native" (default), "int8", "int4", "int4-g32", "int4-g64", "int4-g128":
+        /// how the decoder projections are stored (quantized at load time; CPU only).</summary>
+        public string Weights = "native";
     }
 
     /// <summary>Options for a new session (phi3_session_options).</summary>
@@ -202,13 +206,19 @@ namespace Phi3
             o.struct_size = (uint)Marshal.SizeOf(typeof(Native.ModelOptions));
             o.max_context = checked((UIntPtr)(ulong)options.MaxContext);
             IntPtr device = IntPtr.Zero;
+            IntPtr weights = IntPtr.Zero;
             try
             {
                 if (options.Device != null)
                 {
                     device = Utf8.AllocNative(options.Device, "device");
                 }
+                if (options.Weights != null)
+                {
+                    weights = Utf8.AllocNative(options.Weights, "weights");
+                }
                 o.device = device;
+                o.weights = weights;
                 IntPtr model;
                 Phi3Exception.Check(call(ref o, out model));
                 return Adopt(model);
@@ -216,6 +226,7 @@ namespace Phi3
             finally
             {
                 if (device != IntPtr.Zero) Marshal.FreeHGlobal(device);
+                if (weights != IntPtr.Zero) Marshal.FreeHGlobal(weights);
             }
         }
 
@@ -601,6 +612,7 @@ namespace Phi3
             public uint struct_size;
             public IntPtr device;          // const char *
             public UIntPtr max_context;    // size_t
+            public IntPtr weights;         // const char *
         }
 
         [StructLayout(LayoutKind.Sequential)]

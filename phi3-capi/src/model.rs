@@ -3,7 +3,7 @@
 use std::ffi::c_char;
 use std::ptr;
 
-use phi3_core::{demo, Device, LoadOptions, Model};
+use phi3_core::{demo, Device, LoadOptions, Model, WeightFormat};
 
 use crate::ffi::{
     arg_cstr, arg_out, arg_ref, boundary, guarded, init_options, read_options, Options,
@@ -23,11 +23,20 @@ pub struct phi3_model {
 pub struct phi3_model_options {
     /// sizeof(phi3_model_options), set by phi3_model_options_init.
     pub struct_size: u32,
-    /// "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; NULL means "auto".
+    /// "auto" (the CPU until the CUDA backend is verified on a GPU), "cpu", "cuda" or "cuda:N";
+    /// NULL means "auto".
     /// Borrowed for the duration of the call.
     pub device: *const c_char,
     /// Largest context any session may hold, in tokens; 0 means the model's maximum.
     pub max_context: usize,
+    /// How the decoder projections (qkv, o, gate_up, down) are stored: "native" (the file's
+    /// dtype), "int8" (per-row scales), "int4" (groups of 128 columns), "int4-g32", "int4-g64"
+    /// or "int4-g128"; quantized at load time. NULL means "native". Embeddings, norms and
+    /// lm_head stay in the file's dtype. Quantized weights run on the CPU only: with device
+    /// "cuda" the load fails with PHI3_ERR_UNSUPPORTED, and "auto" uses the CPU. Borrowed for
+    /// the duration of the call. A struct_size that ends before this field (a caller built
+    /// against an older header) means "native".
+    pub weights: *const c_char,
 }
 
 impl Options for phi3_model_options {
@@ -38,6 +47,7 @@ impl Options for phi3_model_options {
             (0, size_of::<u32>()),
             field(offset_of!(Self, device), size_of::<usize>()),
             field(offset_of!(Self, max_context), size_of::<usize>()),
+            field(offset_of!(Self, weights), size_of::<usize>()),
         ]
     }
 
@@ -46,11 +56,13 @@ impl Options for phi3_model_options {
             struct_size: std::mem::size_of::<Self>() as u32,
             device: ptr::null(),
             max_context: 0,
+            weights: ptr::null(),
         }
     }
 }
 
-/// Fill `*o` with the defaults (device "auto", model's max context). NULL is ignored.
+/// Fill `*o` with the defaults (device "auto", model's max context, "native" weights). NULL is
+/// ignored.
 /// Thread-safe; cannot fail.
 ///
 /// # Safety
@@ -64,7 +76,8 @@ pub unsafe extern "C" fn phi3_model_options_init(o: *mut phi3_model_options) {
 /// Rust LoadOptions from C options.
 ///
 /// # Safety
-/// `o` is NULL or a valid options struct whose `device` is NULL or NUL-terminated.
+/// `o` is NULL or a valid options struct whose `device` and `weights` are NULL or
+/// NUL-terminated.
 unsafe fn load_options(o: *const phi3_model_options) -> phi3_core::Result<LoadOptions> {
     // SAFETY: forwarded contract.
     let o = unsafe { read_options(o, "options") }?;
@@ -74,9 +87,16 @@ unsafe fn load_options(o: *const phi3_model_options) -> phi3_core::Result<LoadOp
         // SAFETY: non-NULL, NUL-terminated by contract.
         unsafe { arg_cstr(o.device, "options->device") }?.parse()?
     };
+    let weights = if o.weights.is_null() {
+        WeightFormat::Native
+    } else {
+        // SAFETY: non-NULL, NUL-terminated by contract.
+        unsafe { arg_cstr(o.weights, "options->weights") }?.parse()?
+    };
     Ok(LoadOptions {
         device,
         max_context: (o.max_context > 0).then_some(o.max_context),
+        weights,
         ..Default::default()
     })
 }

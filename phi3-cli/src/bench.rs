@@ -65,6 +65,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         prefill_s,
         decode_s,
         parameter_count: model.config().parameter_count(),
+        weight_format: model.weight_format().to_string(),
+        bytes_per_decode_token: bytes_per_decode_token(model),
         stats: model.device_stats(),
     };
     if args.json {
@@ -119,6 +121,18 @@ fn to_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
+/// Weight bytes a decode step reads (see `Report::bytes_per_decode_token`).
+fn bytes_per_decode_token(model: &phi3_core::Model) -> u64 {
+    let c = model.config();
+    let total = model.device_stats().weight_bytes;
+    match model.weight_dtypes() {
+        [dtype] if !c.tie_word_embeddings => {
+            total.saturating_sub((c.vocab_size * c.hidden_size * dtype.size()) as u64)
+        }
+        _ => total,
+    }
+}
+
 /// The numbers `bench` reports.
 struct Report {
     model: String,
@@ -130,6 +144,11 @@ struct Report {
     prefill_s: f64,
     decode_s: f64,
     parameter_count: u64,
+    /// How the projections are stored ("native", "int8", "int4-g128", ...).
+    weight_format: String,
+    /// Weight bytes one decode step reads: all weights but the embedding table (one row of it
+    /// is read) unless it is also the output matrix.
+    bytes_per_decode_token: u64,
     /// Device, memory use and (CUDA) kernel status, taken after the runs.
     stats: phi3_core::DeviceStats,
 }
@@ -141,6 +160,11 @@ impl Report {
 
     fn decode_tokens_per_s(&self) -> f64 {
         per_second(self.gen_tokens, self.decode_s)
+    }
+
+    /// Effective weight bandwidth of decoding: weight bytes read per token x tokens/s, in GB/s.
+    fn decode_gb_per_s(&self) -> f64 {
+        self.bytes_per_decode_token as f64 * self.decode_tokens_per_s() / 1e9
     }
 
     fn json(&self) -> serde_json::Value {
@@ -155,7 +179,10 @@ impl Report {
             "prefill_tokens_per_s": self.prefill_tokens_per_s(),
             "decode_s": self.decode_s,
             "decode_tokens_per_s": self.decode_tokens_per_s(),
+            "decode_weight_gb_per_s": self.decode_gb_per_s(),
             "parameter_count": self.parameter_count,
+            "weight_format": self.weight_format,
+            "bytes_per_decode_token": self.bytes_per_decode_token,
             "weight_bytes_on_device": self.stats.weight_bytes,
             "kv_bytes_per_token": self.stats.kv_bytes_per_token,
             "kv_dtype": self.stats.kv_dtype,
@@ -182,6 +209,8 @@ impl Report {
             ("gen", self.gen_tokens.to_string()),
             ("decode tok/s", format!("{:.1}", self.decode_tokens_per_s())),
             ("ms/token", ms_per_token),
+            ("GB/s", format!("{:.1}", self.decode_gb_per_s())),
+            ("format", self.weight_format.clone()),
             ("weights", crate::info::binary(self.stats.weight_bytes as f64)),
             (
                 "kv/token",

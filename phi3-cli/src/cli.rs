@@ -6,7 +6,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use phi3_core::loader::DType;
-use phi3_core::{Device, GenerateOptions};
+use phi3_core::{Device, GenerateOptions, WeightFormat};
 
 /// Run Microsoft Phi-3 models locally.
 ///
@@ -82,13 +82,19 @@ pub struct ModelArgs {
     #[arg(short, long, value_name = "DIR|REPO_ID")]
     pub model: Option<String>,
 
-    /// Where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.
+    /// Where to run: auto (the CPU until the CUDA backend is verified on a GPU), cpu, cuda, cuda:N.
     #[arg(short, long, default_value = "auto", value_parser = parse_device)]
     pub device: Device,
 
     /// Largest context a session may hold, in tokens (default: the model's maximum).
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_context: Option<u64>,
+
+    /// How the layer projections are stored: native (the checkpoint's dtype), int8 (per-row
+    /// scales), int4 (groups of 128), int4-g32, int4-g64; quantized while loading, CPU only.
+    /// Embeddings, norms and lm_head keep their dtype.
+    #[arg(long, default_value = "native", value_name = "FORMAT", value_parser = parse_weights)]
+    pub weights: WeightFormat,
 }
 
 /// Sampling and stopping flags shared by `generate` and `chat`.
@@ -254,6 +260,10 @@ impl SamplingArgs {
             ..GenerateOptions::default()
         }
     }
+}
+
+fn parse_weights(s: &str) -> Result<WeightFormat, String> {
+    s.parse::<WeightFormat>().map_err(|e| e.to_string())
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {

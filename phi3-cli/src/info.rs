@@ -131,7 +131,13 @@ fn id_list(ids: &[u32]) -> String {
 fn weights_summary(model: &Model) -> String {
     let bytes = model.weight_bytes();
     let dtypes: Vec<&str> = model.weight_dtypes().iter().map(|d| d.name()).collect();
-    format!("{} ({bytes} bytes, {})", binary(bytes as f64), dtypes.join("+"))
+    let format = model.weight_format();
+    let stored = if format.is_quantized() {
+        format!("projections {format}, the rest {}", dtypes.join("+"))
+    } else {
+        dtypes.join("+")
+    };
+    format!("{} ({bytes} bytes, {stored})", binary(bytes as f64))
 }
 
 /// A count with an SI suffix, e.g. "13.96 B" (parameters).

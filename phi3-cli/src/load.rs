@@ -26,6 +26,7 @@ pub fn load_model(args: &ModelArgs, dummy: Option<DummyWeights>) -> Result<Loade
         device: args.device,
         max_context: args.max_context.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         dummy_weights: dummy,
+        weights: args.weights,
         ..Default::default()
     };
     let Some(spec) = &args.model else {

@@ -15,7 +15,7 @@ use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::loader::{HostTensor, ModelWeights};
+use crate::loader::{HostTensor, ModelWeights, TensorRole, WeightFormat};
 use crate::model::{LoadProgress, ProgressFn};
 use crate::rope::{Rope, RopeBatch, RopeRegime};
 
@@ -39,11 +39,13 @@ pub(crate) struct SeqInput<'a, B: Backend> {
 }
 
 impl<B: Backend> Engine<B> {
-    /// Upload `weights` to `backend`, reporting each tensor to `progress`.
+    /// Upload `weights` to `backend`, the decoder projections stored in `format` (embeddings,
+    /// norms and lm_head stay in their dtype), reporting each tensor to `progress`.
     pub(crate) fn new(
         backend: B,
         config: &ModelConfig,
         weights: &ModelWeights<HostTensor>,
+        format: WeightFormat,
         progress: Option<&ProgressFn>,
     ) -> Result<Self> {
         let (mut tensors, mut bytes) = (0, 0u64);
@@ -53,8 +55,11 @@ impl<B: Backend> Engine<B> {
             Ok(())
         });
         let mut report = Progress::new(tensors, bytes, progress);
-        let weights = weights.try_map(|t| {
-            let w = backend.upload(t)?;
+        let weights = weights.try_map_with_role(|t, role| {
+            let w = match role {
+                TensorRole::Projection => backend.upload_linear(t, format)?,
+                _ => backend.upload(t)?,
+            };
             report.tensor_done(&t.name, t.byte_len() as u64);
             Ok(w)
         })?;

@@ -42,6 +42,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::ModelConfig;
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{CancelToken, FinishReason, GenerateOptions, GenerationResult, GenerationStats};
+pub use loader::WeightFormat;
 pub use model::DummyWeights;
 pub use model::{Device, DeviceStats, LoadOptions, LoadProgress, Model, ProgressFn};
 pub use session::{Session, SessionOptions, PREFILL_CHUNK};

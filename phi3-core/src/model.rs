@@ -16,7 +16,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::forward::{Engine, SeqInput};
 use crate::kv_cache::KvCache;
-use crate::loader::{self, DType, HostTensor, ModelWeights};
+use crate::loader::{self, DType, HostTensor, ModelWeights, TensorRole, WeightFormat};
 use crate::rope::RopeRegime;
 use crate::session::{Session, SessionOptions};
 use crate::tokenizer::Tokenizer;
@@ -24,7 +24,8 @@ use crate::tokenizer::Tokenizer;
 /// How to load a model.
 #[derive(Clone, Default)]
 pub struct LoadOptions {
-    /// Where to run: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N".
+    /// Where to run: "auto" (the CPU until the CUDA backend is verified on a GPU; then CUDA when
+    /// available), "cpu", "cuda", "cuda:N".
     pub device: Device,
     /// Upper bound on any session's context, in tokens (default: the model's
     /// `max_position_embeddings`). Sessions may ask for less, never more.
@@ -34,6 +35,11 @@ pub struct LoadOptions {
     pub dummy_weights: Option<DummyWeights>,
     /// Called after each weight tensor reaches the backend (from the loading thread).
     pub progress: Option<ProgressFn>,
+    /// How the decoder projections (qkv, o, gate_up, down) are stored: `Native` (the file dtype,
+    /// the default), `Int8` or `Int4 { group }`, quantized tensor by tensor while they are read.
+    /// Embeddings, norms and lm_head keep their file dtype. CPU only: a quantized format with a
+    /// CUDA device is `Unsupported`, and "auto" then runs on the CPU.
+    pub weights: WeightFormat,
 }
 
 /// A load progress callback (see [`LoadOptions::progress`]).
@@ -61,6 +67,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("max_context", &self.max_context)
             .field("dummy_weights", &self.dummy_weights)
             .field("progress", &self.progress.as_ref().map(|_| "<callback>"))
+            .field("weights", &self.weights)
             .finish()
     }
 }
@@ -108,6 +115,8 @@ struct ModelInner {
     weight_bytes: u64,
     /// The distinct dtypes of the weight tensors, in a fixed order.
     weight_dtypes: Vec<DType>,
+    /// How the decoder projections are stored.
+    weight_format: WeightFormat,
 }
 
 /// The engine on whichever backend was chosen at load time.
@@ -137,8 +146,17 @@ enum Target {
 
 impl Target {
     /// Resolve `device`: "auto" tries CUDA device 0 and falls back to the CPU, saying why.
-    fn choose(device: Device) -> Result<Target> {
+    /// Quantized `weights` run on the CPU only (checked before any CUDA device is touched).
+    fn choose(device: Device, weights: WeightFormat) -> Result<Target> {
+        weights.validate()?;
         match device {
+            Device::Cuda(_) if weights.is_quantized() => Err(Error::unsupported(format!(
+                "{weights} weights are not yet supported on CUDA (int8/int4 run on the CPU only)"
+            ))),
+            Device::Auto if weights.is_quantized() => {
+                log::info!("device \"auto\": using the CPU ({weights} weights are CPU-only)");
+                Ok(Target::Cpu)
+            }
             Device::Cpu => Ok(Target::Cpu),
             Device::Cuda(n) => Ok(Target::Cuda(Box::new(CudaBackend::new(n)?))),
             Device::Auto if !AUTO_SELECTS_CUDA => {
@@ -207,13 +225,14 @@ impl Model {
             None
         };
         let path = Some(dir.to_path_buf());
-        let (weights, target) = match (options.dummy_weights, Target::choose(options.device)?) {
-            (Some(d), Target::Cuda(be)) => {
-                return Self::dummy_on_device(config, *be, d, tokenizer, options, path)
-            }
-            (Some(d), target) => (loader::dummy(&config, d.dtype, d.seed)?, target),
-            (None, target) => (loader::load(dir, &config)?, target),
-        };
+        let (weights, target) =
+            match (options.dummy_weights, Target::choose(options.device, options.weights)?) {
+                (Some(d), Target::Cuda(be)) => {
+                    return Self::dummy_on_device(config, *be, d, tokenizer, options, path)
+                }
+                (Some(d), target) => (loader::dummy(&config, d.dtype, d.seed)?, target),
+                (None, target) => (loader::load(dir, &config)?, target),
+            };
         Self::build(config, &weights, target, tokenizer, options, path)
     }
 
@@ -233,7 +252,7 @@ impl Model {
     ) -> Result<Model> {
         config.validate()?;
         check_max_context(options)?;
-        let target = Target::choose(options.device)?;
+        let target = Target::choose(options.device, options.weights)?;
         Self::build(config, weights, target, tokenizer, options, path)
     }
 
@@ -247,8 +266,11 @@ impl Model {
         path: Option<PathBuf>,
     ) -> Result<Model> {
         let progress = options.progress.as_ref();
+        let format = options.weights;
         let engine = match target {
-            Target::Cpu => AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, progress)?),
+            Target::Cpu => {
+                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, format, progress)?)
+            }
             Target::Cuda(be) => {
                 let mut shapes = Vec::new();
                 let _ = weights.try_map(|t| {
@@ -259,14 +281,17 @@ impl Model {
                     &config,
                     shapes.iter().map(|(s, d)| (s.as_slice(), *d)),
                 ))?;
-                AnyEngine::Cuda(Box::new(Engine::new(*be, &config, weights, progress)?))
+                AnyEngine::Cuda(Box::new(Engine::new(*be, &config, weights, format, progress)?))
             }
         };
-        let fingerprint = fingerprint(&config, weights)?;
+        let fingerprint = fingerprint(&config, weights, format)?;
         let mut weight_bytes = 0u64;
         let mut weight_dtypes = Vec::new();
-        let _ = weights.try_map(|t| {
-            weight_bytes += t.byte_len() as u64;
+        let _ = weights.try_map_with_role(|t, role| {
+            weight_bytes += match (role, &t.shape[..]) {
+                (TensorRole::Projection, &[rows, cols]) => format.stored_bytes(rows, cols, t.dtype),
+                _ => t.byte_len() as u64,
+            };
             if !weight_dtypes.contains(&t.dtype) {
                 weight_dtypes.push(t.dtype);
             }
@@ -348,6 +373,7 @@ impl Model {
                 fingerprint,
                 weight_bytes,
                 weight_dtypes,
+                weight_format: options.weights,
             }),
         })
     }
@@ -441,6 +467,11 @@ impl Model {
     /// The distinct dtypes of the weight tensors (e.g. `[BF16]`).
     pub fn weight_dtypes(&self) -> &[DType] {
         &self.inner.weight_dtypes
+    }
+
+    /// How the decoder projections are stored ([`LoadOptions::weights`]).
+    pub fn weight_format(&self) -> WeightFormat {
+        self.inner.weight_format
     }
 
     /// The most tokens any session of this model may hold.
@@ -559,13 +590,22 @@ impl Model {
     }
 }
 
-/// SHA-256 over the config's shape-defining fields and, per tensor, its name, dtype, shape and
-/// up to 3 x 4 KiB of its bytes (start, middle, end): cheap even for 28 GB of weights.
-fn fingerprint(config: &ModelConfig, weights: &ModelWeights<HostTensor>) -> Result<[u8; 32]> {
+/// SHA-256 over the config's shape-defining fields, the weight format when quantized (a
+/// quantized model computes different logits, so its sessions are not the native model's) and,
+/// per tensor, its name, dtype, shape and up to 3 x 4 KiB of its bytes (start, middle, end):
+/// cheap even for 28 GB of weights.
+fn fingerprint(
+    config: &ModelConfig,
+    weights: &ModelWeights<HostTensor>,
+    format: WeightFormat,
+) -> Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
     const SAMPLE: usize = 4096;
     let mut h = Sha256::new();
     h.update(config_header(config));
+    if format.is_quantized() {
+        h.update(format!("weights {format}"));
+    }
     let _ = weights.try_map(|t| {
         h.update(format!("{}:{}:{:?}", t.name, t.dtype.name(), t.shape));
         let len = t.byte_len();

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use phi3_core::{Device, ErrorKind, LoadOptions, Model, SessionOptions};
+use phi3_core::{Device, ErrorKind, LoadOptions, Model, SessionOptions, WeightFormat};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::convert::{self, GenArgs};
-use crate::errors::{new_err, to_py_err};
+use crate::errors::to_py_err;
 use crate::gil::{lock, run_detached};
 use crate::session::PySession;
 use crate::stream::PyTokenStream;
@@ -19,14 +19,17 @@ use crate::tokenizer::PyTokenizer;
 ///
 /// Model(path, device="auto", weights="native", max_context=None)
 ///
-/// - device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
-/// - weights: "native" keeps the checkpoint's dtype (the only choice for now; others raise
-///   UnsupportedError).
+/// - device: "auto" (the CPU until the CUDA backend is verified on a GPU), "cpu", "cuda" or
+///   "cuda:N".
+/// - weights: "native" keeps the checkpoint's dtype; "int8" (per-row scales), "int4" (groups of
+///   128 columns), "int4-g32", "int4-g64", "int4-g128" quantize the layer projections while
+///   loading (CPU only: with device "cuda" they raise UnsupportedError; "auto" uses the CPU).
 /// - max_context: upper bound on any session's tokens (default: the model's maximum).
 ///
 /// Raises IoError (missing folder or file), ModelFormatError (bad config, tensor name/shape/dtype,
-/// tokenizer files), UnsupportedError (model or rope type, device, weights),
-/// InvalidArgumentError (bad device string, max_context <= 0). Loading releases the GIL.
+/// tokenizer files), UnsupportedError (model or rope type, device, quantized weights on CUDA),
+/// InvalidArgumentError (bad device or weights string, an int4 group that does not divide a
+/// row, max_context <= 0). Loading releases the GIL.
 #[pyclass(name = "Model", module = "phi3", frozen)]
 pub(crate) struct PyModel {
     pub(crate) model: Model,
@@ -54,17 +57,9 @@ fn load_options(
     max_context: Option<i64>,
 ) -> PyResult<LoadOptions> {
     let device: Device = device.parse().map_err(|e| to_py_err(py, e))?;
-    if weights != "native" {
-        return Err(new_err(
-            py,
-            ErrorKind::Unsupported,
-            format!(
-                "weights = {weights:?}: only \"native\" (the checkpoint's own dtype) is supported"
-            ),
-        ));
-    }
+    let weights: WeightFormat = weights.parse().map_err(|e| to_py_err(py, e))?;
     let max_context = convert::positive(py, max_context, "max_context")?;
-    Ok(LoadOptions { device, max_context, ..Default::default() })
+    Ok(LoadOptions { device, max_context, weights, ..Default::default() })
 }
 
 #[pymethods]
@@ -87,9 +82,14 @@ impl PyModel {
     /// and a small English tokenizer. Loads in milliseconds from nothing on disk; it produces
     /// gibberish but exercises the whole pipeline (tests, examples).
     #[staticmethod]
-    #[pyo3(signature = (device = "auto", max_context = None))]
-    fn demo(py: Python<'_>, device: &str, max_context: Option<i64>) -> PyResult<Self> {
-        let options = load_options(py, device, "native", max_context)?;
+    #[pyo3(signature = (device = "auto", max_context = None, weights = "native"))]
+    fn demo(
+        py: Python<'_>,
+        device: &str,
+        max_context: Option<i64>,
+        weights: &str,
+    ) -> PyResult<Self> {
+        let options = load_options(py, device, weights, max_context)?;
         let model = run_detached(py, || phi3_core::demo::demo_model(&options))?;
         Self::wrap(py, model)
     }
@@ -113,6 +113,18 @@ impl PyModel {
     #[getter]
     fn device(&self) -> String {
         self.model.device_name()
+    }
+
+    /// How the layer projections are stored: "native", "int8", "int4-g128", ...
+    #[getter]
+    fn weights(&self) -> String {
+        self.model.weight_format().to_string()
+    }
+
+    /// Bytes of weights the model holds (quantized projections counted as stored).
+    #[getter]
+    fn weight_bytes(&self) -> u64 {
+        self.model.weight_bytes()
     }
 
     /// The folder the model was loaded from (None for the demo model).

@@ -326,6 +326,7 @@ static void test_free_null_and_init(void)
     CHECK(mo.struct_size == sizeof mo);
     CHECK(mo.device == NULL || strcmp(mo.device, "auto") == 0);
     CHECK(mo.max_context == 0);
+    CHECK(mo.weights == NULL || strcmp(mo.weights, "native") == 0);
 
     memset(&so, 0xAB, sizeof so);
     phi3_session_options_init(&so);
@@ -437,6 +438,49 @@ static void test_model_options(void)
     phi3_model_options_init(&o);
     o.struct_size = (uint32_t)(offsetof(phi3_model_options, device) + 4);
     CHECK_ERR(phi3_model_load(FIXTURE, &o, &m), PHI3_ERR_INVALID_ARGUMENT, "struct_size");
+
+    /* Quantized weights: int8 on the fixture runs; int4 is refused on it (its down_proj rows are
+       112 wide, which no group size divides) and runs on the demo model. */
+    phi3_model_options_init(&o);
+    o.device = "cpu";
+    o.weights = "int8";
+    CHECK_OK(phi3_model_load(FIXTURE, &o, &m));
+    {
+        phi3_session *s = NULL;
+        const int32_t tokens[3] = {1, 2, 3};
+        float *l;
+        size_t i;
+        CHECK_OK(phi3_session_new(m, NULL, &s));
+        CHECK_OK(phi3_session_append_tokens(s, tokens, 3));
+        l = session_logits(s, FIXTURE_VOCAB);
+        for (i = 0; i < FIXTURE_VOCAB; i++)
+            CHECK(l[i] == l[i]); /* not NaN */
+        free(l);
+        phi3_session_free(s);
+    }
+    phi3_model_free(m);
+    m = (phi3_model *)POISON_PTR;
+    o.weights = "int4-g32";
+    CHECK_ERR(phi3_model_load(FIXTURE, &o, &m), PHI3_ERR_INVALID_ARGUMENT, "down_proj");
+    CHECK(m == (phi3_model *)POISON_PTR);
+    o.weights = "int4";
+    CHECK_OK(phi3_model_load_demo(&o, &m));
+    phi3_model_free(m);
+    m = (phi3_model *)POISON_PTR;
+    o.weights = "int3";
+    CHECK_ERR(phi3_model_load_demo(&o, &m), PHI3_ERR_INVALID_ARGUMENT, "int3");
+    o.weights = "int8";
+    o.device = "cuda";
+    CHECK_ERR(phi3_model_load_demo(&o, &m), PHI3_ERR_UNSUPPORTED, "not yet supported on CUDA");
+    CHECK(m == (phi3_model *)POISON_PTR);
+
+    /* A struct that ends before `weights` (an older header): garbage there is ignored. */
+    phi3_model_options_init(&o);
+    o.struct_size = (uint32_t)offsetof(phi3_model_options, weights);
+    o.device = "cpu";
+    o.weights = (const char *)POISON_PTR;
+    CHECK_OK(phi3_model_load_demo(&o, &m));
+    phi3_model_free(m);
 }
 
 static void test_model_getters(void)

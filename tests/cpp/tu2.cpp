@@ -50,6 +50,16 @@ void test_errors(phi3::Model &model) {
     phi3::Session empty;
     CHECK_STATUS(PHI3_ERR_INVALID_ARGUMENT, empty.append_text("x"));
     CHECK(empty.size() == 0);
+
+    // Quantized weights through the options; an unknown format is INVALID_ARGUMENT.
+    phi3::ModelOptions int8;
+    int8.weights = "int8";
+    phi3::Session quantized = phi3::Model::demo(int8).session();
+    quantized.append_text("Hello");
+    CHECK(quantized.size() > 0);
+    phi3::ModelOptions bad;
+    bad.weights = "int3";
+    CHECK_STATUS(PHI3_ERR_INVALID_ARGUMENT, phi3::Model::demo(bad));
 }
 
 void test_move_semantics(phi3::Model &) {

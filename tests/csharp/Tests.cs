@@ -300,6 +300,26 @@ public static class Tests
         }
     }
 
+    private static void QuantizedWeights(Phi3Model unused)
+    {
+        using (Phi3Model model = Phi3Model.LoadDemo(new ModelOptions { Weights = "int8" }))
+        using (Phi3Session session = model.NewSession())
+        {
+            session.AppendText("Hello");
+            Check(session.Generate(new GenerateOptions { MaxTokens = 2 }).Tokens.Length > 0, "int8 generates");
+        }
+        bool threw = false;
+        try
+        {
+            Phi3Model.LoadDemo(new ModelOptions { Weights = "int3" }).Dispose();
+        }
+        catch (Phi3Exception e)
+        {
+            threw = e.Status == Phi3Status.InvalidArgument && e.Message.Contains("int3");
+        }
+        Check(threw, "an unknown weights format is InvalidArgument naming it");
+    }
+
     private static void DisposeTwiceIsSafe(Phi3Model unused)
     {
         Phi3Model model = Phi3Model.LoadDemo();
@@ -445,6 +465,7 @@ public static class Tests
             new KeyValuePair<string, Action<Phi3Model>>("threads_busy_and_cancel", ThreadsBusyAndCancel),
             new KeyValuePair<string, Action<Phi3Model>>("missing_folder_is_io", MissingFolderIsIo),
             new KeyValuePair<string, Action<Phi3Model>>("dispose_twice_is_safe", DisposeTwiceIsSafe),
+            new KeyValuePair<string, Action<Phi3Model>>("quantized_weights", QuantizedWeights),
             new KeyValuePair<string, Action<Phi3Model>>("fork_save_load", ForkSaveLoad),
             new KeyValuePair<string, Action<Phi3Model>>("tokenize_and_logits", TokenizeAndLogits),
             new KeyValuePair<string, Action<Phi3Model>>("struct_layouts_match_the_library", StructLayoutsMatchTheLibrary),

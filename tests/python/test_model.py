@@ -98,8 +98,10 @@ def test_bad_load_arguments_raise_before_loading(tmp_path):
     with pytest.raises(phi3.InvalidArgumentError, match="tpu") as e:
         phi3.Model(missing, device="tpu")
     assert isinstance(e.value, ValueError)
-    with pytest.raises(phi3.UnsupportedError, match="int4"):
-        phi3.Model(missing, weights="int4")
+    with pytest.raises(phi3.InvalidArgumentError, match="int3"):
+        phi3.Model(missing, weights="int3")
+    with pytest.raises(phi3.UnsupportedError, match="CUDA"):
+        phi3.Model.demo(device="cuda", weights="int4")
     with pytest.raises(phi3.InvalidArgumentError, match="max_context"):
         phi3.Model(missing, max_context=0)
     with pytest.raises(phi3.InvalidArgumentError, match="max_context"):
@@ -119,3 +121,24 @@ def test_cuda_device_loads_or_raises_cleanly():
         assert "cuda" in str(e)
     else:
         assert "cuda" in model.device.lower()
+
+
+def test_quantized_weights():
+    """weights= quantizes the projections at load time; logits stay close to the native model's."""
+    native = phi3.Model.demo(device="cpu")
+    assert native.weights == "native"
+    ids = native.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    want = native.session().append_tokens(ids)
+    cases = [("int8", "int8", 0.02), ("int4", "int4-g128", 0.25), ("int4-g32", "int4-g32", 0.25)]
+    for weights, name, bound in cases:
+        m = phi3.Model.demo(device="cpu", weights=weights)
+        assert m.weights == name
+        assert m.weight_bytes < native.weight_bytes
+        got = m.session().append_tokens(ids)
+        err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        assert err < bound, (weights, err)
+    # No int4 group divides this fixture's 112-wide down_proj rows: refused, naming the tensor.
+    with pytest.raises(phi3.InvalidArgumentError, match="down_proj"):
+        phi3.Model(FIXTURES / "gqa-longrope-bf16", device="cpu", weights="int4-g32")
+    m = phi3.Model(FIXTURES / "gqa-longrope-bf16", device="cpu", weights="int8")
+    assert m.weights == "int8"

@@ -17,7 +17,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::loader::HostTensor;
+use crate::loader::{HostTensor, WeightFormat};
 use crate::rope::RopeBatch;
 
 /// Shape of one sequence's KV cache.
@@ -78,6 +78,22 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Make a weight usable by this backend (zero-copy where the backend can read the host map).
     fn upload(&self, tensor: &HostTensor) -> Result<Self::Weight>;
+
+    /// Make a 2-D projection weight usable, stored in `format` (quantized while it is read).
+    /// The default takes `Native` through [`Backend::upload`] and refuses the rest.
+    ///
+    /// Errors: `Unsupported` for a format the backend cannot hold; those of
+    /// [`loader::quant::quantize`](crate::loader::quant::quantize) and of `upload`.
+    fn upload_linear(&self, tensor: &HostTensor, format: WeightFormat) -> Result<Self::Weight> {
+        match format {
+            WeightFormat::Native => self.upload(tensor),
+            other => Err(Error::unsupported(format!(
+                "{}: {other} weights are not yet supported on {}",
+                tensor.name,
+                self.name()
+            ))),
+        }
+    }
 
     /// An empty KV cache.
     fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::Kv>;

@@ -9,10 +9,12 @@
 
 pub mod names;
 pub mod paths;
+pub mod quant;
 pub mod safetensors;
 
 use std::path::Path;
 
+pub use self::quant::{QuantizedTensor, WeightFormat};
 pub use self::safetensors::{Checkpoint, DType, HostTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -49,28 +51,52 @@ pub struct ModelWeights<W> {
     pub lm_head: Option<W>,
 }
 
+/// What a tensor is for: decides whether a [`WeightFormat`] applies to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    /// The token embedding table (also the output matrix when tied).
+    Embedding,
+    /// An RMSNorm weight vector.
+    Norm,
+    /// A decoder layer's 2-D projection (qkv, o, gate_up, down): the tensors that are quantized.
+    Projection,
+    /// The untied `lm_head`.
+    Output,
+}
+
 impl<W> ModelWeights<W> {
     /// Convert every tensor with `f` (e.g. upload to a backend), in load order, stopping at the first error.
     ///
     /// Errors: the first error `f` returns, unchanged.
     pub fn try_map<V>(&self, mut f: impl FnMut(&W) -> Result<V>) -> Result<ModelWeights<V>> {
-        let embed_tokens = f(&self.embed_tokens)?;
+        self.try_map_with_role(|w, _| f(w))
+    }
+
+    /// As [`try_map`](Self::try_map), also telling `f` what each tensor is for.
+    ///
+    /// Errors: the first error `f` returns, unchanged.
+    pub fn try_map_with_role<V>(
+        &self,
+        mut f: impl FnMut(&W, TensorRole) -> Result<V>,
+    ) -> Result<ModelWeights<V>> {
+        use TensorRole::{Norm, Projection};
+        let embed_tokens = f(&self.embed_tokens, TensorRole::Embedding)?;
         let layers = self
             .layers
             .iter()
             .map(|l| {
                 Ok(LayerWeights {
-                    input_layernorm: f(&l.input_layernorm)?,
-                    qkv_proj: f(&l.qkv_proj)?,
-                    o_proj: f(&l.o_proj)?,
-                    post_attention_layernorm: f(&l.post_attention_layernorm)?,
-                    gate_up_proj: f(&l.gate_up_proj)?,
-                    down_proj: f(&l.down_proj)?,
+                    input_layernorm: f(&l.input_layernorm, Norm)?,
+                    qkv_proj: f(&l.qkv_proj, Projection)?,
+                    o_proj: f(&l.o_proj, Projection)?,
+                    post_attention_layernorm: f(&l.post_attention_layernorm, Norm)?,
+                    gate_up_proj: f(&l.gate_up_proj, Projection)?,
+                    down_proj: f(&l.down_proj, Projection)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = f(&self.norm)?;
-        let lm_head = self.lm_head.as_ref().map(&mut f).transpose()?;
+        let norm = f(&self.norm, Norm)?;
+        let lm_head = self.lm_head.as_ref().map(|w| f(w, TensorRole::Output)).transpose()?;
         Ok(ModelWeights { embed_tokens, layers, norm, lm_head })
     }
 

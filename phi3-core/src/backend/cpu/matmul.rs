@@ -1,10 +1,15 @@
-//! `linear`: `x @ w^T` with weights in their file dtype and f32 accumulation, on all cores.
+//! `linear`: `x @ w^T` with weights in their file dtype or quantized (int8/int4, layouts in
+//! `loader/quant.rs`), and f32 accumulation, on all cores.
 //!
 //! Two paths, both parallel over blocks of output features so each weight row is read once:
-//! - few rows (decode): a dot product per (row, output) that widens bf16/f16 on the fly; it is
-//!   bound by weight bandwidth, so it reads weights exactly once and keeps x in cache.
-//! - many rows (prefill): each task widens a block of weight rows to f32 and multiplies it with
-//!   all of x through `ndarray` (matrixmultiply's blocked, SIMD sgemm); bound by compute.
+//! - few rows (decode): a dot product per (row, output) that widens bf16/f16 or dequantizes
+//!   int8/int4 on the fly; it is bound by weight bandwidth, so it reads weights exactly once and
+//!   keeps x in cache. int8: `scale_r * Σ x·q`. int4: `Σ_g scale_g * (Σ x·q - zero_g * Σ_g x)`,
+//!   with x split once per call into its even and odd columns (the low and high nibbles) and
+//!   its group sums, so the inner loop is contiguous and vectorises.
+//! - many rows (prefill): each task widens (or dequantizes) a block of weight rows to f32 and
+//!   multiplies it with all of x through `ndarray` (matrixmultiply's blocked, SIMD sgemm); bound
+//!   by compute.
 //!
 //! Results are produced transposed (`[out, n]`, contiguous per task) and transposed at the end.
 
@@ -16,6 +21,7 @@ use rayon::prelude::*;
 
 use super::WeightView;
 use crate::error::{Error, Result};
+use crate::loader::quant::{QuantData, QuantizedTensor};
 
 /// Up to this many rows use the dot-product path.
 const GEMV_MAX_ROWS: usize = 4;
@@ -33,7 +39,9 @@ pub(super) fn linear(
     m: usize,
 ) -> Result<Vec<f32>> {
     let mut out_t = vec![0.0f32; m * n]; // [m, n]
-    if n <= GEMV_MAX_ROWS {
+    if let (WeightView::Quant(q), true) = (w, n <= GEMV_MAX_ROWS) {
+        gemv_quant(x, n, k, q, &mut out_t);
+    } else if n <= GEMV_MAX_ROWS {
         out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
             let mut widened = Vec::new();
             for (jj, o) in out.chunks_mut(n).enumerate() {
@@ -50,6 +58,7 @@ pub(super) fn linear(
                             }
                             dot_f32(xi, &widened)
                         }
+                        WeightView::Quant(_) => unreachable!("quantized weights take gemv_quant"),
                     };
                 }
             }
@@ -70,6 +79,12 @@ pub(super) fn linear(
                     &widened
                 }
                 WeightView::F32(w) => &w[range],
+                WeightView::Quant(q) => {
+                    for (r, row) in widened.chunks_exact_mut(k.max(1)).enumerate() {
+                        q.dequantize_row(j0 + r, row);
+                    }
+                    &widened
+                }
             };
             let shape_err = |e: ndarray::ShapeError| Error::internal(format!("linear: {e}"));
             let a = ArrayView2::from_shape((rows, k), wb).map_err(shape_err)?;
@@ -80,6 +95,47 @@ pub(super) fn linear(
         })?;
     }
     Ok(transpose(&out_t, m, n))
+}
+
+/// The decode path for quantized weights: `out_t` `[m, n]` = `w @ x^T`.
+fn gemv_quant(x: &[f32], n: usize, k: usize, w: &QuantizedTensor, out_t: &mut [f32]) {
+    match &w.data {
+        QuantData::Int8 { values, scales } => {
+            out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
+                for (jj, o) in out.chunks_mut(n).enumerate() {
+                    let j = block * GEMV_BLOCK + jj;
+                    let q = &values[j * k..(j + 1) * k];
+                    for (i, o) in o.iter_mut().enumerate() {
+                        *o = scales[j] * dot_i8(&x[i * k..(i + 1) * k], q);
+                    }
+                }
+            });
+        }
+        QuantData::Int4 { group, packed, scales, zeros } => {
+            let (group, ng) = (*group, k / *group);
+            // Per row of x: its even columns, then its odd columns ([k]), and its group sums.
+            let split: Vec<(Vec<f32>, Vec<f32>)> = x
+                .chunks_exact(k)
+                .map(|xi| {
+                    let (even, odd): (Vec<f32>, Vec<f32>) =
+                        xi.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+                    let sums = xi.chunks_exact(group).map(|g| g.iter().sum()).collect();
+                    ([even, odd].concat(), sums)
+                })
+                .collect();
+            out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
+                for (jj, o) in out.chunks_mut(n).enumerate() {
+                    let j = block * GEMV_BLOCK + jj;
+                    let bytes = &packed[j * k / 2..(j + 1) * k / 2];
+                    let (s, z) = (&scales[j * ng..(j + 1) * ng], &zeros[j * ng..(j + 1) * ng]);
+                    for (o, (eo, sums)) in o.iter_mut().zip(&split) {
+                        let (even, odd) = eo.split_at(k / 2);
+                        *o = dot_int4(even, odd, bytes, s, z, sums, group);
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// `[rows, cols]` -> `[cols, rows]`.
@@ -125,6 +181,53 @@ fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Σ x_i q_i for int8 weights (the caller multiplies by the row's scale).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn dot_i8(x: &[f32], q: &[i8]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (cx, cq) = (x.chunks_exact(16), q.chunks_exact(16));
+    let tail: f32 = cx.remainder().iter().zip(cq.remainder()).map(|(a, &b)| a * b as f32).sum();
+    for (a, b) in cx.zip(cq) {
+        for l in 0..16 {
+            acc[l] += a[l] * b[l] as f32;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One row of an int4 weight against one row of x: `even`/`odd` are x's even and odd columns
+/// (paired with the low and high nibbles of `bytes`), `sums` x's group sums; `scales`, `zeros`
+/// the row's groups. `group / 2` is a multiple of 16 (groups are 32, 64 or 128).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn dot_int4(
+    even: &[f32],
+    odd: &[f32],
+    bytes: &[u8],
+    scales: &[bf16],
+    zeros: &[u8],
+    sums: &[f32],
+    group: usize,
+) -> f32 {
+    let half = group / 2;
+    let mut acc = [0.0f32; 16];
+    let mut zero_term = 0.0f32;
+    let groups = even.chunks_exact(half).zip(odd.chunks_exact(half)).zip(bytes.chunks_exact(half));
+    for (((e, o), b), ((s, &z), &sum)) in groups.zip(scales.iter().zip(zeros).zip(sums)) {
+        let s = f32::from_bits((s.to_bits() as u32) << 16);
+        let mut part = [0.0f32; 16];
+        for ((e, o), b) in e.chunks_exact(16).zip(o.chunks_exact(16)).zip(b.chunks_exact(16)) {
+            for l in 0..16 {
+                part[l] += e[l] * (b[l] & 15) as f32 + o[l] * (b[l] >> 4) as f32;
+            }
+        }
+        for l in 0..16 {
+            acc[l] += s * part[l];
+        }
+        zero_term += s * z as f32 * sum;
+    }
+    acc.iter().sum::<f32>() - zero_term
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +256,37 @@ mod tests {
             let got = linear(&x, n, k, view, m).unwrap();
             for (g, r) in got.iter().zip(&want) {
                 assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n} k={k} m={m}: {g} vs {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_paths_match_dequantized_reference() {
+        use crate::loader::quant::WeightFormat;
+        for (n, k, m) in [(1, 128, 33), (2, 256, 17), (4, 64, 40), (5, 128, 300), (9, 384, 7)] {
+            let x: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let w: Vec<f32> = (0..m * k).map(|i| ((i * 53 % 97) as f32 - 40.0) / 64.0).collect();
+            for format in [
+                WeightFormat::Int8,
+                WeightFormat::Int4 { group: 32 },
+                WeightFormat::Int4 { group: 64 },
+                WeightFormat::Int4 { group: 128 },
+            ] {
+                if let WeightFormat::Int4 { group } = format {
+                    if k % group != 0 {
+                        continue;
+                    }
+                }
+                let q = QuantizedTensor::from_f32("w", &w, m, k, format).unwrap();
+                let deq = q.dequantize();
+                let want = reference(&x, n, k, &deq, m);
+                let got = linear(&x, n, k, WeightView::Quant(&q), m).unwrap();
+                // f32 sums of k terms of size |x||w| (int4: the zero-point term cancels
+                // terms up to 15 steps large, so allow for the magnitude of Σ|x|·max|w|).
+                let mag = x.iter().map(|v| v.abs()).sum::<f32>() / n as f32;
+                for (g, r) in got.iter().zip(&want) {
+                    assert!((g - r).abs() <= 1e-5 * (1.0 + mag), "{format} n={n}: {g} vs {r}");
+                }
             }
         }
     }

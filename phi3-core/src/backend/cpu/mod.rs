@@ -3,7 +3,8 @@
 //! It is the oracle the CUDA backend is checked against, so clarity wins over speed where the two
 //! conflict; the matmuls (where the time goes) are still blocked and threaded over all cores.
 //! Weights are read from the safetensors files into memory once, in their file dtype (bf16, f16
-//! or f32), and widened to f32 on the fly; activations and the KV cache are f32.
+//! or f32), or quantized while they are read (int8/int4 projections, `loader/quant.rs`), and
+//! widened (dequantized) to f32 on the fly; activations and the KV cache are f32.
 //!
 //! Files: `matmul.rs` (linear), `attention.rs`, `norm.rs` (RMSNorm, SwiGLU), `rope.rs` (RoPE and
 //! KV writes).
@@ -17,6 +18,7 @@ use half::{bf16, f16};
 
 use super::{AttnParams, Backend, KvLayout, SeqSpan};
 use crate::error::{Error, ErrorKind, Result};
+use crate::loader::quant::{self, QuantizedTensor, WeightFormat};
 use crate::loader::{DType, HostTensor};
 use crate::rope::RopeBatch;
 
@@ -53,6 +55,7 @@ enum WeightStorage {
     OwnedBf16(Vec<bf16>),
     OwnedF16(Vec<f16>),
     OwnedF32(Vec<f32>),
+    Quantized(QuantizedTensor),
 }
 
 /// A typed view of a weight's elements.
@@ -61,6 +64,7 @@ pub(crate) enum WeightView<'a> {
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
     F32(&'a [f32]),
+    Quant(&'a QuantizedTensor),
 }
 
 /// One sequence's KV cache: per layer, keys and values `[capacity, n_kv_heads, head_dim]`, f32.
@@ -90,6 +94,25 @@ impl CpuWeight {
             WeightStorage::OwnedBf16(v) => Ok(WeightView::Bf16(v)),
             WeightStorage::OwnedF16(v) => Ok(WeightView::F16(v)),
             WeightStorage::OwnedF32(v) => Ok(WeightView::F32(v)),
+            WeightStorage::Quantized(q) => Ok(WeightView::Quant(q)),
+        }
+    }
+
+    /// Bytes of memory the weight's elements (and scales) take.
+    pub fn byte_len(&self) -> usize {
+        match &self.storage {
+            WeightStorage::OwnedBf16(v) => 2 * v.len(),
+            WeightStorage::OwnedF16(v) => 2 * v.len(),
+            WeightStorage::OwnedF32(v) => 4 * v.len(),
+            WeightStorage::Quantized(q) => q.byte_len(),
+        }
+    }
+
+    /// How the weight is stored: `Native` for a file dtype, else its quantized format.
+    pub fn format(&self) -> WeightFormat {
+        match &self.storage {
+            WeightStorage::Quantized(q) => q.format(),
+            _ => WeightFormat::Native,
         }
     }
 
@@ -99,6 +122,7 @@ impl CpuWeight {
             WeightView::Bf16(w) => w.iter().map(|x| x.to_f32()).collect(),
             WeightView::F16(w) => w.iter().map(|x| x.to_f32()).collect(),
             WeightView::F32(w) => w.to_vec(),
+            WeightView::Quant(q) => q.dequantize(),
         })
     }
 }
@@ -168,6 +192,14 @@ impl Backend for CpuBackend {
             DType::F32 => WeightStorage::OwnedF32(read_elements(tensor, 0.0f32)?),
         };
         Ok(CpuWeight { rows, cols, storage })
+    }
+
+    fn upload_linear(&self, tensor: &HostTensor, format: WeightFormat) -> Result<CpuWeight> {
+        if !format.is_quantized() {
+            return self.upload(tensor);
+        }
+        let q = quant::quantize(tensor, format)?;
+        Ok(CpuWeight { rows: q.rows, cols: q.cols, storage: WeightStorage::Quantized(q) })
     }
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKv> {
@@ -253,6 +285,11 @@ impl Backend for CpuBackend {
                 WeightView::Bf16(w) => data.extend(w[range].iter().map(|x| x.to_f32())),
                 WeightView::F16(w) => data.extend(w[range].iter().map(|x| x.to_f32())),
                 WeightView::F32(w) => data.extend_from_slice(&w[range]),
+                WeightView::Quant(q) => {
+                    let at = data.len();
+                    data.resize(at + cols, 0.0);
+                    q.dequantize_row(t as usize, &mut data[at..]);
+                }
             }
         }
         Ok(CpuAct::new(tokens.len(), cols, data))
