@@ -139,8 +139,9 @@ pub struct Rng {
     s: [u64; 4],
 }
 
-/// One SplitMix64 step: advances `x` and returns the next output.
-fn splitmix64(x: &mut u64) -> u64 {
+/// One SplitMix64 step: advances `x` and returns the next output. The one copy of the
+/// generator in the project: the sampler's seeding, dummy weights and test inputs all use it.
+pub fn splitmix64(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *x;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

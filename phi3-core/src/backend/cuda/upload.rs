@@ -26,11 +26,9 @@ pub(crate) const STAGING_BYTES: usize = 64 << 20;
 /// `tensor` for `seed`, before rounding to the weight's dtype: `center + half_width * u`, u in
 /// [-1, 1). A Rust twin so checks can compare the device's values.
 pub fn dummy_value(seed: u64, tensor: u64, i: u64, center: f32, half_width: f32) -> f32 {
+    // The stateless form the kernel uses: the output of one step from state `z`.
     fn splitmix64(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        crate::sampler::splitmix64(&mut z)
     }
     let key = splitmix64(seed ^ splitmix64(tensor));
     let r = splitmix64(key.wrapping_add(i));
