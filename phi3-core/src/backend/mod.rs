@@ -31,6 +31,27 @@ pub struct KvLayout {
     pub head_dim: usize,
 }
 
+impl KvLayout {
+    /// Values per token of one layer's keys (and of its values): `n_kv_heads * head_dim`.
+    pub fn row_len(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Check that `len` values are `n_tokens` tokens in the [`Backend::kv_to_host`] layout, and
+    /// return the values per layer half (`n_tokens * row_len()`). `Internal` otherwise: every
+    /// backend's `kv_from_host` checks its input this one way.
+    pub fn check_host_len(&self, n_tokens: usize, len: usize) -> Result<usize> {
+        let n = n_tokens * self.row_len();
+        if len != 2 * n * self.n_layers {
+            return Err(Error::internal(format!(
+                "KV data holds {len} values, expected {}",
+                2 * n * self.n_layers
+            )));
+        }
+        Ok(n)
+    }
+}
+
 /// One sequence of a batch: `len` rows starting at activation row `row`, at positions
 /// `pos0..pos0 + len`. Its KV cache holds `pos0` tokens before the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -149,7 +149,7 @@ compile_error!(
 
 impl CpuKv {
     fn row_len(&self) -> usize {
-        self.layout.n_kv_heads * self.layout.head_dim
+        self.layout.row_len()
     }
 }
 
@@ -258,14 +258,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_from_host(&self, kv: &mut CpuKv, n_tokens: usize, data: &[f32]) -> Result<()> {
-        let n = n_tokens * kv.row_len();
-        if data.len() != 2 * n * kv.layout.n_layers {
-            return Err(Error::internal(format!(
-                "KV data holds {} values, expected {}",
-                data.len(),
-                2 * n * kv.layout.n_layers
-            )));
-        }
+        let n = kv.layout.check_host_len(n_tokens, data.len())?;
         self.reserve_kv(kv, n_tokens)?;
         for (layer, chunk) in data.chunks_exact(2 * n.max(1)).enumerate().take(kv.layout.n_layers) {
             let (k, v) = chunk.split_at(n);

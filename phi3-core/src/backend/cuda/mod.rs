@@ -135,7 +135,7 @@ impl CudaWeight {
 
 impl CudaKv {
     fn kv_dim(&self) -> usize {
-        self.layout.n_kv_heads * self.layout.head_dim
+        self.layout.row_len()
     }
 }
 
@@ -481,14 +481,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_from_host(&self, kv: &mut CudaKv, n_tokens: usize, data: &[f32]) -> Result<()> {
-        let n = n_tokens * kv.kv_dim();
-        if data.len() != 2 * n * kv.layout.n_layers {
-            return Err(Error::internal(format!(
-                "KV data holds {} values, expected {}",
-                data.len(),
-                2 * n * kv.layout.n_layers
-            )));
-        }
+        let n = kv.layout.check_host_len(n_tokens, data.len())?;
         self.reserve_kv(kv, n_tokens)?;
         if n == 0 {
             return Ok(());

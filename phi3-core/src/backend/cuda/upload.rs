@@ -140,25 +140,12 @@ impl CudaBackend {
             WeightData::F32(buf)
         } else {
             let mut buf = self.alloc_u16(n, name)?;
-            if dtype == DType::BF16 {
-                self.launch_fill_dummy(
-                    "phi3_fill_dummy_bf16",
-                    &mut buf,
-                    seed,
-                    index,
-                    center,
-                    half_width,
-                )?;
+            let bf16 = dtype == DType::BF16;
+            let kernel = if bf16 { "phi3_fill_dummy_bf16" } else { "phi3_fill_dummy_f16" };
+            self.launch_fill_dummy(kernel, &mut buf, seed, index, center, half_width)?;
+            if bf16 {
                 WeightData::Bf16(buf)
             } else {
-                self.launch_fill_dummy(
-                    "phi3_fill_dummy_f16",
-                    &mut buf,
-                    seed,
-                    index,
-                    center,
-                    half_width,
-                )?;
                 WeightData::F16(buf)
             }
         };
