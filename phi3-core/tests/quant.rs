@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use phi3_core::loader::quant::{
-    self, quantize_row_int4, quantize_row_int8, QuantData, QuantizedTensor, TINY,
+    self, quantize_row_int4, quantize_row_int8, Int4Scales, QuantData, QuantizedTensor, TINY,
 };
 use phi3_core::loader::{self, DType, HostTensor, ModelWeights, TensorRole, WeightFormat};
 use phi3_core::{Device, ErrorKind, LoadOptions, Model, SessionOptions};
@@ -118,6 +118,7 @@ fn int4_round_trip_is_within_half_a_step_per_group() {
             }
             quantize_row_int4(&w, group, &mut packed, &mut scales, &mut zeros).unwrap();
             let t = QuantizedTensor::from_f32("w", &w, 1, cols, format).unwrap();
+            let scales = Int4Scales::Bf16(scales);
             assert_eq!(t.data, QuantData::Int4 { group, packed, scales, zeros }, "{what}");
             let QuantData::Int4 { scales, zeros, .. } = &t.data else { unreachable!() };
             let back = t.dequantize();
@@ -125,7 +126,7 @@ fn int4_round_trip_is_within_half_a_step_per_group() {
                 let wg = &w[g * group..(g + 1) * group];
                 let lo = wg.iter().fold(0.0f32, |m, &v| m.min(v));
                 let hi = wg.iter().fold(0.0f32, |m, &v| m.max(v));
-                let s = scales[g].to_f32();
+                let s = scales.get(g);
                 assert!(zeros[g] <= 15);
                 if hi - lo < TINY {
                     assert_eq!(s, 0.0, "{what}");

@@ -17,7 +17,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::loader::{HostTensor, WeightFormat};
+use crate::loader::{HostTensor, QuantizedTensor, WeightFormat};
 use crate::rope::RopeBatch;
 
 /// Shape of one sequence's KV cache.
@@ -101,19 +101,31 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, tensor: &HostTensor) -> Result<Self::Weight>;
 
     /// Make a 2-D projection weight usable, stored in `format` (quantized while it is read).
-    /// The default takes `Native` through [`Backend::upload`] and refuses the rest.
+    /// The default takes `Native` through [`Backend::upload`] and the quantized formats through
+    /// [`loader::quant::quantize`](crate::loader::quant::quantize) and
+    /// [`Backend::upload_quantized`].
     ///
-    /// Errors: `Unsupported` for a format the backend cannot hold; those of
-    /// [`loader::quant::quantize`](crate::loader::quant::quantize) and of `upload`.
+    /// Errors: `Unsupported` for a format the backend cannot hold; those of `quantize`, `upload`
+    /// and `upload_quantized`.
     fn upload_linear(&self, tensor: &HostTensor, format: WeightFormat) -> Result<Self::Weight> {
         match format {
             WeightFormat::Native => self.upload(tensor),
-            other => Err(Error::unsupported(format!(
-                "{}: {other} weights are not yet supported on {}",
-                tensor.name,
-                self.name()
-            ))),
+            _ => self.upload_quantized(crate::loader::quant::quantize(tensor, format)?),
         }
+    }
+
+    /// Make an already-quantized 2-D projection weight usable (quantized at load, or read from a
+    /// quantized checkpoint; layouts in `loader/quant.rs`). The default refuses.
+    ///
+    /// Errors: `Unsupported` when the backend has no kernels for the format; `OutOfMemory`.
+    fn upload_quantized(&self, q: QuantizedTensor) -> Result<Self::Weight> {
+        Err(Error::unsupported(format!(
+            "{}x{} {} weights are not yet supported on {}",
+            q.rows,
+            q.cols,
+            q.format(),
+            self.name()
+        )))
     }
 
     /// An empty KV cache.

@@ -168,11 +168,61 @@ pub enum QuantData {
         group: usize,
         /// `[rows, cols / 2]`: column `2i` in the low nibble of byte `i`, `2i + 1` in the high.
         packed: Vec<u8>,
-        /// `[rows, cols / group]`, bf16: `w = scale * (q - zero)`.
-        scales: Vec<bf16>,
+        /// `[rows, cols / group]`: `w = scale * (q - zero)`. bf16 when quantized here, f16 when
+        /// read from an AWQ/GPTQ checkpoint (kept exact rather than rounded to bf16).
+        scales: Int4Scales,
         /// `[rows, cols / group]`, each in `0..=15`.
         zeros: Vec<u8>,
     },
+}
+
+/// The per-group scales of an int4 weight, in the dtype they were made in.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Int4Scales {
+    /// Quantized by phi3-rs (rounded up to bf16, see the module docs).
+    Bf16(Vec<bf16>),
+    /// Read from an AWQ or GPTQ checkpoint, whose scales are f16.
+    F16(Vec<f16>),
+}
+
+impl Int4Scales {
+    /// Number of scales.
+    pub fn len(&self) -> usize {
+        match self {
+            Int4Scales::Bf16(v) => v.len(),
+            Int4Scales::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Scale `i` widened to f32 (exact for both dtypes). Panics when `i >= len()`.
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Int4Scales::Bf16(v) => v[i].to_f32(),
+            Int4Scales::F16(v) => v[i].to_f32(),
+        }
+    }
+
+    /// Scales `range` widened to f32 into `out` (same length). Panics when out of range.
+    pub fn widen_into(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Int4Scales::Bf16(v) => v[range].convert_to_f32_slice(out),
+            Int4Scales::F16(v) => v[range].convert_to_f32_slice(out),
+        }
+    }
+
+    /// Name of the dtype: "bf16" or "f16".
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            Int4Scales::Bf16(_) => "bf16",
+            Int4Scales::F16(_) => "f16",
+        }
+    }
 }
 
 /// Where quantization of one row failed (column of a non-finite value, or of an overflow).
@@ -241,7 +291,7 @@ impl QuantizedTensor {
                 for (g, (out, bytes)) in
                     out.chunks_exact_mut(*group).zip(bytes.chunks_exact(group / 2)).enumerate()
                 {
-                    let s = scales[r * ng + g].to_f32();
+                    let s = scales.get(r * ng + g);
                     let z = zeros[r * ng + g] as f32;
                     for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
                         pair[0] = s * ((b & 15) as f32 - z);
@@ -291,7 +341,7 @@ impl QuantizedTensor {
                 QuantData::Int4 {
                     group,
                     packed: zeroed(rows * cols / 2, oom)?,
-                    scales: zeroed(ng, oom)?,
+                    scales: Int4Scales::Bf16(zeroed(ng, oom)?),
                     zeros: zeroed(ng, oom)?,
                 }
             }
@@ -317,7 +367,10 @@ impl QuantizedTensor {
                     *s = quantize_row_int8(w, q).map_err(|e| fail(r, e))?;
                     Ok(())
                 }),
-            QuantData::Int4 { group, packed, scales, zeros } => {
+            QuantData::Int4 { scales: Int4Scales::F16(_), .. } => {
+                Err(Error::internal(format!("{name}: int4 with f16 scales is read, not quantized")))
+            }
+            QuantData::Int4 { group, packed, scales: Int4Scales::Bf16(scales), zeros } => {
                 let (g, ng) = (*group, cols / *group);
                 rows.zip(packed[r0 * cols / 2..(r0 + n) * cols / 2].par_chunks_exact_mut(cols / 2))
                     .zip(scales[r0 * ng..(r0 + n) * ng].par_chunks_exact_mut(ng))
@@ -507,7 +560,7 @@ mod tests {
         let t =
             QuantizedTensor::from_f32("t", &w, 1, 32, WeightFormat::Int4 { group: 32 }).unwrap();
         let QuantData::Int4 { packed, scales, zeros, .. } = &t.data else { panic!() };
-        assert_eq!(scales[0].to_f32(), 1.0);
+        assert_eq!(scales.get(0), 1.0);
         assert_eq!(zeros[0], 0);
         assert_eq!(packed[0], 0x10); // column 0 (level 0) low, column 1 (level 1) high
         assert_eq!(packed[1], 0x32);

@@ -124,13 +124,16 @@ fn gemv_quant(x: &[f32], n: usize, k: usize, w: &QuantizedTensor, out_t: &mut [f
                 })
                 .collect();
             out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
+                let mut s = vec![0.0f32; ng];
                 for (jj, o) in out.chunks_mut(n).enumerate() {
                     let j = block * GEMV_BLOCK + jj;
                     let bytes = &packed[j * k / 2..(j + 1) * k / 2];
-                    let (s, z) = (&scales[j * ng..(j + 1) * ng], &zeros[j * ng..(j + 1) * ng]);
+                    // The row's scales widened once: a few dozen values against k / 2 bytes.
+                    scales.widen_into(j * ng..(j + 1) * ng, &mut s);
+                    let z = &zeros[j * ng..(j + 1) * ng];
                     for (o, (eo, sums)) in o.iter_mut().zip(&split) {
                         let (even, odd) = eo.split_at(k / 2);
-                        *o = dot_int4(even, odd, bytes, s, z, sums, group);
+                        *o = dot_int4(even, odd, bytes, &s, z, sums, group);
                     }
                 }
             });
@@ -203,7 +206,7 @@ fn dot_int4(
     even: &[f32],
     odd: &[f32],
     bytes: &[u8],
-    scales: &[bf16],
+    scales: &[f32],
     zeros: &[u8],
     sums: &[f32],
     group: usize,
@@ -213,7 +216,6 @@ fn dot_int4(
     let mut zero_term = 0.0f32;
     let groups = even.chunks_exact(half).zip(odd.chunks_exact(half)).zip(bytes.chunks_exact(half));
     for (((e, o), b), ((s, &z), &sum)) in groups.zip(scales.iter().zip(zeros).zip(sums)) {
-        let s = f32::from_bits((s.to_bits() as u32) << 16);
         let mut part = [0.0f32; 16];
         for ((e, o), b) in e.chunks_exact(16).zip(o.chunks_exact(16)).zip(b.chunks_exact(16)) {
             for l in 0..16 {

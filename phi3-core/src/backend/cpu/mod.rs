@@ -18,7 +18,7 @@ use half::{bf16, f16};
 
 use super::{AttnParams, Backend, KvLayout, SeqSpan};
 use crate::error::{Error, ErrorKind, Result};
-use crate::loader::quant::{self, QuantizedTensor, WeightFormat};
+use crate::loader::quant::{QuantizedTensor, WeightFormat};
 use crate::loader::{DType, HostTensor};
 use crate::rope::RopeBatch;
 
@@ -194,11 +194,7 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { rows, cols, storage })
     }
 
-    fn upload_linear(&self, tensor: &HostTensor, format: WeightFormat) -> Result<CpuWeight> {
-        if !format.is_quantized() {
-            return self.upload(tensor);
-        }
-        let q = quant::quantize(tensor, format)?;
+    fn upload_quantized(&self, q: QuantizedTensor) -> Result<CpuWeight> {
         Ok(CpuWeight { rows: q.rows, cols: q.cols, storage: WeightStorage::Quantized(q) })
     }
 
