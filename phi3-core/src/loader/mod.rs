@@ -15,7 +15,7 @@ pub mod safetensors;
 use std::path::Path;
 
 pub use self::quant::{QuantizedTensor, WeightFormat};
-pub use self::safetensors::{Checkpoint, DType, HostTensor};
+pub use self::safetensors::{Checkpoint, DType, HostTensor, RawTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 

@@ -79,6 +79,127 @@ enum TensorBytes {
     Owned(Arc<Vec<u8>>),
 }
 
+impl TensorBytes {
+    fn len(&self) -> usize {
+        match self {
+            TensorBytes::File { len, .. } => *len,
+            TensorBytes::Owned(v) => v.len(),
+        }
+    }
+
+    /// Bytes `offset..offset + dst.len()` into `dst`; `file` and `name` are for errors.
+    fn read_at(&self, file_name: &str, name: &str, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(dst.len()).filter(|&e| e <= self.len());
+        let Some(end) = end else {
+            return Err(Error::invalid_argument(format!(
+                "{name}: bytes {offset}..+{} are outside the tensor's {} bytes",
+                dst.len(),
+                self.len()
+            )));
+        };
+        match self {
+            TensorBytes::Owned(v) => {
+                dst.copy_from_slice(&v[offset..end]);
+                Ok(())
+            }
+            TensorBytes::File { file, offset: base, .. } => {
+                let at = base + offset as u64;
+                read_exact_at(file, dst, at).map_err(|e| {
+                    let what = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        format!(
+                            "file ends before byte {} (truncated after loading began?)",
+                            at + dst.len() as u64
+                        )
+                    } else {
+                        e.to_string()
+                    };
+                    Error::new(ErrorKind::Io, format!("{file_name}: {name}: {what}")).with_source(e)
+                })
+            }
+        }
+    }
+
+    /// All bytes in a new buffer (`OutOfMemory` when it cannot be had).
+    fn read_vec(&self, file_name: &str, name: &str) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(self.len()).map_err(|_| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!("{name}: cannot allocate {} bytes", self.len()),
+            )
+        })?;
+        bytes.resize(self.len(), 0);
+        self.read_at(file_name, name, 0, &mut bytes)?;
+        Ok(bytes)
+    }
+}
+
+/// A tensor of any safetensors dtype (the integer parts of a quantized checkpoint: packed
+/// weights, zero points, group indices), read whole and interpreted by its reader.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    /// State-dict name, e.g. "model.layers.0.mlp.down_proj.qweight".
+    pub name: String,
+    /// File name within the model folder, for error messages.
+    pub file: String,
+    /// The safetensors dtype name, e.g. "I32", "U8", "F16".
+    pub dtype: String,
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    data: TensorBytes,
+}
+
+impl RawTensor {
+    /// A tensor held in memory (tests, converters). `bytes` are its little-endian elements.
+    ///
+    /// Errors: `InvalidArgument` for an unknown dtype or a byte count that does not match.
+    pub fn from_bytes(name: &str, dtype: &str, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
+        let size = dtype_size(dtype).ok_or_else(|| {
+            Error::invalid_argument(format!("{name}: {dtype} is not a safetensors dtype"))
+        })?;
+        let n = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        if n.and_then(|n| n.checked_mul(size)) != Some(bytes.len() as u64) {
+            return Err(Error::invalid_argument(format!(
+                "{name}: {} bytes do not hold a {dtype} tensor of shape {shape:?}",
+                bytes.len()
+            )));
+        }
+        Ok(RawTensor {
+            name: name.to_string(),
+            file: "<memory>".to_string(),
+            dtype: dtype.to_string(),
+            shape,
+            data: TensorBytes::Owned(Arc::new(bytes)),
+        })
+    }
+
+    /// Size of the data in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Bytes from `offset` into `dst` (errors as [`HostTensor::read_at`]).
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.data.read_at(&self.file, &self.name, offset, dst)
+    }
+
+    /// All bytes, in a new buffer (errors as [`HostTensor::read_vec`]).
+    pub fn read_vec(&self) -> Result<Vec<u8>> {
+        self.data.read_vec(&self.file, &self.name)
+    }
+
+    /// `ModelFormat` naming the tensor unless its dtype is `dtype` and its shape `shape`.
+    pub fn expect(&self, dtype: &str, shape: &[usize]) -> Result<()> {
+        if self.dtype != dtype || self.shape != shape {
+            return Err(Error::model_format(format!(
+                "{}: {}: {} {:?}, expected {dtype} {shape:?}",
+                self.file, self.name, self.dtype, self.shape
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl HostTensor {
     /// A tensor held in memory (dummy or converted weights); `bytes` are little-endian elements.
     ///
@@ -109,10 +230,7 @@ impl HostTensor {
 
     /// Size of the data in bytes (`numel() * dtype.size()`).
     pub fn byte_len(&self) -> usize {
-        match &self.data {
-            TensorBytes::File { len, .. } => *len,
-            TensorBytes::Owned(v) => v.len(),
-        }
+        self.data.len()
     }
 
     /// Fill `dst` with the tensor's bytes starting at byte `offset` (a staging buffer may take
@@ -121,52 +239,14 @@ impl HostTensor {
     /// Errors: `InvalidArgument` when `offset + dst.len()` exceeds [`byte_len`](Self::byte_len);
     /// `Io` when the file cannot be read, e.g. because it was truncated after it was opened.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
-        let end = offset.checked_add(dst.len()).filter(|&e| e <= self.byte_len());
-        let Some(end) = end else {
-            return Err(Error::invalid_argument(format!(
-                "{}: bytes {offset}..+{} are outside the tensor's {} bytes",
-                self.name,
-                dst.len(),
-                self.byte_len()
-            )));
-        };
-        match &self.data {
-            TensorBytes::Owned(v) => {
-                dst.copy_from_slice(&v[offset..end]);
-                Ok(())
-            }
-            TensorBytes::File { file, offset: base, .. } => {
-                let at = base + offset as u64;
-                read_exact_at(file, dst, at).map_err(|e| {
-                    let what = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        format!(
-                            "file ends before byte {} (truncated after loading began?)",
-                            at + dst.len() as u64
-                        )
-                    } else {
-                        e.to_string()
-                    };
-                    Error::new(ErrorKind::Io, format!("{}: {}: {what}", self.file, self.name))
-                        .with_source(e)
-                })
-            }
-        }
+        self.data.read_at(&self.file, &self.name, offset, dst)
     }
 
     /// All bytes, in a new buffer.
     ///
     /// Errors: as [`read_at`](Self::read_at), and `OutOfMemory` when the buffer cannot be had.
     pub fn read_vec(&self) -> Result<Vec<u8>> {
-        let mut bytes = Vec::new();
-        bytes.try_reserve_exact(self.byte_len()).map_err(|_| {
-            Error::new(
-                ErrorKind::OutOfMemory,
-                format!("{}: cannot allocate {} bytes", self.name, self.byte_len()),
-            )
-        })?;
-        bytes.resize(self.byte_len(), 0);
-        self.read_at(0, &mut bytes)?;
-        Ok(bytes)
+        self.data.read_vec(&self.file, &self.name)
     }
 
     /// Convert to f32 (for small tensors such as norm weights, and for tests). Reads every byte
@@ -452,6 +532,24 @@ impl Checkpoint {
     pub fn get(&self, name: &str) -> Option<Result<HostTensor>> {
         let &id = self.location.get(name)?;
         self.files[id].tensor(name)
+    }
+
+    /// The tensor called `name` whatever its dtype, if the checkpoint has it.
+    pub fn get_raw(&self, name: &str) -> Option<RawTensor> {
+        let &id = self.location.get(name)?;
+        let file = &self.files[id];
+        let info = file.tensors.get(name)?;
+        Some(RawTensor {
+            name: name.to_string(),
+            file: file.name.clone(),
+            dtype: info.dtype.clone(),
+            shape: info.shape.clone(),
+            data: TensorBytes::File {
+                file: Arc::clone(&file.file),
+                offset: file.data_start + info.start,
+                len: info.len,
+            },
+        })
     }
 
     /// Names of all tensors, sorted.
