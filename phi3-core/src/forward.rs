@@ -13,9 +13,9 @@
 
 use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::loader::{HostTensor, ModelWeights, TensorRole, WeightFormat};
+use crate::loader::{ModelWeights, TensorRole, WeightFormat, WeightSource};
 use crate::model::{LoadProgress, ProgressFn};
 use crate::rope::{Rope, RopeBatch, RopeRegime};
 
@@ -44,23 +44,34 @@ impl<B: Backend> Engine<B> {
     pub(crate) fn new(
         backend: B,
         config: &ModelConfig,
-        weights: &ModelWeights<HostTensor>,
+        weights: &ModelWeights<WeightSource>,
         format: WeightFormat,
         progress: Option<&ProgressFn>,
     ) -> Result<Self> {
         let (mut tensors, mut bytes) = (0, 0u64);
         let _ = weights.try_map(|t| {
             tensors += 1;
-            bytes += t.byte_len() as u64;
+            bytes += t.file_bytes();
             Ok(())
         });
         let mut report = Progress::new(tensors, bytes, progress);
-        let weights = weights.try_map_with_role(|t, role| {
-            let w = match role {
-                TensorRole::Projection => backend.upload_linear(t, format)?,
-                _ => backend.upload(t)?,
+        let weights = weights.try_map_with_role(|source, role| {
+            let w = match (role, source) {
+                (TensorRole::Projection, WeightSource::Dense(t)) => {
+                    backend.upload_linear(t, format)?
+                }
+                (TensorRole::Projection, WeightSource::Quantized(q)) => {
+                    backend.upload_quantized(q.read()?)?
+                }
+                (_, WeightSource::Dense(t)) => backend.upload(t)?,
+                (_, WeightSource::Quantized(q)) => {
+                    return Err(Error::internal(format!(
+                        "{}: only projections are quantized",
+                        q.name
+                    )))
+                }
             };
-            report.tensor_done(&t.name, t.byte_len() as u64);
+            report.tensor_done(source.name(), source.file_bytes());
             Ok(w)
         })?;
         Ok(Self::with_weights(backend, config, weights))

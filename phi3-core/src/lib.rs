@@ -30,6 +30,7 @@ mod forward;
 pub mod generate;
 mod kv_cache;
 pub mod loader;
+pub mod quantize;
 mod model;
 pub mod rope;
 pub mod sampler;

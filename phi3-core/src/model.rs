@@ -16,7 +16,10 @@ use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::forward::{Engine, SeqInput};
 use crate::kv_cache::KvCache;
-use crate::loader::{self, DType, HostTensor, ModelWeights, TensorRole, WeightFormat};
+use crate::loader::{
+    self, DType, HostTensor, ModelWeights, StoredQuantization, TensorRole, WeightFormat,
+    WeightSource,
+};
 use crate::rope::RopeRegime;
 use crate::session::{Session, SessionOptions};
 use crate::tokenizer::Tokenizer;
@@ -138,6 +141,18 @@ pub(crate) enum AnyKv {
 /// so an unverified device path must be asked for by name ("cuda"), never picked silently.
 const AUTO_SELECTS_CUDA: bool = false;
 
+/// What a model's weights add up to, computed while they are taken.
+struct WeightSummary {
+    /// See [`Model::fingerprint`].
+    fingerprint: [u8; 32],
+    /// See [`Model::weight_bytes`].
+    bytes: u64,
+    /// See [`Model::weight_dtypes`].
+    dtypes: Vec<DType>,
+    /// The format the projections are in.
+    format: WeightFormat,
+}
+
 /// The backend chosen for a load, before weights exist.
 enum Target {
     Cpu,
@@ -225,15 +240,20 @@ impl Model {
             None
         };
         let path = Some(dir.to_path_buf());
+        let stored = match options.dummy_weights {
+            Some(_) => StoredQuantization::Dense,
+            None => StoredQuantization::of_folder(dir)?,
+        };
+        let format = resolve_format(dir, options.weights, stored.format())?;
         let (weights, target) =
-            match (options.dummy_weights, Target::choose(options.device, options.weights)?) {
+            match (options.dummy_weights, Target::choose(options.device, format)?) {
                 (Some(d), Target::Cuda(be)) => {
                     return Self::dummy_on_device(config, *be, d, tokenizer, options, path)
                 }
-                (Some(d), target) => (loader::dummy(&config, d.dtype, d.seed)?, target),
-                (None, target) => (loader::load(dir, &config)?, target),
+                (Some(d), target) => (dense(&loader::dummy(&config, d.dtype, d.seed)?)?, target),
+                (None, target) => (loader::load_sources(dir, &config, &stored)?, target),
             };
-        Self::build(config, &weights, target, tokenizer, options, path)
+        Self::build(config, &weights, target, format, tokenizer, options, path)
     }
 
     /// A model from a config and weights already in memory (the demo model, tests, benchmarks).
@@ -253,20 +273,21 @@ impl Model {
         config.validate()?;
         check_max_context(options)?;
         let target = Target::choose(options.device, options.weights)?;
-        Self::build(config, weights, target, tokenizer, options, path)
+        Self::build(config, &dense(weights)?, target, options.weights, tokenizer, options, path)
     }
 
-    /// A model whose host `weights` go to `target` (CUDA: after the memory estimate passes).
+    /// A model whose host `weights` go to `target` (CUDA: after the memory estimate passes), the
+    /// projections stored in `format` (already validated against a quantized checkpoint).
     fn build(
         config: ModelConfig,
-        weights: &ModelWeights<HostTensor>,
+        weights: &ModelWeights<WeightSource>,
         target: Target,
+        format: WeightFormat,
         tokenizer: Option<Tokenizer>,
         options: &LoadOptions,
         path: Option<PathBuf>,
     ) -> Result<Model> {
         let progress = options.progress.as_ref();
-        let format = options.weights;
         let engine = match target {
             Target::Cpu => {
                 AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, format, progress)?)
@@ -274,7 +295,12 @@ impl Model {
             Target::Cuda(be) => {
                 let mut shapes = Vec::new();
                 let _ = weights.try_map(|t| {
-                    shapes.push((t.shape.clone(), t.dtype));
+                    // A quantized source is counted as bf16 here: an overestimate.
+                    let dtype = match t {
+                        WeightSource::Dense(t) => t.dtype,
+                        WeightSource::Quantized(_) => DType::BF16,
+                    };
+                    shapes.push((t.shape(), dtype));
                     Ok(())
                 });
                 be.check_memory(&cuda::memory::estimate(
@@ -288,17 +314,25 @@ impl Model {
         let mut weight_bytes = 0u64;
         let mut weight_dtypes = Vec::new();
         let _ = weights.try_map_with_role(|t, role| {
-            weight_bytes += match (role, &t.shape[..]) {
-                (TensorRole::Projection, &[rows, cols]) => format.stored_bytes(rows, cols, t.dtype),
-                _ => t.byte_len() as u64,
+            weight_bytes += match (role, t) {
+                (TensorRole::Projection, WeightSource::Dense(t)) if t.shape.len() == 2 => {
+                    format.stored_bytes(t.shape[0], t.shape[1], t.dtype)
+                }
+                (_, WeightSource::Dense(t)) => t.byte_len() as u64,
+                (_, WeightSource::Quantized(q)) => {
+                    q.format.stored_bytes(q.rows, q.cols, DType::BF16)
+                }
             };
-            if !weight_dtypes.contains(&t.dtype) {
-                weight_dtypes.push(t.dtype);
+            if let WeightSource::Dense(t) = t {
+                if !weight_dtypes.contains(&t.dtype) {
+                    weight_dtypes.push(t.dtype);
+                }
             }
             Ok(())
         });
         weight_dtypes.sort_by_key(|d| d.name());
-        let sums = (fingerprint, weight_bytes, weight_dtypes);
+        let sums =
+            WeightSummary { fingerprint, bytes: weight_bytes, dtypes: weight_dtypes, format };
         Self::finish(config, engine, tokenizer, options, path, sums)
     }
 
@@ -340,20 +374,26 @@ impl Model {
             h.finalize().into()
         };
         let engine = AnyEngine::Cuda(Box::new(Engine::with_weights(be, &config, weights)));
-        let sums = (fingerprint, weight_bytes, vec![d.dtype]);
+        let sums = WeightSummary {
+            fingerprint,
+            bytes: weight_bytes,
+            dtypes: vec![d.dtype],
+            format: WeightFormat::Native,
+        };
         Self::finish(config, engine, tokenizer, options, path, sums)
     }
 
-    /// The model around a ready engine; `sums` = (fingerprint, weight bytes, weight dtypes).
+    /// The model around a ready engine.
     fn finish(
         config: ModelConfig,
         engine: AnyEngine,
         tokenizer: Option<Tokenizer>,
         options: &LoadOptions,
         path: Option<PathBuf>,
-        sums: ([u8; 32], u64, Vec<DType>),
+        sums: WeightSummary,
     ) -> Result<Model> {
-        let (fingerprint, weight_bytes, weight_dtypes) = sums;
+        let WeightSummary { fingerprint, bytes: weight_bytes, dtypes: weight_dtypes, format } =
+            sums;
         let chat_template = match &tokenizer {
             Some(t) => ChatTemplate::from_tokenizer(t)?,
             None => ChatTemplate::phi3_default(),
@@ -373,7 +413,7 @@ impl Model {
                 fingerprint,
                 weight_bytes,
                 weight_dtypes,
-                weight_format: options.weights,
+                weight_format: format,
             }),
         })
     }
@@ -596,7 +636,7 @@ impl Model {
 /// cheap even for 28 GB of weights.
 fn fingerprint(
     config: &ModelConfig,
-    weights: &ModelWeights<HostTensor>,
+    weights: &ModelWeights<WeightSource>,
     format: WeightFormat,
 ) -> Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
@@ -606,18 +646,43 @@ fn fingerprint(
     if format.is_quantized() {
         h.update(format!("weights {format}"));
     }
-    let _ = weights.try_map(|t| {
-        h.update(format!("{}:{}:{:?}", t.name, t.dtype.name(), t.shape));
-        let len = t.byte_len();
-        let mut sample = [0u8; SAMPLE];
-        for start in [0, len / 2, len.saturating_sub(SAMPLE)] {
-            let part = &mut sample[..SAMPLE.min(len - start)];
-            t.read_at(start, part)?;
-            h.update(&*part);
+    let _ = weights.try_map(|source| {
+        for t in source.stored() {
+            h.update(format!("{}:{}:{:?}", t.name(), t.dtype_name(), t.shape()));
+            let len = t.byte_len();
+            let mut sample = [0u8; SAMPLE];
+            for start in [0, len / 2, len.saturating_sub(SAMPLE)] {
+                let part = &mut sample[..SAMPLE.min(len - start)];
+                t.read_at(start, part)?;
+                h.update(&*part);
+            }
         }
         Ok(())
     })?;
     Ok(h.finalize().into())
+}
+
+/// Host tensors as dense weight sources (cheap: tensors share their bytes).
+fn dense(weights: &ModelWeights<HostTensor>) -> Result<ModelWeights<WeightSource>> {
+    weights.try_map(|t| Ok(WeightSource::Dense(t.clone())))
+}
+
+/// The format projections end up in: what was asked, or what the checkpoint stores. A quantized
+/// checkpoint is not quantized again into another format (that would compound the rounding).
+///
+/// Errors: `InvalidArgument` naming both formats when they conflict.
+fn resolve_format(dir: &Path, asked: WeightFormat, stored: WeightFormat) -> Result<WeightFormat> {
+    match (asked, stored) {
+        (asked, WeightFormat::Native) => Ok(asked),
+        (WeightFormat::Native, stored) => Ok(stored),
+        (asked, stored) if asked == stored => Ok(stored),
+        (asked, stored) => Err(Error::invalid_argument(format!(
+            "{}: the checkpoint is already quantized ({stored}); weights \"{asked}\" would \
+             quantize it again (ask for \"native\" or \"{stored}\", or quantize the original \
+             checkpoint)",
+            dir.display()
+        ))),
+    }
 }
 
 fn check_max_context(options: &LoadOptions) -> Result<()> {

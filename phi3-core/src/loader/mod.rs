@@ -10,12 +10,15 @@
 pub mod names;
 pub mod paths;
 pub mod quant;
+pub mod quant_file;
 pub mod safetensors;
+pub mod source;
 
 use std::path::Path;
 
 pub use self::quant::{QuantizedTensor, WeightFormat};
 pub use self::safetensors::{Checkpoint, DType, HostTensor, RawTensor};
+pub use self::source::{QuantizedSource, StoredTensor, WeightSource};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
@@ -106,22 +109,86 @@ impl<W> ModelWeights<W> {
     }
 }
 
+/// How a checkpoint stores its decoder projections, from `quantization_config` in config.json.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoredQuantization {
+    /// Dense (no `quantization_config`): quantized at load when asked.
+    Dense,
+    /// A phi3-rs quantized folder (`phi3 quantize`) in this format.
+    Phi3Rs(WeightFormat),
+}
+
+impl StoredQuantization {
+    /// Read `quantization_config` from `dir`/config.json.
+    ///
+    /// Errors: `Io`/`ModelFormat` for an unreadable or invalid config.json; `ModelFormat` or
+    /// `Unsupported` for a `quantization_config` this build cannot read (naming the field).
+    pub fn of_folder(dir: &Path) -> Result<StoredQuantization> {
+        let Some(bytes) = paths::read_model_file(dir, "config.json")? else {
+            return Ok(StoredQuantization::Dense);
+        };
+        let json: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::model_format(format!("config.json: invalid JSON: {e}")))?;
+        let Some(entry) = json.get("quantization_config").filter(|v| !v.is_null()) else {
+            return Ok(StoredQuantization::Dense);
+        };
+        match entry.get("quant_method").and_then(serde_json::Value::as_str) {
+            Some(quant_file::QUANT_METHOD) => {
+                Ok(StoredQuantization::Phi3Rs(quant_file::parse_config_entry(entry)?))
+            }
+            Some(other) => Err(Error::unsupported(format!(
+                "config.json: quantization_config.quant_method \"{other}\" is not supported \
+                 (phi3-rs reads \"{}\")",
+                quant_file::QUANT_METHOD
+            ))),
+            None => Err(Error::model_format(
+                "config.json: quantization_config has no \"quant_method\" string",
+            )),
+        }
+    }
+
+    /// The format the projections are read into: `Native` when dense.
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            StoredQuantization::Dense => WeightFormat::Native,
+            StoredQuantization::Phi3Rs(format) => *format,
+        }
+    }
+}
+
+/// Open the dense safetensors of `dir` and check every tensor `config` needs: as [`load_sources`]
+/// with [`StoredQuantization::Dense`], every tensor a [`HostTensor`].
+///
+/// Errors: as [`load_sources`].
+pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights<HostTensor>> {
+    load_sources(dir, config, &StoredQuantization::Dense)?.try_map(|source| match source {
+        WeightSource::Dense(t) => Ok(t.clone()),
+        WeightSource::Quantized(q) => Err(Error::internal(format!("{}: not dense", q.name))),
+    })
+}
+
 /// Open the safetensors of `dir` and check every tensor `config` needs. Cheap: only headers are
-/// read; tensor data stays unread in the files.
+/// read; tensor data stays unread in the files. The decoder projections of a quantized
+/// checkpoint (`stored`, see [`StoredQuantization::of_folder`]) are its quantized arrays.
 ///
 /// Errors: `Io` when the folder has neither `model.safetensors` nor
 /// `model.safetensors.index.json`, or a file cannot be opened or read; `ModelFormat` for an
 /// invalid header or index, a file that resolves outside the folder, or a tensor that is missing, has
 /// the wrong shape or an unsupported dtype (each message names the file and the tensor).
-pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights<HostTensor>> {
+pub fn load_sources(
+    dir: &Path,
+    config: &ModelConfig,
+    stored: &StoredQuantization,
+) -> Result<ModelWeights<WeightSource>> {
     let checkpoint = Checkpoint::open(dir)?;
+    let missing = |name: &str| {
+        Error::model_format(format!(
+            "{}: tensor {name} is missing from the checkpoint",
+            dir.display()
+        ))
+    };
     let take = |name: &str, shape: &[usize]| -> Result<HostTensor> {
-        let tensor = checkpoint.get(name).ok_or_else(|| {
-            Error::model_format(format!(
-                "{}: tensor {name} is missing from the checkpoint",
-                dir.display()
-            ))
-        })??;
+        let tensor = checkpoint.get(name).ok_or_else(|| missing(name))??;
         if tensor.shape != shape {
             return Err(Error::model_format(format!(
                 "{}: {name}: shape {:?}, expected {shape:?}",
@@ -130,12 +197,18 @@ pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights<HostTensor>
         }
         Ok(tensor)
     };
-    // Fetch in the order of names::expected_tensors so its shapes are the single source of truth.
-    let tensors = names::expected_tensors(config)
-        .into_iter()
-        .map(|(name, shape)| take(&name, &shape))
-        .collect::<Result<Vec<_>>>()?;
-    assemble(config, tensors)
+    layout(config)?.try_map_with_role(|(name, shape), role| match (role, stored) {
+        (TensorRole::Projection, StoredQuantization::Phi3Rs(format)) => {
+            let prefix = name.strip_suffix(".weight").unwrap_or(name);
+            let parts = quant_file::part_names(prefix, *format)
+                .iter()
+                .map(|part| checkpoint.get_raw(part).ok_or_else(|| missing(part)))
+                .collect::<Result<Vec<_>>>()?;
+            let source = QuantizedSource::phi3rs(name, shape[0], shape[1], *format, parts)?;
+            Ok(WeightSource::Quantized(source))
+        }
+        _ => Ok(WeightSource::Dense(take(name, shape)?)),
+    })
 }
 
 /// Every tensor's (name, shape) arranged as a [`ModelWeights`], in load order: what a backend

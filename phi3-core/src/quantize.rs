@@ -1,0 +1,338 @@
+//! `phi3 quantize`: write a model folder whose decoder projections are stored quantized (the
+//! layout of `loader/quant_file.rs`), so later loads read them as they are instead of
+//! quantizing the bf16 weights at every start.
+//!
+//! Streaming, like quantizing at load: one tensor is read, quantized and written at a time, so
+//! peak memory is about two copies of the largest quantized tensor plus an 8 MiB copy buffer.
+//! The folder is written under a temporary name beside `out` and renamed into place only when
+//! complete, so an interrupted run leaves no half-written model behind (the temporary folder is
+//! removed on error).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::forward::Progress;
+use crate::loader::{self, quant, quant_file, HostTensor, StoredQuantization, TensorRole};
+use crate::loader::{paths, WeightFormat};
+use crate::model::ProgressFn;
+
+/// Shards are cut before a tensor that would take them past this size (as HF does at 5 GB).
+pub const DEFAULT_SHARD_BYTES: u64 = 4 << 30;
+/// Files copied unchanged from the source folder when present (config.json is rewritten).
+const COPIED_FILES: [&str; 8] = [
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+/// Bytes copied per read of a dense tensor.
+const COPY_CHUNK: usize = 8 << 20;
+
+/// What [`quantize_folder`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizeReport {
+    /// The format of the projections.
+    pub format: WeightFormat,
+    /// Tensors read from the source.
+    pub tensors: usize,
+    /// Of which quantized.
+    pub quantized: usize,
+    /// Bytes of tensor data read.
+    pub bytes_in: u64,
+    /// Bytes of tensor data written (all shards, headers excluded).
+    pub bytes_out: u64,
+    /// The safetensors files written.
+    pub files: Vec<String>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Options of [`quantize_folder`].
+#[derive(Clone, Default)]
+pub struct QuantizeOptions {
+    /// Largest shard in bytes before a new one is started; `None` for
+    /// [`DEFAULT_SHARD_BYTES`].
+    pub shard_bytes: Option<u64>,
+    /// Called after each tensor is written.
+    pub progress: Option<ProgressFn>,
+}
+
+/// One tensor of the output: its name, dtype, shape and where its bytes come from.
+struct OutTensor {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+    bytes: u64,
+    /// The source tensor, and for a quantized one the index of this part.
+    source: HostTensor,
+    part: Option<usize>,
+}
+
+/// Quantize the model folder `src` into a new folder `out` with projections in `format`.
+///
+/// Errors: `InvalidArgument` for a native `format`, a group that does not divide a projection's
+/// width (naming it), an `out` that already exists, or a `src` that is already quantized;
+/// the errors of [`crate::Model::load`] for an invalid source folder (`Io`, `ModelFormat`,
+/// `Unsupported`); `Io` when writing fails (nothing is left at `out` then).
+pub fn quantize_folder(
+    src: &Path,
+    out: &Path,
+    format: WeightFormat,
+    options: &QuantizeOptions,
+) -> Result<QuantizeReport> {
+    let started = Instant::now();
+    format.validate()?;
+    if !format.is_quantized() {
+        return Err(Error::invalid_argument("quantize: weights must be int8 or int4, not native"));
+    }
+    if out.exists() {
+        return Err(Error::invalid_argument(format!(
+            "{}: already exists; quantize writes a new folder",
+            out.display()
+        )));
+    }
+    let config = ModelConfig::from_dir(src)?;
+    config.validate()?;
+    match StoredQuantization::of_folder(src)? {
+        StoredQuantization::Dense => {}
+        stored => {
+            return Err(Error::invalid_argument(format!(
+                "{}: already quantized ({}); quantize the original checkpoint",
+                src.display(),
+                stored.format()
+            )))
+        }
+    }
+    let weights = loader::load(src, &config)?;
+    let plan = plan(&weights, format)?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::invalid_argument(format!("{}: not a folder name", out.display())))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let written = write_folder(src, &tmp, &plan, format, options);
+    let files = match written {
+        Ok(files) => files,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    fs::rename(&tmp, out).map_err(|e| {
+        let _ = fs::remove_dir_all(&tmp);
+        Error::io(out, e)
+    })?;
+    Ok(QuantizeReport {
+        format,
+        tensors: plan.iter().filter(|t| t.part.is_none_or(|p| p == 0)).count(),
+        quantized: plan.iter().filter(|t| t.part == Some(0)).count(),
+        bytes_in: weights_bytes(&weights),
+        bytes_out: plan.iter().map(|t| t.bytes).sum(),
+        files,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn weights_bytes(weights: &loader::ModelWeights<HostTensor>) -> u64 {
+    let mut bytes = 0;
+    let _ = weights.try_map(|t| {
+        bytes += t.byte_len() as u64;
+        Ok(())
+    });
+    bytes
+}
+
+/// Every output tensor in load order: dense tensors as they are, each projection as its parts.
+fn plan(
+    weights: &loader::ModelWeights<HostTensor>,
+    format: WeightFormat,
+) -> Result<Vec<OutTensor>> {
+    let mut out = Vec::new();
+    weights.try_map_with_role(|t, role| {
+        if role != TensorRole::Projection {
+            out.push(OutTensor {
+                name: t.name.clone(),
+                dtype: t.dtype.name().to_string(),
+                shape: t.shape.clone(),
+                bytes: t.byte_len() as u64,
+                source: t.clone(),
+                part: None,
+            });
+            return Ok(());
+        }
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        if let WeightFormat::Int4 { group } = format {
+            if !cols.is_multiple_of(group) {
+                return Err(Error::invalid_argument(format!(
+                    "{}: width {cols} is not a multiple of the int4 group {group}",
+                    t.name
+                )));
+            }
+        }
+        let prefix = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+        let names = quant_file::part_names(prefix, format);
+        let layouts = quant_file::part_layouts(rows, cols, format);
+        for (i, (name, (dtype, shape))) in names.into_iter().zip(layouts).enumerate() {
+            let elem = if dtype == "F32" {
+                4
+            } else if dtype == "BF16" {
+                2
+            } else {
+                1
+            };
+            let bytes = shape.iter().product::<usize>() as u64 * elem;
+            let (dtype, source) = (dtype.to_string(), t.clone());
+            out.push(OutTensor { name, dtype, shape, bytes, source, part: Some(i) });
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Write the shards, the index, config.json and the copied files into `dir` (created here).
+/// Returns the safetensors file names.
+fn write_folder(
+    src: &Path,
+    dir: &Path,
+    plan: &[OutTensor],
+    format: WeightFormat,
+    options: &QuantizeOptions,
+) -> Result<Vec<String>> {
+    fs::create_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let limit = options.shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES).max(1);
+    let mut shards: Vec<Vec<&OutTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in plan {
+        let current = shards.last_mut().filter(|s| s.is_empty() || size + t.bytes <= limit);
+        match current {
+            Some(shard) => shard.push(t),
+            None => {
+                shards.push(vec![t]);
+                size = 0;
+            }
+        }
+        size += t.bytes;
+    }
+    let n = shards.len();
+    let file_name = |i: usize| match n {
+        1 => "model.safetensors".to_string(),
+        _ => format!("model-{:05}-of-{n:05}.safetensors", i + 1),
+    };
+    let tensors = plan.iter().filter(|t| t.part.is_none_or(|p| p == 0)).count();
+    let total: u64 = plan.iter().map(|t| t.source.byte_len() as u64).sum();
+    let mut progress = Progress::new(tensors, total, options.progress.as_ref());
+    let mut weight_map = BTreeMap::new();
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let path = dir.join(file_name(i));
+        let file = File::create_new(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let io = |e| Error::io(&path, e);
+        w.write_all(&header(shard)).map_err(io)?;
+        for t in shard {
+            weight_map.insert(t.name.clone(), file_name(i));
+            match t.part {
+                None => {
+                    copy_tensor(&t.source, &mut w).map_err(|e| e.context(path.display()))?;
+                    progress.tensor_done(&t.source.name, t.source.byte_len() as u64);
+                }
+                Some(p) => {
+                    if p == 0 {
+                        parts = quant_file::part_bytes(&quant::quantize(&t.source, format)?)?;
+                    }
+                    let bytes = parts.get(p).ok_or_else(|| Error::internal("part index"))?;
+                    w.write_all(bytes).map_err(io)?;
+                    if p + 1 == quant_file::part_names("", format).len() {
+                        progress.tensor_done(&t.source.name, t.source.byte_len() as u64);
+                    }
+                }
+            }
+        }
+        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+    }
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": { "total_size": plan.iter().map(|t| t.bytes).sum::<u64>() },
+            "weight_map": weight_map,
+        });
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    }
+    write_config(src, dir, format)?;
+    for name in COPIED_FILES {
+        if let Some(bytes) = paths::read_model_file(src, name)? {
+            let path = dir.join(name);
+            fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok((0..n).map(file_name).collect())
+}
+
+/// The safetensors header of `shard`: 8-byte length, JSON, padded with spaces to 8 bytes.
+fn header(shard: &[&OutTensor]) -> Vec<u8> {
+    let mut entries = serde_json::Map::new();
+    entries.insert(
+        "__metadata__".to_string(),
+        serde_json::json!({ "format": "pt", "quantized_by": "phi3-rs" }),
+    );
+    let mut offset = 0u64;
+    for t in shard {
+        entries.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": t.dtype,
+                "shape": t.shape,
+                "data_offsets": [offset, offset + t.bytes],
+            }),
+        );
+        offset += t.bytes;
+    }
+    let mut json = serde_json::Value::Object(entries).to_string().into_bytes();
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Copy a dense tensor's bytes in chunks of whole [`COPY_CHUNK`]s.
+fn copy_tensor(t: &HostTensor, w: &mut impl Write) -> Result<()> {
+    let mut buf = vec![0u8; COPY_CHUNK.min(t.byte_len())];
+    let mut at = 0;
+    while at < t.byte_len() {
+        let n = buf.len().min(t.byte_len() - at);
+        t.read_at(at, &mut buf[..n])?;
+        w.write_all(&buf[..n]).map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// config.json of `src` with `quantization_config` set for `format`.
+fn write_config(src: &Path, dir: &Path, format: WeightFormat) -> Result<()> {
+    let bytes = paths::read_model_file(src, "config.json")?
+        .ok_or_else(|| Error::new(ErrorKind::Io, format!("{}: no config.json", src.display())))?;
+    let mut config: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::model_format(format!("config.json: invalid JSON: {e}")))?;
+    let object = config
+        .as_object_mut()
+        .ok_or_else(|| Error::model_format("config.json: not a JSON object"))?;
+    object.insert("quantization_config".to_string(), quant_file::config_entry(format));
+    write_json(&dir.join("config.json"), &config)
+}
+
+fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
+    fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
