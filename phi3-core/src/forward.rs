@@ -39,8 +39,9 @@ pub(crate) struct SeqInput<'a, B: Backend> {
 }
 
 impl<B: Backend> Engine<B> {
-    /// Upload `weights` to `backend`, the decoder projections stored in `format` (embeddings,
-    /// norms and lm_head stay in their dtype), reporting each tensor to `progress`.
+    /// Upload `weights` to `backend`, reporting each tensor to `progress`: dense decoder
+    /// projections are stored in `format` (embeddings, norms and a dense lm_head stay in their
+    /// dtype), quantized sources as they are.
     pub(crate) fn new(
         backend: B,
         config: &ModelConfig,
@@ -60,13 +61,14 @@ impl<B: Backend> Engine<B> {
                 (TensorRole::Projection, WeightSource::Dense(t)) => {
                     backend.upload_linear(t, format)?
                 }
-                (TensorRole::Projection, WeightSource::Quantized(q)) => {
+                // A quantized lm_head (GPTQ `lm_head: true`) is a matmul like the projections.
+                (TensorRole::Projection | TensorRole::Output, WeightSource::Quantized(q)) => {
                     backend.upload_quantized(q.read()?)?
                 }
                 (_, WeightSource::Dense(t)) => backend.upload(t)?,
                 (_, WeightSource::Quantized(q)) => {
                     return Err(Error::internal(format!(
-                        "{}: only projections are quantized",
+                        "{}: only projections and lm_head are quantized",
                         q.name
                     )))
                 }

@@ -288,9 +288,17 @@ impl Model {
         path: Option<PathBuf>,
     ) -> Result<Model> {
         let progress = options.progress.as_ref();
+        // A checkpoint that stores quantized projections keeps the ones it left dense (AWQ's
+        // `modules_to_not_convert`) dense: they were excluded on purpose.
+        let mut stored_quantized = false;
+        let _ = weights.try_map(|t| {
+            stored_quantized |= matches!(t, WeightSource::Quantized(_));
+            Ok(())
+        });
+        let at_load = if stored_quantized { WeightFormat::Native } else { format };
         let engine = match target {
             Target::Cpu => {
-                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, format, progress)?)
+                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, at_load, progress)?)
             }
             Target::Cuda(be) => {
                 let mut shapes = Vec::new();
@@ -307,7 +315,7 @@ impl Model {
                     &config,
                     shapes.iter().map(|(s, d)| (s.as_slice(), *d)),
                 ))?;
-                AnyEngine::Cuda(Box::new(Engine::new(*be, &config, weights, format, progress)?))
+                AnyEngine::Cuda(Box::new(Engine::new(*be, &config, weights, at_load, progress)?))
             }
         };
         let fingerprint = fingerprint(&config, weights, format)?;
@@ -316,7 +324,7 @@ impl Model {
         let _ = weights.try_map_with_role(|t, role| {
             weight_bytes += match (role, t) {
                 (TensorRole::Projection, WeightSource::Dense(t)) if t.shape.len() == 2 => {
-                    format.stored_bytes(t.shape[0], t.shape[1], t.dtype)
+                    at_load.stored_bytes(t.shape[0], t.shape[1], t.dtype)
                 }
                 (_, WeightSource::Dense(t)) => t.byte_len() as u64,
                 (_, WeightSource::Quantized(q)) => {

@@ -7,6 +7,7 @@
 //! Also here: deterministic random ("dummy") weights of any shape, for benchmarks and the demo
 //! model, so no files are needed.
 
+pub mod hub_quant;
 pub mod names;
 pub mod paths;
 pub mod quant;
@@ -116,6 +117,8 @@ pub enum StoredQuantization {
     Dense,
     /// A phi3-rs quantized folder (`phi3 quantize`) in this format.
     Phi3Rs(WeightFormat),
+    /// An AWQ or GPTQ int4 checkpoint from the Hugging Face hub.
+    Hub(hub_quant::HubQuant),
 }
 
 impl StoredQuantization {
@@ -132,18 +135,14 @@ impl StoredQuantization {
         let Some(entry) = json.get("quantization_config").filter(|v| !v.is_null()) else {
             return Ok(StoredQuantization::Dense);
         };
-        match entry.get("quant_method").and_then(serde_json::Value::as_str) {
-            Some(quant_file::QUANT_METHOD) => {
-                Ok(StoredQuantization::Phi3Rs(quant_file::parse_config_entry(entry)?))
-            }
-            Some(other) => Err(Error::unsupported(format!(
-                "config.json: quantization_config.quant_method \"{other}\" is not supported \
-                 (phi3-rs reads \"{}\")",
-                quant_file::QUANT_METHOD
-            ))),
-            None => Err(Error::model_format(
-                "config.json: quantization_config has no \"quant_method\" string",
-            )),
+        if entry.get("quant_method").and_then(serde_json::Value::as_str)
+            == Some(quant_file::QUANT_METHOD)
+        {
+            return Ok(StoredQuantization::Phi3Rs(quant_file::parse_config_entry(entry)?));
+        }
+        match hub_quant::from_config(&json)? {
+            Some(scheme) => Ok(StoredQuantization::Hub(scheme)),
+            None => Ok(StoredQuantization::Dense),
         }
     }
 
@@ -152,6 +151,7 @@ impl StoredQuantization {
         match self {
             StoredQuantization::Dense => WeightFormat::Native,
             StoredQuantization::Phi3Rs(format) => *format,
+            StoredQuantization::Hub(scheme) => WeightFormat::Int4 { group: scheme.group() },
         }
     }
 }
@@ -180,7 +180,7 @@ pub fn load_sources(
     config: &ModelConfig,
     stored: &StoredQuantization,
 ) -> Result<ModelWeights<WeightSource>> {
-    let checkpoint = Checkpoint::open(dir)?;
+    let checkpoint = std::sync::Arc::new(Checkpoint::open(dir)?);
     let missing = |name: &str| {
         Error::model_format(format!(
             "{}: tensor {name} is missing from the checkpoint",
@@ -197,17 +197,30 @@ pub fn load_sources(
         }
         Ok(tensor)
     };
-    layout(config)?.try_map_with_role(|(name, shape), role| match (role, stored) {
-        (TensorRole::Projection, StoredQuantization::Phi3Rs(format)) => {
-            let prefix = name.strip_suffix(".weight").unwrap_or(name);
-            let parts = quant_file::part_names(prefix, *format)
-                .iter()
-                .map(|part| checkpoint.get_raw(part).ok_or_else(|| missing(part)))
-                .collect::<Result<Vec<_>>>()?;
-            let source = QuantizedSource::phi3rs(name, shape[0], shape[1], *format, parts)?;
-            Ok(WeightSource::Quantized(source))
+    layout(config)?.try_map_with_role(|(name, shape), role| {
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        match (role, stored) {
+            (TensorRole::Projection, StoredQuantization::Phi3Rs(format)) => {
+                let parts = quant_file::part_names(prefix, *format)
+                    .iter()
+                    .map(|part| checkpoint.get_raw(part).ok_or_else(|| missing(part)))
+                    .collect::<Result<Vec<_>>>()?;
+                let source = QuantizedSource::phi3rs(name, shape[0], shape[1], *format, parts)?;
+                Ok(WeightSource::Quantized(source))
+            }
+            // AWQ/GPTQ: projections left out of quantization (`modules_to_not_convert`) and the
+            // dense lm_head stay dense; GPTQModel's `lm_head: true` quantizes lm_head too.
+            (TensorRole::Projection | TensorRole::Output, StoredQuantization::Hub(scheme))
+                if hub_quant::is_quantized(&checkpoint, prefix) =>
+            {
+                let (rows, cols) = (shape[0], shape[1]);
+                let scheme = *scheme;
+                let source =
+                    QuantizedSource::hub(name, rows, cols, checkpoint.clone(), scheme, prefix);
+                Ok(WeightSource::Quantized(source))
+            }
+            _ => Ok(WeightSource::Dense(take(name, shape)?)),
         }
-        _ => Ok(WeightSource::Dense(take(name, shape)?)),
     })
 }
 

@@ -397,6 +397,7 @@ fn parse_header(json: &[u8], data_len: u64) -> Result<BTreeMap<String, TensorInf
 }
 
 /// One opened and validated safetensors file.
+#[derive(Debug)]
 struct TensorFile {
     name: String,
     file: Arc<File>,
@@ -464,6 +465,7 @@ struct ShardIndex {
 }
 
 /// All tensors of a checkpoint, by name, from one file or a sharded set.
+#[derive(Debug)]
 pub struct Checkpoint {
     files: Vec<TensorFile>,
     /// Tensor name -> index into `files`.

@@ -2,8 +2,11 @@
 //! or a projection the checkpoint already stores quantized (a phi3-rs quantized folder, or an
 //! AWQ/GPTQ checkpoint), read into a [`QuantizedTensor`] when the backend takes it.
 
+use std::sync::Arc;
+
+use super::hub_quant::{self, HubQuant};
 use super::quant::{QuantizedTensor, WeightFormat};
-use super::{quant_file, HostTensor, RawTensor};
+use super::{quant_file, Checkpoint, HostTensor, RawTensor};
 use crate::error::Result;
 
 /// One tensor of a model, before a backend has it.
@@ -37,6 +40,8 @@ pub struct QuantizedSource {
 enum StoredLayout {
     /// phi3-rs' own layout (`quant_file.rs`): read as is.
     Phi3Rs,
+    /// An AWQ or GPTQ checkpoint: converted while read (`hub_quant.rs`).
+    Hub { checkpoint: Arc<Checkpoint>, scheme: HubQuant, prefix: String },
 }
 
 /// A tensor of a checkpoint as stored, for fingerprints: dense or one array of a quantized one.
@@ -107,6 +112,30 @@ impl QuantizedSource {
         Ok(QuantizedSource { name, rows, cols, format, parts, layout: StoredLayout::Phi3Rs })
     }
 
+    /// A projection of an AWQ/GPTQ checkpoint, read with `scheme` from the arrays `prefix.*`
+    /// (checked when read: conversion needs all of them anyway).
+    pub fn hub(
+        name: &str,
+        rows: usize,
+        cols: usize,
+        checkpoint: Arc<Checkpoint>,
+        scheme: HubQuant,
+        prefix: &str,
+    ) -> QuantizedSource {
+        let parts = ["qweight", "qzeros", "scales", "g_idx"]
+            .iter()
+            .filter_map(|part| checkpoint.get_raw(&format!("{prefix}.{part}")))
+            .collect();
+        QuantizedSource {
+            name: name.to_string(),
+            rows,
+            cols,
+            format: WeightFormat::Int4 { group: scheme.group() },
+            parts,
+            layout: StoredLayout::Hub { checkpoint, scheme, prefix: prefix.to_string() },
+        }
+    }
+
     /// Read (and for AWQ/GPTQ, convert) the arrays into our layout.
     ///
     /// Errors: `Io`, `OutOfMemory`, and `ModelFormat`/`Unsupported` naming the tensor for
@@ -115,6 +144,9 @@ impl QuantizedSource {
         match &self.layout {
             StoredLayout::Phi3Rs => {
                 quant_file::read_parts(&self.parts, self.rows, self.cols, self.format)
+            }
+            StoredLayout::Hub { checkpoint, scheme, prefix } => {
+                hub_quant::read_projection(checkpoint, scheme, prefix, self.rows, self.cols)
             }
         }
     }
