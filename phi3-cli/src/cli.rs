@@ -45,12 +45,46 @@ pub enum Command {
     Info(InfoArgs),
     /// Measure load time, prefill and decode speed.
     Bench(BenchArgs),
+    /// Measure perplexity on a text and compare weight formats (top-1 agreement, KL).
+    ///
+    /// The text is tokenized and cut into windows of at most the model's context; each window
+    /// starts with an empty session and its first token is not scored. With --compare-to (or
+    /// quantized --weights, compared to native by default), both models are loaded at once and
+    /// run on the same tokens. Every position costs one decode step per model.
+    #[command(after_help = "Examples:
+  phi3 perplexity --weights int4
+  phi3 perplexity -m microsoft/Phi-3-mini-4k-instruct --weights int8 --text held.txt
+  phi3 perplexity -m tests/fixtures/mha-f32-tied --weights int4-g32 --compare-to int8")]
+    Perplexity(PerplexityArgs),
+    /// Write a copy of a model folder with int8 or int4 projection weights.
+    ///
+    /// The copy loads directly (no quantization at every start) with the format recorded in its
+    /// config.json; embeddings, norms and lm_head are copied unchanged, as are the tokenizer
+    /// files. Tensors are processed one at a time, so memory stays near one tensor.
+    #[command(after_help = "Examples:
+  phi3 quantize -m microsoft/Phi-3-medium-128k-instruct --weights int4 --out phi3-medium-int4
+  phi3 quantize -m ./Phi-3-mini-4k-instruct --weights int8 --out ./mini-int8")]
+    Quantize(QuantizeArgs),
     /// Check the CUDA backend on this machine's GPU: every op against the CPU backend, the full
     /// model against the HF fixtures, then a short Phi-3-medium benchmark with dummy weights.
     ///
     /// Prints a table last and writes details to OUT/gpu-check.txt; exits 1 when a check fails
     /// or there is no usable CUDA driver/device.
     GpuCheck(GpuCheckArgs),
+}
+
+/// Arguments of `phi3 quantize`.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// A Hugging Face model folder or repo id (bf16, f16 or f32 safetensors).
+    #[arg(short, long, value_name = "DIR|REPO")]
+    pub model: String,
+    /// int8, int4 (groups of 128), int4-g32, int4-g64 or int4-g128.
+    #[arg(long, value_name = "FORMAT", value_parser = parse_weights)]
+    pub weights: WeightFormat,
+    /// The folder to create (must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub out: std::path::PathBuf,
 }
 
 /// Arguments of `phi3 gpu-check`.
@@ -224,6 +258,31 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Also load the model with these weights as the reference and compare --weights to it
+    /// (same formats as --weights). Default: native when --weights is quantized; with native
+    /// --weights and no --compare-to, only the perplexity is measured.
+    #[arg(long, value_name = "FORMAT", value_parser = parse_weights)]
+    pub compare_to: Option<WeightFormat>,
+
+    /// UTF-8 text file to score (default: a built-in held-out English text of about 5 KB).
+    /// For a model without a tokenizer, the text's bytes are the token ids.
+    #[arg(long, value_name = "FILE")]
+    pub text: Option<std::path::PathBuf>,
+
+    /// Use only the first N tokens of the text.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_tokens: Option<u64>,
+
+    /// Most tokens per window (default: the model's max context, which also caps it).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    pub window: Option<u64>,
+}
+
 /// Element type of `--dummy-weights`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WeightType {
@@ -363,6 +422,8 @@ mod tests {
             &["phi3", "generate", "--raw", "--system", "s", "x"],
             &["phi3", "bench", "--dummy-weights", "int4"],
             &["phi3", "info", "--context", "0"],
+            &["phi3", "perplexity", "--compare-to", "int3"],
+            &["phi3", "perplexity", "--max-tokens", "1"],
         ] {
             let e = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");

@@ -1,4 +1,5 @@
-//! `phi3`: run Phi-3 models from the command line (generate, chat, info, bench).
+//! `phi3`: run Phi-3 models from the command line (generate, chat, info, bench, perplexity,
+//! quantize).
 //!
 //! A thin front end over phi3-core: argument parsing, model resolution (folder or Hugging Face
 //! repo id), streaming output, Ctrl-C and error reporting. No model logic lives here.
@@ -15,6 +16,8 @@ mod hub;
 mod info;
 mod interrupt;
 mod load;
+mod perplexity;
+mod quantize;
 mod reply;
 
 use std::process::ExitCode;
@@ -35,6 +38,8 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     match result {
         Ok(code) => code,
