@@ -85,6 +85,13 @@ pub struct QuantizeArgs {
     /// The folder to create (must not exist).
     #[arg(long, value_name = "DIR")]
     pub out: std::path::PathBuf,
+    /// Before quantizing, search activation-aware (AWQ) per-channel scales on a built-in
+    /// calibration text and fold them into the weights (int4 only).
+    #[arg(long)]
+    pub awq: bool,
+    /// Most calibration tokens for --awq (default 512).
+    #[arg(long, value_name = "N", requires = "awq")]
+    pub calibration_tokens: Option<usize>,
 }
 
 /// Arguments of `phi3 gpu-check`.

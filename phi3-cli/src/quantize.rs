@@ -30,7 +30,12 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
             bar.set_message(p.tensor.clone());
         }) as phi3_core::ProgressFn
     });
-    let options = QuantizeOptions { progress, ..Default::default() };
+    let options = QuantizeOptions {
+        progress,
+        awq: args.awq,
+        calibration_tokens: args.calibration_tokens,
+        ..Default::default()
+    };
     let report = quantize_folder(&src, &args.out, args.weights, &options);
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -48,5 +53,23 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
         report.files.len(),
         report.seconds
     );
+    if let Some(awq) = &report.awq {
+        println!(
+            "awq: {} calibration tokens; per layer, alpha and output MSE vs round-to-nearest:",
+            awq.tokens
+        );
+        let show = |name: &str, s: &phi3_core::quantize::awq::ScaleSearch| {
+            format!("{name} a={:.2} {:.3e}/{:.3e}", s.alpha, s.error, s.rtn_error)
+        };
+        for (i, l) in awq.layers.iter().enumerate() {
+            let o = l.o.as_ref().map_or("o (skipped: GQA)".to_string(), |o| show("o", o));
+            println!(
+                "  layer {i}: {}; {o}; {}; {}",
+                show("qkv", &l.qkv),
+                show("gate_up", &l.gate_up),
+                show("down", &l.down)
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

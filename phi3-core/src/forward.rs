@@ -15,7 +15,7 @@ use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::loader::{ModelWeights, TensorRole, WeightFormat, WeightSource};
+use crate::loader::{LayerWeights, ModelWeights, TensorRole, WeightFormat, WeightSource};
 use crate::model::{LoadProgress, ProgressFn};
 use crate::rope::{Rope, RopeBatch, RopeRegime};
 
@@ -132,27 +132,22 @@ impl<B: Backend> Engine<B> {
         }
 
         let w = &self.weights;
+        let ctx = LayerCtx { spans: &spans, rope: &rope, attn: &self.attn, eps: self.eps };
         let mut residual = be.embed(&w.embed_tokens, &tokens)?; // [n, hidden]
         let mut mlp_out: Option<B::Act> = None; // [n, hidden], previous layer's MLP output
         for (layer, lw) in w.layers.iter().enumerate() {
-            let x = be.rms_norm(&mut residual, mlp_out.as_ref(), &lw.input_layernorm, self.eps)?;
-            let qkv = be.linear(&x, &lw.qkv_proj)?; // [n, q_dim + 2 kv_dim]
-            let q = {
-                let mut kvs: Vec<&mut B::Kv> = seqs.iter_mut().map(|s| &mut s.kv.storage).collect();
-                be.rope_store_kv(&qkv, &spans, &rope, &mut kvs, layer, &self.attn)?
-            };
-            let kvs: Vec<&B::Kv> = seqs.iter().map(|s| &s.kv.storage).collect();
-            let attn = be.attention(&q, &spans, &kvs, layer, &self.attn)?; // [n, q_dim]
-            let attn_out = be.linear(&attn, &lw.o_proj)?; // [n, hidden]
-            let x = be.rms_norm(
+            let mut kvs: Vec<&mut B::Kv> = seqs.iter_mut().map(|s| &mut s.kv.storage).collect();
+            let out = decoder_layer(
+                be,
+                lw,
+                layer,
                 &mut residual,
-                Some(&attn_out),
-                &lw.post_attention_layernorm,
-                self.eps,
+                mlp_out.as_ref(),
+                &mut kvs,
+                &ctx,
+                &mut |_, _| Ok(()),
             )?;
-            let gate_up = be.linear(&x, &lw.gate_up_proj)?; // [n, 2 ffn]
-            let act = be.swiglu(&gate_up)?; // [n, ffn]
-            mlp_out = Some(be.linear(&act, &lw.down_proj)?);
+            mlp_out = Some(out);
         }
 
         let last_rows: Vec<usize> = spans.iter().map(|s| s.row + s.len - 1).collect();
@@ -166,6 +161,60 @@ impl<B: Backend> Engine<B> {
         }
         Ok(logits.chunks(self.vocab_size).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// The inputs of a decoder layer's four projections, as [`decoder_layer`] shows them to its tap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProjInput {
+    /// `input_layernorm(h)`, the input of qkv_proj: `[n, hidden]`.
+    Qkv,
+    /// The attention output, the input of o_proj: `[n, n_heads * head_dim]`.
+    O,
+    /// `post_attention_layernorm(h)`, the input of gate_up_proj: `[n, hidden]`.
+    GateUp,
+    /// `silu(gate) * up`, the input of down_proj: `[n, intermediate]`.
+    Down,
+}
+
+/// What every layer of one pass shares: the batch, its rotary tables and the model geometry.
+pub(crate) struct LayerCtx<'a> {
+    pub(crate) spans: &'a [SeqSpan],
+    pub(crate) rope: &'a RopeBatch,
+    pub(crate) attn: &'a AttnParams,
+    pub(crate) eps: f32,
+}
+
+/// One Phi3DecoderLayer (HF `Phi3DecoderLayer.forward`). On entry the layer's input hidden state
+/// is `residual + mlp_out` (the previous layer's MLP output, not yet added: the add is fused into
+/// this layer's first RMSNorm); on return `residual` holds the hidden state after attention and
+/// the result is this layer's MLP output, to be added by the next norm. `tap` sees each
+/// projection's input before the projection runs (calibration; a no-op for inference). `kvs`
+/// holds one cache per span of `ctx`, written at `layer`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decoder_layer<B: Backend>(
+    be: &B,
+    lw: &LayerWeights<B::Weight>,
+    layer: usize,
+    residual: &mut B::Act,    // [n, hidden]
+    mlp_out: Option<&B::Act>, // [n, hidden]
+    kvs: &mut [&mut B::Kv],
+    ctx: &LayerCtx<'_>,
+    tap: &mut dyn FnMut(ProjInput, &B::Act) -> Result<()>,
+) -> Result<B::Act> {
+    let x = be.rms_norm(residual, mlp_out, &lw.input_layernorm, ctx.eps)?;
+    tap(ProjInput::Qkv, &x)?;
+    let qkv = be.linear(&x, &lw.qkv_proj)?; // [n, q_dim + 2 kv_dim]
+    let q = be.rope_store_kv(&qkv, ctx.spans, ctx.rope, kvs, layer, ctx.attn)?;
+    let kvs: Vec<&B::Kv> = kvs.iter().map(|kv| &**kv).collect();
+    let attn = be.attention(&q, ctx.spans, &kvs, layer, ctx.attn)?; // [n, q_dim]
+    tap(ProjInput::O, &attn)?;
+    let attn_out = be.linear(&attn, &lw.o_proj)?; // [n, hidden]
+    let x = be.rms_norm(residual, Some(&attn_out), &lw.post_attention_layernorm, ctx.eps)?;
+    tap(ProjInput::GateUp, &x)?;
+    let gate_up = be.linear(&x, &lw.gate_up_proj)?; // [n, 2 ffn]
+    let act = be.swiglu(&gate_up)?; // [n, ffn]
+    tap(ProjInput::Down, &act)?;
+    be.linear(&act, &lw.down_proj) // [n, hidden]
 }
 
 /// Counts uploaded tensors and bytes for a progress callback.
