@@ -4,6 +4,8 @@
 // Element types: bf16 and f16 are stored as their 16-bit patterns (struct bf16 / struct f16), so no
 // CUDA header is needed under NVRTC. bf16 -> f32 is a shift; f32 -> bf16 rounds to nearest even
 // (NaN stays NaN); f16 <-> f32 use the PTX cvt instructions. f32 weights are plain floats.
+// PHI3_HOST_EMULATION (never under NVRTC): kernels/host-check compiles the quantized kernels with a
+// host C++ compiler and supplies the PTX-only pieces.
 // Reductions: warp_sum / warp_max with shuffles, block_sum / block_max through 32 floats of shared
 // memory (any blockDim.x that is a multiple of 32, up to 1024).
 #pragma once
@@ -19,9 +21,13 @@ __device__ __forceinline__ float to_f32(bf16 x) {
     return __uint_as_float(((unsigned int)x.bits) << 16);
 }
 __device__ __forceinline__ float to_f32(f16 x) {
+#ifdef PHI3_HOST_EMULATION  // kernels/host-check (a host compiler has no PTX)
+    return phi3_host_f16_to_f32(x.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 
 __device__ __forceinline__ bf16 f32_to_bf16(float f) {
@@ -37,7 +43,11 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
 }
 __device__ __forceinline__ f16 f32_to_f16(float f) {
     f16 h;
+#ifdef PHI3_HOST_EMULATION
+    h.bits = phi3_host_f32_to_f16(f);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+#endif
     return h;
 }
 

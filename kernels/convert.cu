@@ -2,7 +2,8 @@
 //
 // phi3_f32_to_bf16 / phi3_f32_to_f16: y[i] = round(x[i]), x [n] f32 -> y [n] 16-bit (the
 //   activations fed to cuBLAS for bf16/f16 weights; round to nearest even).
-// phi3_fill_f32: x[i] = value (used to poison fresh buffers in checks, e.g. with NaN).
+// phi3_fill_f32 / phi3_fill_u16 / phi3_fill_u8: x[i] = value (poisoning fresh buffers with NaN in
+//   checks; constant zero points of dummy int4 weights).
 // Launch: grid-stride loops, block 256. Rust launchers: ops.rs (to_half, fill).
 #include "common.cuh"
 
@@ -21,5 +22,9 @@ extern "C" __global__ void phi3_fill_f32(float* x, unsigned long long n, float v
 }
 extern "C" __global__ void phi3_fill_u16(unsigned short* x, unsigned long long n,
                                          unsigned short value) {
+    GRID_STRIDE(i, n) x[i] = value;
+}
+extern "C" __global__ void phi3_fill_u8(unsigned char* x, unsigned long long n,
+                                        unsigned char value) {
     GRID_STRIDE(i, n) x[i] = value;
 }

@@ -6,6 +6,8 @@
 //   weight's dtype. The same function is written in Rust (backend/cuda/upload.rs,
 //   `dummy_value`) so checks can compare. Values differ from the CPU backend's dummy weights
 //   (loader::dummy draws one sequential stream), which cannot be generated in parallel.
+// phi3_fill_random_u8: out[i] = 8 bits of the same hash (r >> 56); the values of dummy int8 and
+//   int4 weights (benchmarks only: every bit pattern is a valid int8 or pair of int4 levels).
 // Launch: grid-stride loop, block 256. Rust launcher: ops.rs (fill_dummy).
 #include "common.cuh"
 
@@ -44,4 +46,13 @@ extern "C" __global__ void phi3_fill_dummy_f32(float* out, unsigned long long n,
                                                unsigned long long tensor, float center,
                                                float half_width) {
     fill_dummy_impl(out, n, seed, tensor, center, half_width);
+}
+extern "C" __global__ void phi3_fill_random_u8(unsigned char* out, unsigned long long n,
+                                               unsigned long long seed,
+                                               unsigned long long tensor) {
+    const unsigned long long key = splitmix64(seed ^ splitmix64(tensor));
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        out[i] = (unsigned char)(splitmix64(key + i) >> 56);
+    }
 }

@@ -103,7 +103,7 @@ namespace Phi3
         public long MaxContext = 0;
 
         /// <summary>"native" (default), "int8", "int4", "int4-g32", "int4-g64", "int4-g128":
-        /// how the decoder projections are stored (quantized at load time; CPU only).</summary>
+        /// how the decoder projections are stored (quantized at load time, or as stored in an already-quantized folder).</summary>
         public string Weights = "native";
     }
 

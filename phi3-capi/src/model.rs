@@ -32,10 +32,10 @@ pub struct phi3_model_options {
     /// How the decoder projections (qkv, o, gate_up, down) are stored: "native" (the file's
     /// dtype), "int8" (per-row scales), "int4" (groups of 128 columns), "int4-g32", "int4-g64"
     /// or "int4-g128"; quantized at load time. NULL means "native". Embeddings, norms and
-    /// lm_head stay in the file's dtype. Quantized weights run on the CPU only: with device
-    /// "cuda" the load fails with PHI3_ERR_UNSUPPORTED, and "auto" uses the CPU. Borrowed for
-    /// the duration of the call. A struct_size that ends before this field (a caller built
-    /// against an older header) means "native".
+    /// lm_head stay in the file's dtype. A folder already quantized (`phi3 quantize`, AWQ,
+    /// GPTQ) loads as stored with "native" or its own format; another format is
+    /// PHI3_ERR_INVALID_ARGUMENT. Borrowed for the duration of the call. A struct_size that ends
+    /// before this field (a caller built against an older header) means "native".
     pub weights: *const c_char,
 }
 

@@ -132,8 +132,9 @@ pub struct ModelArgs {
     pub max_context: Option<u64>,
 
     /// How the layer projections are stored: native (the checkpoint's dtype), int8 (per-row
-    /// scales), int4 (groups of 128), int4-g32, int4-g64; quantized while loading, CPU only.
-    /// Embeddings, norms and lm_head keep their dtype.
+    /// scales), int4 (groups of 128), int4-g32, int4-g64; quantized while loading. Embeddings,
+    /// norms and lm_head keep their dtype. An already-quantized folder (phi3 quantize, AWQ,
+    /// GPTQ) loads as stored.
     #[arg(long, default_value = "native", value_name = "FORMAT", value_parser = parse_weights)]
     pub weights: WeightFormat,
 }

@@ -40,8 +40,9 @@ pub struct LoadOptions {
     pub progress: Option<ProgressFn>,
     /// How the decoder projections (qkv, o, gate_up, down) are stored: `Native` (the file dtype,
     /// the default), `Int8` or `Int4 { group }`, quantized tensor by tensor while they are read.
-    /// Embeddings, norms and lm_head keep their file dtype. CPU only: a quantized format with a
-    /// CUDA device is `Unsupported`, and "auto" then runs on the CPU.
+    /// Embeddings, norms and lm_head keep their file dtype. Both backends run them (CUDA:
+    /// `backend/cuda/quant.rs`); with `dummy_weights` on CUDA the quantized projections are
+    /// generated on the device.
     pub weights: WeightFormat,
 }
 
@@ -161,17 +162,9 @@ enum Target {
 
 impl Target {
     /// Resolve `device`: "auto" tries CUDA device 0 and falls back to the CPU, saying why.
-    /// Quantized `weights` run on the CPU only (checked before any CUDA device is touched).
     fn choose(device: Device, weights: WeightFormat) -> Result<Target> {
         weights.validate()?;
         match device {
-            Device::Cuda(_) if weights.is_quantized() => Err(Error::unsupported(format!(
-                "{weights} weights are not yet supported on CUDA (int8/int4 run on the CPU only)"
-            ))),
-            Device::Auto if weights.is_quantized() => {
-                log::info!("device \"auto\": using the CPU ({weights} weights are CPU-only)");
-                Ok(Target::Cpu)
-            }
             Device::Cpu => Ok(Target::Cpu),
             Device::Cuda(n) => Ok(Target::Cuda(Box::new(CudaBackend::new(n)?))),
             Device::Auto if !AUTO_SELECTS_CUDA => {
@@ -301,19 +294,21 @@ impl Model {
                 AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, at_load, progress)?)
             }
             Target::Cuda(be) => {
-                let mut shapes = Vec::new();
-                let _ = weights.try_map(|t| {
-                    // A quantized source is counted as bf16 here: an overestimate.
-                    let dtype = match t {
-                        WeightSource::Dense(t) => t.dtype,
-                        WeightSource::Quantized(_) => DType::BF16,
+                // (shape, dtype, role, device format) of every tensor: a projection quantized at
+                // load takes `at_load`, one read quantized keeps its checkpoint's format.
+                let mut tensors = Vec::new();
+                let _ = weights.try_map_with_role(|t, role| {
+                    let (dtype, stored) = match t {
+                        WeightSource::Dense(t) => (t.dtype, at_load),
+                        WeightSource::Quantized(q) => (DType::BF16, q.format),
                     };
-                    shapes.push((t.shape(), dtype));
+                    tensors.push((t.shape(), dtype, role, stored));
                     Ok(())
                 });
-                be.check_memory(&cuda::memory::estimate(
+                be.check_memory(&cuda::memory::estimate_for(
                     &config,
-                    shapes.iter().map(|(s, d)| (s.as_slice(), *d)),
+                    tensors.iter().map(|(s, d, r, f)| (s.as_slice(), *d, *r, *f)),
+                    0,
                 ))?;
                 AnyEngine::Cuda(Box::new(Engine::new(*be, &config, weights, at_load, progress)?))
             }
@@ -353,23 +348,29 @@ impl Model {
         options: &LoadOptions,
         path: Option<PathBuf>,
     ) -> Result<Model> {
+        let format = options.weights;
         let layout = loader::layout(&config)?;
         let mut shapes = Vec::new();
-        let _ = layout.try_map(|(_, shape)| {
-            shapes.push(shape.clone());
+        let _ = layout.try_map_with_role(|(_, shape), role| {
+            shapes.push((shape.clone(), role));
             Ok(())
         });
-        let tensors = shapes.iter().map(|s| (s.as_slice(), d.dtype));
-        be.check_memory(&cuda::memory::estimate(&config, tensors))?;
-        let bytes_of = |s: &[usize]| (s.iter().product::<usize>() * d.dtype.size()) as u64;
-        let total: u64 = shapes.iter().map(|s| bytes_of(s)).sum();
+        let tensors = shapes.iter().map(|(s, r)| (s.as_slice(), d.dtype, *r, format));
+        be.check_memory(&cuda::memory::estimate_for(&config, tensors, 0))?;
+        let bytes_of = |s: &[usize], role| cuda::memory::tensor_bytes(s, d.dtype, role, format);
+        let total: u64 = shapes.iter().map(|(s, r)| bytes_of(s, *r)).sum();
         let progress = options.progress.as_ref();
         let mut report = crate::forward::Progress::new(shapes.len(), total, progress);
         let mut index = 0u64;
-        let weights = layout.try_map(|(name, shape)| {
-            let w = be.dummy_weight(name, shape, d.dtype, d.seed, index)?;
+        let weights = layout.try_map_with_role(|(name, shape), role| {
+            let w = match (role, &shape[..]) {
+                (TensorRole::Projection, &[rows, cols]) if format.is_quantized() => {
+                    be.dummy_quantized_weight(rows, cols, format, d.seed, index)?
+                }
+                _ => be.dummy_weight(name, shape, d.dtype, d.seed, index)?,
+            };
             index += 1;
-            report.tensor_done(name, bytes_of(shape));
+            report.tensor_done(name, bytes_of(shape, role));
             Ok(w)
         })?;
         be.synchronize()?;
@@ -379,15 +380,14 @@ impl Model {
             let mut h = Sha256::new();
             h.update(config_header(&config));
             h.update(format!("device dummy weights: seed {} dtype {}", d.seed, d.dtype.name()));
+            if format.is_quantized() {
+                h.update(format!(" projections {format}"));
+            }
             h.finalize().into()
         };
         let engine = AnyEngine::Cuda(Box::new(Engine::with_weights(be, &config, weights)));
-        let sums = WeightSummary {
-            fingerprint,
-            bytes: weight_bytes,
-            dtypes: vec![d.dtype],
-            format: WeightFormat::Native,
-        };
+        let sums =
+            WeightSummary { fingerprint, bytes: weight_bytes, dtypes: vec![d.dtype], format };
         Self::finish(config, engine, tokenizer, options, path, sums)
     }
 

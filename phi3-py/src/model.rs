@@ -23,11 +23,12 @@ use crate::tokenizer::PyTokenizer;
 ///   "cuda:N".
 /// - weights: "native" keeps the checkpoint's dtype; "int8" (per-row scales), "int4" (groups of
 ///   128 columns), "int4-g32", "int4-g64", "int4-g128" quantize the layer projections while
-///   loading (CPU only: with device "cuda" they raise UnsupportedError; "auto" uses the CPU).
+///   loading. A folder that is already quantized (`phi3 quantize`, AWQ, GPTQ) loads as stored
+///   with "native" or its own format.
 /// - max_context: upper bound on any session's tokens (default: the model's maximum).
 ///
 /// Raises IoError (missing folder or file), ModelFormatError (bad config, tensor name/shape/dtype,
-/// tokenizer files), UnsupportedError (model or rope type, device, quantized weights on CUDA),
+/// tokenizer files), UnsupportedError (model or rope type, device, a quantization config it cannot read),
 /// InvalidArgumentError (bad device or weights string, an int4 group that does not divide a
 /// row, max_context <= 0). Loading releases the GIL.
 #[pyclass(name = "Model", module = "phi3", frozen)]

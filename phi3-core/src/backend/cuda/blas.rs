@@ -58,12 +58,33 @@ impl Blas {
         k: usize,
         m: usize,
     ) -> Result<()> {
-        if x.len() < n * k || w.len() < m * k || y.len() < n * m {
+        self.gemm_cols(stream, ty, x, w, y, (n, k, m), (m, 0))
+    }
+
+    /// `y[:, col0 .. col0 + m] = x[n, in] @ w[m, in]^T` where `y` is `[n, ldy]` row-major: the
+    /// prefill of a block of rows of a quantized weight (`quant.rs`). `dims` = (n, k, m),
+    /// `out` = (ldy, col0). In cuBLAS terms C starts at column-major row `col0` of `Y^T` with
+    /// `ldc = ldy`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_cols<X, W>(
+        &self,
+        stream: &Arc<CudaStream>,
+        ty: GemmType,
+        x: &CudaSlice<X>,
+        w: &CudaSlice<W>,
+        y: &mut CudaSlice<f32>,
+        dims: (usize, usize, usize),
+        out: (usize, usize),
+    ) -> Result<()> {
+        let ((n, k, m), (ldy, col0)) = (dims, out);
+        let y_needed = if n == 0 { 0 } else { (n - 1) * ldy + col0 + m };
+        if x.len() < n * k || w.len() < m * k || y.len() < y_needed || col0 + m > ldy {
             return Err(Error::internal(format!(
-                "GEMM buffers too small for [{n}, {k}] x [{m}, {k}]^T"
+                "GEMM buffers too small for [{n}, {k}] x [{m}, {k}]^T into columns {col0}.. of \
+                 [{n}, {ldy}]"
             )));
         }
-        let (n_, k_, m_) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
+        let (n_, k_, m_, ldy_) = (int(n, "n")?, int(k, "k")?, int(m, "m")?, int(ldy, "ldy")?);
         let dt = match ty {
             GemmType::Bf16 => cudaDataType::CUDA_R_16BF,
             GemmType::F16 => cudaDataType::CUDA_R_16F,
@@ -78,11 +99,13 @@ impl Blas {
         let (xp, _x_sync) = x.device_ptr(stream);
         let (wp, _w_sync) = w.device_ptr(stream);
         let (yp, _y_sync) = y.device_ptr_mut(stream);
+        let yp = yp + (col0 * std::mem::size_of::<f32>()) as u64;
         let what = format!("GemmEx [{n}, {k}] x [{m}, {k}]^T ({ty:?})");
         // guard: cudarc panics when a cuBLAS symbol is missing from the loaded library.
         guard(&what, || {
             // SAFETY: the three pointers are live device allocations of at least the sizes checked
-            // above; alpha and beta are host f32 values (the handle's default host pointer mode,
+            // above (C: columns col0 .. col0 + m <= ldy of each of the n rows of `y`); alpha and
+            // beta are host f32 values (the handle's default host pointer mode,
             // CUBLAS_COMPUTE_32F scalars are f32); the handle is bound to `stream`.
             unsafe {
                 blas_result::gemm_ex(
@@ -102,7 +125,7 @@ impl Blas {
                     &beta as *const f32 as *const c_void,
                     yp as *mut c_void,
                     cudaDataType::CUDA_R_32F,
-                    m_,
+                    ldy_,
                     cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )

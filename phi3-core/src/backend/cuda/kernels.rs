@@ -53,6 +53,16 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["phi3_gemv_bf16", "phi3_gemv_f16", "phi3_gemv_f32"],
     },
     KernelSource {
+        name: "gemv_quant.cu",
+        source: include_str!("../../../../kernels/gemv_quant.cu"),
+        entries: &["phi3_gemv_int8", "phi3_gemv_int4_bf16", "phi3_gemv_int4_f16"],
+    },
+    KernelSource {
+        name: "dequant.cu",
+        source: include_str!("../../../../kernels/dequant.cu"),
+        entries: &["phi3_dequant_int8", "phi3_dequant_int4_bf16", "phi3_dequant_int4_f16"],
+    },
+    KernelSource {
         name: "rope_kv.cu",
         source: include_str!("../../../../kernels/rope_kv.cu"),
         entries: &["phi3_rope_store_kv"],
@@ -70,12 +80,23 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "convert.cu",
         source: include_str!("../../../../kernels/convert.cu"),
-        entries: &["phi3_f32_to_bf16", "phi3_f32_to_f16", "phi3_fill_f32", "phi3_fill_u16"],
+        entries: &[
+            "phi3_f32_to_bf16",
+            "phi3_f32_to_f16",
+            "phi3_fill_f32",
+            "phi3_fill_u16",
+            "phi3_fill_u8",
+        ],
     },
     KernelSource {
         name: "dummy.cu",
         source: include_str!("../../../../kernels/dummy.cu"),
-        entries: &["phi3_fill_dummy_bf16", "phi3_fill_dummy_f16", "phi3_fill_dummy_f32"],
+        entries: &[
+            "phi3_fill_dummy_bf16",
+            "phi3_fill_dummy_f16",
+            "phi3_fill_dummy_f32",
+            "phi3_fill_random_u8",
+        ],
     },
 ];
 

@@ -1,16 +1,20 @@
 //! Device memory needed by a model, estimated before anything is allocated, so that a model that
 //! does not fit fails with the numbers instead of running out halfway through the upload.
 //!
-//! Weights: matrices in their dtype, vectors in f32 (see `upload.rs`). Working memory: the
+//! Weights: matrices in their dtype, vectors in f32 (see `upload.rs`); with a quantized
+//! [`WeightFormat`], the decoder projections take `WeightFormat::stored_bytes` (values, scales and
+//! zero points: exactly what `quant.rs` allocates) and the prefill path adds its dequantization
+//! workspace ([`DEQUANT_WORKSPACE_BYTES`](super::quant::DEQUANT_WORKSPACE_BYTES) at most). Working memory: the
 //! activations of one forward pass of [`crate::PREFILL_CHUNK`] tokens (residual, normed input,
 //! qkv, q, attention output, gate_up, SwiGLU output, MLP output, plus their 16-bit GEMM copies),
 //! doubled for the stream-ordered allocator's slack, plus a fixed allowance for cuBLAS's
-//! workspace and the kernel modules. KV caches are not included: they grow per session, and a
-//! growth that does not fit is an `OutOfMemory` error of that session.
+//! workspace and the kernel modules. KV caches grow per session (bf16, see `mod.rs`); the estimate
+//! includes `kv_tokens` tokens of one cache when the caller asks (0: none), and a later growth
+//! that does not fit is an `OutOfMemory` error of that session.
 
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::loader::DType;
+use crate::loader::{DType, TensorRole, WeightFormat};
 
 /// Fixed allowance for cuBLAS workspaces, modules and allocator granularity.
 const FIXED_BYTES: u64 = 512 << 20;
@@ -22,12 +26,16 @@ pub struct MemoryEstimate {
     pub weights: u64,
     /// Activations and library workspaces of one prefill chunk.
     pub working: u64,
+    /// The bf16 dequantization workspace of quantized projections (0 for native weights).
+    pub workspace: u64,
+    /// One session's KV cache of the requested number of tokens (0 when none was asked for).
+    pub kv: u64,
 }
 
 impl MemoryEstimate {
-    /// Weights plus working memory.
+    /// Everything: weights, working memory, workspace and KV cache.
     pub fn total(&self) -> u64 {
-        self.weights + self.working
+        self.weights + self.working + self.workspace + self.kv
     }
 }
 
@@ -41,12 +49,54 @@ pub fn weight_bytes(shape: &[usize], dtype: DType) -> u64 {
     }
 }
 
-/// The estimate for `config` whose tensors (shape, dtype) are `tensors`.
+/// Device bytes of one tensor of `shape` stored from `dtype` when the projections are stored in
+/// `format` (only [`TensorRole::Projection`] matrices are quantized).
+pub fn tensor_bytes(shape: &[usize], dtype: DType, role: TensorRole, format: WeightFormat) -> u64 {
+    match (role, shape) {
+        (TensorRole::Projection, &[rows, cols]) if format.is_quantized() => {
+            format.stored_bytes(rows, cols, dtype)
+        }
+        _ => weight_bytes(shape, dtype),
+    }
+}
+
+/// Bytes of one session's KV cache holding `tokens` tokens: every layer's keys and values in
+/// bf16, capacity rounded up to the cache's 256-token blocks.
+pub fn kv_bytes(config: &ModelConfig, tokens: usize) -> u64 {
+    let capacity = tokens.div_ceil(super::KV_BLOCK_TOKENS) * super::KV_BLOCK_TOKENS;
+    2 * 2 * config.num_hidden_layers as u64 * capacity as u64 * config.kv_dim() as u64
+}
+
+/// The estimate for `config` whose tensors (shape, dtype) are `tensors`, native weights, no KV
+/// cache: [`estimate_for`] with every tensor stored as `WeightFormat::Native` and `kv_tokens = 0`.
 pub fn estimate<'a>(
     config: &ModelConfig,
     tensors: impl IntoIterator<Item = (&'a [usize], DType)>,
 ) -> MemoryEstimate {
-    let weights = tensors.into_iter().map(|(s, d)| weight_bytes(s, d)).sum();
+    let tensors =
+        tensors.into_iter().map(|(s, d)| (s, d, TensorRole::Embedding, WeightFormat::Native));
+    estimate_for(config, tensors, 0)
+}
+
+/// The estimate for `config` whose tensors are `tensors`, each given as (shape, file dtype, role,
+/// the format it is stored in on the device: `Native`, or the projection's quantized format,
+/// whether quantized at load or read from a quantized checkpoint), with room for one KV cache of
+/// `kv_tokens` tokens. The dequantization workspace is counted when any projection is quantized.
+pub fn estimate_for<'a>(
+    config: &ModelConfig,
+    tensors: impl IntoIterator<Item = (&'a [usize], DType, TensorRole, WeightFormat)>,
+    kv_tokens: usize,
+) -> MemoryEstimate {
+    let mut weights = 0;
+    let mut workspace = 0;
+    for (shape, dtype, role, format) in tensors {
+        weights += tensor_bytes(shape, dtype, role, format);
+        if let (TensorRole::Projection, &[rows, cols], true) = (role, shape, format.is_quantized())
+        {
+            let block = super::quant::workspace_rows(rows, cols) as u64 * cols as u64 * 2;
+            workspace = workspace.max(block);
+        }
+    }
     let (h, q, kv, ffn) = (
         config.hidden_size as u64,
         config.q_dim() as u64,
@@ -59,7 +109,12 @@ pub fn estimate<'a>(
     let rows = crate::PREFILL_CHUNK as u64;
     let activations = rows * (4 * per_row_floats + 2 * per_row_halves);
     let logits = 4 * config.vocab_size as u64 * 4;
-    MemoryEstimate { weights, working: 2 * activations + logits + FIXED_BYTES }
+    MemoryEstimate {
+        weights,
+        working: 2 * activations + logits + FIXED_BYTES,
+        workspace,
+        kv: kv_bytes(config, kv_tokens),
+    }
 }
 
 fn gib(b: u64) -> String {
@@ -74,11 +129,17 @@ pub(crate) fn check(device: &str, need: &MemoryEstimate, free: u64, total: u64) 
     Err(Error::new(
         ErrorKind::OutOfMemory,
         format!(
-            "{device}: the model needs about {} of device memory ({} weights + {} working) but \
-             only {} of {} is free",
+            "{device}: the model needs about {} of device memory ({} weights + {} working{}{}) \
+             but only {} of {} is free",
             gib(need.total()),
             gib(need.weights),
             gib(need.working),
+            if need.workspace > 0 {
+                format!(" + {} dequantization workspace", gib(need.workspace))
+            } else {
+                String::new()
+            },
+            if need.kv > 0 { format!(" + {} KV cache", gib(need.kv)) } else { String::new() },
             gib(free),
             gib(total)
         ),
@@ -87,16 +148,84 @@ pub(crate) fn check(device: &str, need: &MemoryEstimate, free: u64, total: u64) 
 
 #[cfg(test)]
 mod tests {
+    use super::super::quant::DEQUANT_WORKSPACE_BYTES;
     use super::*;
 
-    #[test]
-    fn phi3_medium_fits_80_gb_but_not_24() {
+    fn medium() -> ModelConfig {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/fixtures/configs/Phi-3-medium-128k-instruct.config.json"
         ))
         .unwrap();
-        let c = ModelConfig::from_json(&text).unwrap();
+        ModelConfig::from_json(&text).unwrap()
+    }
+
+    /// (shape, bf16, role) of every tensor of `c`, as model.rs passes them.
+    fn tensors(c: &ModelConfig) -> Vec<(Vec<usize>, TensorRole)> {
+        let mut out = Vec::new();
+        let layout = crate::loader::layout(c).unwrap();
+        let _ = layout.try_map_with_role(|(_, shape), role| {
+            out.push((shape.clone(), role));
+            Ok(())
+        });
+        out
+    }
+
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    /// The issue's target: Phi-3-medium-128k in int4-g128 with a 16k-token context on a 12 GB
+    /// card (12 GiB nominal, about 11.6 GiB usable once the CUDA context exists).
+    #[test]
+    fn phi3_medium_int4_with_16k_context_fits_12_gb() {
+        let c = medium();
+        let t = tensors(&c);
+        let all = |f| t.iter().map(move |(s, r)| (s.as_slice(), DType::BF16, *r, f));
+        let e = estimate_for(&c, all(WeightFormat::Int4 { group: 128 }), 16384);
+        let g = |b: u64| b as f64 / GIB;
+        println!(
+            "Phi-3-medium-128k int4-g128, 16k context: weights {:.3} GiB, working {:.3} GiB, \
+             workspace {:.3} GiB, KV {:.3} GiB, total {:.3} GiB",
+            g(e.weights),
+            g(e.working),
+            g(e.workspace),
+            g(e.kv),
+            g(e.total())
+        );
+        // Projections: 40 x (7680 + 5120 + 35840 + 5120 * 3.5) x 5120 = 13.63e9 weights at
+        // 0.5 + 3 / 128 bytes; embeddings and lm_head stay bf16 (2 x 0.306 GiB).
+        assert!((7.24..7.27).contains(&g(e.weights)), "{e:?}");
+        assert_eq!(e.kv, 40 * 2 * 16384 * 1280 * 2); // 3.125 GiB
+        assert_eq!(e.workspace, DEQUANT_WORKSPACE_BYTES as u64 - 8192); // 3276 rows of 5120
+        assert!(g(e.total()) < 11.6, "{e:?}");
+        // The same with int8 does not fit; native bf16 weights alone do not.
+        let e8 = estimate_for(&c, all(WeightFormat::Int8), 16384);
+        assert!(g(e8.total()) > 16.0, "{e8:?}");
+        let native = estimate_for(&c, all(WeightFormat::Native), 0);
+        assert_eq!(native.workspace, 0);
+        assert_eq!(native, estimate(&c, t.iter().map(|(s, _)| (s.as_slice(), DType::BF16))));
+    }
+
+    #[test]
+    fn quantized_projection_bytes_match_the_format() {
+        let f = WeightFormat::Int4 { group: 32 };
+        assert_eq!(
+            tensor_bytes(&[64, 128], DType::BF16, TensorRole::Projection, f),
+            64 * 64 + 3 * 64 * 4
+        );
+        assert_eq!(tensor_bytes(&[64, 128], DType::BF16, TensorRole::Output, f), 2 * 64 * 128);
+        assert_eq!(tensor_bytes(&[128], DType::BF16, TensorRole::Norm, f), 4 * 128);
+        let i8 = WeightFormat::Int8;
+        assert_eq!(
+            tensor_bytes(&[64, 128], DType::F32, TensorRole::Projection, i8),
+            64 * 128 + 4 * 64
+        );
+        assert_eq!(kv_bytes(&medium(), 1), 40 * 2 * 256 * 1280 * 2);
+        assert_eq!(kv_bytes(&medium(), 0), 0);
+    }
+
+    #[test]
+    fn phi3_medium_fits_80_gb_but_not_24() {
+        let c = medium();
         let names = crate::loader::names::expected_tensors(&c);
         let e = estimate(&c, names.iter().map(|(_, s)| (s.as_slice(), DType::BF16)));
         // 13.96 B parameters in bf16 (norms in f32 add ~0.4 MB).

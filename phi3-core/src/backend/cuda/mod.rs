@@ -11,10 +11,15 @@
 //! accumulation (f32 weights: an f32 GEMM). The KV cache is bf16 (half the memory of f32: a 128k
 //! context of Phi-3-medium takes 25 GiB next to 28 GiB of weights); attention reads it in f32.
 //!
+//! Quantized projections (int8, int4; `quant.rs`): one row runs a GEMV that dequantizes in
+//! registers; more rows dequantize blocks of weight rows to bf16 in a bounded workspace and take
+//! the bf16 cuBLAS path.
+//!
 //! Files: `context.rs` (device, stream), `error.rs` (error mapping, panic guard), `nvrtc.rs` and
 //! `kernels.rs` (compile, cache, load), `memory.rs` (estimate), `upload.rs` (staging, dummy
-//! weights), `blas.rs` (cuBLAS GEMM), `ops.rs` (kernel launchers); this file holds the buffer types
-//! and the trait methods, which validate their inputs before launching.
+//! weights), `quant.rs` (quantized weights and their `linear`), `blas.rs` (cuBLAS GEMM), `ops.rs`
+//! (kernel launchers); this file holds the buffer types and the trait methods, which validate
+//! their inputs before launching.
 //!
 //! Not here: CUDA graphs, batched decode across sessions, fused/split-K attention (later issues).
 
@@ -25,10 +30,11 @@ pub mod kernels;
 pub mod memory;
 mod nvrtc;
 mod ops;
+pub mod quant;
 mod upload;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
@@ -40,7 +46,7 @@ pub use self::kernels::KernelStatus;
 pub use self::upload::dummy_value;
 use super::{AttnParams, Backend, KvLayout, SeqSpan};
 use crate::error::{Error, ErrorKind, Result};
-use crate::loader::{DType, HostTensor};
+use crate::loader::{DType, HostTensor, QuantizedTensor, WeightFormat};
 use crate::rope::RopeBatch;
 
 /// KV caches grow in blocks of this many tokens (and at least by their size, up to
@@ -62,6 +68,11 @@ pub struct CudaBackend {
     kv_bytes: Arc<AtomicU64>,
     /// Fill every new activation with NaN and new KV storage with bf16 NaN (checks only).
     poison: AtomicBool,
+    /// bf16 rows of a quantized weight for the prefill GEMM (`quant.rs`); grown on demand up to
+    /// `quant::DEQUANT_WORKSPACE_BYTES`, shared by every weight and call.
+    workspace: Mutex<Option<CudaSlice<u16>>>,
+    /// Bytes held by `workspace`.
+    workspace_bytes: AtomicU64,
 }
 
 /// f32 activations on the device, row-major `[rows, cols]`.
@@ -80,11 +91,12 @@ pub struct CudaWeight {
     data: WeightData,
 }
 
-/// Weight storage: matrices in their file dtype, vectors in f32.
+/// Weight storage: matrices in their file dtype or quantized, vectors in f32.
 enum WeightData {
     Bf16(CudaSlice<u16>), // [rows * cols], bf16 bit patterns
     F16(CudaSlice<u16>),  // [rows * cols], f16 bit patterns
     F32(CudaSlice<f32>),  // [rows * cols]
+    Quant(quant::QuantWeight),
 }
 
 /// One sequence's KV cache on the device: per layer, keys and values
@@ -122,6 +134,15 @@ impl CudaWeight {
         match &self.data {
             WeightData::Bf16(b) | WeightData::F16(b) => 2 * b.len() as u64,
             WeightData::F32(b) => 4 * b.len() as u64,
+            WeightData::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// How the weight is stored: `Native` for a file dtype, else its quantized format.
+    pub fn format(&self) -> WeightFormat {
+        match &self.data {
+            WeightData::Quant(q) => q.format(),
+            _ => WeightFormat::Native,
         }
     }
 
@@ -152,6 +173,8 @@ pub struct CudaStats {
     pub weight_bytes: u64,
     /// Bytes of KV storage held by all live sessions.
     pub kv_bytes: u64,
+    /// Bytes of the dequantization workspace of quantized weights (0 until a prefill needs it).
+    pub workspace_bytes: u64,
     /// How the kernels were obtained.
     pub kernels: KernelStatus,
 }
@@ -174,6 +197,8 @@ impl CudaBackend {
             weight_bytes: AtomicU64::new(0),
             kv_bytes: Arc::new(AtomicU64::new(0)),
             poison: AtomicBool::new(false),
+            workspace: Mutex::new(None),
+            workspace_bytes: AtomicU64::new(0),
         })
     }
 
@@ -185,6 +210,7 @@ impl CudaBackend {
             total_memory: self.dev.total_memory,
             weight_bytes: self.weight_bytes.load(Ordering::Relaxed),
             kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
+            workspace_bytes: self.workspace_bytes.load(Ordering::Relaxed),
             kernels: self.kernels.status.clone(),
         }
     }
@@ -231,9 +257,14 @@ impl CudaBackend {
         self.dummy_tensor(name, shape, dtype, seed, index)
     }
 
-    /// A weight's elements widened to f32 on the host (checks and tests).
+    /// A weight's elements widened to f32 on the host (checks and tests); quantized weights
+    /// dequantized as `QuantizedTensor::dequantize` does.
     pub fn weight_to_host(&self, w: &CudaWeight) -> Result<Vec<f32>> {
         let out = match &w.data {
+            WeightData::Quant(_) => match self.quantized_to_host(w)? {
+                Some(q) => q.dequantize(),
+                None => return Err(Error::internal("quantized weight without data")),
+            },
             WeightData::F32(b) => self.dtoh(b)?,
             WeightData::Bf16(b) => {
                 self.dtoh(b)?.into_iter().map(|x| bf16::from_bits(x).to_f32()).collect()
@@ -361,11 +392,12 @@ impl CudaBackend {
     }
 }
 
+/// The GEMV kernel of a 16-bit weight.
 fn gemv_name(w: &WeightData) -> &'static str {
-    match w {
-        WeightData::Bf16(_) => "phi3_gemv_bf16",
-        WeightData::F16(_) => "phi3_gemv_f16",
-        WeightData::F32(_) => "phi3_gemv_f32",
+    if matches!(w, WeightData::Bf16(_)) {
+        "phi3_gemv_bf16"
+    } else {
+        "phi3_gemv_f16"
     }
 }
 
@@ -407,6 +439,10 @@ impl Backend for CudaBackend {
 
     fn upload(&self, tensor: &HostTensor) -> Result<CudaWeight> {
         self.upload_tensor(tensor)
+    }
+
+    fn upload_quantized(&self, q: QuantizedTensor) -> Result<CudaWeight> {
+        self.upload_quantized_tensor(q)
     }
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKv> {
@@ -516,6 +552,9 @@ impl Backend for CudaBackend {
             WeightData::F32(t) => {
                 self.launch_gather("phi3_embed_f32", t, &ids, &mut out.buf, n, table.cols)?
             }
+            WeightData::Quant(_) => {
+                return Err(Error::internal("embed: the embedding table is quantized"))
+            }
         }
         Ok(out)
     }
@@ -581,6 +620,7 @@ impl Backend for CudaBackend {
             WeightData::F32(wb) => {
                 self.blas.gemm(stream, blas::GemmType::F32, &x.buf, wb, &mut y.buf, n, k, m)?
             }
+            WeightData::Quant(q) => self.linear_quant(x, q, &mut y, m)?,
         }
         Ok(y)
     }

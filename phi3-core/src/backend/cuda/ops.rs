@@ -14,6 +14,10 @@ const BLOCK: u32 = 256;
 const ATT_THREADS: u32 = 128;
 /// Output rows per block of the GEMV kernels (one warp each).
 const GEMV_ROWS_PER_BLOCK: usize = BLOCK as usize / 32;
+/// Threads per block of the quantized GEMV kernels (gemv_quant.cu: 2 warps).
+const QGEMV_THREADS: u32 = 64;
+/// Output rows per block of the quantized GEMV kernels (2 warps x QROWS = 4 rows).
+const QGEMV_ROWS_PER_BLOCK: usize = 8;
 
 pub(crate) fn i32_of(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::internal(format!("{what} = {x} does not fit a kernel int")))
@@ -36,6 +40,18 @@ fn per_row(rows: usize, threads: u32) -> Result<LaunchConfig> {
 fn grid_stride(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The dequantization kernels index 32-bit element counts and write `rows * k` elements.
+fn check_dequant(w: &CudaSlice<u16>, rows: usize, k: usize) -> Result<()> {
+    let n = rows * k;
+    if w.len() < n || n >= 1 << 31 {
+        return Err(Error::internal(format!(
+            "dequantize {rows}x{k}: workspace of {} elements",
+            w.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Launch `$f` with `$cfg` and the given arguments on the backend's stream.
@@ -117,6 +133,107 @@ impl CudaBackend {
         };
         let (k, m) = (i32_of(k, "in")?, i32_of(m, "out")?);
         launch!(self, name, cfg, w, x, y, &k, &m)
+    }
+
+    fn qgemv_config(m: usize) -> Result<LaunchConfig> {
+        Ok(LaunchConfig {
+            grid_dim: (u32_of(m.div_ceil(QGEMV_ROWS_PER_BLOCK), "gemv blocks")?, 1, 1),
+            block_dim: (QGEMV_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// y[out] = scales[out] * (q[out, in] x[in]) (phi3_gemv_int8).
+    pub(crate) fn launch_gemv_int8(
+        &self,
+        q: &CudaSlice<i8>,
+        scales: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let cfg = Self::qgemv_config(m)?;
+        let (k, m) = (i32_of(k, "in")?, i32_of(m, "out")?);
+        launch!(self, "phi3_gemv_int8", cfg, q, scales, x, y, &k, &m)
+    }
+
+    /// `name` is phi3_gemv_int4_bf16 or phi3_gemv_int4_f16 (the scales' dtype).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_gemv_int4(
+        &self,
+        name: &str,
+        packed: &CudaSlice<u8>,
+        scales: &CudaSlice<u16>,
+        zeros: &CudaSlice<u8>,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        k: usize,
+        m: usize,
+        group: usize,
+    ) -> Result<()> {
+        let cfg = Self::qgemv_config(m)?;
+        let (k, m, g) = (i32_of(k, "in")?, i32_of(m, "out")?, i32_of(group, "group")?);
+        launch!(self, name, cfg, packed, scales, zeros, x, y, &k, &m, &g)
+    }
+
+    /// Rows `row0 .. row0 + rows` of an int8 weight -> bf16 `w` `[rows, in]` (phi3_dequant_int8).
+    pub(crate) fn launch_dequant_int8(
+        &self,
+        q: &CudaSlice<i8>,
+        scales: &CudaSlice<f32>,
+        w: &mut CudaSlice<u16>,
+        row0: usize,
+        rows: usize,
+        k: usize,
+    ) -> Result<()> {
+        check_dequant(w, rows, k)?;
+        let cfg = grid_stride(if k.is_multiple_of(8) { rows * k / 8 } else { rows * k });
+        let (r0, r, k) = (i32_of(row0, "row")?, i32_of(rows, "rows")?, i32_of(k, "in")?);
+        launch!(self, "phi3_dequant_int8", cfg, q, scales, w, &r0, &r, &k)
+    }
+
+    /// As [`launch_dequant_int8`](Self::launch_dequant_int8) for int4; `name` is
+    /// phi3_dequant_int4_bf16 or phi3_dequant_int4_f16 (the scales' dtype).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_dequant_int4(
+        &self,
+        name: &str,
+        packed: &CudaSlice<u8>,
+        scales: &CudaSlice<u16>,
+        zeros: &CudaSlice<u8>,
+        w: &mut CudaSlice<u16>,
+        row0: usize,
+        rows: usize,
+        k: usize,
+        group: usize,
+    ) -> Result<()> {
+        check_dequant(w, rows, k)?;
+        let cfg = grid_stride(rows * k / 8);
+        let (r0, r, k) = (i32_of(row0, "row")?, i32_of(rows, "rows")?, i32_of(k, "in")?);
+        let g = i32_of(group, "group")?;
+        launch!(self, name, cfg, packed, scales, zeros, w, &r0, &r, &k, &g)
+    }
+
+    pub(crate) fn launch_fill_u8(&self, x: &mut CudaSlice<u8>, value: u8) -> Result<()> {
+        let n = x.len() as u64;
+        let cfg = grid_stride(x.len());
+        launch!(self, "phi3_fill_u8", cfg, x, &n, &value)
+    }
+
+    /// Random bytes (phi3_fill_random_u8) into a buffer of 1-byte elements (u8 or i8).
+    pub(crate) fn launch_fill_random_bytes<T: cudarc::driver::DeviceRepr>(
+        &self,
+        x: &mut CudaSlice<T>,
+        seed: u64,
+        tensor: u64,
+    ) -> Result<()> {
+        if std::mem::size_of::<T>() != 1 {
+            return Err(Error::internal("phi3_fill_random_u8 fills 1-byte elements"));
+        }
+        let n = x.len() as u64;
+        let cfg = grid_stride(x.len());
+        launch!(self, "phi3_fill_random_u8", cfg, x, &n, &seed, &tensor)
     }
 
     /// `name` is phi3_f32_to_bf16 or phi3_f32_to_f16.

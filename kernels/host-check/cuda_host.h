@@ -1,0 +1,94 @@
+// cuda_host.h: just enough of CUDA for a host C++ compiler to run kernels/gemv_quant.cu and
+// kernels/dequant.cu unchanged (with PHI3_HOST_EMULATION, which swaps their three PTX asm
+// statements for plain C++). Each CUDA thread is a std::thread; the 32 lanes of a warp meet at a
+// barrier in __shfl_xor_sync. Used by kernels/host-check/main.cpp (run by scripts/nvrtc-check).
+// This checks indexing and arithmetic of the kernels on a machine without a GPU; it says nothing
+// about speed, memory ordering or the PTX paths.
+#pragma once
+#define PHI3_HOST_EMULATION 1
+
+#include <barrier>
+#include <cmath>
+#include <cstdlib>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+
+struct dim3h { unsigned int x = 1, y = 1, z = 1; };
+inline thread_local dim3h threadIdx, blockIdx;
+inline dim3h blockDim, gridDim;
+
+struct uint2 { unsigned int x, y; };
+struct uint4 { unsigned int x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) {
+    return uint4{x, y, z, w};
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+
+// PRMT default mode: result byte n = byte (s >> 4n) & 7 of the 8 bytes {x, y}.
+inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+    const unsigned long long b = (unsigned long long)x | ((unsigned long long)y << 32);
+    unsigned int r = 0;
+    for (int n = 0; n < 4; ++n) r |= (unsigned int)((b >> (8 * ((s >> (4 * n)) & 7))) & 0xff) << (8 * n);
+    return r;
+}
+
+inline float phi3_host_f16_to_f32(unsigned short h) {
+    const unsigned int s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
+    float v = e == 0 ? std::ldexp((float)m, -24) : e == 31 ? (m ? NAN : INFINITY)
+                                                            : std::ldexp((float)(m | 1024), (int)e - 25);
+    return s ? -v : v;
+}
+inline unsigned short phi3_host_f32_to_f16(float) { return 0x7e00; }  // unused by these kernels
+
+// The shuffle exchange of one warp.
+struct WarpExchange {
+    std::barrier<> bar{32};
+    float slot[32];
+};
+inline thread_local WarpExchange* tl_warp = nullptr;
+
+inline float __shfl_xor_sync(unsigned int, float v, int o) {
+    const int lane = threadIdx.x & 31;
+    tl_warp->slot[lane] = v;
+    tl_warp->bar.arrive_and_wait();
+    const float r = tl_warp->slot[lane ^ o];
+    tl_warp->bar.arrive_and_wait();
+    return r;
+}
+
+// block_sum / block_max in common.cuh use it; the kernels run here do not.
+inline void __syncthreads() { std::abort(); }
+
+// Run `kernel` over grid x block (1-D), one block at a time, every thread of a block at once.
+inline void launch(unsigned int grid, unsigned int block, const std::function<void()>& kernel) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    for (unsigned int b = 0; b < grid; ++b) {
+        std::vector<std::unique_ptr<WarpExchange>> warps;
+        for (unsigned int w = 0; w < (block + 31) / 32; ++w) warps.emplace_back(new WarpExchange);
+        std::vector<std::thread> threads;
+        for (unsigned int t = 0; t < block; ++t) {
+            threads.emplace_back([&, b, t] {
+                blockIdx.x = b;
+                threadIdx.x = t;
+                tl_warp = warps[t / 32].get();
+                kernel();
+            });
+        }
+        for (auto& th : threads) th.join();
+    }
+}
