@@ -89,14 +89,7 @@ impl<B: Backend> Engine<B> {
             backend,
             weights,
             rope: Rope::new(&config.rope),
-            attn: AttnParams {
-                n_heads: config.num_attention_heads,
-                n_kv_heads: config.num_key_value_heads,
-                head_dim: config.head_dim,
-                rotary_dim: config.rope.rotary_dim,
-                scale: (config.head_dim as f32).powf(-0.5),
-                sliding_window: config.sliding_window,
-            },
+            attn: AttnParams::from_config(config),
             kv_layout: KvLayout {
                 n_layers: config.num_hidden_layers,
                 n_kv_heads: config.num_key_value_heads,

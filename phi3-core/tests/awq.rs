@@ -6,7 +6,9 @@
 //! - end to end, KL and top-1 agreement against native on the held text for RTN and AWQ are
 //!   printed (`cargo test --release -p phi3-core --test awq -- --nocapture`). These fixtures have
 //!   random weights without the activation outliers AWQ exploits, so no gain is asserted;
-//! - `--awq` is refused for int8 and native weights.
+//! - `--awq` is refused for int8 and native weights;
+//! - with GQA (the demo model written to a folder) o_proj is left unscaled and the fold of the
+//!   other three projections is still exact.
 
 use std::path::{Path, PathBuf};
 
@@ -143,4 +145,60 @@ fn calibration_text_is_not_the_held_text() {
     assert_eq!(ids[..3], [u32::from(b'A'), u32::from(b' '), u32::from(b'w')]);
     let e = quantize::awq::calibration_tokens(&fixture("mha-f32-tied"), &config, 1).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+}
+
+/// The demo model (GQA: 8 query heads, 4 KV heads; rows divisible by 32) as a folder on disk:
+/// its config, tokenizer and bf16 dummy weights.
+fn demo_folder(dir: &Path) {
+    use phi3_core::loader::{self, DType};
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), phi3_core::demo::demo_config_json()).unwrap();
+    let (tokenizer, tokenizer_config) = phi3_core::demo::demo_tokenizer_files();
+    std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config).unwrap();
+    let config = phi3_core::ModelConfig::from_dir(dir).unwrap();
+    let weights = loader::dummy(&config, DType::BF16, phi3_core::demo::DEMO_SEED).unwrap();
+    let mut tensors = Vec::new();
+    weights
+        .try_map(|t| {
+            tensors.push((t.name.clone(), t.shape.clone(), t.read_vec()?));
+            Ok(())
+        })
+        .unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::BF16,
+                shape.clone(),
+                bytes,
+            );
+            (name.clone(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn gqa_leaves_o_proj_unscaled_and_still_folds_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("demo");
+    demo_folder(&src);
+    let out = tmp.path().join("folded");
+    let report = quantize::write_awq_folded(&src, &out, 32, &awq()).unwrap();
+    assert_searches_beat_rtn(&report);
+    let search = report.awq.as_ref().unwrap();
+    // With GQA the v rows of qkv_proj do not line up with o_proj's inputs: no o_proj scales.
+    assert!(search.layers.iter().all(|l| l.o.is_none()), "o_proj scaled under GQA");
+    assert!(search.layers.iter().any(|l| l.qkv.alpha > 0.0 || l.down.alpha > 0.0));
+    let tokens: Vec<u32> = (1..40).collect();
+    let (a, b) = (logits(&load(&src), &tokens), logits(&load(&out), &tokens));
+    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    println!("demo (GQA): folded vs original: max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
+    assert!(diff <= 1e-5 * scale, "max |Δ| {diff} vs max |logit| {scale}");
+    // And the quantized folder loads and runs.
+    let q = tmp.path().join("q");
+    quantize::quantize_folder(&src, &q, G32, &awq()).unwrap();
+    assert_eq!(load(&q).weight_format(), G32);
 }

@@ -81,6 +81,20 @@ pub struct AttnParams {
     pub sliding_window: Option<usize>,
 }
 
+impl AttnParams {
+    /// The geometry of `config`'s attention (HF: scale `head_dim^-0.5`).
+    pub fn from_config(config: &crate::config::ModelConfig) -> AttnParams {
+        AttnParams {
+            n_heads: config.num_attention_heads,
+            n_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            rotary_dim: config.rope.rotary_dim,
+            scale: (config.head_dim as f32).powf(-0.5),
+            sliding_window: config.sliding_window,
+        }
+    }
+}
+
 /// A compute backend. Implementations: [`cpu::CpuBackend`] (the reference), CUDA (later).
 ///
 /// Failures: `OutOfMemory` when host or device memory runs out, `Device` when a device fails,

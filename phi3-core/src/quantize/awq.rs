@@ -157,14 +157,7 @@ pub fn search(
         )));
     }
     let be = CpuBackend;
-    let attn = AttnParams {
-        n_heads: config.num_attention_heads,
-        n_kv_heads: config.num_key_value_heads,
-        head_dim: config.head_dim,
-        rotary_dim: config.rope.rotary_dim,
-        scale: (config.head_dim as f32).powf(-0.5),
-        sliding_window: config.sliding_window,
-    };
+    let attn = AttnParams::from_config(config);
     let rope = Rope::new(&config.rope);
     let seq_len = config.max_position_embeddings.max(1);
     let mut spans = Vec::new();
