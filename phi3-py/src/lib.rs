@@ -13,6 +13,7 @@ mod convert;
 mod errors;
 mod gil;
 mod model;
+mod quantize;
 mod session;
 mod stream;
 mod tokenizer;
@@ -27,5 +28,6 @@ fn _phi3(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::PyGenerationResult>()?;
     m.add_class::<session::PyGenerationStats>()?;
     m.add_class::<stream::PyTokenStream>()?;
+    m.add_function(wrap_pyfunction!(quantize::quantize, m)?)?;
     Ok(())
 }

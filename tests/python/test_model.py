@@ -142,3 +142,23 @@ def test_quantized_weights():
         phi3.Model(FIXTURES / "gqa-longrope-bf16", device="cpu", weights="int4-g32")
     m = phi3.Model(FIXTURES / "gqa-longrope-bf16", device="cpu", weights="int8")
     assert m.weights == "int8"
+
+
+def test_quantize_writes_a_folder_that_loads_as_stored(tmp_path):
+    out = tmp_path / "q"
+    summary = phi3.quantize(FIXTURES / "mha-f32-tied", out, weights="int4-g32")
+    assert summary["format"] == "int4-g32" and summary["quantized"] == 8
+    assert summary["bytes_out"] < summary["bytes_in"]
+    stored = phi3.Model(out, device="cpu")
+    at_load = phi3.Model(FIXTURES / "mha-f32-tied", device="cpu", weights="int4-g32")
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    a = stored.session().append_tokens(tokens)
+    b = at_load.session().append_tokens(tokens)
+    assert np.array_equal(a, b)
+    with pytest.raises(phi3.InvalidArgumentError, match="already exists"):
+        phi3.quantize(FIXTURES / "mha-f32-tied", out, weights="int8")
+    with pytest.raises(phi3.InvalidArgumentError, match="int4"):
+        phi3.quantize(FIXTURES / "mha-f32-tied", tmp_path / "q8", weights="int8", awq=True)
+    with pytest.raises(phi3.InvalidArgumentError):
+        phi3.quantize(FIXTURES / "mha-f32-tied", tmp_path / "qn", weights="native")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

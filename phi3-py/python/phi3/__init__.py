@@ -36,10 +36,12 @@ from ._phi3 import (
     TokenStream as TokenStream,
     UnsupportedError as UnsupportedError,
     __version__ as __version__,
+    quantize as quantize,
 )
 
 __all__ = [
     "Model",
+    "quantize",
     "Tokenizer",
     "Session",
     "TokenStream",

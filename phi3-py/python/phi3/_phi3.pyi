@@ -28,6 +28,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "TokenStream",
+    "quantize",
 ]
 
 _Path = Union[str, "os.PathLike[str]"]
@@ -238,3 +239,12 @@ class GenerationResult:
     def finish_reason(self) -> str: ...
     @property
     def stats(self) -> GenerationStats: ...
+
+def quantize(
+    model: _Path,
+    out: _Path,
+    weights: str = "int4",
+    awq: bool = False,
+) -> Dict[str, object]:
+    """Write a copy of `model` with int8/int4 projections into the new folder `out`."""
+    ...
