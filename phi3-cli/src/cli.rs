@@ -85,6 +85,9 @@ pub struct QuantizeArgs {
     /// The folder to create (must not exist).
     #[arg(long, value_name = "DIR")]
     pub out: std::path::PathBuf,
+    /// Quantize the (untied) lm_head too, round to nearest; by default it keeps its dtype.
+    #[arg(long)]
+    pub lm_head: bool,
     /// Before quantizing, search activation-aware (AWQ) per-channel scales on a built-in
     /// calibration text and fold them into the weights (int4 only).
     #[arg(long)]

@@ -34,6 +34,7 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
         progress,
         awq: args.awq,
         calibration_tokens: args.calibration_tokens,
+        lm_head: args.lm_head,
         ..Default::default()
     };
     let report = quantize_folder(&src, &args.out, args.weights, &options);

@@ -155,3 +155,34 @@ fn corrupt_quantized_folders_are_refused_naming_the_tensor() {
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(e.to_string().contains("bitsandbytes"), "{e}");
 }
+
+#[test]
+fn lm_head_is_quantized_on_request_and_refused_when_tied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures_dir().join("partial-rotary-f16");
+    let format = WeightFormat::Int8;
+    let plain = tmp.path().join("plain");
+    let with_head = tmp.path().join("head");
+    let options = QuantizeOptions { lm_head: true, ..Default::default() };
+    let a = quantize_folder(&src, &plain, format, &QuantizeOptions::default()).unwrap();
+    let b = quantize_folder(&src, &with_head, format, &options).unwrap();
+    assert_eq!(b.quantized, a.quantized + 1);
+    assert!(b.bytes_out < a.bytes_out);
+    let checkpoint = phi3_core::loader::Checkpoint::open(&with_head).unwrap();
+    assert!(checkpoint.get_raw("lm_head.qweight").is_some());
+    assert!(checkpoint.get_raw("lm_head.weight").is_none());
+    let (plain, head) = (load(&plain, format).unwrap(), load(&with_head, format).unwrap());
+    assert!(head.weight_bytes() < plain.weight_bytes());
+    // Close to the dense-lm_head model (int8 rounding of one more matrix), but not equal.
+    let (x, y) = (logits(&plain), logits(&head));
+    for (x, y) in x.iter().zip(&y) {
+        let num: f64 = x.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        assert!(rel > 0.0 && rel < 0.02, "relative L2 {rel}");
+    }
+    let tied = fixtures_dir().join("mha-f32-tied");
+    let e = quantize_folder(&tied, &tmp.path().join("t"), format, &options).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("tied"), "{e}");
+}

@@ -162,3 +162,6 @@ def test_quantize_writes_a_folder_that_loads_as_stored(tmp_path):
     with pytest.raises(phi3.InvalidArgumentError):
         phi3.quantize(FIXTURES / "mha-f32-tied", tmp_path / "qn", weights="native")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    head = phi3.quantize(FIXTURES / "partial-rotary-f16", tmp_path / "h", "int8", lm_head=True)
+    plain = phi3.quantize(FIXTURES / "partial-rotary-f16", tmp_path / "p", "int8")
+    assert head["quantized"] == plain["quantized"] + 1

@@ -200,7 +200,12 @@ pub fn load_sources(
     layout(config)?.try_map_with_role(|(name, shape), role| {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
         match (role, stored) {
-            (TensorRole::Projection, StoredQuantization::Phi3Rs(format)) => {
+            // `phi3 quantize --lm-head` stores lm_head like a projection.
+            (TensorRole::Projection, StoredQuantization::Phi3Rs(format))
+            | (TensorRole::Output, StoredQuantization::Phi3Rs(format))
+                if role == TensorRole::Projection
+                    || checkpoint.get_raw(&format!("{prefix}.qweight")).is_some() =>
+            {
                 let parts = quant_file::part_names(prefix, *format)
                     .iter()
                     .map(|part| checkpoint.get_raw(part).ok_or_else(|| missing(part)))

@@ -84,6 +84,10 @@ pub struct QuantizeOptions {
     /// Most calibration tokens for the AWQ search; `None` for
     /// [`awq::DEFAULT_CALIBRATION_TOKENS`].
     pub calibration_tokens: Option<usize>,
+    /// Quantize the untied `lm_head` too (round to nearest, in `format`; not AWQ-scaled). It is
+    /// about 4% of Phi-3-medium's parameters but read whole for every token. Models with tied
+    /// embeddings are refused: their output matrix is the embedding table, which stays dense.
+    pub lm_head: bool,
 }
 
 /// One tensor of the output: its name, dtype, shape and where its bytes come from.
@@ -139,6 +143,12 @@ pub fn quantize_folder(
     if !format.is_quantized() {
         return Err(Error::invalid_argument("quantize: weights must be int8 or int4, not native"));
     }
+    if options.lm_head && ModelConfig::from_dir(src)?.tie_word_embeddings {
+        return Err(Error::invalid_argument(format!(
+            "{}: lm_head is tied to the embedding table, which stays dense; drop lm_head",
+            src.display()
+        )));
+    }
     if options.awq && !matches!(format, WeightFormat::Int4 { .. }) {
         return Err(Error::invalid_argument(format!(
             "quantize: AWQ scales apply to int4 weights only, not {format}"
@@ -193,7 +203,7 @@ fn convert(
     }
     let weights = loader::load(src, &config)?;
     // Checks every projection against the format before the (long) search.
-    let mut plan = plan(&weights, format, None)?;
+    let mut plan = plan(&weights, format, None, options.lm_head)?;
     let mut awq_report = None;
     if options.awq {
         let WeightFormat::Int4 { group } = format else {
@@ -215,7 +225,7 @@ fn convert(
         };
         let scales = awq::search(&config, &weights, group, &tokens, on_layer)?;
         let target = if fold_only { WeightFormat::Native } else { format };
-        plan = self::plan(&weights, target, Some(&scales.layers))?;
+        plan = self::plan(&weights, target, Some(&scales.layers), options.lm_head)?;
         awq_report = Some(AwqReport { tokens: scales.tokens, layers: scales.searches });
     }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -290,6 +300,7 @@ fn plan(
     weights: &loader::ModelWeights<HostTensor>,
     format: WeightFormat,
     scales: Option<&[LayerScales]>,
+    lm_head: bool,
 ) -> Result<Vec<OutTensor>> {
     let mut folds = match scales {
         Some(scales) => folds(weights, scales)?.into_iter(),
@@ -298,7 +309,8 @@ fn plan(
     let mut out = Vec::new();
     weights.try_map_with_role(|t, role| {
         let fold = folds.next().flatten();
-        if role != TensorRole::Projection || !format.is_quantized() {
+        let quantized = role == TensorRole::Projection || (lm_head && role == TensorRole::Output);
+        if !quantized || !format.is_quantized() {
             let (dtype, bytes) = match fold {
                 Some(_) => ("F32".to_string(), 4 * t.numel() as u64),
                 None => (t.dtype.name().to_string(), t.byte_len() as u64),

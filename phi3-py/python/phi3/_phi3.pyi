@@ -245,6 +245,7 @@ def quantize(
     out: _Path,
     weights: str = "int4",
     awq: bool = False,
+    lm_head: bool = False,
 ) -> Dict[str, object]:
     """Write a copy of `model` with int8/int4 projections into the new folder `out`."""
     ...
