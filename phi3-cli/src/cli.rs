@@ -54,7 +54,10 @@ pub enum Command {
     #[command(after_help = "Examples:
   phi3 perplexity --weights int4
   phi3 perplexity -m microsoft/Phi-3-mini-4k-instruct --weights int8 --text held.txt
-  phi3 perplexity -m tests/fixtures/mha-f32-tied --weights int4-g32 --compare-to int8")]
+  phi3 perplexity -m tests/fixtures/mha-f32-tied --weights int4-g32 --compare-to int8
+  phi3 quantize -m ./Phi-3-mini-4k-instruct --weights int4 --out ./mini-int4
+  phi3 perplexity -m ./mini-int4 --compare-to ./Phi-3-mini-4k-instruct
+  phi3 perplexity -m ./mini-int4-awq --compare-to ./mini-int4")]
     Perplexity(PerplexityArgs),
     /// Write a copy of a model folder with int8 or int4 projection weights.
     ///
@@ -274,11 +277,13 @@ pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Also load the model with these weights as the reference and compare --weights to it
-    /// (same formats as --weights). Default: native when --weights is quantized; with native
+    /// The reference to compare the model to: a weight format (same names as --weights: the
+    /// same model loaded that way), or else another model folder or Hugging Face repo id (found
+    /// like --model, loaded as stored, e.g. the folder that `phi3 quantize` read), which must
+    /// have the same vocabulary. Default: native when --weights is quantized; with native
     /// --weights and no --compare-to, only the perplexity is measured.
-    #[arg(long, value_name = "FORMAT", value_parser = parse_weights)]
-    pub compare_to: Option<WeightFormat>,
+    #[arg(long, value_name = "FORMAT|DIR|REPO_ID", value_parser = parse_compare_to)]
+    pub compare_to: Option<CompareTo>,
 
     /// UTF-8 text file to score (default: a built-in held-out English text of about 5 KB).
     /// For a model without a tokenizer, the text's bytes are the token ids.
@@ -292,6 +297,35 @@ pub struct PerplexityArgs {
     /// Most tokens per window (default: the model's max context, which also caps it).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
     pub window: Option<u64>,
+}
+
+/// What `perplexity --compare-to` names: a value that parses as a weight format is one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompareTo {
+    /// The same model, loaded with these weights.
+    Weights(WeightFormat),
+    /// Another model: a folder or a Hugging Face repo id, as `--model` takes.
+    Model(String),
+}
+
+fn parse_compare_to(s: &str) -> Result<CompareTo, String> {
+    match s.parse::<WeightFormat>() {
+        Ok(weights) => Ok(CompareTo::Weights(weights)),
+        Err(_) if s.trim().is_empty() => {
+            Err("expected a weight format, a model folder or a Hugging Face repo id".into())
+        }
+        // `int3`, `int4-g16`: a mistyped format (a repo id has a '/'), unless a folder has
+        // that name.
+        Err(e)
+            if s.strip_prefix("int")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+                && !s.contains('/')
+                && !std::path::Path::new(s).exists() =>
+        {
+            Err(e.to_string())
+        }
+        Err(_) => Ok(CompareTo::Model(s.to_string())),
+    }
 }
 
 /// Element type of `--dummy-weights`.

@@ -1,5 +1,7 @@
-//! `phi3 perplexity`: perplexity of a model on a text and, with a reference weight format, the
-//! comparison of the two (perplexity of each, top-1 agreement, KL), through `phi3_core::eval`.
+//! `phi3 perplexity`: perplexity of a model on a text and, with a reference, the comparison of
+//! the two (perplexity of each, top-1 agreement, KL), through `phi3_core::eval`. The reference is
+//! the same model in another weight format, or another model (folder or repo id, resolved like
+//! `--model` and loaded as stored) with the same vocabulary.
 //!
 //! The text (a file or `eval::HELD_TEXT`) is tokenized once with the model's tokenizer (BOS
 //! added as `tokenizer(text)` does); a model without a tokenizer (the HF test fixtures) gets the
@@ -8,14 +10,16 @@
 
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use phi3_core::eval::{self, Comparison, EvalOptions, Perplexity, HELD_TEXT};
 use phi3_core::{CancelToken, ErrorKind, Model, WeightFormat};
 
-use crate::cli::{ModelArgs, PerplexityArgs};
+use crate::cli::{CompareTo, ModelArgs, PerplexityArgs};
+use crate::hub::{self, Need};
 use crate::interrupt::{Interrupt, EXIT_INTERRUPTED};
 use crate::load::load_model;
 
@@ -31,14 +35,32 @@ pub fn run(args: &PerplexityArgs) -> Result<ExitCode> {
     if text.trim().is_empty() {
         bail!("{source} is empty: nothing to score");
     }
-    let reference = match args.compare_to {
-        Some(format) => Some(format),
-        None if args.model.weights != WeightFormat::Native => Some(WeightFormat::Native),
+    let compare_to = match &args.compare_to {
+        Some(c) => Some(c.clone()),
+        None if args.model.weights != WeightFormat::Native => {
+            Some(CompareTo::Weights(WeightFormat::Native))
+        }
         None => None,
     };
-    let reference = match reference {
-        Some(weights) => Some(load_model(&with_weights(&args.model, weights), None)?),
-        None => None,
+    // What the "reference:" line says, and the loaded reference.
+    let (reference_name, reference) = match &compare_to {
+        Some(CompareTo::Weights(weights)) => (
+            format!("the same model with {weights} weights"),
+            Some(load_model(&with_weights(&args.model, *weights), None)?),
+        ),
+        Some(CompareTo::Model(spec)) => {
+            let dir = resolve_reference(spec)?;
+            let mut model_args = with_weights(&args.model, WeightFormat::Native);
+            model_args.model = Some(spec.clone());
+            let loaded = load_model(&model_args, None)?;
+            let at = if Path::new(spec) == dir {
+                String::new()
+            } else {
+                format!(" at {}", dir.display())
+            };
+            (format!("{spec}{at} ({} weights)", loaded.model.weight_format()), Some(loaded))
+        }
+        None => (String::new(), None),
     };
     let candidate = load_model(&args.model, None)?;
     let model = &candidate.model;
@@ -91,6 +113,9 @@ pub fn run(args: &PerplexityArgs) -> Result<ExitCode> {
             .map_or(model.max_context(), |r| r.model.max_context().min(model.max_context())),
     );
     println!("model:    {} on {}", candidate.name, model.device_name());
+    if reference.is_some() {
+        println!("reference: {reference_name}");
+    }
     println!(
         "text:     {source}, {} bytes -> {n_text_tokens} tokens{}",
         text.len(),
@@ -176,6 +201,22 @@ fn with_weights(args: &ModelArgs, weights: WeightFormat) -> ModelArgs {
         max_context: args.max_context,
         weights,
     }
+}
+
+/// The folder of `--compare-to SPEC`. A bare word that is neither a folder nor a repo id is most
+/// likely a mistyped weight format, so its error lists the formats too.
+fn resolve_reference(spec: &str) -> Result<PathBuf> {
+    hub::resolve_model(spec, Need::Everything).map_err(|e| {
+        let bare_word = !spec.contains(['/', std::path::MAIN_SEPARATOR]);
+        if bare_word && !Path::new(spec).exists() {
+            anyhow!(
+                "--compare-to {spec}: not a weight format (native, int8, int4, int4-g32, \
+                 int4-g64, int4-g128) and no such model folder"
+            )
+        } else {
+            e.context("--compare-to")
+        }
+    })
 }
 
 /// The text's token ids, and whether they are its bytes (no tokenizer).

@@ -288,11 +288,119 @@ fn text_commands_need_a_tokenizer() {
 
 #[test]
 fn help_of_every_subcommand() {
-    for sub in ["generate", "chat", "info", "bench"] {
+    for sub in ["generate", "chat", "info", "bench", "perplexity", "quantize"] {
         let out = phi3(&[sub, "--help"]);
         assert_success(&out);
         assert!(text(&out.stdout).contains("--model"), "{sub}");
     }
+}
+
+// ---- perplexity against another model folder ----
+
+/// `phi3 quantize` of the mha-f32-tied fixture into a fresh temporary folder (int4 in groups of
+/// 32: its projections are 64 wide); returns the temporary folder and the model folder in it.
+fn quantized_fixture() -> (tempfile::TempDir, String) {
+    let temp = tempfile::tempdir().unwrap();
+    let out = temp.path().join("int4-g32");
+    let out = out.to_str().unwrap().to_string();
+    let run = phi3(&[
+        "quantize",
+        "--model",
+        &fixture("mha-f32-tied"),
+        "--weights",
+        "int4-g32",
+        "--out",
+        &out,
+    ]);
+    assert_success(&run);
+    (temp, out)
+}
+
+/// `perplexity` of `model` against `--compare-to reference`, on the first 64 tokens; returns
+/// stdout, the top-1 agreement in percent and the mean KL in nats.
+fn compare(model: &str, reference: &str) -> (String, f64, f64) {
+    let out =
+        phi3(&["perplexity", "--model", model, "--compare-to", reference, "--max-tokens", "64"]);
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    let field = |prefix: &str, start: &str, end: char| -> f64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line: {stdout}"));
+        let value = &line[line.find(start).unwrap() + start.len()..];
+        let value = &value[..value.find(end).unwrap()];
+        value.trim().parse().unwrap_or_else(|e| panic!("{e}: {value:?} in {line:?}"))
+    };
+    let agreement = field("top-1 agreement:", ":", '%');
+    let kl = field("KL(", "mean ", ',');
+    (stdout, agreement, kl)
+}
+
+#[test]
+fn perplexity_compares_a_quantized_folder_to_its_original() {
+    let (_temp, quantized) = quantized_fixture();
+    let original = fixture("mha-f32-tied");
+    let (stdout, agreement, kl) = compare(&quantized, &original);
+    assert!(stdout.contains(&format!("reference: {original} (native weights)")), "{stdout}");
+    assert!(agreement < 100.0, "{stdout}");
+    assert!(kl > 0.0, "{stdout}");
+    // The original is the reference: first row of the table, left of the KL.
+    assert!(stdout.contains("KL(native ‖ int4-g32)"), "{stdout}");
+}
+
+#[test]
+fn perplexity_of_a_folder_against_itself_agrees_fully() {
+    let (_temp, quantized) = quantized_fixture();
+    let (stdout, agreement, kl) = compare(&quantized, &quantized);
+    assert!(stdout.contains(&format!("reference: {quantized} (int4-g32 weights)")), "{stdout}");
+    assert_eq!(agreement, 100.0, "{stdout}");
+    assert_eq!(kl, 0.0, "{stdout}");
+}
+
+#[test]
+fn perplexity_compare_to_a_format_still_means_the_same_model() {
+    let model = fixture("mha-f32-tied");
+    let out = phi3(&[
+        "perplexity",
+        "--model",
+        &model,
+        "--weights",
+        "int4-g32",
+        "--compare-to",
+        "int8",
+        "--max-tokens",
+        "16",
+    ]);
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("reference: the same model with int8 weights"), "{stdout}");
+    assert!(stdout.contains("KL(int8 ‖ int4-g32)"), "{stdout}");
+    // The examples show both forms.
+    let help = text(&phi3(&["perplexity", "--help"]).stdout);
+    assert!(help.contains("--compare-to int8") && help.contains("--compare-to ./"), "{help}");
+}
+
+#[test]
+fn perplexity_compare_to_errors_are_one_line() {
+    let model = fixture("mha-f32-tied");
+    let run = |reference: &str| {
+        assert_error(&phi3(&["perplexity", "--model", &model, "--compare-to", reference]), 1)
+    };
+    let missing = std::env::temp_dir().join("phi3-no-such-model/dir");
+    let missing = missing.to_str().unwrap();
+    let line = run(missing);
+    assert!(line.contains(missing) && line.contains("--compare-to"), "{line}");
+    // A bare word that is no format and no folder: most likely a mistyped format.
+    let line = run("natve");
+    assert!(line.contains("natve") && line.contains("int4-g32"), "{line}");
+    // One that looks like a format is a usage error.
+    let out = phi3(&["perplexity", "--model", &model, "--compare-to", "int4-g16"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("int4-g16"), "{}", text(&out.stderr));
+    // Another vocabulary (384 tokens against 320).
+    let line = run(&fixture("gqa-longrope-bf16"));
+    assert!(line.contains("vocabular"), "{line}");
 }
 
 // ---- generate and chat on the demo model ----
