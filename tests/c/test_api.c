@@ -469,10 +469,16 @@ static void test_model_options(void)
     m = (phi3_model *)POISON_PTR;
     o.weights = "int3";
     CHECK_ERR(phi3_model_load_demo(&o, &m), PHI3_ERR_INVALID_ARGUMENT, "int3");
+    /* An already-quantized folder (AWQ int4-g32) loads as stored with "native" or its own
+       format; another format would round twice and is refused. */
     o.weights = "int8";
-    o.device = "cuda";
-    CHECK_ERR(phi3_model_load_demo(&o, &m), PHI3_ERR_UNSUPPORTED, "not yet supported on CUDA");
+    CHECK_ERR(phi3_model_load("tests/fixtures/quant/model-awq-g32", &o, &m),
+              PHI3_ERR_INVALID_ARGUMENT, "already quantized");
     CHECK(m == (phi3_model *)POISON_PTR);
+    o.weights = NULL;
+    CHECK_OK(phi3_model_load("tests/fixtures/quant/model-awq-g32", &o, &m));
+    phi3_model_free(m);
+    m = (phi3_model *)POISON_PTR;
 
     /* A struct that ends before `weights` (an older header): garbage there is ignored. */
     phi3_model_options_init(&o);

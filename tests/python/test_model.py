@@ -100,8 +100,9 @@ def test_bad_load_arguments_raise_before_loading(tmp_path):
     assert isinstance(e.value, ValueError)
     with pytest.raises(phi3.InvalidArgumentError, match="int3"):
         phi3.Model(missing, weights="int3")
-    with pytest.raises(phi3.UnsupportedError, match="CUDA"):
-        phi3.Model.demo(device="cuda", weights="int4")
+    # An already-quantized folder is not quantized again into another format.
+    with pytest.raises(phi3.InvalidArgumentError, match="already quantized"):
+        phi3.Model(FIXTURES / "quant" / "model-awq-g32", device="cpu", weights="int8")
     with pytest.raises(phi3.InvalidArgumentError, match="max_context"):
         phi3.Model(missing, max_context=0)
     with pytest.raises(phi3.InvalidArgumentError, match="max_context"):
