@@ -258,16 +258,19 @@ fn assemble<T>(config: &ModelConfig, tensors: Vec<T>) -> Result<ModelWeights<T>>
 }
 
 /// Deterministic random weights for `config` in `dtype`: uniform in ±`1 / sqrt(fan_in)` for
-/// matrices, 1 ± 0.1 for norm weights, ±1 for embeddings. Same seed, same weights.
+/// matrices, 1 ± 0.1 for norm weights, ±1 for embeddings. Same seed, same weights: one
+/// SplitMix64 stream from `seed` over all tensors in load order.
 ///
-/// Costs one pass over every parameter and holds all of them in memory
-/// ([`ModelConfig::parameter_count`] x `dtype.size()` bytes). Errors with `OutOfMemory` when a
-/// tensor's buffer cannot be allocated.
+/// Nothing is generated here: each tensor makes its elements when it is read
+/// ([`safetensors::Generated`]), so a backend that quantizes while reading never holds more
+/// than one tensor of them, whatever the model's size.
+///
+/// Errors: `InvalidArgument` when a tensor's size overflows.
 pub fn dummy(config: &ModelConfig, dtype: DType, seed: u64) -> Result<ModelWeights<HostTensor>> {
-    let mut rng = SplitMix64(seed);
+    let mut elements_before = 0usize;
     let mut tensors = Vec::new();
     for (name, shape) in names::expected_tensors(config) {
-        let n: usize = shape.iter().product();
+        let numel: usize = shape.iter().product();
         let (center, half_width) = if shape.len() == 1 {
             (1.0, 0.1)
         } else if name == names::EMBED_TOKENS {
@@ -275,36 +278,65 @@ pub fn dummy(config: &ModelConfig, dtype: DType, seed: u64) -> Result<ModelWeigh
         } else {
             (0.0, 1.0 / (shape[1] as f32).sqrt())
         };
-        let mut bytes = Vec::new();
-        bytes.try_reserve_exact(n * dtype.size()).map_err(|_| {
-            Error::new(
-                crate::ErrorKind::OutOfMemory,
-                format!("{name}: cannot allocate {} bytes of dummy weights", n * dtype.size()),
-            )
-        })?;
-        for _ in 0..n {
-            let x = center + half_width * rng.next_signed_unit();
-            match dtype {
-                DType::F32 => bytes.extend_from_slice(&x.to_le_bytes()),
-                DType::F16 => bytes.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
-                DType::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
-            }
-        }
-        tensors.push(HostTensor::from_bytes(&name, dtype, shape, bytes)?);
+        let generated = safetensors::Generated { state0: 0, center, half_width, dtype, numel };
+        let state0 = safetensors::Generated { state0: seed, ..generated }.state_at(elements_before);
+        let generated = safetensors::Generated { state0, ..generated };
+        tensors.push(HostTensor::generated(&name, shape, generated)?);
+        elements_before = elements_before.wrapping_add(numel);
     }
     assemble(config, tensors)
 }
 
-/// SplitMix64: a tiny, well-known generator; quality is ample for random test weights.
-struct SplitMix64(u64);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        crate::sampler::splitmix64(&mut self.0)
-    }
-
-    /// Uniform in [-1, 1).
-    fn next_signed_unit(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    /// The weights `dummy` generates lazily are the sequential SplitMix64 stream over all
+    /// tensors in load order (what it produced when it generated eagerly), read whole or in
+    /// pieces that cut elements in two.
+    #[test]
+    fn dummy_weights_are_one_sequential_stream_read_in_any_pieces() {
+        let config = crate::demo::demo_model(&Default::default()).unwrap().config().clone();
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let weights = dummy(&config, dtype, 7).unwrap();
+            let mut state = 7u64;
+            let _ = weights.try_map(|t| {
+                let (center, half_width) = if t.shape.len() == 1 {
+                    (1.0, 0.1)
+                } else if t.name == names::EMBED_TOKENS {
+                    (0.0, 1.0)
+                } else {
+                    (0.0, 1.0 / (t.shape[1] as f32).sqrt())
+                };
+                let mut expected = Vec::with_capacity(t.byte_len());
+                for _ in 0..t.numel() {
+                    let bits = crate::sampler::splitmix64(&mut state);
+                    let u = ((bits >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                    let x = center + half_width * u;
+                    match dtype {
+                        DType::F32 => expected.extend_from_slice(&x.to_le_bytes()),
+                        DType::F16 => {
+                            expected.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())
+                        }
+                        DType::BF16 => {
+                            expected.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())
+                        }
+                    }
+                }
+                assert_eq!(t.read_vec().unwrap(), expected, "{} {dtype:?}", t.name);
+                let mut pieces = vec![0u8; t.byte_len()];
+                let mut at = 0;
+                for (i, len) in [3usize, 1, 70_001, 5].iter().cycle().enumerate() {
+                    if at == pieces.len() || i > 10_000 {
+                        break;
+                    }
+                    let len = (*len).min(pieces.len() - at);
+                    t.read_at(at, &mut pieces[at..at + len]).unwrap();
+                    at += len;
+                }
+                assert_eq!(&pieces[..at], &expected[..at], "{} in pieces", t.name);
+                Ok(())
+            });
+        }
     }
 }

@@ -77,6 +77,57 @@ pub struct HostTensor {
 enum TensorBytes {
     File { file: Arc<File>, offset: u64, len: usize },
     Owned(Arc<Vec<u8>>),
+    Generated(Generated),
+}
+
+/// Deterministic random elements made when read (dummy weights), so a model of any size costs
+/// no memory until a backend takes it. Element `i` is `center + half_width * u` with `u` in
+/// [-1, 1) from the SplitMix64 output after `state0` has advanced `i + 1` times; SplitMix64's
+/// state moves by a constant per draw, so any range of elements is generated without the ones
+/// before it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Generated {
+    /// The generator state before element 0.
+    pub state0: u64,
+    /// Middle of the value range.
+    pub center: f32,
+    /// Half the width of the value range.
+    pub half_width: f32,
+    /// Element type of the bytes.
+    pub dtype: DType,
+    /// Number of elements.
+    pub numel: usize,
+}
+
+/// SplitMix64's state increment per draw (`sampler::splitmix64`).
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Generated {
+    /// The state before element `i`.
+    pub fn state_at(&self, i: usize) -> u64 {
+        self.state0.wrapping_add((i as u64).wrapping_mul(SPLITMIX_GAMMA))
+    }
+
+    /// Elements `first..first + dst.len() / size` as little-endian bytes into `dst`, in
+    /// parallel blocks (each block jumps to its own state).
+    fn fill(&self, first: usize, dst: &mut [u8]) {
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 16;
+        let size = self.dtype.size();
+        dst.par_chunks_mut(BLOCK * size).enumerate().for_each(|(b, out)| {
+            let mut state = self.state_at(first + b * BLOCK);
+            for e in out.chunks_exact_mut(size) {
+                let bits = crate::sampler::splitmix64(&mut state);
+                let u = ((bits >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                let x = self.center + self.half_width * u;
+                match self.dtype {
+                    DType::F32 => e.copy_from_slice(&x.to_le_bytes()),
+                    DType::F16 => e.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                    DType::BF16 => e.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                }
+            }
+        });
+    }
 }
 
 impl TensorBytes {
@@ -84,6 +135,7 @@ impl TensorBytes {
         match self {
             TensorBytes::File { len, .. } => *len,
             TensorBytes::Owned(v) => v.len(),
+            TensorBytes::Generated(g) => g.numel * g.dtype.size(),
         }
     }
 
@@ -100,6 +152,20 @@ impl TensorBytes {
         match self {
             TensorBytes::Owned(v) => {
                 dst.copy_from_slice(&v[offset..end]);
+                Ok(())
+            }
+            TensorBytes::Generated(g) => {
+                let size = g.dtype.size();
+                if offset % size == 0 && dst.len() % size == 0 {
+                    g.fill(offset / size, dst);
+                } else {
+                    // Partial elements at the ends: make the whole ones around them.
+                    let (first, last) = (offset / size, end.div_ceil(size));
+                    let mut whole = vec![0u8; (last - first) * size];
+                    g.fill(first, &mut whole);
+                    let skip = offset - first * size;
+                    dst.copy_from_slice(&whole[skip..skip + dst.len()]);
+                }
                 Ok(())
             }
             TensorBytes::File { file, offset: base, .. } => {
@@ -220,6 +286,28 @@ impl HostTensor {
             dtype,
             shape,
             data: TensorBytes::Owned(Arc::new(bytes)),
+        })
+    }
+
+    /// A tensor whose elements are generated when read (see [`Generated`]); holds no data.
+    ///
+    /// Errors: `InvalidArgument` when `shape` does not have `generated.numel` elements.
+    pub fn generated(name: &str, shape: Vec<usize>, generated: Generated) -> Result<Self> {
+        let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if n != Some(generated.numel)
+            || generated.numel.checked_mul(generated.dtype.size()).is_none()
+        {
+            return Err(Error::invalid_argument(format!(
+                "{name}: {} generated elements do not fill shape {shape:?}",
+                generated.numel
+            )));
+        }
+        Ok(HostTensor {
+            name: name.to_string(),
+            file: "<generated>".to_string(),
+            dtype: generated.dtype,
+            shape,
+            data: TensorBytes::Generated(generated),
         })
     }
 
