@@ -156,7 +156,7 @@ impl TensorBytes {
             }
             TensorBytes::Generated(g) => {
                 let size = g.dtype.size();
-                if offset % size == 0 && dst.len() % size == 0 {
+                if offset.is_multiple_of(size) && dst.len().is_multiple_of(size) {
                     g.fill(offset / size, dst);
                 } else {
                     // Partial elements at the ends: make the whole ones around them.
