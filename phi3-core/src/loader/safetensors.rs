@@ -402,7 +402,7 @@ struct TensorInfo {
 
 /// Bytes per element of every safetensors dtype (so that headers of checkpoints with tensors we
 /// do not use still validate), or None for a name the format does not define.
-fn dtype_size(name: &str) -> Option<u64> {
+pub(crate) fn dtype_size(name: &str) -> Option<u64> {
     Some(match name {
         "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
         "I16" | "U16" | "F16" | "BF16" => 2,

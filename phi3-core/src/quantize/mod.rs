@@ -143,12 +143,6 @@ pub fn quantize_folder(
     if !format.is_quantized() {
         return Err(Error::invalid_argument("quantize: weights must be int8 or int4, not native"));
     }
-    if options.lm_head && ModelConfig::from_dir(src)?.tie_word_embeddings {
-        return Err(Error::invalid_argument(format!(
-            "{}: lm_head is tied to the embedding table, which stays dense; drop lm_head",
-            src.display()
-        )));
-    }
     if options.awq && !matches!(format, WeightFormat::Int4 { .. }) {
         return Err(Error::invalid_argument(format!(
             "quantize: AWQ scales apply to int4 weights only, not {format}"
@@ -191,6 +185,12 @@ fn convert(
     }
     let config = ModelConfig::from_dir(src)?;
     config.validate()?;
+    if options.lm_head && config.tie_word_embeddings {
+        return Err(Error::invalid_argument(format!(
+            "{}: lm_head is tied to the embedding table, which stays dense; drop lm_head",
+            src.display()
+        )));
+    }
     match StoredQuantization::of_folder(src)? {
         StoredQuantization::Dense => {}
         stored => {
@@ -332,13 +332,8 @@ fn plan(
         let names = quant_file::part_names(prefix, format);
         let layouts = quant_file::part_layouts(rows, cols, format);
         for (i, (name, (dtype, shape))) in names.into_iter().zip(layouts).enumerate() {
-            let elem = if dtype == "F32" {
-                4
-            } else if dtype == "BF16" {
-                2
-            } else {
-                1
-            };
+            let elem = loader::safetensors::dtype_size(dtype)
+                .ok_or_else(|| Error::internal(format!("{name}: unknown dtype {dtype}")))?;
             let bytes = shape.iter().product::<usize>() as u64 * elem;
             let (dtype, source) = (dtype.to_string(), t.clone());
             let fold = fold.clone();
