@@ -210,7 +210,68 @@ typedef struct phi3_model_options {
    * before this field (a caller built against an older header) means "native".
    */
   const char *weights;
+  /**
+   * Bytes of KV-cache memory that all sessions of the model may use together (the pool of KV
+   * blocks; see phi3_model_kv_usage); 0 means the backend's default: on the CPU no limit but
+   * allocation failure, on CUDA the device memory free after loading the weights, less a
+   * reserve. A budget smaller than one KV block is PHI3_ERR_INVALID_ARGUMENT. A struct_size
+   * that ends before this field means 0.
+   */
+  uint64_t kv_memory_bytes;
+  /**
+   * What a forward pass does when it needs KV blocks that the budget cannot supply: 0 (the
+   * default) fails the call with PHI3_ERR_OUT_OF_MEMORY (the session unchanged); non-zero
+   * waits until other sessions free blocks (phi3_session_free, _truncate, _reset on another
+   * thread) or the waiting session is cancelled (PHI3_ERR_CANCELLED). Nothing else frees
+   * blocks, so a host that uses sessions from one thread only must keep 0: it would wait
+   * forever. A session that needs more blocks than the whole budget still fails at once.
+   * A struct_size that ends before this field means 0.
+   */
+  int32_t kv_wait;
 } phi3_model_options;
+
+/**
+ * How a model's KV memory and batching scheduler are used (phi3_model_kv_usage). The caller sets
+ * `struct_size` = sizeof(phi3_kv_usage); an older, smaller struct gets the fields it has.
+ */
+typedef struct phi3_kv_usage {
+  /**
+   * sizeof(phi3_kv_usage), set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * Tokens per KV block (16 today).
+   */
+  size_t block_tokens;
+  /**
+   * Bytes of one block (every layer's keys and values of `block_tokens` tokens).
+   */
+  uint64_t block_bytes;
+  /**
+   * Blocks held by at least one session (a block shared by forks counts once).
+   */
+  size_t blocks_in_use;
+  /**
+   * Blocks the backend has allocated (in use, or free for reuse).
+   */
+  size_t blocks_allocated;
+  /**
+   * Most blocks the KV memory budget allows; 0 when only allocation failure limits it.
+   */
+  size_t max_blocks;
+  /**
+   * Forward passes the model's scheduler has run.
+   */
+  uint64_t steps;
+  /**
+   * Sequences over all passes (`sequences / steps` is the mean batch size).
+   */
+  uint64_t sequences;
+  /**
+   * Most sequences one pass has batched.
+   */
+  size_t max_batch;
+} phi3_kv_usage;
 
 /**
  * Options for a new session. Fill with phi3_session_options_init.
@@ -224,6 +285,13 @@ typedef struct phi3_session_options {
    * Most tokens the session may hold; 0 means the model's maximum.
    */
   size_t max_context;
+  /**
+   * Scheduling priority (default 0): when sessions of the model have more forward passes
+   * queued than one batch takes, higher priority runs first (then arrival order). Only the
+   * order of waiting work changes, never the results. A struct_size that ends before this
+   * field means 0.
+   */
+  int32_t priority;
 } phi3_session_options;
 
 /**
@@ -320,8 +388,9 @@ void phi3_generate_options_init(struct phi3_generate_options *o);
  * `out->struct_size`, checked before any work), PHI3_ERR_CANCELLED (tokens generated so far stay
  * in the session, which stays usable; `*out` is filled), PHI3_ERR_CONTEXT_FULL (a chat's
  * assistant prompt does not fit), PHI3_ERR_MODEL_FORMAT (the chat template fails to render),
- * PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_OUT_OF_MEMORY, PHI3_ERR_DEVICE,
- * PHI3_ERR_BUSY.
+ * PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_OUT_OF_MEMORY (the model's KV memory
+ * is exhausted and it was loaded without `kv_wait`; the tokens generated so far stay in the
+ * session), PHI3_ERR_DEVICE, PHI3_ERR_BUSY.
  *
  * # Safety
  * `s` NULL or live; `o` NULL or valid; `cb`, when called, gets `user_data` back unchanged;
@@ -334,8 +403,8 @@ phi3_status phi3_session_generate(struct phi3_session *s,
                                   struct phi3_generate_result *out);
 
 /**
- * Fill `*o` with the defaults (device "auto", model's max context, "native" weights). NULL is
- * ignored.
+ * Fill `*o` with the defaults (device "auto", model's max context, "native" weights, the
+ * backend's KV memory, no waiting for KV memory). NULL is ignored.
  * Thread-safe; cannot fail.
  *
  * # Safety
@@ -347,9 +416,9 @@ void phi3_model_options_init(struct phi3_model_options *o);
  * Load a Hugging Face model folder (config.json, safetensors, tokenizer.json). On success
  * `*out` receives a new model the caller frees with phi3_model_free. Thread-safe.
  *
- * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `path` or `out`, bad options), PHI3_ERR_IO (missing
- * files), PHI3_ERR_MODEL_FORMAT (malformed config or weights), PHI3_ERR_UNSUPPORTED (model or
- * rope type, device), PHI3_ERR_OUT_OF_MEMORY.
+ * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `path` or `out`, bad options, a KV memory budget
+ * smaller than one block), PHI3_ERR_IO (missing files), PHI3_ERR_MODEL_FORMAT (malformed config
+ * or weights), PHI3_ERR_UNSUPPORTED (model or rope type, device), PHI3_ERR_OUT_OF_MEMORY.
  *
  * # Safety
  * `path` is NULL or NUL-terminated; `o` is NULL or a valid options struct; `out` is NULL or
@@ -363,7 +432,8 @@ phi3_status phi3_model_load(const char *path,
  * Load the built-in demo model: small, random weights, its own tokenizer and chat template;
  * no files needed. For examples and tests. Free with phi3_model_free. Thread-safe.
  *
- * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `out`, bad options), PHI3_ERR_UNSUPPORTED (device).
+ * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `out`, bad options, a KV memory budget smaller than
+ * one block), PHI3_ERR_UNSUPPORTED (device).
  *
  * # Safety
  * `o` is NULL or a valid options struct; `out` is NULL or writable.
@@ -397,7 +467,24 @@ size_t phi3_model_vocab_size(const struct phi3_model *m);
 size_t phi3_model_max_context(const struct phi3_model *m);
 
 /**
- * Fill `*o` with the defaults. NULL is ignored. Thread-safe; cannot fail.
+ * Fill `*out` with how the model's KV memory is used and how its scheduler has batched
+ * sessions' forward passes so far. Set `out->struct_size` = sizeof(phi3_kv_usage) first (an
+ * older, smaller size gets the fields it has). A snapshot: other threads' sessions may change
+ * the numbers right after. Thread-safe; may wait for a forward pass running on another thread
+ * to finish (the pool is locked while a pass runs).
+ *
+ * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `m` or `out`, a `struct_size` that is no version's
+ * size of phi3_kv_usage). `*out` is written only on success.
+ *
+ * # Safety
+ * `m` NULL or a live model; `out` NULL or a writable phi3_kv_usage-like struct whose
+ * `struct_size` is set.
+ */
+phi3_status phi3_model_kv_usage(const struct phi3_model *m, struct phi3_kv_usage *out);
+
+/**
+ * Fill `*o` with the defaults (the model's max context, priority 0). NULL is ignored.
+ * Thread-safe; cannot fail.
  *
  * # Safety
  * `o` is NULL or points to a writable phi3_session_options.
@@ -406,7 +493,8 @@ void phi3_session_options_init(struct phi3_session_options *o);
 
 /**
  * Create an empty session on `m`; `*out` receives it (free with phi3_session_free). The session
- * holds a reference to the model. Thread-safe with respect to the model.
+ * holds a reference to the model; it takes KV memory from the model's pool only as tokens are
+ * run, and gives it back when freed, truncated or reset. Thread-safe with respect to the model.
  *
  * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `m` or `out`, bad options).
  *
@@ -418,8 +506,9 @@ phi3_status phi3_session_new(struct phi3_model *m,
                              struct phi3_session **out);
 
 /**
- * Free a session (and its reference to the model). NULL is a no-op. Must not race with any
- * other call on the same session.
+ * Free a session (and its reference to the model); its KV blocks go back to the model's pool
+ * (those shared with forks stay with them). NULL is a no-op. Must not race with any other call
+ * on the same session.
  *
  * # Safety
  * `s` is NULL or a session from this library not yet freed.
@@ -444,7 +533,9 @@ phi3_status phi3_session_append_text(struct phi3_session *s, const char *utf8, s
  * through phi3_session_logits).
  *
  * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL, n = 0), PHI3_ERR_TOKEN_OUT_OF_RANGE (naming the
- * index), PHI3_ERR_CONTEXT_FULL, PHI3_ERR_CANCELLED, PHI3_ERR_BUSY. Unchanged on error.
+ * index), PHI3_ERR_CONTEXT_FULL, PHI3_ERR_OUT_OF_MEMORY (the model's KV memory is exhausted and
+ * it was loaded without `kv_wait`), PHI3_ERR_CANCELLED (also while waiting for KV memory),
+ * PHI3_ERR_BUSY. Unchanged on error.
  *
  * # Safety
  * `s` NULL or live; `tokens` NULL or `n` readable ids.
@@ -470,7 +561,8 @@ phi3_status phi3_session_append_message(struct phi3_session *s,
  * model over pending tokens first. `*out_len` receives the needed count.
  *
  * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL session, empty session), PHI3_ERR_BUFFER_TOO_SMALL,
- * PHI3_ERR_CANCELLED, PHI3_ERR_BUSY.
+ * PHI3_ERR_OUT_OF_MEMORY (KV memory, as for phi3_session_append_tokens), PHI3_ERR_CANCELLED,
+ * PHI3_ERR_BUSY.
  *
  * # Safety
  * `s` NULL or live; `out` NULL or room for `cap` floats; `out_len` NULL or writable.
@@ -511,7 +603,8 @@ phi3_status phi3_session_tokens(const struct phi3_session *s,
                                 size_t *out_len);
 
 /**
- * Keep the first `n_tokens` tokens (free; no data moves).
+ * Keep the first `n_tokens` tokens (cheap; no data moves). Whole KV blocks past them go back to
+ * the model's pool, which wakes passes of other sessions waiting for KV memory (`kv_wait`).
  *
  * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL, `n_tokens` > length), PHI3_ERR_BUSY.
  *
@@ -521,7 +614,7 @@ phi3_status phi3_session_tokens(const struct phi3_session *s,
 phi3_status phi3_session_truncate(struct phi3_session *s, size_t n_tokens);
 
 /**
- * Empty the session (its memory is kept for reuse).
+ * Empty the session; its KV blocks go back to the model's pool (see phi3_session_truncate).
  *
  * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL), PHI3_ERR_BUSY.
  *
@@ -531,9 +624,14 @@ phi3_status phi3_session_truncate(struct phi3_session *s, size_t n_tokens);
 phi3_status phi3_session_reset(struct phi3_session *s);
 
 /**
- * An independent copy of the session (tokens, KV cache, random state) in `*out`; free both.
+ * An independent copy of the session (tokens, KV cache, priority, random state) in `*out`; free
+ * both. Cheap: the two share the KV blocks (copy-on-write) until one of them writes into a shared
+ * block, which it then copies (at most one block per pass, counted against the KV memory
+ * budget), so a long prompt forked into many conversations is cached once. Later changes to
+ * either do not affect the other.
  *
- * Errors: PHI3_ERR_INVALID_ARGUMENT, PHI3_ERR_OUT_OF_MEMORY, PHI3_ERR_BUSY.
+ * Errors: PHI3_ERR_INVALID_ARGUMENT, PHI3_ERR_OUT_OF_MEMORY (not raised today: the fork itself
+ * allocates no KV memory), PHI3_ERR_BUSY.
  *
  * # Safety
  * `s` NULL or live; `out` NULL or writable.
@@ -555,12 +653,35 @@ phi3_status phi3_session_save(const struct phi3_session *s, const char *path);
  * Load a session saved from the same model into `*out` (free with phi3_session_free).
  *
  * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL, saved from a different model), PHI3_ERR_IO,
- * PHI3_ERR_MODEL_FORMAT (truncated or corrupted file), PHI3_ERR_UNSUPPORTED (newer version).
+ * PHI3_ERR_MODEL_FORMAT (truncated or corrupted file), PHI3_ERR_UNSUPPORTED (newer version),
+ * PHI3_ERR_OUT_OF_MEMORY (the model's KV memory budget cannot hold the saved cache). The loaded
+ * session has priority 0.
  *
  * # Safety
  * `m` NULL or live; `path` NULL or NUL-terminated; `out` NULL or writable.
  */
 phi3_status phi3_session_load(struct phi3_model *m, const char *path, struct phi3_session **out);
+
+/**
+ * Set the session's scheduling priority (see phi3_session_options.priority) for its later
+ * forward passes. Like every call on a session it needs the session idle: while another thread
+ * is inside a call on it this returns PHI3_ERR_BUSY.
+ *
+ * Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `s`), PHI3_ERR_BUSY.
+ *
+ * # Safety
+ * `s` NULL or live.
+ */
+phi3_status phi3_session_set_priority(struct phi3_session *s, int32_t priority);
+
+/**
+ * The session's scheduling priority (0 unless set); 0 for NULL. Answers while another thread
+ * is inside a call on the session. Thread-safe.
+ *
+ * # Safety
+ * `s` is NULL or a live session.
+ */
+int32_t phi3_session_priority(const struct phi3_session *s);
 
 /**
  * The ABI version of the loaded library (`PHI3_ABI_VERSION` of the header it was built with).

@@ -8,6 +8,7 @@
 // host C++ compiler and supplies the PTX-only pieces.
 // Reductions: warp_sum / warp_max with shuffles, block_sum / block_max through 32 floats of shared
 // memory (any blockDim.x that is a multiple of 32, up to 1024).
+// Paged KV cache: kv_block / kv_row find a token's keys or values in the pool (layout below).
 #pragma once
 
 // -inf without math.h (NVRTC compiles with no system headers).
@@ -87,4 +88,25 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     __syncthreads();
     v = lane < n_warps ? scratch[lane] : PHI3_NEG_INF;
     return warp_max(v);
+}
+
+// The paged KV cache (backend/cuda/mod.rs, CudaKvPool; block ids are kv_pool.rs's). A block holds
+// PHI3_KV_BLOCK_TOKENS tokens of every layer: [n_layers][2: keys, values][PHI3_KV_BLOCK_TOKENS]
+// [kv_dim] bf16, block_len = 2 * n_layers * PHI3_KV_BLOCK_TOKENS * kv_dim values. Blocks live in
+// slabs (separate allocations) of blocks_per_slab blocks; slabs[s] is the device address of slab s,
+// so block b starts at slabs[b / blocks_per_slab] + (b % blocks_per_slab) * block_len. A sequence's
+// block table lists its blocks in position order: position p is token p % PHI3_KV_BLOCK_TOKENS of
+// block table[p / PHI3_KV_BLOCK_TOKENS]. Must equal backend::KV_BLOCK_TOKENS (a test checks).
+#define PHI3_KV_BLOCK_TOKENS 16
+
+__device__ __forceinline__ bf16* kv_block(const unsigned long long* slabs, int blocks_per_slab,
+                                          int block_len, unsigned int b) {
+    return reinterpret_cast<bf16*>(slabs[b / blocks_per_slab]) +
+           (size_t)(b % blocks_per_slab) * block_len;
+}
+
+// The kv_dim values of token t (< PHI3_KV_BLOCK_TOKENS) of `block`: keys of `layer` when which = 0,
+// values when which = 1.
+__device__ __forceinline__ bf16* kv_row(bf16* block, int layer, int which, int t, int kv_dim) {
+    return block + ((size_t)(2 * layer + which) * PHI3_KV_BLOCK_TOKENS + t) * kv_dim;
 }

@@ -113,11 +113,30 @@ struct ModelOptions {
     std::string device = "auto";    ///< "auto", "cpu", "cuda", "cuda:N"
     size_t max_context = 0;         ///< 0: the model's maximum
     std::string weights = "native"; ///< "native", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"
+    /// Bytes of KV-cache memory for all sessions of the model together; 0: the backend's default.
+    uint64_t kv_memory = 0;
+    /// When the KV memory is exhausted, a pass waits for another thread's sessions to free blocks
+    /// (free, truncate, reset) instead of throwing Error(PHI3_ERR_OUT_OF_MEMORY). Only for hosts
+    /// that run sessions on several threads: with one thread it would wait forever.
+    bool kv_wait = false;
 };
 
 /// Options for a new session (phi3_session_options).
 struct SessionOptions {
     size_t max_context = 0; ///< 0: the model's
+    int32_t priority = 0;   ///< higher runs first when more work is queued than one batch takes
+};
+
+/// How a model's KV memory and batching scheduler are used (phi3_kv_usage).
+struct KvUsage {
+    size_t block_tokens = 0;     ///< tokens per KV block
+    uint64_t block_bytes = 0;    ///< bytes of one block
+    size_t blocks_in_use = 0;    ///< held by sessions (a block shared by forks counts once)
+    size_t blocks_allocated = 0; ///< allocated (in use or free for reuse)
+    size_t max_blocks = 0;       ///< what the budget allows; 0: no budget
+    uint64_t steps = 0;          ///< forward passes run
+    uint64_t sequences = 0;      ///< sequences over all passes
+    size_t max_batch = 0;        ///< most sequences in one pass
 };
 
 /// Sampling and stopping options (phi3_generate_options); the defaults equal
@@ -233,6 +252,23 @@ public:
     /// The model's maximum context in tokens.
     size_t max_context() const noexcept { return phi3_model_max_context(handle_); }
 
+    /// A snapshot of the KV pool and the scheduler's counters (phi3_model_kv_usage).
+    KvUsage kv_usage() const {
+        phi3_kv_usage u{};
+        u.struct_size = static_cast<uint32_t>(sizeof u);
+        detail::check(phi3_model_kv_usage(handle_, &u));
+        KvUsage out;
+        out.block_tokens = u.block_tokens;
+        out.block_bytes = u.block_bytes;
+        out.blocks_in_use = u.blocks_in_use;
+        out.blocks_allocated = u.blocks_allocated;
+        out.max_blocks = u.max_blocks;
+        out.steps = u.steps;
+        out.sequences = u.sequences;
+        out.max_batch = u.max_batch;
+        return out;
+    }
+
     /// Token ids of `text`; `add_special` adds the tokenizer's special tokens (BOS), as HF does.
     std::vector<int32_t> tokenize(std::string_view text, bool add_special = true) const {
         return detail::fill_buffer<int32_t>([&](int32_t *out, size_t cap, size_t *len) {
@@ -267,6 +303,8 @@ private:
         o.device = options.device.c_str();
         o.max_context = options.max_context;
         o.weights = options.weights.c_str();
+        o.kv_memory_bytes = options.kv_memory;
+        o.kv_wait = options.kv_wait ? 1 : 0;
         return o;
     }
 
@@ -329,6 +367,7 @@ public:
         phi3_session_options o;
         phi3_session_options_init(&o);
         o.max_context = options.max_context;
+        o.priority = options.priority;
         detail::check(phi3_session_new(model.get(), &o, &handle_));
     }
 
@@ -480,7 +519,17 @@ public:
     /// Removes every token.
     void reset() { detail::check(phi3_session_reset(handle_)); }
 
-    /// An independent copy (tokens and KV cache).
+    /// The scheduling priority (see SessionOptions::priority).
+    int32_t priority() const noexcept { return phi3_session_priority(handle_); }
+
+    /// Changes the scheduling priority of later passes (throws PHI3_ERR_BUSY while another
+    /// thread is inside a call on this session).
+    void set_priority(int32_t priority) {
+        detail::check(phi3_session_set_priority(handle_, priority));
+    }
+
+    /// An independent copy (tokens, KV cache, priority); cheap: the KV blocks are shared
+    /// copy-on-write.
     Session fork() const {
         phi3_session *out = nullptr;
         detail::check(phi3_session_fork(handle_, &out));

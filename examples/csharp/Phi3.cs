@@ -105,6 +105,15 @@ namespace Phi3
         /// <summary>"native" (default), "int8", "int4", "int4-g32", "int4-g64", "int4-g128":
         /// how the decoder projections are stored (quantized at load time, or as stored in an already-quantized folder).</summary>
         public string Weights = "native";
+
+        /// <summary>Bytes of KV-cache memory for all sessions of the model together; 0: the
+        /// backend's default.</summary>
+        public ulong KvMemory = 0;
+
+        /// <summary>When the KV memory is exhausted, a pass waits for sessions on other threads to
+        /// free blocks (Dispose, Truncate, Reset) instead of throwing OutOfMemory. Only for hosts
+        /// that run sessions on several threads: with one thread it would wait forever.</summary>
+        public bool KvWait = false;
     }
 
     /// <summary>Options for a new session (phi3_session_options).</summary>
@@ -112,6 +121,30 @@ namespace Phi3
     {
         /// <summary>0: the model's.</summary>
         public long MaxContext = 0;
+
+        /// <summary>Higher runs first when more work is queued than one batch takes (default 0).</summary>
+        public int Priority = 0;
+    }
+
+    /// <summary>How a model's KV memory and batching scheduler are used (phi3_kv_usage).</summary>
+    public sealed class KvUsage
+    {
+        /// <summary>Tokens per KV block.</summary>
+        public long BlockTokens;
+        /// <summary>Bytes of one block.</summary>
+        public ulong BlockBytes;
+        /// <summary>Blocks held by sessions (a block shared by forks counts once).</summary>
+        public long BlocksInUse;
+        /// <summary>Blocks allocated (in use or free for reuse).</summary>
+        public long BlocksAllocated;
+        /// <summary>What the budget allows; 0: no budget.</summary>
+        public long MaxBlocks;
+        /// <summary>Forward passes run.</summary>
+        public ulong Steps;
+        /// <summary>Sequences over all passes.</summary>
+        public ulong Sequences;
+        /// <summary>Most sequences in one pass.</summary>
+        public long MaxBatch;
     }
 
     /// <summary>
@@ -205,6 +238,8 @@ namespace Phi3
             var o = new Native.ModelOptions();
             o.struct_size = (uint)Marshal.SizeOf(typeof(Native.ModelOptions));
             o.max_context = checked((UIntPtr)(ulong)options.MaxContext);
+            o.kv_memory_bytes = options.KvMemory;
+            o.kv_wait = options.KvWait ? 1 : 0;
             IntPtr device = IntPtr.Zero;
             IntPtr weights = IntPtr.Zero;
             try
@@ -240,6 +275,25 @@ namespace Phi3
         public long MaxContext
         {
             get { return checked((long)(ulong)Native.phi3_model_max_context(this)); }
+        }
+
+        /// <summary>A snapshot of the KV pool and the scheduler's counters (phi3_model_kv_usage).</summary>
+        public KvUsage KvUsage()
+        {
+            var u = new Native.KvUsage();
+            u.struct_size = (uint)Marshal.SizeOf(typeof(Native.KvUsage));
+            Phi3Exception.Check(Native.phi3_model_kv_usage(this, ref u));
+            return new KvUsage
+            {
+                BlockTokens = (long)(ulong)u.block_tokens,
+                BlockBytes = u.block_bytes,
+                BlocksInUse = (long)(ulong)u.blocks_in_use,
+                BlocksAllocated = (long)(ulong)u.blocks_allocated,
+                MaxBlocks = (long)(ulong)u.max_blocks,
+                Steps = u.steps,
+                Sequences = u.sequences,
+                MaxBatch = (long)(ulong)u.max_batch,
+            };
         }
 
         /// <summary>Token ids of text; addSpecial adds the tokenizer's special tokens (BOS).</summary>
@@ -300,6 +354,7 @@ namespace Phi3
             var o = new Native.SessionOptions();
             o.struct_size = (uint)Marshal.SizeOf(typeof(Native.SessionOptions));
             o.max_context = checked((UIntPtr)(ulong)options.MaxContext);
+            o.priority = options.Priority;
             IntPtr session;
             Phi3Exception.Check(Native.phi3_session_new(model, ref o, out session));
             return Adopt(session);
@@ -501,7 +556,16 @@ namespace Phi3
             Phi3Exception.Check(Native.phi3_session_reset(this));
         }
 
-        /// <summary>An independent copy (tokens and KV cache).</summary>
+        /// <summary>The scheduling priority; setting it throws Busy while another thread is
+        /// inside a call on this session.</summary>
+        public int Priority
+        {
+            get { return Native.phi3_session_priority(this); }
+            set { Phi3Exception.Check(Native.phi3_session_set_priority(this, value)); }
+        }
+
+        /// <summary>An independent copy (tokens, KV cache, priority); cheap: the KV blocks are
+        /// shared copy-on-write.</summary>
         public Phi3Session Fork()
         {
             IntPtr session;
@@ -613,6 +677,8 @@ namespace Phi3
             public IntPtr device;          // const char *
             public UIntPtr max_context;    // size_t
             public IntPtr weights;         // const char *
+            public ulong kv_memory_bytes;
+            public int kv_wait;
         }
 
         [StructLayout(LayoutKind.Sequential)]
@@ -620,6 +686,21 @@ namespace Phi3
         {
             public uint struct_size;
             public UIntPtr max_context;    // size_t
+            public int priority;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct KvUsage
+        {
+            public uint struct_size;
+            public UIntPtr block_tokens;     // size_t
+            public ulong block_bytes;
+            public UIntPtr blocks_in_use;    // size_t
+            public UIntPtr blocks_allocated; // size_t
+            public UIntPtr max_blocks;       // size_t
+            public ulong steps;
+            public ulong sequences;
+            public UIntPtr max_batch;        // size_t
         }
 
         [StructLayout(LayoutKind.Sequential)]
@@ -684,6 +765,8 @@ namespace Phi3
         internal static extern UIntPtr phi3_model_vocab_size(Phi3Model model);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern UIntPtr phi3_model_max_context(Phi3Model model);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern int phi3_model_kv_usage(Phi3Model model, ref KvUsage usage);
 
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern int phi3_session_new(Phi3Model model, ref SessionOptions options, out IntPtr session);
@@ -716,6 +799,10 @@ namespace Phi3
         internal static extern int phi3_session_save(Phi3Session session, byte[] path);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern int phi3_session_load(Phi3Model model, byte[] path, out IntPtr session);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern int phi3_session_set_priority(Phi3Session session, int priority);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern int phi3_session_priority(Phi3Session session);
 
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern int phi3_tokenize(Phi3Model model, byte[] utf8, UIntPtr len, int addSpecial,

@@ -199,7 +199,7 @@ fn session_file(dir: &Path) {
         write(dir, name, &bytes);
         bytes
     };
-    let small = SessionOptions { max_context: Some(32) };
+    let small = SessionOptions { max_context: Some(32), ..Default::default() };
     // Empty; two raw tokens (logits and KV); a chat message pending (no KV); a generated reply.
     let empty = model.session(small.clone()).unwrap();
     saved(&empty, "empty.phi3");

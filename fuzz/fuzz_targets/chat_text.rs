@@ -95,7 +95,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = model.apply_chat_template(&messages, true);
 
     // A session.
-    let mut session = model.session(SessionOptions { max_context: Some(256) }).unwrap();
+    let mut session =
+        model.session(SessionOptions { max_context: Some(256), ..Default::default() }).unwrap();
     let documented = |kind| {
         matches!(kind, ErrorKind::ContextFull | ErrorKind::InvalidArgument | ErrorKind::Unsupported)
     };

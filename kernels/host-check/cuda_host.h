@@ -1,9 +1,12 @@
-// cuda_host.h: just enough of CUDA for a host C++ compiler to run kernels/gemv_quant.cu and
-// kernels/dequant.cu unchanged (with PHI3_HOST_EMULATION, which swaps their three PTX asm
-// statements for plain C++). Each CUDA thread is a std::thread; the 32 lanes of a warp meet at a
-// barrier in __shfl_xor_sync. Used by kernels/host-check/main.cpp (run by scripts/nvrtc-check).
+// cuda_host.h: just enough of CUDA for a host C++ compiler to run kernels/gemv_quant.cu,
+// kernels/dequant.cu, kernels/rope_kv.cu, kernels/attention.cu and kernels/kv_blocks.cu unchanged
+// (with PHI3_HOST_EMULATION, which swaps the PTX asm statements of common.cuh and the quantized
+// kernels for plain C++). Each CUDA thread is a std::thread; the 32 lanes of a warp meet at a
+// barrier in __shfl_xor_sync, the threads of a block at a barrier in __syncthreads, and
+// `__shared__` variables are function statics (blocks run one at a time, so a static is the one
+// block's shared memory). Used by kernels/host-check/main.cpp (run by scripts/nvrtc-check).
 // This checks indexing and arithmetic of the kernels on a machine without a GPU; it says nothing
-// about speed, memory ordering or the PTX paths.
+// about speed, memory ordering beyond the barriers, or the PTX paths.
 #pragma once
 #define PHI3_HOST_EMULATION 1
 
@@ -20,6 +23,8 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
 
 struct dim3h { unsigned int x = 1, y = 1, z = 1; };
 inline thread_local dim3h threadIdx, blockIdx;
@@ -33,6 +38,7 @@ inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -70,25 +76,34 @@ inline float __shfl_xor_sync(unsigned int, float v, int o) {
     return r;
 }
 
-// block_sum / block_max in common.cuh use it; the kernels run here do not.
-inline void __syncthreads() { std::abort(); }
+// The barrier of the block being run.
+inline thread_local std::barrier<>* tl_block = nullptr;
+inline void __syncthreads() { tl_block->arrive_and_wait(); }
 
-// Run `kernel` over grid x block (1-D), one block at a time, every thread of a block at once.
-inline void launch(unsigned int grid, unsigned int block, const std::function<void()>& kernel) {
-    gridDim.x = grid;
-    blockDim.x = block;
-    for (unsigned int b = 0; b < grid; ++b) {
-        std::vector<std::unique_ptr<WarpExchange>> warps;
-        for (unsigned int w = 0; w < (block + 31) / 32; ++w) warps.emplace_back(new WarpExchange);
-        std::vector<std::thread> threads;
-        for (unsigned int t = 0; t < block; ++t) {
-            threads.emplace_back([&, b, t] {
-                blockIdx.x = b;
-                threadIdx.x = t;
-                tl_warp = warps[t / 32].get();
-                kernel();
-            });
+// Run `kernel` over grid (x, y) x block (1-D), one block at a time, every thread of a block at once.
+inline void launch(dim3h grid, unsigned int block, const std::function<void()>& kernel) {
+    gridDim = grid;
+    blockDim = dim3h{block, 1, 1};
+    for (unsigned int by = 0; by < grid.y; ++by) {
+        for (unsigned int bx = 0; bx < grid.x; ++bx) {
+            std::vector<std::unique_ptr<WarpExchange>> warps;
+            for (unsigned int w = 0; w < (block + 31) / 32; ++w) warps.emplace_back(new WarpExchange);
+            std::barrier<> block_bar((std::ptrdiff_t)block);
+            std::vector<std::thread> threads;
+            for (unsigned int t = 0; t < block; ++t) {
+                threads.emplace_back([&, bx, by, t] {
+                    blockIdx = dim3h{bx, by, 0};
+                    threadIdx = dim3h{t, 0, 0};
+                    tl_warp = warps[t / 32].get();
+                    tl_block = &block_bar;
+                    kernel();
+                });
+            }
+            for (auto& th : threads) th.join();
         }
-        for (auto& th : threads) th.join();
     }
+}
+
+inline void launch(unsigned int grid, unsigned int block, const std::function<void()>& kernel) {
+    launch(dim3h{grid, 1, 1}, block, kernel);
 }

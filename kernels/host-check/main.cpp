@@ -1,9 +1,19 @@
-// Host run of the quantized kernels (kernels/gemv_quant.cu, kernels/dequant.cu) against a
-// reference written from the layout description in phi3-core/src/loader/quant.rs (not from the
-// kernels): int8 [out, in] + f32 row scales; int4 packed [out, in / 2] with column 2i in the low
-// nibble of byte i, scales [out, in / group] (bf16 or f16) and zeros [out, in / group].
-// Checks the GEMV (vector and scalar paths, rows that do not fill a warp's 4 or a block's 8) to
-// 1e-5 of sum |x w|, and the bf16 dequantization of a block of rows bit for bit.
+// Host run of kernels against references written from the layout descriptions, not from the
+// kernels:
+// - quantized (kernels/gemv_quant.cu, kernels/dequant.cu; layouts in phi3-core/src/loader/quant.rs):
+//   int8 [out, in] + f32 row scales; int4 packed [out, in / 2] with column 2i in the low nibble of
+//   byte i, scales [out, in / group] (bf16 or f16) and zeros [out, in / group]. Checks the GEMV
+//   (vector and scalar paths, rows that do not fill a warp's 4 or a block's 8) to 1e-5 of
+//   sum |x w|, and the bf16 dequantization of a block of rows bit for bit.
+// - paged KV cache (kernels/rope_kv.cu, kernels/attention.cu, kernels/kv_blocks.cu; layout in
+//   kernels/common.cuh): a batch of sequences of different lengths (positions not multiples of
+//   16, several 128-key tiles), GQA and MHA, partial rotary, sliding windows narrower than the
+//   context, whose blocks are scattered in a shuffled order over several slabs (the last one
+//   short). rope_store_kv: rotated q to 1e-5, stored k and v to one bf16 rounding, every other
+//   value of the pool unchanged bit for bit. attention against a double-precision softmax over
+//   each sequence's keys gathered through its table, to 1e-5 of sum p |v|; positions no row may
+//   see hold NaN, so a read outside the window or past the row's position shows. copy_kv_blocks:
+//   destinations equal their sources bit for bit, nothing else changes.
 // Build and run: scripts/nvrtc-check (g++ -std=c++20 -pthread). Exit status 1 on any mismatch.
 #include <cstdio>
 #include <random>
@@ -11,6 +21,11 @@
 #include "cuda_host.h"
 #include "../gemv_quant.cu"
 #include "../dequant.cu"
+#include "../rope_kv.cu"
+#include "../attention.cu"
+#include "../kv_blocks.cu"
+
+#include <algorithm>
 
 static int failures = 0;
 static std::mt19937_64 rng(12345);
@@ -153,6 +168,223 @@ static void int8_case(int out, int in) {
     }
 }
 
+// ---- Paged KV cache ----------------------------------------------------------------------------
+
+static const int KV_TOKENS = 16;   // backend::KV_BLOCK_TOKENS
+static const int ROPE_THREADS = 256, ATT_BLOCK = 128;  // ops.rs BLOCK, ATT_THREADS
+static const unsigned short BF16_NAN = 0x7fc0;
+
+// A pool of blocks [n_layers][k, v][16][kv_dim] bf16, in slabs of `per_slab` blocks (the last
+// slab holds the remainder), as backend/cuda/mod.rs lays it out.
+struct Pool {
+    int n_layers, kv_dim, per_slab, n_blocks;
+    std::vector<std::vector<unsigned short>> slabs;
+    std::vector<unsigned long long> addrs;  // slabs[s].data(), what the kernels read
+
+    Pool(int layers, int kv, int per, int n) : n_layers(layers), kv_dim(kv), per_slab(per), n_blocks(n) {
+        for (int b = 0; b < n; b += per) {
+            slabs.emplace_back((size_t)std::min(per, n - b) * block_len());
+        }
+        for (auto& s : slabs) addrs.push_back((unsigned long long)(uintptr_t)s.data());
+    }
+    int block_len() const { return 2 * n_layers * KV_TOKENS * kv_dim; }
+    // Value c of token t of block b, keys (which = 0) or values (1) of `layer`.
+    unsigned short& at(unsigned b, int layer, int which, int t, int c) {
+        size_t in_block = (((size_t)layer * 2 + which) * KV_TOKENS + t) * kv_dim + c;
+        return slabs[b / per_slab][(size_t)(b % per_slab) * block_len() + in_block];
+    }
+    std::vector<unsigned short> image() const {
+        std::vector<unsigned short> all;
+        for (auto& s : slabs) all.insert(all.end(), s.begin(), s.end());
+        return all;
+    }
+};
+
+struct PagedCase {
+    int n_heads, n_kv_heads, head_dim, half, window, layer;
+    std::vector<std::pair<int, int>> seqs;  // (pos0, len)
+};
+
+static void paged_case(const PagedCase& c) {
+    const int hd = c.head_dim, q_dim = c.n_heads * hd, kv_dim = c.n_kv_heads * hd;
+    const int cols = q_dim + 2 * kv_dim, n_layers = 2;
+    char tag[160];
+    int off = std::snprintf(tag, sizeof tag, "h%d/kv%d hd%d half%d win%d layer%d seqs", c.n_heads,
+                            c.n_kv_heads, hd, c.half, c.window, c.layer);
+    for (auto [p0, len] : c.seqs) off += std::snprintf(tag + off, sizeof tag - off, " %d+%d", p0, len);
+
+    // Block tables: a shuffled permutation of the pool's ids, 3 spare blocks, 3 blocks a slab.
+    int needed = 0;
+    for (auto [p0, len] : c.seqs) needed += (p0 + len + KV_TOKENS - 1) / KV_TOKENS;
+    const int n_blocks = needed + 3;
+    Pool pool(n_layers, kv_dim, 3, n_blocks);
+    std::vector<unsigned> ids(n_blocks);
+    for (int i = 0; i < n_blocks; ++i) ids[i] = (unsigned)i;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<std::vector<unsigned>> table(c.seqs.size());
+    int next = 0;
+    for (size_t s = 0; s < c.seqs.size(); ++s) {
+        const int n = (c.seqs[s].first + c.seqs[s].second + KV_TOKENS - 1) / KV_TOKENS;
+        for (int i = 0; i < n; ++i) table[s].push_back(ids[next++]);
+    }
+    const std::vector<unsigned> spare(ids.begin() + next, ids.end());
+
+    // Contents: random bf16 everywhere; NaN at the positions about to be written (every layer)
+    // and below the first key any row of the sequence may see (never read).
+    for (auto& slab : pool.slabs) for (auto& v : slab) v = bf16_bits(uniform(-1.0f, 1.0f));
+    for (size_t s = 0; s < c.seqs.size(); ++s) {
+        auto [p0, len] = c.seqs[s];
+        const int unseen = c.window > 0 ? std::max(0, p0 + 1 - c.window) : 0;
+        for (int p = 0; p < p0 + len; ++p) {
+            if (p >= unseen && p < p0) continue;
+            for (int l = 0; l < n_layers; ++l)
+                for (int w = 0; w < 2; ++w)
+                    for (int e = 0; e < kv_dim; ++e)
+                        pool.at(table[s][p / KV_TOKENS], l, w, p % KV_TOKENS, e) = BF16_NAN;
+        }
+    }
+    const std::vector<unsigned short> before = pool.image();
+
+    // The batch: rows of all sequences, in order.
+    std::vector<unsigned> row_pos, row_table, tables, row_seq;
+    for (size_t s = 0; s < c.seqs.size(); ++s) {
+        auto [p0, len] = c.seqs[s];
+        for (int r = 0; r < len; ++r) {
+            row_pos.push_back((unsigned)(p0 + r));
+            row_table.push_back((unsigned)tables.size());
+            row_seq.push_back((unsigned)s);
+        }
+        tables.insert(tables.end(), table[s].begin(), table[s].end());
+    }
+    const int rows = (int)row_pos.size();
+    std::vector<float> qkv((size_t)rows * cols), cs((size_t)rows * c.half), sn((size_t)rows * c.half);
+    for (auto& v : qkv) v = uniform(-1.0f, 1.0f);
+    for (int r = 0; r < rows; ++r) {
+        for (int j = 0; j < c.half; ++j) {
+            const double angle = row_pos[r] * std::pow(10000.0, -2.0 * j / (2 * c.half));
+            cs[(size_t)r * c.half + j] = (float)(1.1 * std::cos(angle));
+            sn[(size_t)r * c.half + j] = (float)(1.1 * std::sin(angle));
+        }
+    }
+
+    // rope_store_kv.
+    std::vector<float> q((size_t)rows * q_dim, NAN);
+    launch(rows, ROPE_THREADS, [&] {
+        phi3_rope_store_kv(qkv.data(), cs.data(), sn.data(), q.data(), pool.addrs.data(),
+                           row_pos.data(), row_table.data(), tables.data(), pool.per_slab,
+                           pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, c.half);
+    });
+    // Reference: rotate_half on each head of q and k; v unchanged.
+    auto rotated = [&](int r, int e) -> double {  // element e < q_dim + kv_dim of row r
+        const float* x = &qkv[(size_t)r * cols];
+        const int d = e % hd, base = e - d;
+        const float* co = &cs[(size_t)r * c.half];
+        const float* si = &sn[(size_t)r * c.half];
+        if (d < c.half) return (double)x[e] * co[d] - (double)x[base + d + c.half] * si[d];
+        if (d < 2 * c.half) {
+            const int j = d - c.half;
+            return (double)x[e] * co[j] + (double)x[base + j] * si[j];
+        }
+        return x[e];
+    };
+    char name[256];
+    std::snprintf(name, sizeof name, "rope q %s", tag);
+    for (int r = 0; r < rows; ++r) {
+        for (int e = 0; e < q_dim; ++e) {
+            const double want = rotated(r, e), got = q[(size_t)r * q_dim + e];
+            expect(std::fabs(got - want) <= 1e-5 * (1.0 + std::fabs(want)), name, got, want);
+        }
+    }
+    // The pool: k and v of each row at its position, one bf16 rounding off; all else unchanged.
+    std::vector<char> written(before.size(), 0);
+    std::vector<unsigned short> after = pool.image();
+    auto flat = [&](unsigned b, int l, int w, int t, int e) {
+        return (size_t)b * pool.block_len() + (((size_t)l * 2 + w) * KV_TOKENS + t) * kv_dim + e;
+    };  // slabs are concatenated in order, so block b starts at b * block_len in the image
+    std::snprintf(name, sizeof name, "rope k,v store %s", tag);
+    for (int r = 0; r < rows; ++r) {
+        const unsigned p = row_pos[r], b = table[row_seq[r]][p / KV_TOKENS];
+        for (int e = 0; e < 2 * kv_dim; ++e) {
+            const int w = e < kv_dim ? 0 : 1, ch = e % kv_dim;
+            const double want = w == 0 ? rotated(r, q_dim + e) : qkv[(size_t)r * cols + q_dim + e];
+            const size_t i = flat(b, c.layer, w, p % KV_TOKENS, ch);
+            written[i] = 1;
+            const double got = bf16_value(after[i]);
+            expect(std::fabs(got - want) <= std::ldexp(std::fabs(want), -8) + 1e-30, name, got, want);
+        }
+    }
+    std::snprintf(name, sizeof name, "rope_store_kv leaves the rest %s", tag);
+    for (size_t i = 0; i < before.size(); ++i) {
+        if (!written[i] && after[i] != before[i]) {
+            expect(false, name, bf16_value(after[i]), bf16_value(before[i]));
+            break;
+        }
+    }
+
+    // attention over the pool as it now is.
+    const float scale = (float)(1.0 / std::sqrt((double)hd));
+    std::vector<float> out((size_t)rows * q_dim, NAN);
+    launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
+        phi3_attention(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
+                       tables.data(), out.data(), pool.per_slab, pool.block_len(), c.layer,
+                       c.n_heads, c.n_kv_heads, hd, scale, c.window);
+    });
+    std::snprintf(name, sizeof name, "attention %s", tag);
+    const int group = c.n_heads / c.n_kv_heads;
+    for (int r = 0; r < rows; ++r) {
+        const int pos = (int)row_pos[r], s = (int)row_seq[r];
+        const int first = c.window > 0 ? std::max(0, pos + 1 - c.window) : 0;
+        for (int h = 0; h < c.n_heads; ++h) {
+            const int kvh = h / group;
+            std::vector<double> sc;
+            double mx = -INFINITY;
+            for (int j = first; j <= pos; ++j) {
+                const unsigned b = table[s][j / KV_TOKENS];
+                double dot = 0;
+                for (int d = 0; d < hd; ++d)
+                    dot += (double)q[(size_t)r * q_dim + h * hd + d] *
+                           bf16_value(pool.at(b, c.layer, 0, j % KV_TOKENS, kvh * hd + d));
+                sc.push_back(dot * scale);
+                mx = std::max(mx, sc.back());
+            }
+            double sum = 0;
+            for (auto& v : sc) sum += (v = std::exp(v - mx));
+            for (int d = 0; d < hd; ++d) {
+                double want = 0, mag = 0;
+                for (int j = first; j <= pos; ++j) {
+                    const unsigned b = table[s][j / KV_TOKENS];
+                    const double v = bf16_value(pool.at(b, c.layer, 1, j % KV_TOKENS, kvh * hd + d));
+                    want += sc[j - first] / sum * v;
+                    mag += sc[j - first] / sum * std::fabs(v);
+                }
+                const double got = out[(size_t)r * q_dim + h * hd + d];
+                expect(std::fabs(got - want) <= 1e-5 * (mag + 1e-30), name, got, want);
+            }
+        }
+    }
+
+    // copy_kv_blocks: three used blocks (different slabs as the shuffle falls) to the spares.
+    std::vector<unsigned> pairs;
+    for (int i = 0; i < 3; ++i) {
+        pairs.push_back(tables[(size_t)below((int)tables.size())]);
+        pairs.push_back(spare[i]);
+    }
+    const std::vector<unsigned short> pre_copy = pool.image();
+    launch(dim3h{3, 2, 1}, 256, [&] {
+        phi3_copy_kv_blocks(pool.addrs.data(), pairs.data(), pool.per_slab, pool.block_len());
+    });
+    const std::vector<unsigned short> post = pool.image();
+    std::vector<unsigned short> want_img = pre_copy;
+    for (int i = 0; i < 3; ++i) {
+        std::copy_n(pre_copy.begin() + (size_t)pairs[2 * i] * pool.block_len(), pool.block_len(),
+                    want_img.begin() + (size_t)pairs[2 * i + 1] * pool.block_len());
+    }
+    std::snprintf(name, sizeof name, "copy_kv_blocks %s", tag);
+    size_t differ = 0;
+    for (size_t i = 0; i < post.size(); ++i) differ += post[i] != want_img[i];
+    expect(differ == 0, name, (double)differ, 0.0);
+}
+
 int main() {
     for (int group : {32, 64, 128}) {
         for (bool f16 : {false, true}) {
@@ -166,6 +398,9 @@ int main() {
     int8_case(9, 2048);
     int8_case(7, 100);
     int8_case(1, 7);
+    paged_case({4, 2, 40, 16, 0, 1, {{0, 5}, {37, 1}, {150, 3}, {18, 2}}});
+    paged_case({3, 3, 160, 80, 20, 0, {{5, 7}, {140, 1}, {33, 4}}});
+    paged_case({8, 1, 64, 32, 140, 1, {{200, 2}, {7, 1}, {16, 16}}});
     std::printf("kernels/host-check: %s (%d mismatches)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }

@@ -164,6 +164,30 @@ impl<T> Out<T> {
         // SAFETY: non-NULL (checked by arg_out) and writable by the caller's contract.
         unsafe { self.0.write(value) }
     }
+
+    /// The pointer (non-NULL), for reading a caller's `struct_size` before writing.
+    pub(crate) fn as_ptr(&self) -> *const T {
+        self.0
+    }
+
+    /// Store the first `size` bytes of `value` (a caller's older, smaller version of a struct
+    /// that starts with `uint32_t struct_size` gets the fields it has).
+    ///
+    /// # Safety
+    /// The pointer has `size <= size_of::<T>()` writable bytes (a size checked by
+    /// `struct_size`), and `T` is plain `repr(C)` data.
+    pub(crate) unsafe fn write_prefix(self, value: &T, size: usize) {
+        let size = size.min(std::mem::size_of::<T>());
+        // SAFETY: `size` bytes are readable in `value` and writable at the caller's pointer
+        // (contract); the regions cannot overlap (ours is a local).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (value as *const T).cast::<u8>(),
+                self.0.cast::<u8>(),
+                size,
+            )
+        }
+    }
 }
 
 /// Copy `data` into a caller's buffer `(out, cap)`, always reporting the needed length through

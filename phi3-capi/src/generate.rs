@@ -265,8 +265,9 @@ unsafe fn write_result(out: *mut phi3_generate_result, size: usize, result: &phi
 /// `out->struct_size`, checked before any work), PHI3_ERR_CANCELLED (tokens generated so far stay
 /// in the session, which stays usable; `*out` is filled), PHI3_ERR_CONTEXT_FULL (a chat's
 /// assistant prompt does not fit), PHI3_ERR_MODEL_FORMAT (the chat template fails to render),
-/// PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_OUT_OF_MEMORY, PHI3_ERR_DEVICE,
-/// PHI3_ERR_BUSY.
+/// PHI3_ERR_UNSUPPORTED (model without tokenizer), PHI3_ERR_OUT_OF_MEMORY (the model's KV memory
+/// is exhausted and it was loaded without `kv_wait`; the tokens generated so far stay in the
+/// session), PHI3_ERR_DEVICE, PHI3_ERR_BUSY.
 ///
 /// # Safety
 /// `s` NULL or live; `o` NULL or valid; `cb`, when called, gets `user_data` back unchanged;

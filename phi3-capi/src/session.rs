@@ -1,12 +1,12 @@
 //! Session handles: create, append, logits, truncate, fork, save/load, free, cancel.
 //!
 //! A `phi3_session` wraps the Rust `Session` in a mutex taken with `try_lock`, so a second
-//! concurrent call gets PHI3_ERR_BUSY instead of undefined behaviour. The cancel token and the
-//! length live outside the lock: `phi3_session_cancel` and `phi3_session_len` work while another
-//! thread is inside a call.
+//! concurrent call gets PHI3_ERR_BUSY instead of undefined behaviour. The cancel token, the
+//! length and the priority live outside the lock: `phi3_session_cancel`, `phi3_session_len` and
+//! `phi3_session_priority` work while another thread is inside a call.
 
 use std::ffi::c_char;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use phi3_core::{CancelToken, Error, ErrorKind, Result, Session, SessionOptions};
@@ -24,6 +24,9 @@ pub struct phi3_session {
     session: Mutex<Session>,
     cancel: CancelToken,
     len: AtomicUsize,
+    /// The session's priority, published for `phi3_session_priority` (changed only by
+    /// `phi3_session_set_priority`, under the lock).
+    priority: AtomicI32,
 }
 
 impl phi3_session {
@@ -31,6 +34,7 @@ impl phi3_session {
         let handle = phi3_session {
             cancel: session.cancel_token(),
             len: AtomicUsize::new(session.len()),
+            priority: AtomicI32::new(session.priority()),
             session: Mutex::new(session),
         };
         Box::into_raw(Box::new(handle))
@@ -75,21 +79,35 @@ pub struct phi3_session_options {
     pub struct_size: u32,
     /// Most tokens the session may hold; 0 means the model's maximum.
     pub max_context: usize,
+    /// Scheduling priority (default 0): when sessions of the model have more forward passes
+    /// queued than one batch takes, higher priority runs first (then arrival order). Only the
+    /// order of waiting work changes, never the results. A struct_size that ends before this
+    /// field means 0.
+    pub priority: i32,
 }
 
 impl Options for phi3_session_options {
     fn fields() -> Vec<(usize, usize)> {
         use std::mem::{offset_of, size_of};
         let field = |start: usize, len: usize| (start, start + len);
-        vec![(0, size_of::<u32>()), field(offset_of!(Self, max_context), size_of::<usize>())]
+        vec![
+            (0, size_of::<u32>()),
+            field(offset_of!(Self, max_context), size_of::<usize>()),
+            field(offset_of!(Self, priority), size_of::<i32>()),
+        ]
     }
 
     fn defaults() -> Self {
-        phi3_session_options { struct_size: std::mem::size_of::<Self>() as u32, max_context: 0 }
+        phi3_session_options {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            max_context: 0,
+            priority: 0,
+        }
     }
 }
 
-/// Fill `*o` with the defaults. NULL is ignored. Thread-safe; cannot fail.
+/// Fill `*o` with the defaults (the model's max context, priority 0). NULL is ignored.
+/// Thread-safe; cannot fail.
 ///
 /// # Safety
 /// `o` is NULL or points to a writable phi3_session_options.
@@ -100,7 +118,8 @@ pub unsafe extern "C" fn phi3_session_options_init(o: *mut phi3_session_options)
 }
 
 /// Create an empty session on `m`; `*out` receives it (free with phi3_session_free). The session
-/// holds a reference to the model. Thread-safe with respect to the model.
+/// holds a reference to the model; it takes KV memory from the model's pool only as tokens are
+/// run, and gives it back when freed, truncated or reset. Thread-safe with respect to the model.
 ///
 /// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `m` or `out`, bad options).
 ///
@@ -118,15 +137,16 @@ pub unsafe extern "C" fn phi3_session_new(
         let o = unsafe { read_options(o, "options") }?;
         let out = arg_out(out, "out")?;
         let max_context = (o.max_context > 0).then_some(o.max_context);
-        let session = m.model.session(SessionOptions { max_context })?;
+        let session = m.model.session(SessionOptions { max_context, priority: o.priority })?;
         // SAFETY: out was checked by arg_out and is writable (contract).
         unsafe { out.write(phi3_session::new(session)) };
         Ok(())
     })
 }
 
-/// Free a session (and its reference to the model). NULL is a no-op. Must not race with any
-/// other call on the same session.
+/// Free a session (and its reference to the model); its KV blocks go back to the model's pool
+/// (those shared with forks stay with them). NULL is a no-op. Must not race with any other call
+/// on the same session.
 ///
 /// # Safety
 /// `s` is NULL or a session from this library not yet freed.
@@ -167,7 +187,9 @@ pub unsafe extern "C" fn phi3_session_append_text(
 /// through phi3_session_logits).
 ///
 /// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL, n = 0), PHI3_ERR_TOKEN_OUT_OF_RANGE (naming the
-/// index), PHI3_ERR_CONTEXT_FULL, PHI3_ERR_CANCELLED, PHI3_ERR_BUSY. Unchanged on error.
+/// index), PHI3_ERR_CONTEXT_FULL, PHI3_ERR_OUT_OF_MEMORY (the model's KV memory is exhausted and
+/// it was loaded without `kv_wait`), PHI3_ERR_CANCELLED (also while waiting for KV memory),
+/// PHI3_ERR_BUSY. Unchanged on error.
 ///
 /// # Safety
 /// `s` NULL or live; `tokens` NULL or `n` readable ids.
@@ -224,7 +246,8 @@ pub unsafe extern "C" fn phi3_session_append_message(
 /// model over pending tokens first. `*out_len` receives the needed count.
 ///
 /// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL session, empty session), PHI3_ERR_BUFFER_TOO_SMALL,
-/// PHI3_ERR_CANCELLED, PHI3_ERR_BUSY.
+/// PHI3_ERR_OUT_OF_MEMORY (KV memory, as for phi3_session_append_tokens), PHI3_ERR_CANCELLED,
+/// PHI3_ERR_BUSY.
 ///
 /// # Safety
 /// `s` NULL or live; `out` NULL or room for `cap` floats; `out_len` NULL or writable.
@@ -298,7 +321,8 @@ pub unsafe extern "C" fn phi3_session_tokens(
     })
 }
 
-/// Keep the first `n_tokens` tokens (free; no data moves).
+/// Keep the first `n_tokens` tokens (cheap; no data moves). Whole KV blocks past them go back to
+/// the model's pool, which wakes passes of other sessions waiting for KV memory (`kv_wait`).
 ///
 /// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL, `n_tokens` > length), PHI3_ERR_BUSY.
 ///
@@ -316,7 +340,7 @@ pub unsafe extern "C" fn phi3_session_truncate(
     })
 }
 
-/// Empty the session (its memory is kept for reuse).
+/// Empty the session; its KV blocks go back to the model's pool (see phi3_session_truncate).
 ///
 /// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL), PHI3_ERR_BUSY.
 ///
@@ -334,9 +358,14 @@ pub unsafe extern "C" fn phi3_session_reset(s: *mut phi3_session) -> phi3_status
     })
 }
 
-/// An independent copy of the session (tokens, KV cache, random state) in `*out`; free both.
+/// An independent copy of the session (tokens, KV cache, priority, random state) in `*out`; free
+/// both. Cheap: the two share the KV blocks (copy-on-write) until one of them writes into a shared
+/// block, which it then copies (at most one block per pass, counted against the KV memory
+/// budget), so a long prompt forked into many conversations is cached once. Later changes to
+/// either do not affect the other.
 ///
-/// Errors: PHI3_ERR_INVALID_ARGUMENT, PHI3_ERR_OUT_OF_MEMORY, PHI3_ERR_BUSY.
+/// Errors: PHI3_ERR_INVALID_ARGUMENT, PHI3_ERR_OUT_OF_MEMORY (not raised today: the fork itself
+/// allocates no KV memory), PHI3_ERR_BUSY.
 ///
 /// # Safety
 /// `s` NULL or live; `out` NULL or writable.
@@ -379,7 +408,9 @@ pub unsafe extern "C" fn phi3_session_save(
 /// Load a session saved from the same model into `*out` (free with phi3_session_free).
 ///
 /// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL, saved from a different model), PHI3_ERR_IO,
-/// PHI3_ERR_MODEL_FORMAT (truncated or corrupted file), PHI3_ERR_UNSUPPORTED (newer version).
+/// PHI3_ERR_MODEL_FORMAT (truncated or corrupted file), PHI3_ERR_UNSUPPORTED (newer version),
+/// PHI3_ERR_OUT_OF_MEMORY (the model's KV memory budget cannot hold the saved cache). The loaded
+/// session has priority 0.
 ///
 /// # Safety
 /// `m` NULL or live; `path` NULL or NUL-terminated; `out` NULL or writable.
@@ -399,4 +430,39 @@ pub unsafe extern "C" fn phi3_session_load(
         unsafe { out.write(phi3_session::new(session)) };
         Ok(())
     })
+}
+
+/// Set the session's scheduling priority (see phi3_session_options.priority) for its later
+/// forward passes. Like every call on a session it needs the session idle: while another thread
+/// is inside a call on it this returns PHI3_ERR_BUSY.
+///
+/// Errors: PHI3_ERR_INVALID_ARGUMENT (NULL `s`), PHI3_ERR_BUSY.
+///
+/// # Safety
+/// `s` NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_session_set_priority(
+    s: *mut phi3_session,
+    priority: i32,
+) -> phi3_status {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let s = unsafe { arg_ref(s, "session") }?;
+        s.with(|session| {
+            session.set_priority(priority);
+            s.priority.store(priority, Ordering::SeqCst);
+            Ok(())
+        })
+    })
+}
+
+/// The session's scheduling priority (0 unless set); 0 for NULL. Answers while another thread
+/// is inside a call on the session. Thread-safe.
+///
+/// # Safety
+/// `s` is NULL or a live session.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_session_priority(s: *const phi3_session) -> i32 {
+    // SAFETY: forwarded contract.
+    guarded(0, || unsafe { arg_ref(s, "session") }.map_or(0, |s| s.priority.load(Ordering::SeqCst)))
 }

@@ -143,6 +143,17 @@ pub struct ModelArgs {
     /// GPTQ) loads as stored.
     #[arg(long, default_value = "native", value_name = "FORMAT", value_parser = parse_weights)]
     pub weights: WeightFormat,
+
+    /// KV-cache memory for all sessions together, e.g. 2GiB, 512MiB, 1.5GB or a byte count
+    /// (default: no limit on the CPU, the free device memory on CUDA). A pass that needs more
+    /// fails with an out-of-memory error, or waits with --kv-wait.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub kv_memory: Option<u64>,
+
+    /// When the KV memory is exhausted, wait for other sessions to free blocks instead of failing
+    /// (useful only with several sessions on different threads, e.g. bench --sessions).
+    #[arg(long)]
+    pub kv_wait: bool,
 }
 
 /// Sampling and stopping flags shared by `generate` and `chat`.
@@ -263,6 +274,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub repeat: u64,
 
+    /// Sessions decoding at the same time, one thread each (continuous batching). With N > 1 each
+    /// session gets its own --prompt-tokens prompt, all N are prefilled at once, then all decode
+    /// --gen-tokens tokens at once; reported: total decode tok/s and the time per output token
+    /// against one session alone at the same context.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub sessions: u64,
+
     /// Use random weights of this type instead of the checkpoint's (only config.json is read).
     #[arg(long, value_name = "DTYPE")]
     pub dummy_weights: Option<WeightType>,
@@ -366,6 +384,46 @@ impl SamplingArgs {
     }
 }
 
+/// A memory size: a number with an optional unit, binary (KiB, MiB, GiB, TiB) or decimal (kB,
+/// MB, GB, TB; B for bytes), case-insensitive; e.g. "2GiB", "512 MiB", "1.5GB", "1000000".
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "\"{s}\": unknown unit \"{}\" (use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB)",
+                unit.trim()
+            ))
+        }
+    };
+    let bytes = match number.parse::<u64>() {
+        Ok(n) => n.checked_mul(scale),
+        Err(_) => match number.parse::<f64>() {
+            Ok(x) if x.is_finite() && x * (scale as f64) < u64::MAX as f64 => {
+                Some((x * scale as f64).round() as u64)
+            }
+            Ok(_) => None,
+            Err(_) => return Err(format!("\"{s}\" is not a size such as 2GiB, 512MiB or 1000000")),
+        },
+    };
+    match bytes {
+        Some(0) => Err(format!("{s} must be more than 0 bytes")),
+        Some(n) => Ok(n),
+        None => Err(format!("{s} is too large")),
+    }
+}
+
 fn parse_weights(s: &str) -> Result<WeightFormat, String> {
     s.parse::<WeightFormat>().map_err(|e| e.to_string())
 }
@@ -466,6 +524,7 @@ mod tests {
             &["phi3", "generate", "--stop", "", "x"],
             &["phi3", "generate", "--raw", "--system", "s", "x"],
             &["phi3", "bench", "--dummy-weights", "int4"],
+            &["phi3", "bench", "--sessions", "0"],
             &["phi3", "info", "--context", "0"],
             &["phi3", "perplexity", "--compare-to", "int3"],
             &["phi3", "perplexity", "--max-tokens", "1"],
@@ -473,5 +532,37 @@ mod tests {
             let e = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod kv_flag_tests {
+    use super::*;
+
+    #[test]
+    fn kv_memory_takes_sizes_with_units() {
+        for (text, bytes) in [
+            ("2GiB", 2u64 << 30),
+            ("512MiB", 512 << 20),
+            ("512 mib", 512 << 20),
+            ("1.5GB", 1_500_000_000),
+            ("64KiB", 64 << 10),
+            ("1000000", 1_000_000),
+            ("4096B", 4096),
+        ] {
+            assert_eq!(parse_bytes(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "0", "0GiB", "2 GiBs", "GiB", "-1", "1e3", "99999999999TiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        let cli =
+            Cli::try_parse_from(["phi3", "generate", "--kv-memory", "2GiB", "--kv-wait", "x"])
+                .unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        assert_eq!((g.model.kv_memory, g.model.kv_wait), (Some(2 << 30), true));
+        assert_eq!(
+            Cli::try_parse_from(["phi3", "info", "--kv-memory", "x"]).unwrap_err().exit_code(),
+            2
+        );
     }
 }

@@ -43,7 +43,11 @@
 //! the projections alone (40 layers x qkv, o, gate_up, down per token) per format with the bytes
 //! read per second. Decode rows show the issue's goals (int4 >= 450 tok/s, int8 >= 250 tok/s on an
 //! H200) in the limit column and "below goal" in the value; a bench row fails only on non-finite
-//! output or an error, never on speed.
+//! output or an error, never on speed. Last, continuous batching (`phi3 bench --sessions N`'s
+//! measurement, native bf16): 32 sessions at 1k context and 64 at 2k decoding 32 tokens each at
+//! once, with the issue's goals (>= 3,000 and >= 3,800 tok/s in total, time per output token at
+//! 32 sessions <= 2x the batch-1 time); their JSON reports go to `<out>/bench-sessions-*.json`,
+//! which scripts/gpu-check hands to bench/compare_hf.py for transformers' figures.
 //!
 //! Greedy continuations must equal HF's exactly; a difference is reported with the logit gap at
 //! the first divergence (a gap near 0 is a near-tie, not necessarily a bug).
@@ -55,8 +59,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use phi3_core::backend::cpu::{CpuAct, CpuBackend};
-use phi3_core::backend::cuda::{quant::DEQUANT_WORKSPACE_BYTES, CudaAct, CudaBackend, CudaWeight};
-use phi3_core::backend::{AttnParams, Backend, KvLayout, SeqSpan};
+use phi3_core::backend::cuda::{
+    quant::DEQUANT_WORKSPACE_BYTES, CudaAct, CudaBackend, CudaKvPool, CudaWeight,
+};
+use phi3_core::backend::{AttnParams, Backend, KvLayout, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS};
 use phi3_core::loader::quant::{Int4Scales, QuantData, QuantizedTensor};
 use phi3_core::loader::{DType, HostTensor};
 use phi3_core::rope::{Rope, RopeBatch, RopeRegime};
@@ -238,6 +244,9 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
                 bench(&args.fixtures, args.ordinal, format, r)
             });
         }
+        r.section("bench phi3-medium sessions", |r| {
+            bench_sessions(&args.fixtures, args.ordinal, &args.out, r)
+        });
     }
 
     let _ = writeln!(r.details, "total {:.1} s", started.elapsed().as_secs_f64());
@@ -319,6 +328,16 @@ fn check_rows(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// `linear`'s `gemv_rows` for a check of `n` rows: all of them when `n` is a decode step's size,
+/// as one sequence's batch would pass it.
+fn gemv_rows(n: usize) -> usize {
+    if n <= GEMV_SPAN {
+        n
+    } else {
+        0
+    }
+}
+
 /// linear: GEMV (one row; `in` a multiple of 8 takes the 16-byte path, others the scalar loop)
 /// and cuBLAS (more rows), every dtype, odd sizes, and a Phi-3-mini lm_head in bf16.
 fn check_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
@@ -343,8 +362,10 @@ fn check_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> 
     for (dt, n, k, m) in shapes {
         let w = tensor("w", dt, vec![m, k], &rng.vec(m * k, 1.0 / (k as f32).sqrt()))?;
         let x = rng.vec(n * k, 1.0);
-        let want = cpu.linear(&cpu_act(n, k, x.clone()), &cpu.upload(&w)?)?.data;
-        let got = gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gpu.upload(&w)?)?)?;
+        let g = gemv_rows(n);
+        let want = cpu.linear(&cpu_act(n, k, x.clone()), &cpu.upload(&w)?, g)?.data;
+        let got =
+            gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gpu.upload(&w)?, g)?)?;
         let tol = if n == 1 || dt == DType::F32 { TOL_F32 } else { TOL_BF16 };
         let path = if n == 1 { "gemv" } else { "gemm" };
         r.err(
@@ -363,14 +384,20 @@ struct AttnCase {
     head_dim: usize,
     rotary_dim: usize,
     window: Option<usize>,
-    /// (pos0, len) of each sequence of the batch, each with its own cache.
+    /// (pos0, len) of each sequence of the batch.
     seqs: &'static [(usize, usize)],
 }
 
-/// rope_store_kv + attention (+ copy_kv): GQA and MHA, partial rotary, sliding windows narrower
-/// and wider than a 128-key tile, caches that already hold tokens, prefill and single-token
-/// decode, head_dim up to 256 and not a multiple of 32, and batches of several sequences (rows
-/// that do not start at 0).
+/// Blocks per slab of the GPU's KV pools in these checks: small, so that a check's pool spans
+/// several slabs and scrambled block ids cross slab boundaries.
+const CHECK_SLAB_BLOCKS: usize = 3;
+
+/// rope_store_kv + attention + copy_kv_blocks over the paged KV pools of both backends (the same
+/// block tables, ids scrambled over several slabs): GQA and MHA, partial rotary, sliding windows
+/// narrower and wider than a 128-key tile, sequences that already hold tokens (positions not
+/// multiples of a block), prefill and single-token decode, head_dim up to 256 and not a multiple
+/// of 32, and batches of several sequences of different lengths in one launch. First the GPU's
+/// pool alone ([`check_kv_pool`]).
 fn check_attention(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
     let case = |n_heads, n_kv_heads, head_dim, rotary_dim, window, seqs| AttnCase {
         n_heads,
@@ -391,10 +418,76 @@ fn check_attention(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<(
         case(4, 2, 256, 256, None, &[(0, 150)]),
         case(8, 2, 64, 32, None, &[(3, 5), (0, 4), (129, 1)]),
         case(4, 2, 72, 72, Some(8), &[(10, 1), (20, 1), (0, 1)]),
+        case(6, 2, 128, 96, Some(40), &[(100, 1), (0, 37), (250, 1), (17, 16), (33, 1)]),
+        case(4, 4, 64, 64, None, &[(15, 1), (16, 1), (31, 2), (1, 200)]),
     ];
-    for c in &cases {
-        attention_case(gpu, rng, r, c)?;
+    gpu.set_kv_slab_blocks(CHECK_SLAB_BLOCKS);
+    let result = check_kv_pool(gpu, rng, r)
+        .and_then(|()| cases.iter().try_for_each(|c| attention_case(gpu, rng, r, c)));
+    gpu.set_kv_slab_blocks(0);
+    result
+}
+
+/// The GPU's KV pool alone (slabs of [`CHECK_SLAB_BLOCKS`] blocks): growth in whole slabs, a short
+/// last slab replaced by a fuller one keeping its blocks, byte accounting, and host round trips
+/// through scrambled tables, where writing part of a block leaves its other tokens as they were.
+fn check_kv_pool(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
+    let layout = KvLayout { n_layers: 3, n_kv_heads: 2, head_dim: 40 };
+    let (row, layers) = (layout.row_len(), layout.n_layers);
+    let bytes_before = gpu.stats().kv_bytes;
+    let mut pool = gpu.new_kv_pool(&layout)?;
+    let first = gpu.grow_kv_pool(&mut pool, 4, 4)?; // a full slab and a short one
+    let (table_a, n_a) = ([3u32, 0, 2], 40); // block 3: the short slab
+    let data_a = bf16_round(&rng.vec(2 * layers * n_a * row, 1.0));
+    gpu.kv_from_host(&mut pool, &table_a, n_a, &data_a)?;
+    let second = gpu.grow_kv_pool(&mut pool, 5, 100)?; // whole slabs: 6
+    r.flag(
+        "kv pool grows in whole slabs",
+        format!("{first} then {second} blocks"),
+        first == 4 && second == 6,
+    );
+    let held = gpu.stats().kv_bytes - bytes_before;
+    let want_bytes = 6 * 2 * layout.block_len() as u64;
+    r.flag("kv pool bytes", format!("{held}, expected {want_bytes}"), held == want_bytes);
+    let back = gpu.kv_to_host(&pool, &table_a, n_a)?;
+    r.flag(
+        "kv pool keeps blocks as it grows",
+        bits_differ(&back, &data_a),
+        same_bits(&back, &data_a),
+    );
+    // 20 tokens in [5, 1], then the first 7 again: tokens 7..20 keep the first write.
+    let (table_b, n_b, n_c) = ([5u32, 1], 20, 7);
+    let data_b = bf16_round(&rng.vec(2 * layers * n_b * row, 1.0));
+    let data_c = bf16_round(&rng.vec(2 * layers * n_c * row, 1.0));
+    gpu.kv_from_host(&mut pool, &table_b, n_b, &data_b)?;
+    gpu.kv_from_host(&mut pool, &table_b[..1], n_c, &data_c)?;
+    let mut want = data_b.clone();
+    for part in 0..2 * layers {
+        let (dst, src) = (part * n_b * row, part * n_c * row);
+        want[dst..dst + n_c * row].copy_from_slice(&data_c[src..src + n_c * row]);
     }
+    let got = gpu.kv_to_host(&pool, &table_b, n_b)?;
+    r.flag("kv_from_host of part of a block", bits_differ(&got, &want), same_bits(&got, &want));
+    let got = gpu.kv_to_host(&pool, &table_a, n_a)?;
+    r.flag(
+        "kv_from_host leaves other blocks",
+        bits_differ(&got, &data_a),
+        same_bits(&got, &data_a),
+    );
+    drop(pool);
+    let after = gpu.stats().kv_bytes;
+    r.flag(
+        "kv pool bytes after drop",
+        format!("{after}, expected {bytes_before}"),
+        after == bytes_before,
+    );
+    let budget = gpu.default_kv_budget();
+    let free = gpu.stats().free_memory;
+    r.flag(
+        "default kv budget below free memory",
+        format!("{budget:?} of {free:?} bytes free"),
+        matches!((budget, free), (Some(b), Some(f)) if b < f),
+    );
     Ok(())
 }
 
@@ -417,48 +510,61 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
         rotary_dim: c.rotary_dim,
         scaling: phi3_core::config::RopeScaling::None,
     });
+    // Block tables: a shuffled permutation of the pool's ids, with 3 spare blocks for the copies.
+    let needed: usize = c.seqs.iter().map(|&(p, l)| (p + l).div_ceil(KV_BLOCK_TOKENS)).sum();
+    let n_blocks = needed + 3;
+    let mut ids: Vec<u32> = (0..n_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
+    }
+    let (mut cpool, mut gpool) = (cpu.new_kv_pool(&layout)?, gpu.new_kv_pool(&layout)?);
+    for (name, got) in [
+        ("cpu", cpu.grow_kv_pool(&mut cpool, n_blocks, n_blocks)?),
+        ("gpu", gpu.grow_kv_pool(&mut gpool, n_blocks, n_blocks)?),
+    ] {
+        if got != n_blocks {
+            bail!("{name} KV pool grew to {got} blocks, asked for exactly {n_blocks}");
+        }
+    }
+    let mut tables: Vec<Vec<u32>> = Vec::new();
+    let mut next = 0;
     let mut batch = RopeBatch::new(rope.half());
-    let (mut ckvs, mut gkvs, mut spans) = (Vec::new(), Vec::new(), Vec::new());
+    let mut spans = Vec::new();
     let mut rows = 0;
     for &(pos0, len) in c.seqs {
-        // Existing cache contents, exactly representable in bf16 so both caches start equal.
+        let n = (pos0 + len).div_ceil(KV_BLOCK_TOKENS);
+        let table = ids[next..next + n].to_vec();
+        next += n;
+        // Existing contents, exactly representable in bf16 so both pools start equal.
         let old = bf16_round(&rng.vec(2 * 2 * pos0 * kv_dim, 1.0));
-        let mut ckv = cpu.alloc_kv(&layout)?;
-        cpu.kv_from_host(&mut ckv, pos0, &old)?;
-        cpu.reserve_kv(&mut ckv, pos0 + len)?;
-        let mut gkv = gpu.alloc_kv(&layout)?;
-        gpu.kv_from_host(&mut gkv, pos0, &old)?;
-        gpu.reserve_kv(&mut gkv, pos0 + len)?;
-        ckvs.push(ckv);
-        gkvs.push(gkv);
+        cpu.kv_from_host(&mut cpool, &table, pos0, &old)?;
+        gpu.kv_from_host(&mut gpool, &table, pos0, &old)?;
+        tables.push(table);
         batch.push_positions(rope.tables(RopeRegime::Short), pos0..pos0 + len);
         spans.push(SeqSpan { row: rows, len, pos0 });
         rows += len;
     }
+    let spare = ids[next..].to_vec();
+    let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+    let (cbatch, gbatch) = (cpu.kv_batch(&spans, &table_refs)?, gpu.kv_batch(&spans, &table_refs)?);
     let cols = (nh + 2 * nkv) * hd;
     let qkv = rng.vec(rows * cols, 1.0);
-    let cq = {
-        let mut kvs: Vec<_> = ckvs.iter_mut().collect();
-        cpu.rope_store_kv(
-            &cpu_act(rows, cols, qkv.clone()),
-            &spans,
-            &batch,
-            &mut kvs,
-            layer,
-            &params,
-        )?
-    };
-    let gq = {
-        let mut kvs: Vec<_> = gkvs.iter_mut().collect();
-        gpu.rope_store_kv(
-            &gpu.act_from_host(rows, cols, &qkv)?,
-            &spans,
-            &batch,
-            &mut kvs,
-            layer,
-            &params,
-        )?
-    };
+    let cq = cpu.rope_store_kv(
+        &cpu_act(rows, cols, qkv.clone()),
+        &cbatch,
+        &batch,
+        &mut cpool,
+        layer,
+        &params,
+    )?;
+    let gq = gpu.rope_store_kv(
+        &gpu.act_from_host(rows, cols, &qkv)?,
+        &gbatch,
+        &batch,
+        &mut gpool,
+        layer,
+        &params,
+    )?;
     let seqs_tag: Vec<String> = c.seqs.iter().map(|(p, l)| format!("{p}+{l}")).collect();
     let tag = format!(
         "h{nh}/kv{nkv} hd{hd} rot{} win{} pos{}",
@@ -473,9 +579,11 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
     // old positions only (which must be unchanged).
     let (mut gk_all, mut ck_all, mut g_old, mut c_old) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut gpu_seqs = Vec::new(); // each sequence's GPU cache, for the kernel-alone check
     for (s, &(pos0, len)) in c.seqs.iter().enumerate() {
         let n = pos0 + len;
-        let (ch, gh) = (cpu.kv_to_host(&ckvs[s], n)?, gpu.kv_to_host(&gkvs[s], n)?);
+        let ch = cpu.kv_to_host(&cpool, &tables[s], n)?;
+        let gh = gpu.kv_to_host(&gpool, &tables[s], n)?;
         let block = 2 * n * kv_dim;
         ck_all.extend(bf16_round(&ch[layer * block..(layer + 1) * block]));
         gk_all.extend_from_slice(&gh[layer * block..(layer + 1) * block]);
@@ -486,45 +594,61 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
                 g_old.extend_from_slice(&gh[at..at + pos0 * kv_dim]);
             }
         }
+        gpu_seqs.push(gh);
     }
     r.err(&format!("rope k,v cache {tag}"), rel_l2(&gk_all, &ck_all), TOL_KV);
     if !c_old.is_empty() {
         r.err(&format!("other layer untouched {tag}"), rel_l2(&g_old, &c_old), 0.0);
     }
 
-    // Attention end to end (GPU: bf16 cache; CPU: f32 cache).
-    let got = {
-        let kvs: Vec<_> = gkvs.iter().collect();
-        gpu.to_host(&gpu.attention(&gq, &spans, &kvs, layer, &params)?)?
-    };
-    let want = {
-        let kvs: Vec<_> = ckvs.iter().collect();
-        cpu.attention(&cq, &spans, &kvs, layer, &params)?.data
-    };
+    // Attention end to end (GPU: bf16 pool; CPU: f32 pool).
+    let got = gpu.to_host(&gpu.attention(&gq, &gbatch, &gpool, layer, &params)?)?;
+    let want = cpu.attention(&cq, &cbatch, &cpool, layer, &params)?.data;
     r.err(&format!("attention {tag}"), rel_l2(&got, &want), TOL_BF16);
-    // The attention kernel alone: the CPU over the GPU's own q and (bf16) cache.
-    let mut same_kvs = Vec::new();
+    // The attention kernel alone: the CPU over the GPU's own q and (bf16) cache, same tables.
+    let mut same = cpu.new_kv_pool(&layout)?;
+    cpu.grow_kv_pool(&mut same, n_blocks, n_blocks)?;
     for (s, &(pos0, len)) in c.seqs.iter().enumerate() {
-        let mut k = cpu.alloc_kv(&layout)?;
-        cpu.kv_from_host(&mut k, pos0 + len, &gpu.kv_to_host(&gkvs[s], pos0 + len)?)?;
-        same_kvs.push(k);
+        cpu.kv_from_host(&mut same, &tables[s], pos0 + len, &gpu_seqs[s])?;
     }
-    let want_same = {
-        let kvs: Vec<_> = same_kvs.iter().collect();
-        cpu.attention(&cpu_act(rows, nh * hd, gq_host), &spans, &kvs, layer, &params)?.data
-    };
+    let want_same =
+        cpu.attention(&cpu_act(rows, nh * hd, gq_host), &cbatch, &same, layer, &params)?.data;
     r.err(&format!("attention kernel (same inputs) {tag}"), rel_l2(&got, &want_same), TOL_F32);
 
-    // fork (copy_kv) keeps the cache
-    let (pos0, len) = c.seqs[0];
-    let fork = gpu.copy_kv(&gkvs[0], pos0 + len)?;
-    let want = gpu.kv_to_host(&gkvs[0], pos0 + len)?;
-    let got = gpu.kv_to_host(&fork, pos0 + len)?;
-    // Bit for bit, poison included (NaN != NaN would fail a numeric comparison).
-    let differ = got.len().abs_diff(want.len())
-        + got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    r.flag(&format!("copy_kv {tag}"), format!("{differ} values differ"), differ == 0);
+    // copy_kv_blocks: the first sequence's blocks to spares in one launch, then a chain (a
+    // destination that a later pair reads), which the GPU runs pair by pair in order.
+    let src = &tables[0];
+    let mut pairs: Vec<(u32, u32)> = src.iter().zip(&spare).map(|(&s, &d)| (s, d)).collect();
+    // Whole blocks, as the host sees them (every token).
+    fn whole(gpu: &CudaBackend, pool: &CudaKvPool, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(gpu.kv_to_host(pool, ids, ids.len() * KV_BLOCK_TOKENS)?)
+    }
+    let want = whole(gpu, &gpool, &src[..pairs.len()])?;
+    gpu.copy_kv_blocks(&mut gpool, &pairs)?;
+    let got = whole(gpu, &gpool, &spare[..pairs.len()])?;
+    r.flag(&format!("copy_kv_blocks {tag}"), bits_differ(&got, &want), same_bits(&got, &want));
+    if spare.len() >= 2 && src.len() >= 2 {
+        // spare[1] <- src[1], then spare[0] <- spare[1]: spare[0] ends as src[1].
+        pairs = vec![(src[1], spare[1]), (spare[1], spare[0])];
+        gpu.copy_kv_blocks(&mut gpool, &pairs)?;
+        let want = whole(gpu, &gpool, &src[1..2])?;
+        let got = whole(gpu, &gpool, &spare[..1])?;
+        let ok = same_bits(&got, &want);
+        r.flag(&format!("copy_kv_blocks chained {tag}"), bits_differ(&got, &want), ok);
+    }
     Ok(())
+}
+
+/// Whether `a` and `b` hold the same f32 bit patterns (poison NaN included: NaN != NaN would
+/// fail a numeric comparison).
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+fn bits_differ(a: &[f32], b: &[f32]) -> String {
+    let n = a.len().abs_diff(b.len())
+        + a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    format!("{n} values differ")
 }
 
 /// Dummy weights: device values equal the Rust twin of the hash.
@@ -644,31 +768,7 @@ fn model_check(dir: &Path, name: &str, ordinal: usize, r: &mut Report) -> Result
 /// Load Phi-3-medium-128k shapes with dummy bf16 weights on the device (projections in `format`),
 /// prefill 512 tokens and decode 32.
 fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) -> Result<()> {
-    let config = fixtures.join("configs/Phi-3-medium-128k-instruct.config.json");
-    let dir: PathBuf = std::env::temp_dir().join(format!("phi3-gpu-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::copy(&config, dir.join("config.json"))
-        .with_context(|| config.display().to_string())?;
-    let options = LoadOptions {
-        device: Device::Cuda(ordinal),
-        dummy_weights: Some(DummyWeights { dtype: DType::BF16, seed: 0 }),
-        weights: format,
-        ..Default::default()
-    };
-    let started = Instant::now();
-    let model = Model::load(&dir, &options);
-    let _ = std::fs::remove_dir_all(&dir);
-    let model = model?;
-    if model.weight_format() != format {
-        bail!("asked for {format} dummy weights, got {}", model.weight_format());
-    }
-    let load_s = started.elapsed().as_secs_f64();
-    // Warm-up (cuBLAS heuristics, first launches, allocator pool) so the timings below are steady.
-    {
-        let mut w = model.session(SessionOptions::default())?;
-        w.append_tokens(&[3, 4, 5, 6, 7, 8, 9, 10])?;
-        w.append_tokens(&[11])?;
-    }
+    let (model, load_s) = load_medium(fixtures, ordinal, format, false)?;
     let mut s = model.session(SessionOptions::default())?;
     let prompt: Vec<u32> = (0..512).map(|i| 3 + (i % 997) as u32).collect();
     let t = Instant::now();
@@ -715,6 +815,123 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     r.flag(&format!("bench {tag}: weights GiB"), format!("{:.2}", gib(stats.weight_bytes)), true);
     if !finite {
         bail!("non-finite logits from dummy weights");
+    }
+    Ok(())
+}
+
+/// Phi-3-medium-128k shapes (the committed config.json alone) with dummy bf16 weights on the
+/// device, projections in `format`, warmed up; also the load time in seconds. With `tokenizer`,
+/// the demo model's tokenizer stands in for Phi-3's (not in the repository), so sessions can
+/// decode through `generate`, whose steps the scheduler waits for to fill a batch.
+fn load_medium(
+    fixtures: &Path,
+    ordinal: usize,
+    format: WeightFormat,
+    tokenizer: bool,
+) -> Result<(Model, f64)> {
+    let config = fixtures.join("configs/Phi-3-medium-128k-instruct.config.json");
+    let dir: PathBuf = std::env::temp_dir().join(format!("phi3-gpu-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&config, dir.join("config.json"))
+        .with_context(|| config.display().to_string())?;
+    if tokenizer {
+        let (tokenizer_json, tokenizer_config) = phi3_core::demo::demo_tokenizer_files();
+        std::fs::write(dir.join("tokenizer.json"), tokenizer_json)?;
+        std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config)?;
+    }
+    let options = LoadOptions {
+        device: Device::Cuda(ordinal),
+        dummy_weights: Some(DummyWeights { dtype: DType::BF16, seed: 0 }),
+        weights: format,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let model = Model::load(&dir, &options);
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = model?;
+    if model.weight_format() != format {
+        bail!("asked for {format} dummy weights, got {}", model.weight_format());
+    }
+    let load_s = started.elapsed().as_secs_f64();
+    // Warm-up (cuBLAS heuristics, first launches, allocator pool) so the timings below are steady.
+    {
+        let mut w = model.session(SessionOptions::default())?;
+        w.append_tokens(&[3, 4, 5, 6, 7, 8, 9, 10])?;
+        w.append_tokens(&[11])?;
+    }
+    Ok((model, load_s))
+}
+
+/// The issue's continuous-batching shapes: (sessions, context), the goal for the total decode
+/// tok/s and for the time per output token over the batch-1 time (Phi-3-medium bf16, H200).
+const SESSION_SHAPES: [(usize, usize, f64, Option<f64>); 2] =
+    [(32, 1024, 3000.0, Some(2.0)), (64, 2048, 3800.0, None)];
+/// Tokens each session decodes in the sessions benchmark.
+const SESSION_GEN: usize = 32;
+
+/// Native bf16 Phi-3-medium, N sessions of `context` prompt tokens decoding 32 tokens at once
+/// through `generate` (`phi3 bench --sessions N`'s measurement) for each of [`SESSION_SHAPES`];
+/// each report also goes to `<out>/bench-sessions-NxCONTEXT.json` for bench/compare_hf.py.
+fn bench_sessions(fixtures: &Path, ordinal: usize, out: &Path, r: &mut Report) -> Result<()> {
+    let (model, load_s) = load_medium(fixtures, ordinal, WeightFormat::Native, true)?;
+    std::fs::create_dir_all(out)?;
+    for (sessions, context, goal, ratio_goal) in SESSION_SHAPES {
+        let tag = format!("bench medium {sessions} sessions x {context}");
+        r.section(&tag, |r| {
+            let never = phi3_core::CancelToken::new();
+            let run = crate::bench::sessions_run(&model, sessions, context, SESSION_GEN, &never)?
+                .ok_or_else(|| anyhow!("stopped"))?;
+            let report = crate::bench::SessionsReport::new(
+                &model,
+                "Phi-3-medium-128k-instruct (dummy bf16)",
+                load_s,
+                run,
+            );
+            let json_path = out.join(format!("bench-sessions-{sessions}x{context}.json"));
+            std::fs::write(&json_path, report.json().to_string())?;
+            let summary = format!(
+                "{tag}: prefill all {:.2} s ({:.0} tok/s), decode {:.1} tok/s total, {:.2} ms/token \
+                 vs {:.2} alone (x{:.2}), mean batch prefill {:.1} decode {:.1} -> {}",
+                run.prefill_all_s,
+                run.prefill_tokens_per_s(),
+                run.decode_tokens_per_s(),
+                run.tpot_s * 1000.0,
+                run.single_tpot_s() * 1000.0,
+                run.tpot_ratio(),
+                run.prefill_mean_batch,
+                run.decode_mean_batch,
+                json_path.display()
+            );
+            println!("{summary}");
+            let _ = writeln!(r.details, "{summary}");
+            let ok = |x: f64| x.is_finite() && x > 0.0;
+            let tok_s = run.decode_tokens_per_s();
+            r.push(Row {
+                check: format!("{tag}: decode tok/s (total)"),
+                value: format!("{tok_s:.1}{}", if tok_s < goal { " below goal" } else { "" }),
+                limit: format!("goal >= {goal:.0} (H200)"),
+                ok: ok(tok_s),
+            });
+            let ratio = run.tpot_ratio();
+            let over = ratio_goal.is_some_and(|g| ratio > g);
+            r.push(Row {
+                check: format!("{tag}: ms/token vs 1 session"),
+                value: format!(
+                    "{:.2} / {:.2} = x{ratio:.2}{}",
+                    run.tpot_s * 1000.0,
+                    run.single_tpot_s() * 1000.0,
+                    if over { " over goal" } else { "" }
+                ),
+                limit: ratio_goal.map_or("-".into(), |g| format!("goal <= x{g:.0} (H200)")),
+                ok: ok(ratio),
+            });
+            r.flag(
+                &format!("{tag}: prefill all s"),
+                format!("{:.2}", run.prefill_all_s),
+                ok(run.prefill_all_s),
+            );
+            Ok(())
+        });
     }
     Ok(())
 }
@@ -791,8 +1008,9 @@ fn check_quant_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Resul
                 }
                 let cw = cpu.upload_quantized(q)?;
                 let x = rng.vec(n * k, 1.0);
-                let want = cpu.linear(&cpu_act(n, k, x.clone()), &cw)?.data;
-                let got = gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gw)?)?;
+                let g = gemv_rows(n);
+                let want = cpu.linear(&cpu_act(n, k, x.clone()), &cw, g)?.data;
+                let got = gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gw, g)?)?;
                 let (path, tol) = if n == 1 { ("gemv", TOL_QGEMV) } else { ("gemm", TOL_BF16) };
                 r.err(
                     &format!("qlinear/{path} {tag} [{n},{k}]x[{m},{k}]"),
@@ -942,11 +1160,12 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
                 weights.push(w);
             }
         }
-        let pass = |x: &[CudaAct]| -> Result<f64> {
+        // `rows`: the rows of every input in `x` (1 for a decode step, 512 for a prefill chunk).
+        let pass = |x: &[CudaAct], rows: usize| -> Result<f64> {
             let t = Instant::now();
             let mut last = None;
             for (j, w) in weights.iter().enumerate() {
-                last = Some(gpu.linear(&x[j % 4], w)?);
+                last = Some(gpu.linear(&x[j % 4], w, gemv_rows(rows))?);
             }
             gpu.synchronize()?;
             let secs = t.elapsed().as_secs_f64();
@@ -957,15 +1176,15 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
             }
             Ok(secs)
         };
-        pass(&x1)?; // warm-up (first launches, allocator pool)
+        pass(&x1, 1)?; // warm-up (first launches, allocator pool)
         let reps = 10;
         let mut decode_s = 0.0;
         for _ in 0..reps {
-            decode_s += pass(&x1)?;
+            decode_s += pass(&x1, 1)?;
         }
         decode_s /= reps as f64;
-        pass(&x512)?; // warm-up (cuBLAS heuristics, workspace)
-        let prefill_s = pass(&x512)?;
+        pass(&x512, 512)?; // warm-up (cuBLAS heuristics, workspace)
+        let prefill_s = pass(&x512, 512)?;
         let gbs = bytes as f64 / decode_s / 1e9;
         let tag = if format.is_quantized() { format.to_string() } else { "bf16".into() };
         let summary = format!(

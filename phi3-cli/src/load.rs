@@ -27,6 +27,8 @@ pub fn load_model(args: &ModelArgs, dummy: Option<DummyWeights>) -> Result<Loade
         max_context: args.max_context.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         dummy_weights: dummy,
         weights: args.weights,
+        kv_memory: args.kv_memory,
+        kv_wait: args.kv_wait,
         ..Default::default()
     };
     let Some(spec) = &args.model else {

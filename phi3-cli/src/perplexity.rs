@@ -200,6 +200,8 @@ fn with_weights(args: &ModelArgs, weights: WeightFormat) -> ModelArgs {
         device: args.device,
         max_context: args.max_context,
         weights,
+        kv_memory: args.kv_memory,
+        kv_wait: args.kv_wait,
     }
 }
 

@@ -228,6 +228,68 @@ fn bench_dummy_weights_need_only_the_config() {
     assert!(line.contains("safetensors"), "{line}");
 }
 
+/// The figures of `bench --sessions` that must be positive and finite.
+const SESSIONS_FIGURES: [&str; 11] = [
+    "prefill_s",
+    "prefill_tokens_per_s",
+    "decode_s",
+    "decode_tokens_per_s",
+    "tpot_ms",
+    "single_prefill_s",
+    "single_prefill_tokens_per_s",
+    "single_decode_s",
+    "single_decode_tokens_per_s",
+    "single_tpot_ms",
+    "tpot_ratio",
+];
+
+#[test]
+fn bench_sessions_reports_total_and_per_session_speed() {
+    // The demo model decodes through `generate`; a fixture without a tokenizer through
+    // one-token `append_tokens` steps.
+    let fixture_model = fixture("mha-f32-tied");
+    for (model, api) in [(None, "generate"), (Some(fixture_model.as_str()), "append_tokens")] {
+        let mut args = vec![
+            "bench",
+            "--sessions",
+            "3",
+            "--prompt-tokens",
+            "12",
+            "--gen-tokens",
+            "4",
+            "--json",
+        ];
+        if let Some(m) = model {
+            args.extend(["--model", m]);
+        }
+        let json = bench_json(&args);
+        assert_eq!(json["sessions"], 3, "{json}");
+        assert_eq!(json["decode_api"], api, "{json}");
+        assert_eq!(json["prompt_tokens"], 12);
+        assert_eq!(json["gen_tokens"], 4);
+        assert_eq!(json["generated_tokens"], 12, "3 sessions x 4 tokens: {json}");
+        for key in SESSIONS_FIGURES {
+            let x = json[key].as_f64().unwrap_or_else(|| panic!("{key} missing from {json}"));
+            assert!(x.is_finite() && x > 0.0, "{key} = {x}: {json}");
+        }
+        // Sequences per forward pass: at least one, at most the 3 sessions.
+        for key in ["prefill_mean_batch", "decode_mean_batch"] {
+            let x = json[key].as_f64().unwrap_or_else(|| panic!("{key} missing from {json}"));
+            assert!((1.0..=3.0).contains(&x), "{key} = {x}: {json}");
+        }
+    }
+    let out = phi3(&["bench", "--sessions", "3", "--prompt-tokens", "12", "--gen-tokens", "4"]);
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for header in ["sessions", "decode tok/s (total)", "ms/token (1 session)", "ratio", "batch"] {
+        assert!(lines[0].contains(header), "{header} missing: {stdout}");
+    }
+    let line = assert_error(&phi3(&["bench", "--sessions", "2", "--gen-tokens", "0"]), 1);
+    assert!(line.contains("--gen-tokens"), "{line}");
+}
+
 #[test]
 fn bench_longer_than_the_context_is_an_error() {
     let out = phi3(&[

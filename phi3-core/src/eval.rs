@@ -265,7 +265,7 @@ fn walk(
     let vocab = models[0].config().vocab_size;
     let mut sessions = models
         .iter()
-        .map(|m| m.session(SessionOptions { max_context: Some(window) }))
+        .map(|m| m.session(SessionOptions { max_context: Some(window), ..Default::default() }))
         .collect::<Result<Vec<Session>>>()?;
     let total = tokens.chunks(window).map(|w| w.len() - 1).sum::<usize>();
     let mut walked = Walked { scored: 0, windows: 0, seconds: vec![0.0; models.len()] };

@@ -7,33 +7,53 @@
 //! Residual adds are fused into the following RMSNorm (`Backend::rms_norm`). Only the last row
 //! of each sequence goes through the final norm and lm_head.
 //!
-//! A batch holds several sequences, each appending tokens to its own KV cache in a given
-//! LongRoPE regime (the regime of the sequence's final length, chosen by the session, which
-//! recomputes a cache whose regime changes: see `kv_cache.rs`).
+//! A batch holds several sequences (the scheduler's, `scheduler.rs`), each appending tokens to
+//! its own KV cache in a given LongRoPE regime (the regime of the sequence's final length, chosen
+//! by the session, which recomputes a cache whose regime changes: see `kv_cache.rs`). Rows are
+//! ordered so that sequences adding at most `GEMV_SPAN` tokens (decode steps) come first: see
+//! `Backend::linear`, which computes them one row at a time.
 
-use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan};
+use std::sync::Mutex;
+
+use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan, GEMV_SPAN};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::SeqKv;
+use crate::kv_pool::KvPool;
 use crate::loader::{LayerWeights, ModelWeights, TensorRole, WeightFormat, WeightSource};
 use crate::model::{LoadProgress, ProgressFn};
 use crate::rope::{Rope, RopeBatch, RopeRegime};
+use crate::scheduler::Scheduler;
 
-/// A backend with a model's weights on it.
+/// A backend with a model's weights on it, its KV pool and the scheduler that batches its
+/// sessions' passes.
 pub(crate) struct Engine<B: Backend> {
     pub(crate) backend: B,
     pub(crate) weights: ModelWeights<B::Weight>,
     pub(crate) rope: Rope,
     pub(crate) attn: AttnParams,
-    pub(crate) kv_layout: KvLayout,
+    /// Every session's KV blocks. Locked by a forward pass for its whole duration (only the
+    /// scheduler's leader runs one) and briefly by forks, truncations and session drops.
+    pub(crate) pool: Mutex<KvPool<B>>,
+    pub(crate) scheduler: Scheduler,
     eps: f32,
     vocab_size: usize,
 }
 
+/// How a model's KV memory is limited.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct KvPolicy {
+    /// Bytes the pool may grow to; `None`: the backend's default.
+    pub(crate) budget: Option<u64>,
+    /// When the pool is exhausted, wait for blocks instead of failing.
+    pub(crate) wait: bool,
+}
+
 /// One sequence's part of a forward: new tokens appended to its cache.
-pub(crate) struct SeqInput<'a, B: Backend> {
+pub(crate) struct SeqInput<'a> {
     pub(crate) tokens: &'a [u32],
-    pub(crate) kv: &'a mut KvCache<B>,
+    /// Its blocks already cover the new positions (`KvPool::reserve`).
+    pub(crate) kv: &'a mut SeqKv,
     /// Rope regime of every position of this sequence in this pass.
     pub(crate) regime: RopeRegime,
 }
@@ -48,6 +68,7 @@ impl<B: Backend> Engine<B> {
         weights: &ModelWeights<WeightSource>,
         format: WeightFormat,
         progress: Option<&ProgressFn>,
+        kv: KvPolicy,
     ) -> Result<Self> {
         let (mut tensors, mut bytes) = (0, 0u64);
         let _ = weights.try_map(|t| {
@@ -76,67 +97,81 @@ impl<B: Backend> Engine<B> {
             report.tensor_done(source.name(), source.file_bytes());
             Ok(w)
         })?;
-        Ok(Self::with_weights(backend, config, weights))
+        Self::with_weights(backend, config, weights, kv)
     }
 
-    /// An engine over weights already on `backend` (e.g. generated there).
+    /// An engine over weights already on `backend` (e.g. generated there), with an empty KV
+    /// pool limited by `kv`.
     pub(crate) fn with_weights(
         backend: B,
         config: &ModelConfig,
         weights: ModelWeights<B::Weight>,
-    ) -> Self {
-        Engine {
+        kv: KvPolicy,
+    ) -> Result<Self> {
+        let kv_layout = KvLayout {
+            n_layers: config.num_hidden_layers,
+            n_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        let budget = kv.budget.or_else(|| backend.default_kv_budget());
+        let pool = KvPool::new(&backend, &kv_layout, budget)?;
+        Ok(Engine {
+            pool: Mutex::new(pool),
+            scheduler: Scheduler::new(kv.wait),
             backend,
             weights,
             rope: Rope::new(&config.rope),
             attn: AttnParams::from_config(config),
-            kv_layout: KvLayout {
-                n_layers: config.num_hidden_layers,
-                n_kv_heads: config.num_key_value_heads,
-                head_dim: config.head_dim,
-            },
             eps: config.rms_norm_eps as f32,
             vocab_size: config.vocab_size,
-        }
+        })
     }
 
-    /// A new, empty KV cache for one sequence.
-    pub(crate) fn new_kv(&self) -> Result<KvCache<B>> {
-        KvCache::new(&self.backend, &self.kv_layout)
-    }
-
-    /// Run `seqs` (each non-empty, ids already range-checked) and return each sequence's
-    /// last-position logits `[vocab]`. Caches grow only when the whole pass succeeds; on error
-    /// their lengths are unchanged.
-    pub(crate) fn forward(&self, seqs: &mut [SeqInput<'_, B>]) -> Result<Vec<Vec<f32>>> {
+    /// Run `seqs` (each non-empty, ids already range-checked, blocks reserved in `pool`) and
+    /// return each sequence's last-position logits `[vocab]`, in the order of `seqs`. Caches
+    /// grow only when the whole pass succeeds; on error their lengths are unchanged.
+    pub(crate) fn forward(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        pool: &mut KvPool<B>,
+    ) -> Result<Vec<Vec<f32>>> {
         let be = &self.backend;
+        // Decode steps first (stable, so the batch order is otherwise the scheduler's).
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].tokens.len() > GEMV_SPAN);
+        let gemv_rows: usize =
+            seqs.iter().map(|s| s.tokens.len()).filter(|&n| n <= GEMV_SPAN).sum();
         let mut spans = Vec::with_capacity(seqs.len());
         let mut tokens = Vec::new();
         let mut rope = RopeBatch::new(self.rope.half());
-        for seq in seqs.iter_mut() {
+        for &i in &order {
+            let seq = &mut seqs[i];
             let pos0 = seq.kv.len();
             let new_len = pos0 + seq.tokens.len();
-            let regime = seq.regime;
-            seq.kv.prepare(regime)?;
-            be.reserve_kv(&mut seq.kv.storage, new_len)?;
+            seq.kv.prepare(seq.regime)?;
+            if seq.kv.blocks.len() < KvPool::<B>::blocks_for(new_len) {
+                return Err(Error::internal("forward: KV blocks were not reserved"));
+            }
             spans.push(SeqSpan { row: tokens.len(), len: seq.tokens.len(), pos0 });
-            rope.push_positions(self.rope.tables(regime), pos0..new_len);
+            rope.push_positions(self.rope.tables(seq.regime), pos0..new_len);
             tokens.extend_from_slice(seq.tokens);
         }
+        let tables: Vec<&[u32]> = order.iter().map(|&i| &seqs[i].kv.blocks[..]).collect();
+        let batch = be.kv_batch(&spans, &tables)?;
 
         let w = &self.weights;
-        let ctx = LayerCtx { spans: &spans, rope: &rope, attn: &self.attn, eps: self.eps };
+        let ctx =
+            LayerCtx { batch: &batch, gemv_rows, rope: &rope, attn: &self.attn, eps: self.eps };
         let mut residual = be.embed(&w.embed_tokens, &tokens)?; // [n, hidden]
         let mut mlp_out: Option<B::Act> = None; // [n, hidden], previous layer's MLP output
         for (layer, lw) in w.layers.iter().enumerate() {
-            let mut kvs: Vec<&mut B::Kv> = seqs.iter_mut().map(|s| &mut s.kv.storage).collect();
             let out = decoder_layer(
                 be,
                 lw,
                 layer,
                 &mut residual,
                 mlp_out.as_ref(),
-                &mut kvs,
+                &mut pool.storage,
                 &ctx,
                 &mut |_, _| Ok(()),
             )?;
@@ -147,12 +182,15 @@ impl<B: Backend> Engine<B> {
         let mut last = be.gather_rows(&residual, &last_rows)?;
         let last_mlp = mlp_out.map(|m| be.gather_rows(&m, &last_rows)).transpose()?;
         let x = be.rms_norm(&mut last, last_mlp.as_ref(), &w.norm, self.eps)?;
-        let logits = be.to_host(&be.linear(&x, w.output_matrix())?)?; // [n_seqs, vocab]
+        // One row per sequence: every row is a "decode row", as in a pass of one sequence.
+        let logits = be.to_host(&be.linear(&x, w.output_matrix(), spans.len())?)?; // [n, vocab]
 
-        for (seq, span) in seqs.iter_mut().zip(&spans) {
-            seq.kv.set_len(span.pos0 + span.len);
+        let mut out = vec![Vec::new(); seqs.len()];
+        for ((&i, span), row) in order.iter().zip(&spans).zip(logits.chunks(self.vocab_size)) {
+            seqs[i].kv.set_len(span.pos0 + span.len);
+            out[i] = row.to_vec();
         }
-        Ok(logits.chunks(self.vocab_size).map(<[f32]>::to_vec).collect())
+        Ok(out)
     }
 }
 
@@ -170,8 +208,11 @@ pub(crate) enum ProjInput {
 }
 
 /// What every layer of one pass shares: the batch, its rotary tables and the model geometry.
-pub(crate) struct LayerCtx<'a> {
-    pub(crate) spans: &'a [SeqSpan],
+pub(crate) struct LayerCtx<'a, B: Backend> {
+    /// The sequences and their block tables.
+    pub(crate) batch: &'a B::KvBatch,
+    /// Leading rows that belong to decode steps (see `Backend::linear`).
+    pub(crate) gemv_rows: usize,
     pub(crate) rope: &'a RopeBatch,
     pub(crate) attn: &'a AttnParams,
     pub(crate) eps: f32,
@@ -181,8 +222,8 @@ pub(crate) struct LayerCtx<'a> {
 /// is `residual + mlp_out` (the previous layer's MLP output, not yet added: the add is fused into
 /// this layer's first RMSNorm); on return `residual` holds the hidden state after attention and
 /// the result is this layer's MLP output, to be added by the next norm. `tap` sees each
-/// projection's input before the projection runs (calibration; a no-op for inference). `kvs`
-/// holds one cache per span of `ctx`, written at `layer`.
+/// projection's input before the projection runs (calibration; a no-op for inference). The
+/// sequences' keys and values of `layer` are written into `pool` through `ctx.batch`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decoder_layer<B: Backend>(
     be: &B,
@@ -190,24 +231,24 @@ pub(crate) fn decoder_layer<B: Backend>(
     layer: usize,
     residual: &mut B::Act,    // [n, hidden]
     mlp_out: Option<&B::Act>, // [n, hidden]
-    kvs: &mut [&mut B::Kv],
-    ctx: &LayerCtx<'_>,
+    pool: &mut B::KvPool,
+    ctx: &LayerCtx<'_, B>,
     tap: &mut dyn FnMut(ProjInput, &B::Act) -> Result<()>,
 ) -> Result<B::Act> {
+    let g = ctx.gemv_rows;
     let x = be.rms_norm(residual, mlp_out, &lw.input_layernorm, ctx.eps)?;
     tap(ProjInput::Qkv, &x)?;
-    let qkv = be.linear(&x, &lw.qkv_proj)?; // [n, q_dim + 2 kv_dim]
-    let q = be.rope_store_kv(&qkv, ctx.spans, ctx.rope, kvs, layer, ctx.attn)?;
-    let kvs: Vec<&B::Kv> = kvs.iter().map(|kv| &**kv).collect();
-    let attn = be.attention(&q, ctx.spans, &kvs, layer, ctx.attn)?; // [n, q_dim]
+    let qkv = be.linear(&x, &lw.qkv_proj, g)?; // [n, q_dim + 2 kv_dim]
+    let q = be.rope_store_kv(&qkv, ctx.batch, ctx.rope, pool, layer, ctx.attn)?;
+    let attn = be.attention(&q, ctx.batch, pool, layer, ctx.attn)?; // [n, q_dim]
     tap(ProjInput::O, &attn)?;
-    let attn_out = be.linear(&attn, &lw.o_proj)?; // [n, hidden]
+    let attn_out = be.linear(&attn, &lw.o_proj, g)?; // [n, hidden]
     let x = be.rms_norm(residual, Some(&attn_out), &lw.post_attention_layernorm, ctx.eps)?;
     tap(ProjInput::GateUp, &x)?;
-    let gate_up = be.linear(&x, &lw.gate_up_proj)?; // [n, 2 ffn]
+    let gate_up = be.linear(&x, &lw.gate_up_proj, g)?; // [n, 2 ffn]
     let act = be.swiglu(&gate_up)?; // [n, ffn]
     tap(ProjInput::Down, &act)?;
-    be.linear(&act, &lw.down_proj) // [n, hidden]
+    be.linear(&act, &lw.down_proj, g) // [n, hidden]
 }
 
 /// Counts uploaded tensors and bytes for a progress callback.

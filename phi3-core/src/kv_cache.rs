@@ -1,8 +1,10 @@
-//! `KvCache<B>`: one sequence's cached keys and values plus what the forward pass needs to know
-//! about them: how many tokens they hold and which LongRoPE regime the keys are rotated with.
+//! `SeqKv`: one sequence's KV cache as the session holds it: the ids of its blocks in the
+//! model's pool (`kv_pool.rs`), how many tokens they hold, and which LongRoPE regime the keys are
+//! rotated with. Backend-independent: the data lives in the pool.
 //!
-//! Storage (`B::Kv`) grows in blocks inside the backend; positions past `len` are garbage, which
-//! is what makes truncation free. Invariant: every cached entry was computed in `regime`.
+//! Positions past `len` inside the last block are garbage, which is what makes truncation free.
+//! Invariant: every cached entry was computed in `regime`, and `blocks` covers `len` tokens
+//! (more only between a reservation and the forward pass that fills it).
 //!
 //! Why a regime switch empties the cache instead of re-rotating keys: in HF's full forward of a
 //! sequence longer than `original_max_position_embeddings`, *every* position uses the long
@@ -11,24 +13,36 @@
 //! oracle fixtures: relative logit error 1e-1 after re-rotation, 1e-6 after recomputation). The
 //! session therefore recomputes its history in the new regime, as HF's generate does.
 
-use crate::backend::{Backend, KvLayout};
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rope::RopeRegime;
 
-/// A sequence's KV cache on backend `B`.
-pub(crate) struct KvCache<B: Backend> {
-    pub(crate) storage: B::Kv,
+/// A sequence's KV cache: block ids in its model's pool.
+#[derive(Debug)]
+pub(crate) struct SeqKv {
+    /// Block `i` holds positions `i * KV_BLOCK_TOKENS ..`; ids are counted references into the
+    /// pool (see `KvPool`), so a clone must go through `KvPool::share`.
+    pub(crate) blocks: Vec<u32>,
     /// Tokens whose keys and values are valid.
     len: usize,
     /// Rotation of the cached keys.
     regime: RopeRegime,
 }
 
-impl<B: Backend> KvCache<B> {
-    /// An empty cache.
-    pub(crate) fn new(backend: &B, layout: &KvLayout) -> Result<Self> {
-        Ok(KvCache { storage: backend.alloc_kv(layout)?, len: 0, regime: RopeRegime::Short })
+impl Default for SeqKv {
+    fn default() -> Self {
+        SeqKv { blocks: Vec::new(), len: 0, regime: RopeRegime::Short }
+    }
+}
+
+impl SeqKv {
+    /// An empty cache holding no blocks.
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// A cache over `blocks` (already counted for it) holding `len` tokens in `regime`.
+    pub(crate) fn from_parts(blocks: Vec<u32>, len: usize, regime: RopeRegime) -> Self {
+        SeqKv { blocks, len, regime }
     }
 
     /// Number of cached tokens.
@@ -41,14 +55,8 @@ impl<B: Backend> KvCache<B> {
         self.len = len;
     }
 
-    /// Declare that the storage holds `len` tokens computed in `regime` (after a restore).
-    pub(crate) fn restore(&mut self, len: usize, regime: RopeRegime) {
-        self.len = len;
-        self.regime = regime;
-    }
-
-    /// Forget tokens past `len` (no data moves).
-    pub(crate) fn truncate(&mut self, len: usize) {
+    /// Forget tokens past `len` (no data moves; the pool takes back whole blocks past it).
+    pub(crate) fn forget_after(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
 
@@ -69,14 +77,5 @@ impl<B: Backend> KvCache<B> {
     /// The regime the cached entries were computed in.
     pub(crate) fn regime(&self) -> RopeRegime {
         self.regime
-    }
-
-    /// An independent copy holding the same tokens.
-    pub(crate) fn fork(&self, backend: &B) -> Result<Self> {
-        Ok(KvCache {
-            storage: backend.copy_kv(&self.storage, self.len)?,
-            len: self.len,
-            regime: self.regime,
-        })
     }
 }

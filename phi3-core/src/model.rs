@@ -14,13 +14,16 @@ pub use crate::backend::Device;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::forward::{Engine, SeqInput};
-use crate::kv_cache::KvCache;
+use crate::forward::{Engine, KvPolicy};
+use crate::generate::CancelToken;
+use crate::kv_cache::SeqKv;
+pub use crate::kv_pool::KvUsage;
 use crate::loader::{
     self, DType, HostTensor, ModelWeights, StoredQuantization, TensorRole, WeightFormat,
     WeightSource,
 };
 use crate::rope::RopeRegime;
+use crate::scheduler::{Job, SchedulerStats};
 use crate::session::{Session, SessionOptions};
 use crate::tokenizer::Tokenizer;
 
@@ -44,6 +47,15 @@ pub struct LoadOptions {
     /// `backend/cuda/quant.rs`); with `dummy_weights` on CUDA the quantized projections are
     /// generated on the device.
     pub weights: WeightFormat,
+    /// Bytes of KV-cache memory all sessions together may use (the pool of KV blocks). `None`:
+    /// on the CPU no limit but allocation failure; on CUDA the device memory free after the
+    /// weights are loaded, less a reserve for activations.
+    pub kv_memory: Option<u64>,
+    /// When a session's forward pass needs KV blocks the budget cannot supply: `false` (the
+    /// default) fails it with `OutOfMemory`; `true` makes it wait until other sessions free
+    /// blocks (dropped, truncated or reset), or until it is cancelled. Waiting needs another
+    /// thread to free blocks: a single-threaded host should keep the error.
+    pub kv_wait: bool,
 }
 
 /// A load progress callback (see [`LoadOptions::progress`]).
@@ -72,6 +84,8 @@ impl std::fmt::Debug for LoadOptions {
             .field("dummy_weights", &self.dummy_weights)
             .field("progress", &self.progress.as_ref().map(|_| "<callback>"))
             .field("weights", &self.weights)
+            .field("kv_memory", &self.kv_memory)
+            .field("kv_wait", &self.kv_wait)
             .finish()
     }
 }
@@ -131,12 +145,6 @@ pub(crate) enum AnyEngine {
     Cuda(Box<Engine<CudaBackend>>),
 }
 
-/// A KV cache on whichever backend its model uses.
-pub(crate) enum AnyKv {
-    Cpu(KvCache<CpuBackend>),
-    Cuda(KvCache<CudaBackend>),
-}
-
 /// Whether "auto" tries CUDA first. Off until the CUDA backend has passed `scripts/gpu-check`
 /// on a GPU: it was written and compiled without one, and "auto" is every front end's default,
 /// so an unverified device path must be asked for by name ("cuda"), never picked silently.
@@ -192,8 +200,17 @@ impl Target {
     }
 }
 
-fn mismatch() -> Error {
-    Error::internal("KV cache belongs to a different backend than the model")
+/// `$body` with `$e` bound to the model's engine, whichever backend it is on.
+macro_rules! on_engine {
+    ($model:expr, $e:ident => $body:expr) => {
+        match &$model.inner.engine {
+            AnyEngine::Cpu($e) => $body,
+            AnyEngine::Cuda($e) => {
+                let $e = &**$e;
+                $body
+            }
+        }
+    };
 }
 
 impl std::fmt::Debug for Model {
@@ -289,9 +306,10 @@ impl Model {
             Ok(())
         });
         let at_load = if stored_quantized { WeightFormat::Native } else { format };
+        let kv = options.kv_policy();
         let engine = match target {
             Target::Cpu => {
-                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, at_load, progress)?)
+                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, at_load, progress, kv)?)
             }
             Target::Cuda(be) => {
                 // (shape, dtype, role, device format) of every tensor: a projection quantized at
@@ -310,7 +328,9 @@ impl Model {
                     tensors.iter().map(|(s, d, r, f)| (s.as_slice(), *d, *r, *f)),
                     0,
                 ))?;
-                AnyEngine::Cuda(Box::new(Engine::new(*be, &config, weights, at_load, progress)?))
+                AnyEngine::Cuda(Box::new(Engine::new(
+                    *be, &config, weights, at_load, progress, kv,
+                )?))
             }
         };
         let fingerprint = fingerprint(&config, weights, format)?;
@@ -385,7 +405,8 @@ impl Model {
             }
             h.finalize().into()
         };
-        let engine = AnyEngine::Cuda(Box::new(Engine::with_weights(be, &config, weights)));
+        let kv = options.kv_policy();
+        let engine = AnyEngine::Cuda(Box::new(Engine::with_weights(be, &config, weights, kv)?));
         let sums =
             WeightSummary { fingerprint, bytes: weight_bytes, dtypes: vec![d.dtype], format };
         Self::finish(config, engine, tokenizer, options, path, sums)
@@ -564,77 +585,109 @@ impl Model {
         }
     }
 
-    pub(crate) fn new_kv(&self) -> Result<AnyKv> {
-        match &self.inner.engine {
-            AnyEngine::Cpu(e) => Ok(AnyKv::Cpu(e.new_kv()?)),
-            AnyEngine::Cuda(e) => Ok(AnyKv::Cuda(e.new_kv()?)),
-        }
-    }
-
     /// The LongRoPE regime of a sequence of `len` tokens.
     pub(crate) fn regime_for_len(&self, len: usize) -> RopeRegime {
-        match &self.inner.engine {
-            AnyEngine::Cpu(e) => e.rope.regime_for_len(len),
-            AnyEngine::Cuda(e) => e.rope.regime_for_len(len),
-        }
+        on_engine!(self, e => e.rope.regime_for_len(len))
     }
 
-    /// Append `tokens` to `kv` in one forward pass in `regime`; the last position's logits.
+    /// Append `tokens` to `kv` in one forward pass in `regime` through the model's scheduler
+    /// (batched with other sessions' passes); the last position's logits. On error `kv` holds
+    /// what it held before.
     pub(crate) fn forward_one(
         &self,
         tokens: &[u32],
-        kv: &mut AnyKv,
+        kv: &mut SeqKv,
         regime: RopeRegime,
+        priority: i32,
+        cancel: &CancelToken,
     ) -> Result<Vec<f32>> {
-        let mut logits = match (&self.inner.engine, kv) {
-            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => {
-                e.forward(&mut [SeqInput { tokens, kv, regime }])?
-            }
-            (AnyEngine::Cuda(e), AnyKv::Cuda(kv)) => {
-                e.forward(&mut [SeqInput { tokens, kv, regime }])?
-            }
-            _ => return Err(mismatch()),
+        let job = Job {
+            tokens: tokens.to_vec(),
+            kv: std::mem::take(kv),
+            regime,
+            priority,
+            cancel: cancel.clone(),
         };
-        logits.pop().ok_or_else(|| Error::internal("forward returned no logits"))
+        let out = on_engine!(self, e => e.scheduler.run(e, job));
+        *kv = out.kv;
+        out.result
     }
 
-    pub(crate) fn kv_to_host(&self, kv: &AnyKv) -> Result<Vec<f32>> {
-        match (&self.inner.engine, kv) {
-            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => e.backend.kv_to_host(&kv.storage, kv.len()),
-            (AnyEngine::Cuda(e), AnyKv::Cuda(kv)) => e.backend.kv_to_host(&kv.storage, kv.len()),
-            _ => Err(mismatch()),
-        }
+    pub(crate) fn kv_to_host(&self, kv: &SeqKv) -> Result<Vec<f32>> {
+        on_engine!(self, e => {
+            let pool = e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            e.backend.kv_to_host(&pool.storage, &kv.blocks, kv.len())
+        })
     }
 
     /// A cache holding `n_tokens` tokens computed in `regime`, from `kv_to_host` data.
+    /// Errors: `OutOfMemory` when the KV budget cannot hold them; `Internal` for data of the
+    /// wrong length.
     pub(crate) fn kv_from_host(
         &self,
         n_tokens: usize,
         regime: RopeRegime,
         data: &[f32],
-    ) -> Result<AnyKv> {
-        match &self.inner.engine {
-            AnyEngine::Cpu(e) => {
-                let mut kv = e.new_kv()?;
-                e.backend.kv_from_host(&mut kv.storage, n_tokens, data)?;
-                kv.restore(n_tokens, regime);
-                Ok(AnyKv::Cpu(kv))
+    ) -> Result<SeqKv> {
+        on_engine!(self, e => {
+            let mut pool = e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut kv = SeqKv::new();
+            pool.reserve(&e.backend, &mut kv, n_tokens)?;
+            if let Err(err) = e.backend.kv_from_host(&mut pool.storage, &kv.blocks, n_tokens, data)
+            {
+                pool.truncate(&mut kv, 0);
+                return Err(err);
             }
-            AnyEngine::Cuda(e) => {
-                let mut kv = e.new_kv()?;
-                e.backend.kv_from_host(&mut kv.storage, n_tokens, data)?;
-                kv.restore(n_tokens, regime);
-                Ok(AnyKv::Cuda(kv))
-            }
-        }
+            Ok(SeqKv::from_parts(std::mem::take(&mut kv.blocks), n_tokens, regime))
+        })
     }
 
-    pub(crate) fn fork_kv(&self, kv: &AnyKv) -> Result<AnyKv> {
-        match (&self.inner.engine, kv) {
-            (AnyEngine::Cpu(e), AnyKv::Cpu(kv)) => Ok(AnyKv::Cpu(kv.fork(&e.backend)?)),
-            (AnyEngine::Cuda(e), AnyKv::Cuda(kv)) => Ok(AnyKv::Cuda(kv.fork(&e.backend)?)),
-            _ => Err(mismatch()),
-        }
+    /// A fork of `kv`: the same blocks, shared until either side writes into one.
+    pub(crate) fn fork_kv(&self, kv: &SeqKv) -> SeqKv {
+        on_engine!(self, e => {
+            e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).share(kv)
+        })
+    }
+
+    /// Keep the first `len` tokens of `kv`, giving whole blocks past them back to the pool.
+    pub(crate) fn truncate_kv(&self, kv: &mut SeqKv, len: usize) {
+        let blocks = kv.blocks.len();
+        on_engine!(self, e => {
+            e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).truncate(kv, len);
+            if kv.blocks.len() < blocks {
+                e.scheduler.kv_freed();
+            }
+        })
+    }
+
+    /// Mark a session as generating for the duration of the returned guard (the scheduler waits
+    /// briefly for generating sessions so that their steps share passes).
+    pub(crate) fn generation_guard(&self) -> GenerationGuard {
+        on_engine!(self, e => e.scheduler.generation_started());
+        GenerationGuard { model: self.clone() }
+    }
+
+    /// How the KV pool is used: blocks in use (shared blocks once), allocated, and the budget.
+    pub fn kv_usage(&self) -> KvUsage {
+        on_engine!(self, e => {
+            e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).usage()
+        })
+    }
+
+    /// Forward passes the scheduler has run and how many sequences they batched.
+    pub fn scheduler_stats(&self) -> SchedulerStats {
+        on_engine!(self, e => e.scheduler.stats())
+    }
+}
+
+/// While alive, its session counts as generating (see [`Model::generation_guard`]).
+pub(crate) struct GenerationGuard {
+    model: Model,
+}
+
+impl Drop for GenerationGuard {
+    fn drop(&mut self) {
+        on_engine!(self.model, e => e.scheduler.generation_ended());
     }
 }
 
@@ -693,6 +746,13 @@ fn resolve_format(dir: &Path, asked: WeightFormat, stored: WeightFormat) -> Resu
     }
 }
 
+impl LoadOptions {
+    /// The KV pool's limits.
+    fn kv_policy(&self) -> KvPolicy {
+        KvPolicy { budget: self.kv_memory, wait: self.kv_wait }
+    }
+}
+
 fn check_max_context(options: &LoadOptions) -> Result<()> {
     match options.max_context {
         Some(0) => Err(Error::invalid_argument("max_context must be > 0")),
@@ -717,28 +777,4 @@ fn config_header(config: &ModelConfig) -> String {
         config.sliding_window,
         config.tie_word_embeddings
     )
-}
-
-impl AnyKv {
-    pub(crate) fn truncate(&mut self, len: usize) {
-        match self {
-            AnyKv::Cpu(kv) => kv.truncate(len),
-            AnyKv::Cuda(kv) => kv.truncate(len),
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            AnyKv::Cpu(kv) => kv.len(),
-            AnyKv::Cuda(kv) => kv.len(),
-        }
-    }
-
-    /// The LongRoPE regime the cached keys are rotated with.
-    pub(crate) fn regime(&self) -> RopeRegime {
-        match self {
-            AnyKv::Cpu(kv) => kv.regime(),
-            AnyKv::Cuda(kv) => kv.regime(),
-        }
-    }
 }

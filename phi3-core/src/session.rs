@@ -20,7 +20,8 @@ use std::path::Path;
 use crate::chat::ChatMessage;
 use crate::error::{Error, ErrorKind, Result};
 use crate::generate::{CancelToken, FinishReason, GenerateOptions, GenerationResult};
-use crate::model::{AnyKv, Model};
+use crate::kv_cache::SeqKv;
+use crate::model::Model;
 use crate::sampler::{self, Rng, SamplerOptions};
 use crate::session_file::{self, SessionState};
 use crate::stream::TokenStream;
@@ -33,14 +34,19 @@ pub const PREFILL_CHUNK: usize = 512;
 pub struct SessionOptions {
     /// Most tokens the session may hold (default and upper bound: the model's max context).
     pub max_context: Option<usize>,
+    /// When more sessions' passes are waiting than one batch takes, higher priority runs first
+    /// (default 0). Only the order of waiting work changes: results are the same.
+    pub priority: i32,
 }
 
 /// A conversation: tokens, their KV cache, and the logits after the last token.
 pub struct Session {
     model: Model,
     tokens: Vec<u32>,
-    kv: AnyKv,
+    /// Blocks in the model's KV pool, given back when the session is dropped.
+    kv: SeqKv,
     max_context: usize,
+    priority: i32,
     /// Logits after the last token, `[vocab]`; empty until computed.
     last_logits: Vec<f32>,
     /// Messages appended with `append_message` (and replies generated after them), to render
@@ -62,6 +68,13 @@ impl std::fmt::Debug for Session {
     }
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Give the KV blocks back to the model's pool (shared ones stay with their forks).
+        self.model.truncate_kv(&mut self.kv, 0);
+    }
+}
+
 impl Session {
     pub(crate) fn new(model: Model, options: SessionOptions) -> Result<Session> {
         let max_context = match options.max_context {
@@ -69,12 +82,12 @@ impl Session {
             Some(n) => n.min(model.max_context()),
             None => model.max_context(),
         };
-        let kv = model.new_kv()?;
         Ok(Session {
             model,
             tokens: Vec::new(),
-            kv,
+            kv: SeqKv::new(),
             max_context,
+            priority: options.priority,
             last_logits: Vec::new(),
             messages: Vec::new(),
             needs_generation_prompt: false,
@@ -101,7 +114,7 @@ impl Session {
         self.push_tokens(tokens)?;
         if let Err(e) = self.sync() {
             self.tokens.truncate(old_len);
-            self.kv.truncate(old_len);
+            self.model.truncate_kv(&mut self.kv, old_len);
             // The logits of the old last token are still right only if its cache entry is.
             if self.kv.len() == old_len {
                 self.last_logits = old_logits;
@@ -234,6 +247,16 @@ impl Session {
         &self.tokens
     }
 
+    /// This session's scheduling priority (see [`SessionOptions::priority`]).
+    pub fn priority(&self) -> i32 {
+        self.priority
+    }
+
+    /// Change the scheduling priority of this session's later passes.
+    pub fn set_priority(&mut self, priority: i32) {
+        self.priority = priority;
+    }
+
     /// The most tokens this session may hold.
     pub fn max_context(&self) -> usize {
         self.max_context
@@ -244,7 +267,8 @@ impl Session {
         (!self.last_logits.is_empty()).then_some(&self.last_logits[..])
     }
 
-    /// Keep the first `n_tokens` tokens (a rewind). Free: no KV data moves; the next call that
+    /// Keep the first `n_tokens` tokens (a rewind). Cheap: no KV data moves (whole blocks past
+    /// the kept tokens go back to the model's pool); the next call that
     /// needs logits reruns the last kept token (or the whole history when the rewind crosses
     /// LongRoPE's threshold). When tokens are dropped, the chat messages recorded for the
     /// template are forgotten.
@@ -258,7 +282,7 @@ impl Session {
         }
         if n_tokens < self.tokens.len() {
             self.tokens.truncate(n_tokens);
-            self.kv.truncate(n_tokens);
+            self.model.truncate_kv(&mut self.kv, n_tokens);
             self.last_logits.clear();
             self.messages.clear();
             self.needs_generation_prompt = false;
@@ -266,24 +290,27 @@ impl Session {
         Ok(())
     }
 
-    /// Forget everything (the KV memory is kept for reuse).
+    /// Forget everything (the KV blocks go back to the model's pool).
     pub fn reset(&mut self) {
         self.tokens.clear();
-        self.kv.truncate(0);
+        self.model.truncate_kv(&mut self.kv, 0);
         self.last_logits.clear();
         self.messages.clear();
         self.needs_generation_prompt = false;
     }
 
-    /// An independent copy: same tokens, cache and random state; later changes to either do not
-    /// affect the other. Costs a copy of the KV cache.
-    /// Errors: `OutOfMemory` when the copy cannot be allocated.
+    /// An independent copy: same tokens, cache, priority and random state; later changes to
+    /// either do not affect the other. Cheap: the two share the KV cache's blocks until one of
+    /// them writes into a shared block, which it then copies (at most one block per pass), so a
+    /// long prompt forked into many conversations is cached once.
+    /// Errors: none today (the `Result` leaves room for backends that copy).
     pub fn fork(&self) -> Result<Session> {
         Ok(Session {
             model: self.model.clone(),
             tokens: self.tokens.clone(),
-            kv: self.model.fork_kv(&self.kv)?,
+            kv: self.model.fork_kv(&self.kv),
             max_context: self.max_context,
+            priority: self.priority,
             last_logits: self.last_logits.clone(),
             messages: self.messages.clone(),
             needs_generation_prompt: self.needs_generation_prompt,
@@ -330,6 +357,7 @@ impl Session {
             tokens: state.tokens,
             kv,
             max_context: state.max_context,
+            priority: 0,
             last_logits: state.last_logits,
             needs_generation_prompt: state.needs_generation_prompt,
             messages: state.messages,
@@ -419,11 +447,11 @@ impl Session {
         }
         let regime = self.model.regime_for_len(self.tokens.len());
         if self.kv.len() > 0 && self.kv.regime() != regime {
-            self.kv.truncate(0);
+            self.model.truncate_kv(&mut self.kv, 0);
         }
         if self.kv.len() == self.tokens.len() {
             // Logits were dropped (truncate): recompute the last position.
-            self.kv.truncate(self.tokens.len() - 1);
+            self.model.truncate_kv(&mut self.kv, self.tokens.len() - 1);
         }
         while self.kv.len() < self.tokens.len() {
             if self.cancel.is_cancelled() {
@@ -431,7 +459,13 @@ impl Session {
             }
             let start = self.kv.len();
             let end = (start + PREFILL_CHUNK).min(self.tokens.len());
-            let logits = self.model.forward_one(&self.tokens[start..end], &mut self.kv, regime)?;
+            let logits = self.model.forward_one(
+                &self.tokens[start..end],
+                &mut self.kv,
+                regime,
+                self.priority,
+                &self.cancel,
+            )?;
             if end == self.tokens.len() {
                 self.last_logits = logits;
             }
@@ -500,7 +534,7 @@ impl Session {
     pub(crate) fn undo_generation_prompt(&mut self, len: usize) {
         if self.tokens.len() > len {
             self.tokens.truncate(len);
-            self.kv.truncate(len);
+            self.model.truncate_kv(&mut self.kv, len);
             self.last_logits.clear();
             self.needs_generation_prompt = true;
         }

@@ -15,6 +15,7 @@ use crate::chat::ChatMessage;
 use crate::detok::IncrementalDecoder;
 use crate::error::{Error, ErrorKind, Result};
 use crate::generate::{FinishReason, GenerateOptions, GenerationResult, GenerationStats, StopText};
+use crate::model::GenerationGuard;
 use crate::sampler::SamplerOptions;
 use crate::session::Session;
 
@@ -57,6 +58,8 @@ pub struct TokenStream<'s> {
     failed: Option<(ErrorKind, String)>,
     /// Session length before `start` added the assistant prompt.
     before_prompt: usize,
+    /// Tells the model's scheduler this session is generating (so its steps join batches).
+    _generating: GenerationGuard,
 }
 
 impl<'s> TokenStream<'s> {
@@ -75,6 +78,7 @@ impl<'s> TokenStream<'s> {
             session.reseed(seed);
         }
         let before_prompt = session.len();
+        let generating = model.generation_guard();
         session.add_generation_prompt()?;
         let prompt_tokens = session.pending();
         if let Err(e) = session.sync() {
@@ -106,6 +110,7 @@ impl<'s> TokenStream<'s> {
             failed: None,
             before_prompt,
             session,
+            _generating: generating,
         })
     }
 

@@ -256,7 +256,8 @@ fn bad_tokens_leave_the_session_unchanged() {
 #[test]
 fn context_limit_is_an_error_and_the_session_stays_usable() {
     let model = Model::load(fixture("mha-f32-tied"), &cpu()).unwrap();
-    let mut s = model.session(SessionOptions { max_context: Some(6) }).unwrap();
+    let mut s =
+        model.session(SessionOptions { max_context: Some(6), ..Default::default() }).unwrap();
     s.append_tokens(&[3, 4, 5, 6]).unwrap();
     let err = s.append_tokens(&[7, 8, 9]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ContextFull);
@@ -267,13 +268,16 @@ fn context_limit_is_an_error_and_the_session_stays_usable() {
 
     // The model's own limit caps every session.
     let max = model.config().max_position_embeddings;
-    let mut s = model.session(SessionOptions { max_context: Some(max * 10) }).unwrap();
+    let mut s = model
+        .session(SessionOptions { max_context: Some(max * 10), ..Default::default() })
+        .unwrap();
     assert_eq!(s.max_context(), max);
     let err = s.append_tokens(&vec![3; max + 1]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ContextFull);
     assert!(s.is_empty());
 
-    let err = model.session(SessionOptions { max_context: Some(0) }).unwrap_err();
+    let err =
+        model.session(SessionOptions { max_context: Some(0), ..Default::default() }).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 }
 

@@ -83,10 +83,12 @@ fn many_megabytes_of_text_fail_before_tokenizing() {
 
     // Whitespace is not counted (an rstrip special token swallows any amount of it), so a text
     // of mostly spaces is still tokenized and accepted when its tokens fit.
-    let mut session = model.session(SessionOptions { max_context: Some(8) }).unwrap();
+    let mut session =
+        model.session(SessionOptions { max_context: Some(8), ..Default::default() }).unwrap();
     session.append_text(&format!("<|end|>{}", " ".repeat(100_000))).unwrap();
     assert!(session.len() <= 8);
     // Text that fits is unaffected.
-    let mut session = model.session(SessionOptions { max_context: Some(8) }).unwrap();
+    let mut session =
+        model.session(SessionOptions { max_context: Some(8), ..Default::default() }).unwrap();
     session.append_message("user", "Hello").unwrap();
 }

@@ -29,7 +29,8 @@ fn loaded_session_continues_bit_for_bit_across_the_longrope_threshold() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.phi3");
     for saved_at in [5, 20] {
-        let mut original = model.session(SessionOptions { max_context: Some(50) }).unwrap();
+        let mut original =
+            model.session(SessionOptions { max_context: Some(50), ..Default::default() }).unwrap();
         original.append_tokens(&toks[..saved_at]).unwrap();
         original.save(&path).unwrap();
         let mut loaded = Session::load(&model, &path).unwrap();

@@ -16,7 +16,10 @@
 //!
 //! The replay runs each log on the main thread and demands the same outcomes, bit for bit (the
 //! CPU backend is deterministic for a given sequence of forward passes; it is *not* invariant to
-//! how the tokens are grouped into passes, so the replay must make the same passes).
+//! how a session's tokens are grouped into passes, so the replay must make the same passes). The
+//! concurrent phase runs through the model's scheduler, which batches the passes of sessions on
+//! different threads (continuous batching); the replay runs each pass alone, so the test also
+//! checks that batching never changes a session's results.
 //!
 //! Cancellation is the one thing a replay cannot reproduce, because where it lands depends on
 //! timing. A cancelled generate that produced `n` tokens replays as:
@@ -316,7 +319,8 @@ fn run_op(
     let unit = |r: phi3_core::Result<()>| r.map_or_else(fail, |()| Res::Done);
     let res = match op {
         Op::New { slot, max_context } => {
-            match model.session(SessionOptions { max_context: *max_context }) {
+            match model.session(SessionOptions { max_context: *max_context, ..Default::default() })
+            {
                 Ok(s) => {
                     slots[*slot] = Some(s);
                     Res::Done
@@ -779,6 +783,15 @@ fn concurrent_sessions_match_a_single_threaded_replay() {
         })
         .collect();
     let concurrent = started.elapsed();
+    // The workers' passes went through the demo model's scheduler, which batched those that
+    // were queued together; the replay below, one pass at a time, must still match them.
+    let batching = subjects[0].model.scheduler_stats();
+    println!(
+        "stress: the demo model ran {} passes for {} sequences (largest batch {}, {} mixing \
+         prefill and decode)",
+        batching.steps, batching.sequences, batching.max_batch, batching.mixed_steps
+    );
+    assert!(n_demo < 2 || batching.max_batch >= 2, "no pass batched two sessions: {batching:?}");
 
     let replay_started = Instant::now();
     let mut tally = Tally::default();

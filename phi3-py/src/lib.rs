@@ -23,6 +23,7 @@ fn _phi3(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<model::PyModel>()?;
+    m.add_class::<model::PyKvUsage>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<session::PySession>()?;
     m.add_class::<session::PyGenerationResult>()?;

@@ -1,9 +1,11 @@
-//! `phi3.Model`: a loaded checkpoint (or the built-in demo model), its tokenizer, sessions and
-//! the one-call `chat`.
+//! `phi3.Model`: a loaded checkpoint (or the built-in demo model), its tokenizer, sessions, the
+//! one-call `chat`, and `phi3.KvUsage` (its KV memory and batching counters).
 
 use std::path::PathBuf;
 
-use phi3_core::{Device, ErrorKind, LoadOptions, Model, SessionOptions, WeightFormat};
+use phi3_core::{
+    Device, ErrorKind, KvUsage, LoadOptions, Model, SchedulerStats, SessionOptions, WeightFormat,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -17,7 +19,8 @@ use crate::tokenizer::PyTokenizer;
 /// A Phi-3 model on a device, loaded from a Hugging Face folder (config.json, *.safetensors,
 /// tokenizer.json). Thread-safe: share one Model between threads, one Session per conversation.
 ///
-/// Model(path, device="auto", weights="native", max_context=None)
+/// Model(path, device="auto", weights="native", max_context=None, *, kv_memory=None,
+/// kv_wait=False)
 ///
 /// - device: "auto" (the CPU until the CUDA backend is verified on a GPU), "cpu", "cuda" or
 ///   "cuda:N".
@@ -26,11 +29,20 @@ use crate::tokenizer::PyTokenizer;
 ///   loading. A folder that is already quantized (`phi3 quantize`, AWQ, GPTQ) loads as stored
 ///   with "native" or its own format.
 /// - max_context: upper bound on any session's tokens (default: the model's maximum).
+/// - kv_memory: bytes of KV-cache memory all sessions of the model may use together (default:
+///   the backend's: no limit but allocation failure on the CPU, the free device memory on CUDA).
+///   A pass that needs more raises OutOfMemoryError and leaves its session unchanged.
+/// - kv_wait: instead of raising, such a pass waits until sessions in other threads free blocks
+///   (deleted, truncated, reset) or its session is cancelled. Only for programs that run
+///   sessions in several threads: a single thread would wait forever.
+///
+/// Sessions used from several Python threads at once are batched: their forward passes run
+/// together (the GIL is released meanwhile), with the same results as one at a time.
 ///
 /// Raises IoError (missing folder or file), ModelFormatError (bad config, tensor name/shape/dtype,
 /// tokenizer files), UnsupportedError (model or rope type, device, a quantization config it cannot read),
 /// InvalidArgumentError (bad device or weights string, an int4 group that does not divide a
-/// row, max_context <= 0). Loading releases the GIL.
+/// row, max_context <= 0, kv_memory <= 0 or less than one KV block). Loading releases the GIL.
 #[pyclass(name = "Model", module = "phi3", frozen)]
 pub(crate) struct PyModel {
     pub(crate) model: Model,
@@ -50,47 +62,73 @@ impl PyModel {
     }
 }
 
-/// Check the load arguments before anything is read.
-fn load_options(
-    py: Python<'_>,
-    device: &str,
-    weights: &str,
+/// The load arguments, checked before anything is read.
+struct LoadArgs<'a> {
+    device: &'a str,
+    weights: &'a str,
     max_context: Option<i64>,
-) -> PyResult<LoadOptions> {
-    let device: Device = device.parse().map_err(|e| to_py_err(py, e))?;
-    let weights: WeightFormat = weights.parse().map_err(|e| to_py_err(py, e))?;
-    let max_context = convert::positive(py, max_context, "max_context")?;
-    Ok(LoadOptions { device, max_context, weights, ..Default::default() })
+    kv_memory: Option<i64>,
+    kv_wait: bool,
+}
+
+impl LoadArgs<'_> {
+    fn check(self, py: Python<'_>) -> PyResult<LoadOptions> {
+        let device: Device = self.device.parse().map_err(|e| to_py_err(py, e))?;
+        let weights: WeightFormat = self.weights.parse().map_err(|e| to_py_err(py, e))?;
+        let max_context = convert::positive(py, self.max_context, "max_context")?;
+        let kv_memory = convert::positive(py, self.kv_memory, "kv_memory")?.map(|b| b as u64);
+        Ok(LoadOptions {
+            device,
+            max_context,
+            weights,
+            kv_memory,
+            kv_wait: self.kv_wait,
+            ..Default::default()
+        })
+    }
 }
 
 #[pymethods]
 impl PyModel {
     #[new]
-    #[pyo3(signature = (path, device = "auto", weights = "native", max_context = None))]
+    #[pyo3(signature = (
+        path, device = "auto", weights = "native", max_context = None, *, kv_memory = None,
+        kv_wait = false
+    ))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         device: &str,
         weights: &str,
         max_context: Option<i64>,
+        kv_memory: Option<i64>,
+        kv_wait: bool,
     ) -> PyResult<Self> {
-        let options = load_options(py, device, weights, max_context)?;
+        let args = LoadArgs { device, weights, max_context, kv_memory, kv_wait };
+        let options = args.check(py)?;
         let model = run_detached(py, || Model::load(&path, &options))?;
         Self::wrap(py, model)
     }
 
     /// The built-in demo model: a tiny Phi-3 (4 layers, 256 wide, LongRoPE) with random weights
     /// and a small English tokenizer. Loads in milliseconds from nothing on disk; it produces
-    /// gibberish but exercises the whole pipeline (tests, examples).
+    /// gibberish but exercises the whole pipeline (tests, examples). The arguments are those of
+    /// `Model(...)`.
     #[staticmethod]
-    #[pyo3(signature = (device = "auto", max_context = None, weights = "native"))]
+    #[pyo3(signature = (
+        device = "auto", max_context = None, weights = "native", *, kv_memory = None,
+        kv_wait = false
+    ))]
     fn demo(
         py: Python<'_>,
         device: &str,
         max_context: Option<i64>,
         weights: &str,
+        kv_memory: Option<i64>,
+        kv_wait: bool,
     ) -> PyResult<Self> {
-        let options = load_options(py, device, weights, max_context)?;
+        let args = LoadArgs { device, weights, max_context, kv_memory, kv_wait };
+        let options = args.check(py)?;
         let model = run_detached(py, || phi3_core::demo::demo_model(&options))?;
         Self::wrap(py, model)
     }
@@ -147,17 +185,32 @@ impl PyModel {
     }
 
     /// A new, empty session (a conversation with its own KV cache). `max_context` caps its
-    /// length (default and upper bound: the model's max_context).
-    #[pyo3(signature = (max_context = None))]
-    fn session(slf: &Bound<'_, Self>, max_context: Option<i64>) -> PyResult<PySession> {
+    /// length (default and upper bound: the model's max_context). `priority` (default 0): when
+    /// sessions in several threads have more work queued than one batch takes, higher priority
+    /// runs first; results do not depend on it (see `Session.priority`).
+    #[pyo3(signature = (max_context = None, *, priority = 0))]
+    fn session(
+        slf: &Bound<'_, Self>,
+        max_context: Option<i64>,
+        priority: i32,
+    ) -> PyResult<PySession> {
         let py = slf.py();
         let max_context = convert::positive(py, max_context, "max_context")?;
         let session = slf
             .get()
             .model
-            .session(SessionOptions { max_context })
+            .session(SessionOptions { max_context, priority })
             .map_err(|e| to_py_err(py, e))?;
         Ok(PySession::new(slf.clone().unbind(), session))
+    }
+
+    /// How the model's KV memory is used (blocks in use, allocated, allowed) and how its
+    /// scheduler has batched sessions' forward passes so far: a KvUsage snapshot. Waits (with
+    /// the GIL released) for a forward pass running in another thread to finish.
+    fn kv_usage(&self, py: Python<'_>) -> PyResult<PyKvUsage> {
+        let model = &self.model;
+        let (kv, sched) = run_detached(py, || Ok((model.kv_usage(), model.scheduler_stats())))?;
+        Ok(PyKvUsage::new(kv, sched))
     }
 
     /// One chat turn in a new session: append each of the OpenAI-style `messages` (a list of
@@ -180,7 +233,7 @@ impl PyModel {
         let messages = convert::messages(py, messages)?;
         let call =
             GenArgs::from_kwargs(gen, func)?.check(py, slf.get().model.config().vocab_size)?;
-        let session = Bound::new(py, Self::session(slf, None)?)?;
+        let session = Bound::new(py, Self::session(slf, None, 0)?)?;
         {
             let s = session.get();
             let mut guard = lock(py, &s.inner)?;
@@ -207,5 +260,73 @@ impl PyModel {
             ),
             None => format!("Model.demo(device={:?})", self.model.device_name()),
         }
+    }
+}
+
+/// A snapshot of a model's KV memory and batching scheduler (`model.kv_usage()`).
+#[pyclass(name = "KvUsage", module = "phi3", frozen, get_all)]
+pub(crate) struct PyKvUsage {
+    /// Tokens per KV block.
+    block_tokens: usize,
+    /// Bytes of one block (every layer's keys and values of `block_tokens` tokens).
+    block_bytes: u64,
+    /// Blocks held by sessions (a block shared by forks counts once).
+    blocks_in_use: usize,
+    /// Blocks the backend has allocated (in use or free for reuse).
+    blocks_allocated: usize,
+    /// Most blocks `kv_memory` allows; None without a budget.
+    max_blocks: Option<usize>,
+    /// Forward passes the scheduler has run.
+    steps: u64,
+    /// Sequences over all passes (`sequences / steps` is the mean batch size).
+    sequences: u64,
+    /// Most sequences one pass batched.
+    max_batch: usize,
+}
+
+impl PyKvUsage {
+    fn new(kv: KvUsage, sched: SchedulerStats) -> Self {
+        PyKvUsage {
+            block_tokens: kv.block_tokens,
+            block_bytes: kv.block_bytes,
+            blocks_in_use: kv.blocks_in_use,
+            blocks_allocated: kv.blocks_allocated,
+            max_blocks: kv.max_blocks,
+            steps: sched.steps,
+            sequences: sched.sequences,
+            max_batch: sched.max_batch,
+        }
+    }
+}
+
+#[pymethods]
+impl PyKvUsage {
+    /// The numbers as a dict.
+    fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("block_tokens", self.block_tokens)?;
+        d.set_item("block_bytes", self.block_bytes)?;
+        d.set_item("blocks_in_use", self.blocks_in_use)?;
+        d.set_item("blocks_allocated", self.blocks_allocated)?;
+        d.set_item("max_blocks", self.max_blocks)?;
+        d.set_item("steps", self.steps)?;
+        d.set_item("sequences", self.sequences)?;
+        d.set_item("max_batch", self.max_batch)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let max = self.max_blocks.map_or("None".to_string(), |n| n.to_string());
+        format!(
+            "KvUsage(block_tokens={}, block_bytes={}, blocks_in_use={}, blocks_allocated={}, \
+             max_blocks={max}, steps={}, sequences={}, max_batch={})",
+            self.block_tokens,
+            self.block_bytes,
+            self.blocks_in_use,
+            self.blocks_allocated,
+            self.steps,
+            self.sequences,
+            self.max_batch
+        )
     }
 }

@@ -8,6 +8,7 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 
 use phi3_core::{CancelToken, GenerationResult, GenerationStats, Session};
@@ -15,7 +16,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::convert::{self, GenArgs, GenCall};
-use crate::errors::to_py_err;
 use crate::gil::{lock, run_cancellable, run_detached, OnCall};
 use crate::model::PyModel;
 use crate::stream::PyTokenStream;
@@ -26,19 +26,23 @@ use crate::stream::PyTokenStream;
 /// Text and messages are tokenized when appended; the model runs over them at the next call that
 /// needs logits (`generate`, `stream`, `append_tokens`, `logits`). Every call is transactional:
 /// on error the session holds what it held before. A session serves one thread at a time
-/// (a concurrent call raises BusyError); `cancel()` may be called from any thread.
+/// (a concurrent call raises BusyError); `cancel()` may be called from any thread. Sessions of
+/// one model used from different threads are batched (see `Model`).
 #[pyclass(name = "Session", module = "phi3", frozen)]
 pub(crate) struct PySession {
     model: Py<PyModel>,
     pub(crate) inner: Mutex<Session>,
     /// The session's own cancel flag, reachable while a call holds `inner`.
     pub(crate) cancel: CancelToken,
+    /// The session's priority, readable while a call holds `inner` (written only under it).
+    priority: AtomicI32,
 }
 
 impl PySession {
     pub(crate) fn new(model: Py<PyModel>, session: Session) -> Self {
         let cancel = session.cancel_token();
-        PySession { model, inner: Mutex::new(session), cancel }
+        let priority = AtomicI32::new(session.priority());
+        PySession { model, inner: Mutex::new(session), cancel, priority }
     }
 
     fn vocab(&self) -> usize {
@@ -254,14 +258,32 @@ impl PySession {
         Ok(lock(py, &self.inner)?.max_context())
     }
 
+    /// Scheduling priority (default 0, or `model.session(priority=...)`): when sessions in
+    /// several threads have more forward passes queued than one batch takes, higher priority
+    /// runs first. Only the order of waiting work changes, never the results. Reading works
+    /// any time; setting raises BusyError while another call on the session runs.
+    #[getter]
+    fn priority(&self) -> i32 {
+        self.priority.load(Ordering::SeqCst)
+    }
+
+    #[setter]
+    fn set_priority(&self, py: Python<'_>, priority: i32) -> PyResult<()> {
+        let mut session = lock(py, &self.inner)?;
+        session.set_priority(priority);
+        self.priority.store(priority, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The Model this session runs on.
     #[getter]
     fn model(&self, py: Python<'_>) -> Py<PyModel> {
         self.model.clone_ref(py)
     }
 
-    /// An independent copy (tokens, KV cache, sampler state); later changes to either do not
-    /// affect the other. Costs a copy of the KV cache.
+    /// An independent copy (tokens, KV cache, sampler state, priority); later changes to either
+    /// do not affect the other. Cheap: the two share the KV cache's blocks until one of them
+    /// writes into a shared block, which it then copies (copy-on-write).
     fn fork(&self, py: Python<'_>) -> PyResult<PySession> {
         let guard = lock(py, &self.inner)?;
         let session = &*guard;
@@ -269,17 +291,25 @@ impl PySession {
         Ok(PySession::new(self.model.clone_ref(py), copy))
     }
 
-    /// Keep the first `n_tokens` tokens (a rewind). Raises InvalidArgumentError when n_tokens is
-    /// negative or larger than the session.
+    /// Keep the first `n_tokens` tokens (a rewind); whole KV blocks past them go back to the
+    /// model. Raises InvalidArgumentError when n_tokens is negative or larger than the session.
     fn truncate(&self, py: Python<'_>, n_tokens: i64) -> PyResult<()> {
         let n = convert::count(py, n_tokens, "n_tokens")?;
-        lock(py, &self.inner)?.truncate(n).map_err(|e| to_py_err(py, e))
+        let mut guard = lock(py, &self.inner)?;
+        let session = &mut *guard;
+        // Detached: giving blocks back takes the model's KV pool, which a forward pass in
+        // another thread holds until it ends.
+        run_detached(py, || session.truncate(n))
     }
 
-    /// Forget every token (the KV memory is kept for reuse).
+    /// Forget every token; the KV blocks go back to the model.
     fn reset(&self, py: Python<'_>) -> PyResult<()> {
-        lock(py, &self.inner)?.reset();
-        Ok(())
+        let mut guard = lock(py, &self.inner)?;
+        let session = &mut *guard;
+        run_detached(py, || {
+            session.reset();
+            Ok(())
+        })
     }
 
     /// Write the session (tokens, KV cache, logits, sampler state, chat messages) to `path`
@@ -302,7 +332,12 @@ impl PySession {
 
     fn __repr__(&self) -> String {
         match self.inner.try_lock() {
-            Ok(s) => format!("Session(len={}, max_context={})", s.len(), s.max_context()),
+            Ok(s) => format!(
+                "Session(len={}, max_context={}, priority={})",
+                s.len(),
+                s.max_context(),
+                s.priority()
+            ),
             Err(_) => "Session(busy)".to_string(),
         }
     }

@@ -28,6 +28,7 @@ const Test tests[] = {
     {"model_outlives_handle", test_model_outlives_handle},
     {"fork_save_load", test_fork_save_load},
     {"logits_tokens_truncate", test_logits_tokens_truncate},
+    {"kv_memory_and_priority", test_kv_memory_and_priority},
 };
 
 } // namespace

@@ -60,5 +60,6 @@ void test_move_semantics(phi3::Model &model);
 void test_model_outlives_handle(phi3::Model &model);
 void test_fork_save_load(phi3::Model &model);
 void test_logits_tokens_truncate(phi3::Model &model);
+void test_kv_memory_and_priority(phi3::Model &model);
 
 #endif

@@ -163,3 +163,34 @@ void test_logits_tokens_truncate(phi3::Model &model) {
     CHECK(session.tokens().empty());
     CHECK(model.max_context() > 0);
 }
+
+void test_kv_memory_and_priority(phi3::Model &model) {
+    const phi3::KvUsage unlimited = model.kv_usage();
+    CHECK(unlimited.block_tokens > 0);
+    CHECK(unlimited.block_bytes > 0);
+    CHECK(unlimited.max_blocks == 0);
+
+    phi3::ModelOptions options;
+    options.kv_memory = 2 * unlimited.block_bytes;
+    phi3::Model small = phi3::Model::demo(options);
+    CHECK(small.kv_usage().max_blocks == 2);
+
+    phi3::SessionOptions so;
+    so.priority = 3;
+    phi3::Session session = small.session(so);
+    CHECK(session.priority() == 3);
+    session.set_priority(-1);
+    CHECK(session.priority() == -1);
+    std::vector<int32_t> tokens(unlimited.block_tokens * 2, 5);
+    session.append_tokens(tokens);
+    CHECK(small.kv_usage().blocks_in_use == 2);
+    const std::vector<int32_t> before = session.tokens();
+    CHECK_STATUS(PHI3_ERR_OUT_OF_MEMORY, session.append_tokens({6}));
+    CHECK(session.tokens() == before);
+    phi3::Session fork = session.fork(); // copy-on-write: no new blocks
+    CHECK(fork.priority() == -1);
+    CHECK(small.kv_usage().blocks_in_use == 2);
+
+    options.kv_memory = 1;
+    CHECK_STATUS(PHI3_ERR_INVALID_ARGUMENT, phi3::Model::demo(options));
+}

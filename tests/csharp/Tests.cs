@@ -393,6 +393,33 @@ public static class Tests
         }
     }
 
+    private static void KvMemoryAndPriority(Phi3Model model)
+    {
+        KvUsage unlimited = model.KvUsage();
+        Check(unlimited.BlockTokens > 0 && unlimited.BlockBytes > 0, "block size");
+        Check(unlimited.MaxBlocks == 0, "no budget by default");
+        using (Phi3Model small = Phi3Model.LoadDemo(new ModelOptions { KvMemory = 2 * unlimited.BlockBytes }))
+        using (Phi3Session session = small.NewSession(new SessionOptions { Priority = 3 }))
+        {
+            Check(small.KvUsage().MaxBlocks == 2, "budget of two blocks");
+            Check(session.Priority == 3, "priority from the options");
+            session.Priority = -1;
+            Check(session.Priority == -1, "priority set");
+            session.AppendTokens(Enumerable.Repeat(5, (int)(2 * unlimited.BlockTokens)).ToArray());
+            Check(small.KvUsage().BlocksInUse == 2, "two blocks in use");
+            int[] before = session.Tokens();
+            Phi3Exception e = ExpectStatus(Phi3Status.OutOfMemory, () => session.AppendTokens(new[] { 6 }));
+            Check(e.Message.Contains("KV memory"), "the error names KV memory");
+            Check(session.Tokens().SequenceEqual(before), "the session is unchanged");
+            using (Phi3Session fork = session.Fork())
+            {
+                Check(fork.Priority == -1, "the fork keeps the priority");
+                Check(small.KvUsage().BlocksInUse == 2, "a fork shares the blocks");
+            }
+        }
+        ExpectStatus(Phi3Status.InvalidArgument, () => Phi3Model.LoadDemo(new ModelOptions { KvMemory = 1 }));
+    }
+
     private static void TokenizeAndLogits(Phi3Model model)
     {
         const string text = "Hello world, the river is green";
@@ -445,6 +472,9 @@ public static class Tests
             for (int i = 0; i < 1024; i++) Marshal.WriteByte(buffer, i, 0xAB);
             Native.phi3_session_options_init(buffer);
             Check(Marshal.ReadInt32(buffer) == Marshal.SizeOf(typeof(Native.SessionOptions)), "phi3_session_options size");
+            var so = (Native.SessionOptions)Marshal.PtrToStructure(buffer, typeof(Native.SessionOptions));
+            Check(so.priority == 0, "session options default priority");
+            Check(m.kv_memory_bytes == 0 && m.kv_wait == 0, "model options default KV memory");
         }
         finally
         {
@@ -468,6 +498,7 @@ public static class Tests
             new KeyValuePair<string, Action<Phi3Model>>("quantized_weights", QuantizedWeights),
             new KeyValuePair<string, Action<Phi3Model>>("fork_save_load", ForkSaveLoad),
             new KeyValuePair<string, Action<Phi3Model>>("tokenize_and_logits", TokenizeAndLogits),
+            new KeyValuePair<string, Action<Phi3Model>>("kv_memory_and_priority", KvMemoryAndPriority),
             new KeyValuePair<string, Action<Phi3Model>>("struct_layouts_match_the_library", StructLayoutsMatchTheLibrary),
         };
         int passed = 0, failed = 0;

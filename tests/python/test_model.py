@@ -166,3 +166,38 @@ def test_quantize_writes_a_folder_that_loads_as_stored(tmp_path):
     head = phi3.quantize(FIXTURES / "partial-rotary-f16", tmp_path / "h", "int8", lm_head=True)
     plain = phi3.quantize(FIXTURES / "partial-rotary-f16", tmp_path / "p", "int8")
     assert head["quantized"] == plain["quantized"] + 1
+
+
+def test_kv_usage_and_memory_budget():
+    unlimited = phi3.Model.demo(device="cpu")
+    u = unlimited.kv_usage()
+    assert isinstance(u, phi3.KvUsage)
+    assert u.block_tokens > 0 and u.block_bytes > 0
+    assert u.max_blocks is None and u.blocks_in_use == 0
+    assert u.as_dict()["block_bytes"] == u.block_bytes
+    assert "KvUsage(" in repr(u)
+
+    model = phi3.Model.demo(device="cpu", kv_memory=2 * u.block_bytes)
+    bt = u.block_tokens
+    s = model.session()
+    s.append_tokens(list(range(5, 5 + 2 * bt)))
+    used = model.kv_usage()
+    assert (used.max_blocks, used.blocks_in_use) == (2, 2)
+    assert used.steps >= 1 and used.sequences >= used.steps and used.max_batch >= 1
+    before, logits = s.tokens, s.logits()
+    with pytest.raises(phi3.OutOfMemoryError, match="KV memory") as e:
+        s.append_tokens([5])
+    assert isinstance(e.value, MemoryError)
+    assert s.tokens == before and np.array_equal(s.logits(), logits)
+    fork = s.fork()  # copy-on-write: no new blocks
+    assert model.kv_usage().blocks_in_use == 2
+    s.truncate(bt)
+    del fork
+    assert model.kv_usage().blocks_in_use == 1
+
+    with pytest.raises(phi3.InvalidArgumentError, match="KV"):
+        phi3.Model.demo(device="cpu", kv_memory=1)
+    with pytest.raises(phi3.InvalidArgumentError, match="kv_memory"):
+        phi3.Model.demo(device="cpu", kv_memory=0)
+    with pytest.raises(TypeError):
+        phi3.Model.demo("cpu", None, "native", 1 << 20)  # keyword-only

@@ -90,3 +90,22 @@ def test_load_errors(demo, chat_session, tmp_path):
         phi3.Session.load(other, path)
     with pytest.raises(phi3.IoError):
         chat_session.save(tmp_path / "no" / "such" / "dir" / "s")
+
+
+def test_priority(demo):
+    s = demo.session()
+    assert s.priority == 0
+    s.priority = 7
+    assert s.priority == 7
+    high = demo.session(priority=-2)
+    assert high.priority == -2
+    s.append_text("the people")
+    f = s.fork()
+    assert f.priority == 7
+    f.priority = 1
+    assert (f.priority, s.priority) == (1, 7)
+    assert "priority=7" in repr(s)
+    with pytest.raises(TypeError):
+        demo.session(None, 3)  # keyword-only
+    with pytest.raises(OverflowError):
+        s.priority = 1 << 40

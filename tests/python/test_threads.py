@@ -149,3 +149,80 @@ def test_ctrl_c_during_a_long_prefill_cancels_it(demo):
     assert time.perf_counter() - t < 3
     assert s.tokens == [5, 6]  # a failed append leaves the session as it was
     assert s.append_tokens([8]).shape == (demo.vocab_size,)
+
+
+def test_sessions_in_threads_batch_with_the_results_of_solo_runs():
+    # A model of its own, so that its scheduler's counters see only this test.
+    model = phi3.Model.demo(device="cpu")
+    prompts = ["Hello", "Tell me about the river", "Name three primes", "Hi there"]
+
+    def new_session(prompt, priority=0):
+        s = model.session(priority=priority)
+        s.append_message("user", prompt)
+        return s
+
+    solo = [new_session(p).generate(max_tokens=40, **NO_STOP).tokens for p in prompts]
+    before = model.kv_usage()
+    out = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def work(i):
+        s = new_session(prompts[i], priority=i)
+        barrier.wait()
+        out[i] = s.generate(max_tokens=40, **NO_STOP).tokens
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [out[i] for i in range(len(prompts))] == solo
+    after = model.kv_usage()
+    steps, seqs = after.steps - before.steps, after.sequences - before.sequences
+    # Every pass of every session ran, and some passes carried several sessions.
+    assert after.max_batch >= 2, after
+    assert seqs > steps, (steps, seqs)
+    assert after.blocks_in_use == 0  # the sessions are gone, their blocks back in the pool
+
+
+def in_thread(f, *args):
+    """Start f(*args) on a thread; returns (thread, done event, box["r"] = result or exception)."""
+    done, box = threading.Event(), {}
+
+    def run():
+        try:
+            box["r"] = f(*args)
+        except Exception as e:  # noqa: BLE001 - the caller checks what came back
+            box["r"] = e
+        done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, done, box
+
+
+def test_kv_wait_waits_for_another_thread_to_free_blocks():
+    u = phi3.Model.demo(device="cpu").kv_usage()
+    bt = u.block_tokens
+    model = phi3.Model.demo(device="cpu", kv_memory=2 * u.block_bytes, kv_wait=True)
+    a, b = model.session(), model.session()
+    a.append_tokens(list(range(5, 5 + 2 * bt)))  # every block
+
+    t, done, box = in_thread(b.append_tokens, [5, 6, 7])
+    assert not done.wait(0.3), box  # waiting for a block
+    a.reset()  # from this thread: b's pass gets its block
+    assert done.wait(60)
+    t.join()
+    assert not isinstance(box["r"], Exception), box
+    assert len(b) == 3
+
+    # A wait ends with CancelledError when its session is cancelled; the session is unchanged.
+    a.append_tokens(list(range(5, 5 + bt)))  # a and b one block each: all of them
+    t, done, box = in_thread(b.append_tokens, list(range(5, 5 + bt)))  # b needs a second
+    assert not done.wait(0.3), box
+    while not done.wait(0.05):
+        b.cancel()  # repeated: a cancel that lands before the call starts is cleared by it
+    t.join()
+    assert isinstance(box["r"], phi3.CancelledError), box
+    assert "KV memory" in str(box["r"])
+    assert len(b) == 3

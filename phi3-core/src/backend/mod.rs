@@ -8,7 +8,12 @@
 //! own KV cache), so continuous batching fits without changing the trait; rows of an activation
 //! are the tokens of all sequences, concatenated in span order.
 //!
-//! Not here: the layer loop (`forward.rs`), RoPE tables (`rope.rs`), KV bookkeeping (`kv_cache.rs`).
+//! KV memory is paged: one pool per model holds fixed-size blocks ([`KV_BLOCK_TOKENS`] tokens of
+//! every layer), and each sequence a table of block ids. The backend stores blocks and reads
+//! them through the tables; which blocks a sequence owns, sharing and budgets are `kv_pool.rs`'s.
+//!
+//! Not here: the layer loop (`forward.rs`), RoPE tables (`rope.rs`), KV bookkeeping
+//! (`kv_cache.rs`, `kv_pool.rs`).
 
 pub mod cpu;
 pub mod cuda;
@@ -37,6 +42,11 @@ impl KvLayout {
         self.n_kv_heads * self.head_dim
     }
 
+    /// Values of one KV block: every layer's keys and values of [`KV_BLOCK_TOKENS`] tokens.
+    pub fn block_len(&self) -> usize {
+        2 * self.n_layers * KV_BLOCK_TOKENS * self.row_len()
+    }
+
     /// Check that `len` values are `n_tokens` tokens in the [`Backend::kv_to_host`] layout, and
     /// return the values per layer half (`n_tokens * row_len()`). `Internal` otherwise: every
     /// backend's `kv_from_host` checks its input this one way.
@@ -51,6 +61,14 @@ impl KvLayout {
         Ok(n)
     }
 }
+
+/// Tokens per KV block. Sequences own whole blocks of a model's pool, so memory follows their
+/// lengths to within one block, and forks share blocks until one of them writes.
+pub const KV_BLOCK_TOKENS: usize = 16;
+
+/// Sequences that add at most this many tokens in a pass count as decode rows (see
+/// [`Backend::linear`]).
+pub const GEMV_SPAN: usize = 4;
 
 /// One sequence of a batch: `len` rows starting at activation row `row`, at positions
 /// `pos0..pos0 + len`. Its KV cache holds `pos0` tokens before the call.
@@ -105,8 +123,11 @@ pub trait Backend: Send + Sync + 'static {
     type Act: Send + Sync;
     /// A weight tensor in its file dtype.
     type Weight: Send + Sync;
-    /// One sequence's KV cache storage, all layers.
-    type Kv: Send + Sync;
+    /// The KV storage of all of a model's sequences: fixed-size blocks (see
+    /// [`Backend::new_kv_pool`]).
+    type KvPool: Send + Sync;
+    /// A forward pass's sequences and block tables, as [`Backend::kv_batch`] prepares them.
+    type KvBatch: Send + Sync;
 
     /// Human-readable device name, e.g. "cpu (16 threads)".
     fn name(&self) -> String;
@@ -142,22 +163,59 @@ pub trait Backend: Send + Sync + 'static {
         )))
     }
 
-    /// An empty KV cache.
-    fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::Kv>;
+    /// An empty KV pool: the storage of every sequence's keys and values, in blocks of
+    /// [`KV_BLOCK_TOKENS`] tokens (each block holds every layer's keys and values of its tokens).
+    /// Block ids are handed out by `kv_pool.rs`; the backend only stores blocks.
+    fn new_kv_pool(&self, layout: &KvLayout) -> Result<Self::KvPool>;
 
-    /// Ensure the cache can hold `tokens` tokens (grows in blocks; OutOfMemory on failure).
-    fn reserve_kv(&self, kv: &mut Self::Kv, tokens: usize) -> Result<()>;
+    /// Bytes of KV memory a pool may take when the host sets no budget, asked once after the
+    /// weights are loaded: `None` for no limit but allocation failure (the CPU). CUDA: the
+    /// device memory then free, less a reserve for activations and workspaces.
+    fn default_kv_budget(&self) -> Option<u64> {
+        None
+    }
 
-    /// An independent copy of the first `n_tokens` tokens of `src`.
-    fn copy_kv(&self, src: &Self::Kv, n_tokens: usize) -> Result<Self::Kv>;
+    /// Bytes one KV block takes on this backend (the default: bf16 storage).
+    fn kv_block_bytes(&self, layout: &KvLayout) -> u64 {
+        2 * layout.block_len() as u64
+    }
 
-    /// The first `n_tokens` tokens of the cache on the host: for each layer, its keys then its
-    /// values, each `[n_tokens, n_kv_heads * head_dim]` f32 (the session file layout).
-    fn kv_to_host(&self, kv: &Self::Kv, n_tokens: usize) -> Result<Vec<f32>>;
+    /// Blocks the pool holds (ids `0..n`).
+    fn kv_pool_blocks(&self, pool: &Self::KvPool) -> usize;
 
-    /// Fill the first `n_tokens` tokens of `kv` (reserving room) from data in the
-    /// [`Backend::kv_to_host`] layout.
-    fn kv_from_host(&self, kv: &mut Self::Kv, n_tokens: usize, data: &[f32]) -> Result<()>;
+    /// Grow the pool to at least `min_blocks` and at most `max_blocks` blocks (a backend may
+    /// allocate several at once) and return the new count. Never shrinks. On failure
+    /// (`OutOfMemory`) the pool is unchanged.
+    fn grow_kv_pool(
+        &self,
+        pool: &mut Self::KvPool,
+        min_blocks: usize,
+        max_blocks: usize,
+    ) -> Result<usize>;
+
+    /// Copy whole blocks: for each `(src, dst)`, block `dst` becomes a copy of block `src`
+    /// (copy-on-write of a block shared by forked sequences). Ids are below the pool's count.
+    fn copy_kv_blocks(&self, pool: &mut Self::KvPool, pairs: &[(u32, u32)]) -> Result<()>;
+
+    /// The first `n_tokens` tokens of the sequence stored in `blocks`, on the host: for each
+    /// layer, its keys then its values, each `[n_tokens, n_kv_heads * head_dim]` f32 (the
+    /// session file layout). `blocks` holds at least `n_tokens.div_ceil(KV_BLOCK_TOKENS)` ids.
+    fn kv_to_host(&self, pool: &Self::KvPool, blocks: &[u32], n_tokens: usize) -> Result<Vec<f32>>;
+
+    /// Fill the first `n_tokens` tokens of the sequence stored in `blocks` from data in the
+    /// [`Backend::kv_to_host`] layout (`Internal` for data of the wrong length).
+    fn kv_from_host(
+        &self,
+        pool: &mut Self::KvPool,
+        blocks: &[u32],
+        n_tokens: usize,
+        data: &[f32],
+    ) -> Result<()>;
+
+    /// The batch's sequences and their block tables (`blocks[i]` covers positions
+    /// `0..seqs[i].pos0 + seqs[i].len`) in the form the KV kernels read, built once per forward
+    /// pass and used by every layer.
+    fn kv_batch(&self, seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<Self::KvBatch>;
 
     /// Rows of the embedding table: `[tokens.len(), hidden]`. Ids were range-checked by the caller.
     fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;
@@ -172,27 +230,37 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Act>;
 
     /// `x @ w^T`: `[n, in]` x `[out, in]` -> `[n, out]`, f32 accumulation.
-    fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act>;
+    ///
+    /// Rows `0..gemv_rows` belong to sequences that add at most [`GEMV_SPAN`] tokens in this
+    /// pass (decode steps); the rest to longer ones (prefill chunks). A backend computes each
+    /// row of a kind the same way whatever else is in the batch, so that a sequence's results do
+    /// not depend on which other sequences the scheduler batched it with (the CPU backend: a
+    /// dot product per row for the first kind, a GEMM whose rows are independent for the
+    /// second).
+    fn linear(&self, x: &Self::Act, w: &Self::Weight, gemv_rows: usize) -> Result<Self::Act>;
 
-    /// Split fused qkv rows, rotate q and k with `rope` (one row per token), write k and v into
-    /// each sequence's cache at its positions for `layer`, and return q: `[n, n_heads * head_dim]`.
+    /// Split fused qkv rows, rotate q and k with `rope` (one row per token), write k and v of
+    /// `layer` into each sequence's blocks at its positions, and return q:
+    /// `[n, n_heads * head_dim]`. The blocks written are the sequence's own (the caller copied
+    /// shared ones first).
     fn rope_store_kv(
         &self,
         qkv: &Self::Act,
-        seqs: &[SeqSpan],
+        batch: &Self::KvBatch,
         rope: &RopeBatch,
-        kvs: &mut [&mut Self::Kv],
+        pool: &mut Self::KvPool,
         layer: usize,
         params: &AttnParams,
     ) -> Result<Self::Act>;
 
     /// Causal (optionally windowed) GQA attention of q over each sequence's cached keys and
-    /// values of `layer`, positions `0..pos0 + len`: `[n, n_heads * head_dim]`.
+    /// values of `layer`, positions `0..pos0 + len`, read through its block table:
+    /// `[n, n_heads * head_dim]`.
     fn attention(
         &self,
         q: &Self::Act,
-        seqs: &[SeqSpan],
-        kvs: &[&Self::Kv],
+        batch: &Self::KvBatch,
+        pool: &Self::KvPool,
         layer: usize,
         params: &AttnParams,
     ) -> Result<Self::Act>;

@@ -29,7 +29,7 @@
 use std::path::Path;
 
 use crate::backend::cpu::{CpuAct, CpuBackend};
-use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan};
+use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::forward::{decoder_layer, LayerCtx, ProjInput};
@@ -166,9 +166,27 @@ pub fn search(
         spans.push(SeqSpan { row: i * seq_len, len: chunk.len(), pos0: 0 });
         batch.push_positions(rope.tables(rope.regime_for_len(chunk.len())), 0..chunk.len());
     }
-    let ctx =
-        LayerCtx { spans: &spans, rope: &batch, attn: &attn, eps: config.rms_norm_eps as f32 };
+    // One layer's KV at a time: a pool of one-layer blocks, each span its own run of them,
+    // rewritten by every layer.
     let kv_layout = KvLayout { n_layers: 1, n_kv_heads: attn.n_kv_heads, head_dim: attn.head_dim };
+    let mut pool = be.new_kv_pool(&kv_layout)?;
+    let mut tables = Vec::new();
+    for span in &spans {
+        let first = be.kv_pool_blocks(&pool);
+        let n = span.len.div_ceil(KV_BLOCK_TOKENS);
+        be.grow_kv_pool(&mut pool, first + n, first + n)?;
+        tables.push((first as u32..(first + n) as u32).collect::<Vec<u32>>());
+    }
+    let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+    let kv_batch = be.kv_batch(&spans, &table_refs)?;
+    let n_rows = tokens.len();
+    let ctx = LayerCtx {
+        batch: &kv_batch,
+        gemv_rows: if n_rows <= GEMV_SPAN { n_rows } else { 0 },
+        rope: &batch,
+        attn: &attn,
+        eps: config.rms_norm_eps as f32,
+    };
     let scale_o = attn.n_heads == attn.n_kv_heads;
 
     let mut residual = be.embed(&be.upload(&weights.embed_tokens)?, tokens)?; // [n, hidden]
@@ -183,13 +201,6 @@ pub fn search(
             gate_up_proj: be.upload(&lw.gate_up_proj)?,
             down_proj: be.upload(&lw.down_proj)?,
         };
-        let mut kv_store = Vec::new();
-        for span in &spans {
-            let mut kv = be.alloc_kv(&kv_layout)?;
-            be.reserve_kv(&mut kv, span.len)?;
-            kv_store.push(kv);
-        }
-        let mut kvs: Vec<&mut _> = kv_store.iter_mut().collect();
         let mut inputs: [Option<CpuAct>; 4] = [None, None, None, None];
         let mut tap = |which: ProjInput, x: &CpuAct| {
             inputs[which as usize] = Some(x.clone());
@@ -201,7 +212,7 @@ pub fn search(
             0,
             &mut residual,
             mlp_out.as_ref(),
-            &mut kvs,
+            &mut pool,
             &ctx,
             &mut tap,
         )?;
@@ -298,7 +309,8 @@ fn output_error(
     for row in xs.data.chunks_exact_mut(cols) {
         row.iter_mut().zip(s).for_each(|(v, s)| *v /= s);
     }
-    let y = be.linear(&xs, &e)?; // [n, rows]
+    let gemv_rows = if xs.rows <= GEMV_SPAN { xs.rows } else { 0 };
+    let y = be.linear(&xs, &e, gemv_rows)?; // [n, rows]
     let sum: f64 = y.data.iter().map(|v| (*v as f64) * (*v as f64)).sum();
     Ok(sum / (x.rows.max(1) * rows) as f64)
 }

@@ -26,6 +26,7 @@ from ._phi3 import (
     InternalError as InternalError,
     InvalidArgumentError as InvalidArgumentError,
     IoError as IoError,
+    KvUsage as KvUsage,
     Model as Model,
     ModelFormatError as ModelFormatError,
     OutOfMemoryError as OutOfMemoryError,
@@ -41,6 +42,7 @@ from ._phi3 import (
 
 __all__ = [
     "Model",
+    "KvUsage",
     "quantize",
     "Tokenizer",
     "Session",

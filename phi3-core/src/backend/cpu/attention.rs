@@ -6,21 +6,22 @@
 
 use rayon::prelude::*;
 
-use super::CpuKv;
-use crate::backend::{AttnParams, SeqSpan};
+use super::{CpuKvBatch, CpuKvPool};
+use crate::backend::AttnParams;
 
-/// `q`: `[rows, n_heads * head_dim]`; returns the same shape.
+/// `q`: `[rows, n_heads * head_dim]`; returns the same shape. Keys and values are read through
+/// each sequence's block table (checked by the caller).
 pub(super) fn attention(
     q: &[f32],
     rows: usize,
-    seqs: &[SeqSpan],
-    kvs: &[&CpuKv],
+    batch: &CpuKvBatch,
+    pool: &CpuKvPool,
     layer: usize,
     p: &AttnParams,
 ) -> Vec<f32> {
+    let seqs = &batch.seqs;
     let hd = p.head_dim;
     let q_dim = p.n_heads * hd;
-    let kv_dim = p.n_kv_heads * hd;
     let group = p.n_heads / p.n_kv_heads;
     // Which sequence each row belongs to.
     let mut row_seq = vec![0usize; rows];
@@ -30,8 +31,7 @@ pub(super) fn attention(
     let mut out = vec![0.0f32; rows * q_dim];
     out.par_chunks_mut(q_dim).enumerate().for_each(|(row, out_row)| {
         let seq = &seqs[row_seq[row]];
-        let kv = kvs[row_seq[row]];
-        let (keys, values) = (&kv.k[layer], &kv.v[layer]);
+        let table = &batch.tables[row_seq[row]];
         let pos = seq.pos0 + (row - seq.row);
         let first = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let mut scores = vec![0.0f32; pos + 1 - first];
@@ -40,7 +40,7 @@ pub(super) fn attention(
             let kv_off = (h / group) * hd;
             let mut max = f32::NEG_INFINITY;
             for (j, s) in (first..=pos).zip(scores.iter_mut()) {
-                let k = &keys[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
+                let k = &pool.row(table, layer, false, j)[kv_off..kv_off + hd];
                 *s = dot(qh, k) * p.scale;
                 max = max.max(*s);
             }
@@ -52,7 +52,7 @@ pub(super) fn attention(
             let oh = &mut out_row[h * hd..(h + 1) * hd];
             for (j, &s) in (first..=pos).zip(scores.iter()) {
                 let w = s / sum;
-                let v = &values[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
+                let v = &pool.row(table, layer, true, j)[kv_off..kv_off + hd];
                 oh.iter_mut().zip(v).for_each(|(o, &v)| *o += w * v);
             }
         }

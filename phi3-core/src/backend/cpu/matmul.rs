@@ -1,13 +1,16 @@
 //! `linear`: `x @ w^T` with weights in their file dtype or quantized (int8/int4, layouts in
 //! `loader/quant.rs`), and f32 accumulation, on all cores.
 //!
-//! Two paths, both parallel over blocks of output features so each weight row is read once:
-//! - few rows (decode): a dot product per (row, output) that widens bf16/f16 or dequantizes
+//! Two paths, both parallel over blocks of output features so each weight row is read once. The
+//! caller says which rows take which (`gemv_rows`, see `Backend::linear`), and each path computes
+//! a row the same way whatever other rows it is given, so a sequence's results do not depend on
+//! its batch (a test below checks this bit for bit):
+//! - decode rows: a dot product per (row, output) that widens bf16/f16 or dequantizes
 //!   int8/int4 on the fly; it is bound by weight bandwidth, so it reads weights exactly once and
 //!   keeps x in cache. int8: `scale_r * Σ x·q`. int4: `Σ_g scale_g * (Σ x·q - zero_g * Σ_g x)`,
 //!   with x split once per call into its even and odd columns (the low and high nibbles) and
 //!   its group sums, so the inner loop is contiguous and vectorises.
-//! - many rows (prefill): each task widens (or dequantizes) a block of weight rows to f32 and
+//! - prefill rows: each task widens (or dequantizes) a block of weight rows to f32 and
 //!   multiplies it with all of x through `ndarray` (matrixmultiply's blocked, SIMD sgemm); bound
 //!   by compute.
 //!
@@ -23,25 +26,43 @@ use super::WeightView;
 use crate::error::{Error, Result};
 use crate::loader::quant::{QuantData, QuantizedTensor};
 
-/// Up to this many rows use the dot-product path.
-const GEMV_MAX_ROWS: usize = 4;
 /// Output features per task on the dot-product path.
 const GEMV_BLOCK: usize = 16;
 /// Output features per task on the sgemm path (a block of widened weights stays in L2).
 const GEMM_BLOCK: usize = 256;
 
-/// `x`: `[n, k]` f32; `w`: `[m, k]`; returns `[n, m]`.
+/// `x`: `[n, k]` f32; `w`: `[m, k]`; returns `[n, m]`. Rows `0..gemv_rows` take the
+/// dot-product path, the others the sgemm path.
 pub(super) fn linear(
     x: &[f32],
     n: usize,
     k: usize,
     w: WeightView<'_>,
     m: usize,
+    gemv_rows: usize,
+) -> Result<Vec<f32>> {
+    let gemv_rows = gemv_rows.min(n);
+    if gemv_rows == 0 || gemv_rows == n {
+        return linear_one_path(x, n, k, w, m, gemv_rows == n);
+    }
+    let mut out = linear_one_path(&x[..gemv_rows * k], gemv_rows, k, w, m, true)?;
+    out.extend(linear_one_path(&x[gemv_rows * k..], n - gemv_rows, k, w, m, false)?);
+    Ok(out)
+}
+
+/// [`linear`] with every row on one path.
+fn linear_one_path(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: WeightView<'_>,
+    m: usize,
+    gemv: bool,
 ) -> Result<Vec<f32>> {
     let mut out_t = vec![0.0f32; m * n]; // [m, n]
-    if let (WeightView::Quant(q), true) = (w, n <= GEMV_MAX_ROWS) {
+    if let (WeightView::Quant(q), true) = (w, gemv) {
         gemv_quant(x, n, k, q, &mut out_t);
-    } else if n <= GEMV_MAX_ROWS {
+    } else if gemv {
         out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
             let mut widened = Vec::new();
             for (jj, o) in out.chunks_mut(n).enumerate() {
@@ -255,7 +276,7 @@ mod tests {
         let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
         let want = reference(&x, n, k, &w32, m);
         for view in [WeightView::F32(&w32), WeightView::Bf16(&wb), WeightView::F16(&wh)] {
-            let got = linear(&x, n, k, view, m).unwrap();
+            let got = linear(&x, n, k, view, m, old_rule(n)).unwrap();
             for (g, r) in got.iter().zip(&want) {
                 assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n} k={k} m={m}: {g} vs {r}");
             }
@@ -282,12 +303,56 @@ mod tests {
                 let q = QuantizedTensor::from_f32("w", &w, m, k, format).unwrap();
                 let deq = q.dequantize();
                 let want = reference(&x, n, k, &deq, m);
-                let got = linear(&x, n, k, WeightView::Quant(&q), m).unwrap();
+                let got = linear(&x, n, k, WeightView::Quant(&q), m, old_rule(n)).unwrap();
                 // f32 sums of k terms of size |x||w| (int4: the zero-point term cancels
                 // terms up to 15 steps large, so allow for the magnitude of Σ|x|·max|w|).
                 let mag = x.iter().map(|v| v.abs()).sum::<f32>() / n as f32;
                 for (g, r) in got.iter().zip(&want) {
                     assert!((g - r).abs() <= 1e-5 * (1.0 + mag), "{format} n={n}: {g} vs {r}");
+                }
+            }
+        }
+    }
+
+    /// Both paths on small inputs, as the one-sequence forward pass chooses them.
+    fn old_rule(n: usize) -> usize {
+        if n <= crate::backend::GEMV_SPAN {
+            n
+        } else {
+            0
+        }
+    }
+
+    /// Continuous batching's premise: a row's result is the same bits whichever other rows share
+    /// the call, on either path, for every weight kind.
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        use crate::loader::quant::WeightFormat;
+        let (n, k, m) = (11, 256, 70);
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 53 % 97) as f32 - 40.0) / 64.0).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let q8 = QuantizedTensor::from_f32("w", &w, m, k, WeightFormat::Int8).unwrap();
+        let q4 =
+            QuantizedTensor::from_f32("w", &w, m, k, WeightFormat::Int4 { group: 32 }).unwrap();
+        let views = [
+            WeightView::F32(&w),
+            WeightView::Bf16(&wb),
+            WeightView::Quant(&q8),
+            WeightView::Quant(&q4),
+        ];
+        for view in views {
+            for gemv_rows in [0, 1, 4, 7, n] {
+                let all = linear(&x, n, k, view, m, gemv_rows).unwrap();
+                for i in 0..n {
+                    let alone =
+                        linear(&x[i * k..(i + 1) * k], 1, k, view, m, usize::from(i < gemv_rows))
+                            .unwrap();
+                    assert_eq!(
+                        &all[i * m..(i + 1) * m],
+                        &alone[..],
+                        "row {i}, gemv_rows {gemv_rows}"
+                    );
                 }
             }
         }

@@ -16,14 +16,11 @@ mod rope;
 
 use half::{bf16, f16};
 
-use super::{AttnParams, Backend, KvLayout, SeqSpan};
+use super::{AttnParams, Backend, KvLayout, SeqSpan, KV_BLOCK_TOKENS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::quant::{QuantizedTensor, WeightFormat};
 use crate::loader::{DType, HostTensor};
 use crate::rope::RopeBatch;
-
-/// KV caches grow in blocks of this many tokens, so appends rarely reallocate.
-const KV_BLOCK_TOKENS: usize = 256;
 
 /// The CPU backend. Threads come from rayon's global pool (all cores by default).
 #[derive(Clone, Debug, Default)]
@@ -67,13 +64,56 @@ pub(crate) enum WeightView<'a> {
     Quant(&'a QuantizedTensor),
 }
 
-/// One sequence's KV cache: per layer, keys and values `[capacity, n_kv_heads, head_dim]`, f32.
+/// The KV pool: blocks allocated one at a time (growth never moves data), each
+/// `[n_layers][keys, values][KV_BLOCK_TOKENS][n_kv_heads * head_dim]` f32.
 #[derive(Clone, Debug)]
-pub struct CpuKv {
+pub struct CpuKvPool {
     layout: KvLayout,
-    capacity: usize,
-    k: Vec<Vec<f32>>, // [n_layers][capacity * n_kv_heads * head_dim]
-    v: Vec<Vec<f32>>, // [n_layers][capacity * n_kv_heads * head_dim]
+    blocks: Vec<Box<[f32]>>,
+}
+
+/// A forward pass's sequences and their block tables.
+#[derive(Clone, Debug)]
+pub struct CpuKvBatch {
+    seqs: Vec<SeqSpan>,
+    tables: Vec<Vec<u32>>,
+}
+
+impl CpuKvPool {
+    /// Offset within a block of the keys (`values == false`) or values of `layer` at the
+    /// block's `slot`-th token.
+    fn offset(&self, layer: usize, values: bool, slot: usize) -> usize {
+        let row = self.layout.row_len();
+        ((2 * layer + usize::from(values)) * KV_BLOCK_TOKENS + slot) * row
+    }
+
+    /// The key (`values == false`) or value row of `layer` at position `pos` of the sequence
+    /// stored in `table`.
+    pub(crate) fn row(&self, table: &[u32], layer: usize, values: bool, pos: usize) -> &[f32] {
+        let at = self.offset(layer, values, pos % KV_BLOCK_TOKENS);
+        &self.blocks[table[pos / KV_BLOCK_TOKENS] as usize][at..at + self.layout.row_len()]
+    }
+
+    /// [`CpuKvPool::row`], writable.
+    fn row_mut(&mut self, table: &[u32], layer: usize, values: bool, pos: usize) -> &mut [f32] {
+        let at = self.offset(layer, values, pos % KV_BLOCK_TOKENS);
+        let row = self.layout.row_len();
+        &mut self.blocks[table[pos / KV_BLOCK_TOKENS] as usize][at..at + row]
+    }
+
+    /// Check that `table` covers `n_tokens` tokens with ids of this pool (`Internal` otherwise:
+    /// the tables come from `kv_pool.rs`, not from hosts).
+    fn check_table(&self, table: &[u32], n_tokens: usize) -> Result<()> {
+        if table.len() < n_tokens.div_ceil(KV_BLOCK_TOKENS)
+            || table.iter().any(|&b| b as usize >= self.blocks.len())
+        {
+            return Err(Error::internal(format!(
+                "block table {table:?} does not cover {n_tokens} tokens of a pool of {} blocks",
+                self.blocks.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl CpuAct {
@@ -147,12 +187,6 @@ compile_error!(
     "the CPU backend reads little-endian weights in place: big-endian hosts are unsupported"
 );
 
-impl CpuKv {
-    fn row_len(&self) -> usize {
-        self.layout.row_len()
-    }
-}
-
 /// Allocate a zeroed f32 buffer, reporting failure as OutOfMemory instead of aborting.
 fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
     let mut v = Vec::new();
@@ -169,7 +203,8 @@ fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
 impl Backend for CpuBackend {
     type Act = CpuAct;
     type Weight = CpuWeight;
-    type Kv = CpuKv;
+    type KvPool = CpuKvPool;
+    type KvBatch = CpuKvBatch;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -198,70 +233,92 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { rows: q.rows, cols: q.cols, storage: WeightStorage::Quantized(q) })
     }
 
-    fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKv> {
-        Ok(CpuKv {
-            layout: *layout,
-            capacity: 0,
-            k: vec![Vec::new(); layout.n_layers],
-            v: vec![Vec::new(); layout.n_layers],
-        })
+    fn new_kv_pool(&self, layout: &KvLayout) -> Result<CpuKvPool> {
+        Ok(CpuKvPool { layout: *layout, blocks: Vec::new() })
     }
 
-    fn reserve_kv(&self, kv: &mut CpuKv, tokens: usize) -> Result<()> {
-        if tokens <= kv.capacity {
-            return Ok(());
+    fn kv_block_bytes(&self, layout: &KvLayout) -> u64 {
+        4 * layout.block_len() as u64
+    }
+
+    fn kv_pool_blocks(&self, pool: &CpuKvPool) -> usize {
+        pool.blocks.len()
+    }
+
+    fn grow_kv_pool(
+        &self,
+        pool: &mut CpuKvPool,
+        min_blocks: usize,
+        max_blocks: usize,
+    ) -> Result<usize> {
+        let old = pool.blocks.len();
+        if min_blocks > max_blocks {
+            return Err(Error::internal(format!("grow_kv_pool: {min_blocks} > {max_blocks}")));
         }
-        let capacity = tokens.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
-        let len = capacity.checked_mul(kv.row_len()).ok_or_else(|| {
-            Error::new(ErrorKind::OutOfMemory, format!("KV cache of {tokens} tokens"))
-        })?;
-        // Grow every layer or none: on failure the cache keeps its old capacity.
-        let mut grown_k = Vec::with_capacity(kv.layout.n_layers);
-        let mut grown_v = Vec::with_capacity(kv.layout.n_layers);
-        for layer in 0..kv.layout.n_layers {
-            let mut k = try_zeroed(len, "the KV cache")?;
-            let mut v = try_zeroed(len, "the KV cache")?;
-            k[..kv.k[layer].len()].copy_from_slice(&kv.k[layer]);
-            v[..kv.v[layer].len()].copy_from_slice(&kv.v[layer]);
-            grown_k.push(k);
-            grown_v.push(v);
+        while pool.blocks.len() < min_blocks {
+            match try_zeroed(pool.layout.block_len(), "a KV block") {
+                Ok(block) => pool.blocks.push(block.into_boxed_slice()),
+                Err(e) => {
+                    pool.blocks.truncate(old);
+                    return Err(e);
+                }
+            }
         }
-        kv.k = grown_k;
-        kv.v = grown_v;
-        kv.capacity = capacity;
+        Ok(pool.blocks.len())
+    }
+
+    fn copy_kv_blocks(&self, pool: &mut CpuKvPool, pairs: &[(u32, u32)]) -> Result<()> {
+        for &(src, dst) in pairs {
+            let (src, dst) = (src as usize, dst as usize);
+            if src.max(dst) >= pool.blocks.len() || src == dst {
+                return Err(Error::internal(format!("copy_kv_blocks: bad pair ({src}, {dst})")));
+            }
+            let data = pool.blocks[src].clone();
+            pool.blocks[dst].copy_from_slice(&data);
+        }
         Ok(())
     }
 
-    fn copy_kv(&self, src: &CpuKv, n_tokens: usize) -> Result<CpuKv> {
-        let mut dst = self.alloc_kv(&src.layout)?;
-        self.reserve_kv(&mut dst, n_tokens)?;
-        let n = n_tokens * src.row_len();
-        for layer in 0..src.layout.n_layers {
-            dst.k[layer][..n].copy_from_slice(&src.k[layer][..n]);
-            dst.v[layer][..n].copy_from_slice(&src.v[layer][..n]);
-        }
-        Ok(dst)
-    }
-
-    fn kv_to_host(&self, kv: &CpuKv, n_tokens: usize) -> Result<Vec<f32>> {
-        let n = n_tokens * kv.row_len();
-        let mut out = Vec::with_capacity(2 * n * kv.layout.n_layers);
-        for layer in 0..kv.layout.n_layers {
-            out.extend_from_slice(&kv.k[layer][..n]);
-            out.extend_from_slice(&kv.v[layer][..n]);
+    fn kv_to_host(&self, pool: &CpuKvPool, blocks: &[u32], n_tokens: usize) -> Result<Vec<f32>> {
+        pool.check_table(blocks, n_tokens)?;
+        let n = n_tokens * pool.layout.row_len();
+        let mut out = Vec::with_capacity(2 * n * pool.layout.n_layers);
+        for layer in 0..pool.layout.n_layers {
+            for values in [false, true] {
+                for pos in 0..n_tokens {
+                    out.extend_from_slice(pool.row(blocks, layer, values, pos));
+                }
+            }
         }
         Ok(out)
     }
 
-    fn kv_from_host(&self, kv: &mut CpuKv, n_tokens: usize, data: &[f32]) -> Result<()> {
-        let n = kv.layout.check_host_len(n_tokens, data.len())?;
-        self.reserve_kv(kv, n_tokens)?;
-        for (layer, chunk) in data.chunks_exact(2 * n.max(1)).enumerate().take(kv.layout.n_layers) {
-            let (k, v) = chunk.split_at(n);
-            kv.k[layer][..n].copy_from_slice(k);
-            kv.v[layer][..n].copy_from_slice(v);
+    fn kv_from_host(
+        &self,
+        pool: &mut CpuKvPool,
+        blocks: &[u32],
+        n_tokens: usize,
+        data: &[f32],
+    ) -> Result<()> {
+        let n = pool.layout.check_host_len(n_tokens, data.len())?;
+        pool.check_table(blocks, n_tokens)?;
+        let row = pool.layout.row_len();
+        for (layer, chunk) in data.chunks_exact(2 * n.max(1)).enumerate().take(pool.layout.n_layers)
+        {
+            for (values, half) in [(false, &chunk[..n]), (true, &chunk[n..])] {
+                for (pos, src) in half.chunks_exact(row).enumerate() {
+                    pool.row_mut(blocks, layer, values, pos).copy_from_slice(src);
+                }
+            }
         }
         Ok(())
+    }
+
+    fn kv_batch(&self, seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<CpuKvBatch> {
+        if seqs.len() != blocks.len() {
+            return Err(Error::internal("kv_batch: one block table per sequence"));
+        }
+        Ok(CpuKvBatch { seqs: seqs.to_vec(), tables: blocks.iter().map(|t| t.to_vec()).collect() })
     }
 
     fn embed(&self, table: &CpuWeight, tokens: &[u32]) -> Result<CpuAct> {
@@ -298,33 +355,39 @@ impl Backend for CpuBackend {
         Ok(CpuAct::new(residual.rows, residual.cols, data))
     }
 
-    fn linear(&self, x: &CpuAct, w: &CpuWeight) -> Result<CpuAct> {
-        let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows)?;
+    fn linear(&self, x: &CpuAct, w: &CpuWeight, gemv_rows: usize) -> Result<CpuAct> {
+        let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows, gemv_rows)?;
         Ok(CpuAct::new(x.rows, w.rows, data))
     }
 
     fn rope_store_kv(
         &self,
         qkv: &CpuAct,
-        seqs: &[SeqSpan],
+        batch: &CpuKvBatch,
         rope: &RopeBatch,
-        kvs: &mut [&mut CpuKv],
+        pool: &mut CpuKvPool,
         layer: usize,
         params: &AttnParams,
     ) -> Result<CpuAct> {
-        let q = rope::rope_store_kv(&qkv.data, qkv.cols, seqs, rope, kvs, layer, params);
+        for (seq, table) in batch.seqs.iter().zip(&batch.tables) {
+            pool.check_table(table, seq.pos0 + seq.len)?;
+        }
+        let q = rope::rope_store_kv(&qkv.data, qkv.cols, batch, rope, pool, layer, params);
         Ok(CpuAct::new(qkv.rows, params.n_heads * params.head_dim, q))
     }
 
     fn attention(
         &self,
         q: &CpuAct,
-        seqs: &[SeqSpan],
-        kvs: &[&CpuKv],
+        batch: &CpuKvBatch,
+        pool: &CpuKvPool,
         layer: usize,
         params: &AttnParams,
     ) -> Result<CpuAct> {
-        let out = attention::attention(&q.data, q.rows, seqs, kvs, layer, params);
+        for (seq, table) in batch.seqs.iter().zip(&batch.tables) {
+            pool.check_table(table, seq.pos0 + seq.len)?;
+        }
+        let out = attention::attention(&q.data, q.rows, batch, pool, layer, params);
         Ok(CpuAct::new(q.rows, q.cols, out))
     }
 

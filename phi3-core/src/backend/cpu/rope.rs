@@ -6,8 +6,8 @@
 //!   out[i + h] = x[i + h] * cos[i] + x[i] * sin[i]
 //! and dims past `rotary_dim` (partial rotary) pass through.
 
-use super::CpuKv;
-use crate::backend::{AttnParams, SeqSpan};
+use super::{CpuKvBatch, CpuKvPool};
+use crate::backend::AttnParams;
 use crate::rope::RopeBatch;
 
 /// Rotate the leading `2 * cos.len()` dims of `head` in place.
@@ -20,13 +20,14 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Returns rotated q `[rows, n_heads * head_dim]`; writes rotated k and v into `kvs`.
+/// Returns rotated q `[rows, n_heads * head_dim]`; writes rotated k and v into each sequence's
+/// blocks (tables checked by the caller).
 pub(super) fn rope_store_kv(
     qkv: &[f32],
     qkv_cols: usize,
-    seqs: &[SeqSpan],
+    batch: &CpuKvBatch,
     rope: &RopeBatch,
-    kvs: &mut [&mut CpuKv],
+    pool: &mut CpuKvPool,
     layer: usize,
     p: &AttnParams,
 ) -> Vec<f32> {
@@ -35,7 +36,7 @@ pub(super) fn rope_store_kv(
     let kv_dim = p.n_kv_heads * hd;
     let rows = qkv.len() / qkv_cols;
     let mut q_out = Vec::with_capacity(rows * q_dim);
-    for (seq, kv) in seqs.iter().zip(kvs.iter_mut()) {
+    for (seq, table) in batch.seqs.iter().zip(&batch.tables) {
         for t in 0..seq.len {
             let row_idx = seq.row + t;
             let row = &qkv[row_idx * qkv_cols..(row_idx + 1) * qkv_cols];
@@ -49,13 +50,13 @@ pub(super) fn rope_store_kv(
             }
 
             let pos = seq.pos0 + t;
-            let dst = pos * kv_dim..(pos + 1) * kv_dim;
-            let k = &mut kv.k[layer][dst.clone()];
+            let k = pool.row_mut(table, layer, false, pos);
             k.copy_from_slice(&row[q_dim..q_dim + kv_dim]);
             for head in k.chunks_exact_mut(hd) {
                 rotate(head, cos, sin);
             }
-            kv.v[layer][dst].copy_from_slice(&row[q_dim + kv_dim..q_dim + 2 * kv_dim]);
+            let v = pool.row_mut(table, layer, true, pos);
+            v.copy_from_slice(&row[q_dim + kv_dim..q_dim + 2 * kv_dim]);
         }
     }
     q_out

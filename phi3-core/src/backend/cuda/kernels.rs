@@ -73,6 +73,11 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["phi3_attention"],
     },
     KernelSource {
+        name: "kv_blocks.cu",
+        source: include_str!("../../../../kernels/kv_blocks.cu"),
+        entries: &["phi3_copy_kv_blocks"],
+    },
+    KernelSource {
         name: "swiglu.cu",
         source: include_str!("../../../../kernels/swiglu.cu"),
         entries: &["phi3_swiglu"],

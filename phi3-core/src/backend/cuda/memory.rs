@@ -8,16 +8,25 @@
 //! activations of one forward pass of [`crate::PREFILL_CHUNK`] tokens (residual, normed input,
 //! qkv, q, attention output, gate_up, SwiGLU output, MLP output, plus their 16-bit GEMM copies),
 //! doubled for the stream-ordered allocator's slack, plus a fixed allowance for cuBLAS's
-//! workspace and the kernel modules. KV caches grow per session (bf16, see `mod.rs`); the estimate
-//! includes `kv_tokens` tokens of one cache when the caller asks (0: none), and a later growth
-//! that does not fit is an `OutOfMemory` error of that session.
+//! workspace and the kernel modules. KV memory is the model's paged pool (bf16 blocks of
+//! [`KV_BLOCK_TOKENS`] tokens, see `kv.rs`), which grows up to a budget: by default
+//! [`kv_budget`], what is free once the weights are loaded less the working memory above and
+//! [`KV_HEADROOM_BYTES`]. The estimate includes `kv_tokens` tokens of KV blocks when the caller
+//! asks (0: none, the pool then takes what is left).
 
+use crate::backend::KV_BLOCK_TOKENS;
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::{DType, TensorRole, WeightFormat};
 
 /// Fixed allowance for cuBLAS workspaces, modules and allocator granularity.
 const FIXED_BYTES: u64 = 512 << 20;
+/// Device memory the default KV budget leaves free beyond the working memory: allocator
+/// fragmentation, batches wider than one prefill chunk, other users of the device.
+pub const KV_HEADROOM_BYTES: u64 = 1 << 30;
+/// Working memory assumed by [`kv_budget`] without an estimate (a Phi-3-medium prefill chunk
+/// needs about 0.95 GiB).
+const UNKNOWN_WORKING_BYTES: u64 = 2 << 30;
 
 /// Bytes the device must have free to load a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +37,7 @@ pub struct MemoryEstimate {
     pub working: u64,
     /// The bf16 dequantization workspace of quantized projections (0 for native weights).
     pub workspace: u64,
-    /// One session's KV cache of the requested number of tokens (0 when none was asked for).
+    /// KV blocks for the requested number of tokens (0 when none was asked for).
     pub kv: u64,
 }
 
@@ -60,11 +69,22 @@ pub fn tensor_bytes(shape: &[usize], dtype: DType, role: TensorRole, format: Wei
     }
 }
 
-/// Bytes of one session's KV cache holding `tokens` tokens: every layer's keys and values in
-/// bf16, capacity rounded up to the cache's 256-token blocks.
+/// Bytes of the KV blocks holding one sequence of `tokens` tokens: every layer's keys and values
+/// in bf16, rounded up to whole blocks of [`KV_BLOCK_TOKENS`] tokens.
 pub fn kv_bytes(config: &ModelConfig, tokens: usize) -> u64 {
-    let capacity = tokens.div_ceil(super::KV_BLOCK_TOKENS) * super::KV_BLOCK_TOKENS;
+    let capacity = tokens.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
     2 * 2 * config.num_hidden_layers as u64 * capacity as u64 * config.kv_dim() as u64
+}
+
+/// The default KV budget (`Backend::default_kv_budget`), asked once the weights are loaded: the
+/// device's `free` memory less [`KV_HEADROOM_BYTES`], `need`'s working memory (activations of a
+/// prefill chunk, cuBLAS workspace, modules: not all allocated yet) and the part of its
+/// dequantization workspace not yet allocated (`workspace_held` bytes are, and are no longer
+/// free). Without an estimate the working memory is taken as 2 GiB. 0 when nothing is left.
+pub fn kv_budget(free: u64, need: Option<&MemoryEstimate>, workspace_held: u64) -> u64 {
+    let working = need
+        .map_or(UNKNOWN_WORKING_BYTES, |n| n.working + n.workspace.saturating_sub(workspace_held));
+    free.saturating_sub(KV_HEADROOM_BYTES + working)
 }
 
 /// The estimate for `config` whose tensors (shape, dtype) are `tensors`, native weights, no KV
@@ -80,8 +100,8 @@ pub fn estimate<'a>(
 
 /// The estimate for `config` whose tensors are `tensors`, each given as (shape, file dtype, role,
 /// the format it is stored in on the device: `Native`, or the projection's quantized format,
-/// whether quantized at load or read from a quantized checkpoint), with room for one KV cache of
-/// `kv_tokens` tokens. The dequantization workspace is counted when any projection is quantized.
+/// whether quantized at load or read from a quantized checkpoint), with room for KV blocks of
+/// one sequence of `kv_tokens` tokens. The dequantization workspace is counted when any projection is quantized.
 pub fn estimate_for<'a>(
     config: &ModelConfig,
     tensors: impl IntoIterator<Item = (&'a [usize], DType, TensorRole, WeightFormat)>,
@@ -219,7 +239,8 @@ mod tests {
             tensor_bytes(&[64, 128], DType::F32, TensorRole::Projection, i8),
             64 * 128 + 4 * 64
         );
-        assert_eq!(kv_bytes(&medium(), 1), 40 * 2 * 256 * 1280 * 2);
+        assert_eq!(kv_bytes(&medium(), 1), 40 * 2 * 16 * 1280 * 2);
+        assert_eq!(kv_bytes(&medium(), 17), 40 * 2 * 32 * 1280 * 2);
         assert_eq!(kv_bytes(&medium(), 0), 0);
     }
 
@@ -235,5 +256,26 @@ mod tests {
         let err = check("cuda:0", &e, 24 << 30, 24 << 30).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::OutOfMemory);
         assert!(err.to_string().contains("24.00 GiB"), "{err}");
+    }
+
+    #[test]
+    fn kv_budget_keeps_the_working_memory_free() {
+        let c = medium();
+        let t = tensors(&c);
+        let e = estimate_for(
+            &c,
+            t.iter().map(|(s, r)| (s.as_slice(), DType::BF16, *r, WeightFormat::Int8)),
+            0,
+        );
+        assert!(e.workspace > 0);
+        let free = 40u64 << 30;
+        let all = kv_budget(free, Some(&e), 0);
+        assert_eq!(all, free - KV_HEADROOM_BYTES - e.working - e.workspace);
+        // A workspace already allocated is no longer free, so it is not reserved again.
+        assert_eq!(kv_budget(free, Some(&e), e.workspace), all + e.workspace);
+        assert_eq!(kv_budget(free, None, 0), free - (3 << 30));
+        assert_eq!(kv_budget(1 << 30, Some(&e), 0), 0);
+        // The working memory of a Phi-3-medium chunk is below the no-estimate allowance.
+        assert!(e.working < UNKNOWN_WORKING_BYTES, "{e:?}");
     }
 }

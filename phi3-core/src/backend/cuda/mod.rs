@@ -8,32 +8,39 @@
 //! Numerics: activations (and the residual stream) are f32. `linear` with one row runs the GEMV
 //! kernel (weights in their dtype, f32 activations and accumulation); with more rows the
 //! activations are rounded to the weight's dtype (bf16/f16) and cuBLAS multiplies with fp32
-//! accumulation (f32 weights: an f32 GEMM). The KV cache is bf16 (half the memory of f32: a 128k
-//! context of Phi-3-medium takes 25 GiB next to 28 GiB of weights); attention reads it in f32.
+//! accumulation (f32 weights: an f32 GEMM). cuBLAS may pick a different algorithm (and summation
+//! order) for a different row count, so on CUDA a sequence's prefill results in a batch equal its
+//! solo run only to rounding; a batch-invariant multi-row path is later work. The KV cache is a
+//! paged pool of bf16 blocks (`kv.rs`; half the memory of f32: a 128k context of Phi-3-medium takes
+//! 25 GiB next to 28 GiB of weights); attention reads it in f32, every sequence of a batch in one
+//! launch through its block table.
 //!
 //! Quantized projections (int8, int4; `quant.rs`): one row runs a GEMV that dequantizes in
 //! registers; more rows dequantize blocks of weight rows to bf16 in a bounded workspace and take
 //! the bf16 cuBLAS path.
 //!
 //! Files: `context.rs` (device, stream), `error.rs` (error mapping, panic guard), `nvrtc.rs` and
-//! `kernels.rs` (compile, cache, load), `memory.rs` (estimate), `upload.rs` (staging, dummy
-//! weights), `quant.rs` (quantized weights and their `linear`), `blas.rs` (cuBLAS GEMM), `ops.rs`
-//! (kernel launchers); this file holds the buffer types and the trait methods, which validate
-//! their inputs before launching.
+//! `kernels.rs` (compile, cache, load), `memory.rs` (estimate, default KV budget), `upload.rs`
+//! (staging, dummy weights), `quant.rs` (quantized weights and their `linear`), `kv.rs` (the KV
+//! pool, its host transfers and the per-pass batch descriptor), `blas.rs` (cuBLAS GEMM), `ops.rs`
+//! (kernel launchers); this file holds the activation and weight types and the trait methods,
+//! which validate their inputs before launching.
 //!
-//! Not here: CUDA graphs, batched decode across sessions, fused/split-K attention (later issues).
+//! Not here: CUDA graphs, a batch-invariant multi-row GEMM, split-K/flash-decoding attention
+//! (later issues).
 
 mod blas;
 mod context;
 mod error;
 pub mod kernels;
+mod kv;
 pub mod memory;
 mod nvrtc;
 mod ops;
 pub mod quant;
 mod upload;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -43,17 +50,13 @@ pub use self::context::device_count;
 use self::context::DeviceContext;
 use self::error::{guard, DriverResultExt};
 pub use self::kernels::KernelStatus;
+pub use self::kv::{CudaKvBatch, CudaKvPool, KV_SLAB_BYTES};
 pub use self::upload::dummy_value;
 use super::{AttnParams, Backend, KvLayout, SeqSpan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::{DType, HostTensor, QuantizedTensor, WeightFormat};
 use crate::rope::RopeBatch;
 
-/// KV caches grow in blocks of this many tokens (and at least by their size, up to
-/// [`KV_GROWTH_MAX_TOKENS`], so long prompts do not copy the cache at every chunk).
-const KV_BLOCK_TOKENS: usize = 256;
-/// Largest single growth step of a KV cache beyond what was asked, in tokens.
-const KV_GROWTH_MAX_TOKENS: usize = 4096;
 /// bf16 NaN: poisons fresh KV storage in checks.
 const BF16_NAN: u16 = 0x7fc0;
 
@@ -64,10 +67,15 @@ pub struct CudaBackend {
     kernels: kernels::Kernels,
     /// Bytes of weights held on the device.
     weight_bytes: AtomicU64,
-    /// Bytes of KV storage held by all live caches (shared with each [`CudaKv`]).
+    /// Bytes of KV storage held by all live pools (shared with each [`CudaKvPool`]).
     kv_bytes: Arc<AtomicU64>,
     /// Fill every new activation with NaN and new KV storage with bf16 NaN (checks only).
     poison: AtomicBool,
+    /// Blocks per slab of pools created from now on; 0: about [`KV_SLAB_BYTES`] (checks set it).
+    kv_slab_blocks: AtomicUsize,
+    /// The estimate of the last [`CudaBackend::check_memory`]: its working memory is kept free
+    /// by [`Backend::default_kv_budget`].
+    memory_need: Mutex<Option<memory::MemoryEstimate>>,
     /// bf16 rows of a quantized weight for the prefill GEMM (`quant.rs`); grown on demand up to
     /// `quant::DEQUANT_WORKSPACE_BYTES`, shared by every weight and call.
     workspace: Mutex<Option<CudaSlice<u16>>>,
@@ -97,24 +105,6 @@ enum WeightData {
     F16(CudaSlice<u16>),  // [rows * cols], f16 bit patterns
     F32(CudaSlice<f32>),  // [rows * cols]
     Quant(quant::QuantWeight),
-}
-
-/// One sequence's KV cache on the device: per layer, keys and values
-/// `[capacity, n_kv_heads * head_dim]` bf16.
-pub struct CudaKv {
-    layout: KvLayout,
-    capacity: usize,
-    k: Vec<CudaSlice<u16>>, // [n_layers][capacity * kv_dim]; empty while capacity is 0
-    v: Vec<CudaSlice<u16>>, // [n_layers][capacity * kv_dim]
-    /// Bytes held here, counted in the backend's total.
-    bytes: u64,
-    counter: Arc<AtomicU64>,
-}
-
-impl Drop for CudaKv {
-    fn drop(&mut self) {
-        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
 }
 
 impl CudaAct {
@@ -154,12 +144,6 @@ impl CudaWeight {
     }
 }
 
-impl CudaKv {
-    fn kv_dim(&self) -> usize {
-        self.layout.row_len()
-    }
-}
-
 /// Device facts and memory use, for `phi3 info` and `phi3 bench`.
 #[derive(Clone, Debug)]
 pub struct CudaStats {
@@ -171,7 +155,7 @@ pub struct CudaStats {
     pub total_memory: u64,
     /// Bytes of weights on the device.
     pub weight_bytes: u64,
-    /// Bytes of KV storage held by all live sessions.
+    /// Bytes of KV storage held by all live KV pools (every block allocated, in use or free).
     pub kv_bytes: u64,
     /// Bytes of the dequantization workspace of quantized weights (0 until a prefill needs it).
     pub workspace_bytes: u64,
@@ -197,6 +181,8 @@ impl CudaBackend {
             weight_bytes: AtomicU64::new(0),
             kv_bytes: Arc::new(AtomicU64::new(0)),
             poison: AtomicBool::new(false),
+            kv_slab_blocks: AtomicUsize::new(0),
+            memory_need: Mutex::new(None),
             workspace: Mutex::new(None),
             workspace_bytes: AtomicU64::new(0),
         })
@@ -215,8 +201,11 @@ impl CudaBackend {
         }
     }
 
-    /// `OutOfMemory`, naming the numbers, when `need` exceeds the device's free memory.
+    /// `OutOfMemory`, naming the numbers, when `need` exceeds the device's free memory. Also
+    /// remembers `need`, whose working memory and dequantization workspace
+    /// [`Backend::default_kv_budget`] then keeps free (see [`memory::kv_budget`]).
     pub fn check_memory(&self, need: &memory::MemoryEstimate) -> Result<()> {
+        *self.memory_need.lock().unwrap_or_else(|e| e.into_inner()) = Some(*need);
         let (free, total) = self.dev.memory_info()?;
         memory::check(&self.name(), need, free, total)
     }
@@ -225,6 +214,12 @@ impl CudaBackend {
     /// kernel that leaves part of its output unwritten shows up as NaN in the result.
     pub fn set_poison(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Checks only: KV pools created from now on put `blocks` blocks in each slab (0: the
+    /// default, about [`KV_SLAB_BYTES`] a slab), so that a small pool spans several slabs.
+    pub fn set_kv_slab_blocks(&self, blocks: usize) {
+        self.kv_slab_blocks.store(blocks, Ordering::Relaxed);
     }
 
     /// Activations `[rows, cols]` from host data (checks and tests).
@@ -354,42 +349,6 @@ impl CudaBackend {
         self.launch_to_half(name, &x.buf, &mut y, n)?;
         Ok(y)
     }
-
-    /// Grow (or create) layer buffers to `capacity` tokens, keeping the first `keep` tokens.
-    fn grow_kv(&self, kv: &mut CudaKv, capacity: usize) -> Result<()> {
-        let row = kv.kv_dim();
-        let keep = kv.capacity * row;
-        let n = capacity * row;
-        // Layer by layer, so at most one layer's old and new buffers coexist. A failure part way
-        // leaves some layers larger than `kv.capacity`, which stays the committed size.
-        for layer in 0..kv.layout.n_layers {
-            for which in [0, 1] {
-                let mut fresh = self.alloc_u16(n, "the KV cache")?;
-                let fresh_bytes = 2 * fresh.len() as u64;
-                let bufs = if which == 0 { &mut kv.k } else { &mut kv.v };
-                let mut old_bytes = 0;
-                if let Some(old) = bufs.get(layer) {
-                    let copy = keep.min(old.len());
-                    if copy > 0 {
-                        let mut dst = fresh.slice_mut(0..copy);
-                        self.dev
-                            .stream
-                            .memcpy_dtod(&old.slice(0..copy), &mut dst)
-                            .ctx("KV copy")?;
-                    }
-                    old_bytes = 2 * old.len() as u64;
-                    bufs[layer] = fresh;
-                } else {
-                    bufs.push(fresh);
-                }
-                kv.bytes = kv.bytes + fresh_bytes - old_bytes;
-                kv.counter.fetch_add(fresh_bytes, Ordering::Relaxed);
-                kv.counter.fetch_sub(old_bytes, Ordering::Relaxed);
-            }
-        }
-        kv.capacity = capacity;
-        Ok(())
-    }
 }
 
 /// The GEMV kernel of a 16-bit weight.
@@ -399,19 +358,6 @@ fn gemv_name(w: &WeightData) -> &'static str {
     } else {
         "phi3_gemv_f16"
     }
-}
-
-/// `kv` has `layer` and rows of `kv_dim` (the kernels index its buffers with the caller's
-/// geometry, so a mismatch would read or write out of bounds).
-fn check_kv(kv: &CudaKv, layer: usize, kv_dim: usize, what: &str) -> Result<()> {
-    if layer >= kv.layout.n_layers || kv.kv_dim() != kv_dim {
-        return Err(Error::internal(format!(
-            "{what}: layer {layer}, KV row width {kv_dim}, but the cache has {} layers of width {}",
-            kv.layout.n_layers,
-            kv.kv_dim()
-        )));
-    }
-    Ok(())
 }
 
 fn check_attn(p: &AttnParams) -> Result<()> {
@@ -431,7 +377,8 @@ fn check_attn(p: &AttnParams) -> Result<()> {
 impl Backend for CudaBackend {
     type Act = CudaAct;
     type Weight = CudaWeight;
-    type Kv = CudaKv;
+    type KvPool = CudaKvPool;
+    type KvBatch = CudaKvBatch;
 
     fn name(&self) -> String {
         format!("cuda:{} ({}, sm_{})", self.dev.ordinal, self.dev.name, self.dev.arch)
@@ -445,93 +392,55 @@ impl Backend for CudaBackend {
         self.upload_quantized_tensor(q)
     }
 
-    fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKv> {
-        Ok(CudaKv {
-            layout: *layout,
-            capacity: 0,
-            k: Vec::new(),
-            v: Vec::new(),
-            bytes: 0,
-            counter: self.kv_bytes.clone(),
-        })
+    fn new_kv_pool(&self, layout: &KvLayout) -> Result<CudaKvPool> {
+        self.new_pool(layout)
     }
 
-    fn reserve_kv(&self, kv: &mut CudaKv, tokens: usize) -> Result<()> {
-        if tokens <= kv.capacity {
-            return Ok(());
-        }
-        let step = kv.capacity.clamp(KV_BLOCK_TOKENS, KV_GROWTH_MAX_TOKENS);
-        let want = tokens.max(kv.capacity + step);
-        let capacity = want.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
-        if kv.capacity.checked_add(step).is_none() || capacity.checked_mul(kv.kv_dim()).is_none() {
-            return Err(Error::new(ErrorKind::OutOfMemory, format!("KV cache of {tokens} tokens")));
-        }
-        // Ask for the exact size when the geometric step would not fit but the request would.
-        match self.grow_kv(kv, capacity) {
-            Err(e) if e.kind() == ErrorKind::OutOfMemory && capacity > tokens => {
-                let exact = tokens.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
-                self.grow_kv(kv, exact)
-            }
-            r => r,
-        }
+    /// The device memory free now less a reserve: 1 GiB of headroom plus the working memory
+    /// and the not yet allocated dequantization workspace of the last
+    /// [`check_memory`](CudaBackend::check_memory) estimate (activations of one prefill chunk,
+    /// cuBLAS workspace, modules; 2 GiB when there was none). See [`memory::kv_budget`]. `None`
+    /// (no limit but allocation failure) when the driver cannot say what is free.
+    fn default_kv_budget(&self) -> Option<u64> {
+        let (free, _) = self.dev.memory_info().ok()?;
+        let need = *self.memory_need.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.workspace_bytes.load(Ordering::Relaxed);
+        Some(memory::kv_budget(free, need.as_ref(), held))
     }
 
-    fn copy_kv(&self, src: &CudaKv, n_tokens: usize) -> Result<CudaKv> {
-        let mut dst = self.alloc_kv(&src.layout)?;
-        self.reserve_kv(&mut dst, n_tokens)?;
-        let n = n_tokens.min(src.capacity) * src.kv_dim();
-        if n > 0 {
-            for layer in 0..src.layout.n_layers {
-                for (s, d) in
-                    [(&src.k[layer], &mut dst.k[layer]), (&src.v[layer], &mut dst.v[layer])]
-                {
-                    let mut dv = d.slice_mut(0..n);
-                    self.dev.stream.memcpy_dtod(&s.slice(0..n), &mut dv).ctx("KV cache copy")?;
-                }
-            }
-        }
-        Ok(dst)
+    fn kv_pool_blocks(&self, pool: &CudaKvPool) -> usize {
+        pool.blocks()
     }
 
-    fn kv_to_host(&self, kv: &CudaKv, n_tokens: usize) -> Result<Vec<f32>> {
-        let n = n_tokens * kv.kv_dim();
-        if n_tokens > kv.capacity {
-            return Err(Error::internal(format!(
-                "KV cache holds {} tokens, {n_tokens} asked",
-                kv.capacity
-            )));
-        }
-        let mut out = Vec::with_capacity(2 * n * kv.layout.n_layers);
-        if n == 0 {
-            return Ok(out);
-        }
-        let mut host = vec![0u16; n];
-        for layer in 0..kv.layout.n_layers {
-            for buf in [&kv.k[layer], &kv.v[layer]] {
-                self.dev.stream.memcpy_dtoh(&buf.slice(0..n), &mut host).ctx("KV to the host")?;
-                self.synchronize()?;
-                out.extend(host.iter().map(|&b| bf16::from_bits(b).to_f32()));
-            }
-        }
-        Ok(out)
+    fn grow_kv_pool(
+        &self,
+        pool: &mut CudaKvPool,
+        min_blocks: usize,
+        max_blocks: usize,
+    ) -> Result<usize> {
+        self.grow_pool(pool, min_blocks, max_blocks)
     }
 
-    fn kv_from_host(&self, kv: &mut CudaKv, n_tokens: usize, data: &[f32]) -> Result<()> {
-        let n = kv.layout.check_host_len(n_tokens, data.len())?;
-        self.reserve_kv(kv, n_tokens)?;
-        if n == 0 {
-            return Ok(());
-        }
-        for (layer, chunk) in data.chunks_exact(2 * n).enumerate() {
-            let (k, v) = chunk.split_at(n);
-            for (src, buf) in [(k, &mut kv.k[layer]), (v, &mut kv.v[layer])] {
-                // Round to nearest even, as the rope_kv kernel stores keys and values.
-                let bits: Vec<u16> = src.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
-                let mut dst = buf.slice_mut(0..n);
-                self.dev.stream.memcpy_htod(&bits, &mut dst).ctx("KV to the device")?;
-            }
-        }
-        self.synchronize()
+    fn copy_kv_blocks(&self, pool: &mut CudaKvPool, pairs: &[(u32, u32)]) -> Result<()> {
+        self.copy_blocks(pool, pairs)
+    }
+
+    fn kv_to_host(&self, pool: &CudaKvPool, blocks: &[u32], n_tokens: usize) -> Result<Vec<f32>> {
+        self.pool_to_host(pool, blocks, n_tokens)
+    }
+
+    fn kv_from_host(
+        &self,
+        pool: &mut CudaKvPool,
+        blocks: &[u32],
+        n_tokens: usize,
+        data: &[f32],
+    ) -> Result<()> {
+        self.pool_from_host(pool, blocks, n_tokens, data)
+    }
+
+    fn kv_batch(&self, seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<CudaKvBatch> {
+        self.build_kv_batch(seqs, blocks)
     }
 
     fn embed(&self, table: &CudaWeight, tokens: &[u32]) -> Result<CudaAct> {
@@ -589,7 +498,12 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn linear(&self, x: &CudaAct, w: &CudaWeight) -> Result<CudaAct> {
+    /// One row takes the GEMV kernel, more rows cuBLAS (or the quantized paths), as before
+    /// batching: `gemv_rows` is not used yet. cuBLAS may choose its algorithm, and so the
+    /// summation order of every row, by the row count, so a sequence's rows in a batch equal its
+    /// solo run only to rounding on CUDA; running rows `0..gemv_rows` through a batch-invariant
+    /// decode GEMM (each row as the GEMV computes it) is future work.
+    fn linear(&self, x: &CudaAct, w: &CudaWeight, _gemv_rows: usize) -> Result<CudaAct> {
         if x.cols != w.cols {
             return Err(Error::internal(format!(
                 "linear: input width {} vs weight [{}, {}]",
@@ -628,9 +542,9 @@ impl Backend for CudaBackend {
     fn rope_store_kv(
         &self,
         qkv: &CudaAct,
-        seqs: &[SeqSpan],
+        batch: &CudaKvBatch,
         rope: &RopeBatch,
-        kvs: &mut [&mut CudaKv],
+        pool: &mut CudaKvPool,
         layer: usize,
         params: &AttnParams,
     ) -> Result<CudaAct> {
@@ -638,86 +552,64 @@ impl Backend for CudaBackend {
         let (hd, half) = (params.head_dim, rope.half);
         let q_dim = params.n_heads * hd;
         let kv_dim = params.n_kv_heads * hd;
-        if qkv.cols != q_dim + 2 * kv_dim || rope.len() != qkv.rows || 2 * half > hd {
+        if qkv.cols != q_dim + 2 * kv_dim
+            || rope.len() != qkv.rows
+            || batch.rows() != qkv.rows
+            || 2 * half > hd
+        {
             return Err(Error::internal(format!(
-                "rope_store_kv: qkv [{}, {}], {} rope rows, rotary half {half}, head_dim {hd}",
+                "rope_store_kv: qkv [{}, {}], {} rope rows, {} batch rows, rotary half {half}, \
+                 head_dim {hd}",
                 qkv.rows,
                 qkv.cols,
-                rope.len()
+                rope.len(),
+                batch.rows()
             )));
         }
-        if seqs.len() != kvs.len() {
-            return Err(Error::internal("rope_store_kv: one KV cache per sequence"));
+        let mut q = self.act(qkv.rows, q_dim, "rotated q")?;
+        if qkv.rows == 0 {
+            return Ok(q);
         }
+        let kv = pool.args(batch, layer, kv_dim, "rope_store_kv")?;
         let cos = self.htod(&rope.cos, "rope cos")?;
         let sin = self.htod(&rope.sin, "rope sin")?;
-        let mut q = self.act(qkv.rows, q_dim, "rotated q")?;
-        for (seq, kv) in seqs.iter().zip(kvs.iter_mut()) {
-            check_kv(kv, layer, kv_dim, "rope_store_kv")?;
-            if seq.row + seq.len > qkv.rows || seq.pos0 + seq.len > kv.capacity {
-                return Err(Error::internal(format!(
-                    "rope_store_kv: span {seq:?} outside {} rows / KV capacity {}",
-                    qkv.rows, kv.capacity
-                )));
-            }
-            if seq.len == 0 {
-                continue;
-            }
-            let (k_cache, v_cache) = (&mut kv.k[layer], &mut kv.v[layer]);
-            self.launch_rope_store_kv(
-                &qkv.buf,
-                &cos,
-                &sin,
-                &mut q.buf,
-                k_cache,
-                v_cache,
-                seq.row,
-                seq.len,
-                seq.pos0,
-                (params.n_heads, params.n_kv_heads, hd, half),
-            )?;
-        }
+        let heads = (params.n_heads, params.n_kv_heads, hd, half);
+        self.launch_rope_store_kv(&qkv.buf, &cos, &sin, &mut q.buf, &kv, qkv.rows, heads)?;
         Ok(q)
     }
 
     fn attention(
         &self,
         q: &CudaAct,
-        seqs: &[SeqSpan],
-        kvs: &[&CudaKv],
+        batch: &CudaKvBatch,
+        pool: &CudaKvPool,
         layer: usize,
         params: &AttnParams,
     ) -> Result<CudaAct> {
         check_attn(params)?;
         let q_dim = params.n_heads * params.head_dim;
-        if q.cols != q_dim || seqs.len() != kvs.len() {
-            return Err(Error::internal("attention: q width or KV count mismatch"));
+        if q.cols != q_dim || batch.rows() != q.rows {
+            return Err(Error::internal(format!(
+                "attention: q [{}, {}], {} batch rows, {q_dim} expected columns",
+                q.rows,
+                q.cols,
+                batch.rows()
+            )));
         }
         let mut out = self.act(q.rows, q_dim, "attention output")?;
-        for (seq, kv) in seqs.iter().zip(kvs) {
-            check_kv(kv, layer, params.n_kv_heads * params.head_dim, "attention")?;
-            if seq.row + seq.len > q.rows || seq.pos0 + seq.len > kv.capacity {
-                return Err(Error::internal(format!(
-                    "attention: span {seq:?} outside {} rows / KV capacity {}",
-                    q.rows, kv.capacity
-                )));
-            }
-            if seq.len == 0 {
-                continue;
-            }
-            self.launch_attention(
-                &q.buf,
-                &kv.k[layer],
-                &kv.v[layer],
-                &mut out.buf,
-                seq.row,
-                seq.len,
-                seq.pos0,
-                (params.n_heads, params.n_kv_heads, params.head_dim),
-                params.scale,
-                params.sliding_window,
-            )?;
+        if q.rows == 0 {
+            return Ok(out);
         }
+        let kv = pool.args(batch, layer, params.n_kv_heads * params.head_dim, "attention")?;
+        self.launch_attention(
+            &q.buf,
+            &kv,
+            &mut out.buf,
+            q.rows,
+            (params.n_heads, params.n_kv_heads, params.head_dim),
+            params.scale,
+            params.sliding_window,
+        )?;
         Ok(out)
     }
 

@@ -2,9 +2,10 @@
 //! order of the kernel's signature (see each `kernels/*.cu` header). Shapes were validated by the
 //! trait methods in `mod.rs`; launchers only convert sizes to the kernels' integer types.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::error::DriverResultExt;
+use super::kv::KvArgs;
 use super::CudaBackend;
 use crate::error::{Error, Result};
 
@@ -18,9 +19,20 @@ const GEMV_ROWS_PER_BLOCK: usize = BLOCK as usize / 32;
 const QGEMV_THREADS: u32 = 64;
 /// Output rows per block of the quantized GEMV kernels (2 warps x QROWS = 4 rows).
 const QGEMV_ROWS_PER_BLOCK: usize = 8;
+/// Most blocks of threads that copy one KV block (phi3_copy_kv_blocks).
+const KV_COPY_CHUNKS: usize = 64;
 
 pub(crate) fn i32_of(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::internal(format!("{what} = {x} does not fit a kernel int")))
+}
+
+/// (blocks_per_slab, block_len, layer) of a KV launch as kernel ints.
+fn kv_ints(kv: &KvArgs<'_>) -> Result<(i32, i32, i32)> {
+    Ok((
+        i32_of(kv.blocks_per_slab, "blocks per slab")?,
+        i32_of(kv.block_len, "KV block length")?,
+        i32_of(kv.layer, "layer")?,
+    ))
 }
 
 fn u32_of(x: usize, what: &str) -> Result<u32> {
@@ -260,6 +272,7 @@ impl CudaBackend {
         launch!(self, "phi3_swiglu", grid_stride(rows * ffn), gate_up, out, &n, &ffn_i)
     }
 
+    /// phi3_rope_store_kv over every row of a batch: grid (rows), block 256.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_rope_store_kv(
         &self,
@@ -267,28 +280,28 @@ impl CudaBackend {
         cos: &CudaSlice<f32>,
         sin: &CudaSlice<f32>,
         q_out: &mut CudaSlice<f32>,
-        k_cache: &mut CudaSlice<u16>,
-        v_cache: &mut CudaSlice<u16>,
-        row0: usize,
-        n_rows: usize,
-        pos0: usize,
+        kv: &KvArgs<'_>,
+        rows: usize,
         heads: (usize, usize, usize, usize), // (n_heads, n_kv_heads, head_dim, half)
     ) -> Result<()> {
-        let (row0, pos0) = (i32_of(row0, "row")?, i32_of(pos0, "position")?);
+        let (bps, bl, layer) = kv_ints(kv)?;
         let (nh, nkv) = (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?);
         let (hd, half) = (i32_of(heads.2, "head_dim")?, i32_of(heads.3, "rotary half")?);
         launch!(
             self,
             "phi3_rope_store_kv",
-            per_row(n_rows, BLOCK)?,
+            per_row(rows, BLOCK)?,
             qkv,
             cos,
             sin,
             q_out,
-            k_cache,
-            v_cache,
-            &row0,
-            &pos0,
+            kv.slab_addrs,
+            &kv.row_pos,
+            &kv.row_table,
+            &kv.tables,
+            &bps,
+            &bl,
+            &layer,
             &nh,
             &nkv,
             &hd,
@@ -296,26 +309,24 @@ impl CudaBackend {
         )
     }
 
+    /// phi3_attention over every row of a batch: grid (rows, n_heads), block 128.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention(
         &self,
         q: &CudaSlice<f32>,
-        k_cache: &CudaSlice<u16>,
-        v_cache: &CudaSlice<u16>,
+        kv: &KvArgs<'_>,
         out: &mut CudaSlice<f32>,
-        row0: usize,
-        n_rows: usize,
-        pos0: usize,
+        rows: usize,
         heads: (usize, usize, usize), // (n_heads, n_kv_heads, head_dim)
         scale: f32,
         window: Option<usize>,
     ) -> Result<()> {
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(n_rows, "rows")?, u32_of(heads.0, "heads")?, 1),
+            grid_dim: (u32_of(rows, "rows")?, u32_of(heads.0, "heads")?, 1),
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (row0, pos0) = (i32_of(row0, "row")?, i32_of(pos0, "position")?);
+        let (bps, bl, layer) = kv_ints(kv)?;
         let (nh, nkv, hd) =
             (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
         // A window wider than any position is no window; 0 means none in the kernel.
@@ -325,17 +336,43 @@ impl CudaBackend {
             "phi3_attention",
             cfg,
             q,
-            k_cache,
-            v_cache,
+            kv.slab_addrs,
+            &kv.row_pos,
+            &kv.row_table,
+            &kv.tables,
             out,
-            &row0,
-            &pos0,
+            &bps,
+            &bl,
+            &layer,
             &nh,
             &nkv,
             &hd,
             &scale,
             &window
         )
+    }
+
+    /// phi3_copy_kv_blocks of `n_pairs` independent (source, destination) pairs:
+    /// grid (n_pairs, chunks), block 256.
+    pub(crate) fn launch_copy_kv_blocks(
+        &self,
+        slab_addrs: &CudaSlice<u64>,
+        pairs: &CudaView<'_, u32>,
+        n_pairs: usize,
+        blocks_per_slab: usize,
+        block_len: usize,
+    ) -> Result<()> {
+        // 16-byte units of a block, shared by up to KV_COPY_CHUNKS blocks of threads.
+        let units = block_len / 8;
+        let chunks = units.div_ceil(BLOCK as usize).clamp(1, KV_COPY_CHUNKS) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(n_pairs, "block pairs")?, chunks, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let bps = i32_of(blocks_per_slab, "blocks per slab")?;
+        let bl = i32_of(block_len, "block length")?;
+        launch!(self, "phi3_copy_kv_blocks", cfg, slab_addrs, pairs, &bps, &bl)
     }
 
     /// `name` is phi3_fill_dummy_<dtype>.

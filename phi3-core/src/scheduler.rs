@@ -1,0 +1,379 @@
+//! `Scheduler`: continuous batching of one model's sessions.
+//!
+//! A session never runs the model itself: each forward pass it needs (a decode step, or a prefill
+//! chunk of at most `PREFILL_CHUNK` tokens) is a [`Job`] handed to its model's scheduler, and the
+//! calling thread blocks until the job's logits are back. Whichever waiting thread finds no step
+//! running becomes the leader: it takes a batch of queued jobs from all sessions, runs them as one
+//! forward pass (`Engine::forward`), posts every job's result and steps down; the next waiting
+//! thread leads the next step. So there is no scheduler thread, hosts keep calling sessions from
+//! their own threads, and sessions stay single-owner objects: batching shows only in speed.
+//!
+//! Batches (`State::take_batch`): every queued decode step (up to [`MAX_BATCH_SEQS`]) plus prefill
+//! chunks up to [`PREFILL_BUDGET`] tokens, higher session priority first, then arrival order. A
+//! long prompt therefore advances one chunk per step alongside everyone's decode steps instead of
+//! stalling them (chunked prefill). Jobs are never split: a sequence's pass is the one it would
+//! run alone, and with the backends computing each row independently of the others
+//! (`Backend::linear`), a session's results equal a solo run's.
+//!
+//! Before leading a step, the leader waits (at most [`BATCH_WAIT`]) until as many jobs are
+//! queued as sessions are expected back: every session inside a `generate`, and at least as
+//! many as the previous step's decode steps (hosts that sample themselves and call
+//! `append_tokens` one token at a time). They sample in parallel after each step and come back
+//! at slightly different times, and a step taken at the first arrival would split the batch.
+//!
+//! KV memory: the leader reserves each job's blocks before the pass. A job the pool cannot serve
+//! fails with `OutOfMemory`, or, when the model was loaded to wait, stays queued until a session
+//! frees blocks (or its own session is cancelled).
+
+use std::collections::HashMap;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, GEMV_SPAN};
+use crate::error::{Error, ErrorKind, Result};
+use crate::forward::{Engine, SeqInput};
+use crate::generate::CancelToken;
+use crate::kv_cache::SeqKv;
+use crate::rope::RopeRegime;
+use crate::session::PREFILL_CHUNK;
+
+/// Most decode steps in one pass.
+pub const MAX_BATCH_SEQS: usize = 256;
+/// Most prefill tokens in one pass (one chunk always runs, whatever its size).
+pub const PREFILL_BUDGET: usize = PREFILL_CHUNK;
+/// Longest a leader waits for generating sessions to queue their next step.
+pub const BATCH_WAIT: Duration = Duration::from_millis(2);
+/// How often a thread whose job waits re-checks its session's cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// One sequence's forward pass, as a session hands it over.
+pub(crate) struct Job {
+    /// New tokens (ids already checked).
+    pub(crate) tokens: Vec<u32>,
+    /// The session's cache, moved in for the pass and handed back in [`JobOutput`].
+    pub(crate) kv: SeqKv,
+    pub(crate) regime: RopeRegime,
+    /// Higher runs first when a step cannot take every queued job.
+    pub(crate) priority: i32,
+    /// The session's; a job still queued when it fires is dropped as `Cancelled`.
+    pub(crate) cancel: CancelToken,
+}
+
+/// What a job gives back: the cache (grown on success, as it was on error) and the logits of
+/// its last position.
+pub(crate) struct JobOutput {
+    pub(crate) kv: SeqKv,
+    pub(crate) result: Result<Vec<f32>>,
+}
+
+/// Counts of the steps run so far (tests and benchmarks look at batch sizes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Forward passes run.
+    pub steps: u64,
+    /// Sequences over all passes (`sequences / steps` is the mean batch).
+    pub sequences: u64,
+    /// Largest number of sequences in one pass.
+    pub max_batch: usize,
+    /// Passes that ran prefill chunks and decode steps together.
+    pub mixed_steps: u64,
+}
+
+/// One model's job queue and the state its threads share.
+pub(crate) struct Scheduler {
+    state: Mutex<State>,
+    /// Signalled when results are posted, jobs queued, blocks freed or generations end.
+    wake: Condvar,
+    /// Whether a job the KV pool cannot serve waits instead of failing.
+    wait_for_kv: bool,
+}
+
+struct Queued {
+    id: u64,
+    job: Job,
+    /// `Some(e)`: the pool could not serve it at KV epoch `e`; runnable again once blocks are
+    /// freed after that.
+    blocked_at: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Queued>,
+    done: HashMap<u64, JobOutput>,
+    /// A thread is running a step.
+    leading: bool,
+    next_id: u64,
+    /// Sessions inside a generation: they will queue another step soon.
+    generating: usize,
+    /// Decode steps in the last pass: their sessions are likely to queue another one.
+    last_decodes: usize,
+    /// Bumped whenever sessions give blocks back.
+    kv_epoch: u64,
+    stats: SchedulerStats,
+}
+
+impl State {
+    fn runnable(&self, q: &Queued) -> bool {
+        q.blocked_at != Some(self.kv_epoch)
+    }
+
+    fn runnable_count(&self) -> usize {
+        self.queue.iter().filter(|q| self.runnable(q)).count()
+    }
+
+    /// Remove and return the next batch (see the module docs), in priority then arrival order.
+    fn take_batch(&mut self) -> Vec<Queued> {
+        let mut order: Vec<usize> =
+            (0..self.queue.len()).filter(|&i| self.runnable(&self.queue[i])).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(self.queue[i].job.priority), self.queue[i].id));
+        let (mut decodes, mut prefill_tokens) = (0, 0);
+        let mut chosen = Vec::new();
+        for i in order {
+            let n = self.queue[i].job.tokens.len();
+            if n <= GEMV_SPAN {
+                if decodes < MAX_BATCH_SEQS {
+                    decodes += 1;
+                    chosen.push(i);
+                }
+            } else if prefill_tokens == 0 || prefill_tokens + n <= PREFILL_BUDGET {
+                prefill_tokens += n;
+                chosen.push(i);
+            }
+        }
+        let mut taken: Vec<Option<Queued>> = Vec::new();
+        let mut rest = Vec::new();
+        for (i, q) in std::mem::take(&mut self.queue).into_iter().enumerate() {
+            match chosen.iter().position(|&c| c == i) {
+                Some(at) => {
+                    if taken.len() <= at {
+                        taken.resize_with(at + 1, || None);
+                    }
+                    taken[at] = Some(q);
+                }
+                None => rest.push(q),
+            }
+        }
+        self.queue = rest;
+        taken.into_iter().flatten().collect()
+    }
+}
+
+impl Scheduler {
+    pub(crate) fn new(wait_for_kv: bool) -> Self {
+        Scheduler { state: Mutex::new(State::default()), wake: Condvar::new(), wait_for_kv }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Steps run outside the lock and catch panics, so a poisoned lock holds consistent state.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A session entered a generation (it will queue steps back to back).
+    pub(crate) fn generation_started(&self) {
+        self.lock().generating += 1;
+    }
+
+    /// A session left its generation.
+    pub(crate) fn generation_ended(&self) {
+        let mut st = self.lock();
+        st.generating = st.generating.saturating_sub(1);
+        self.wake.notify_all();
+    }
+
+    /// Sessions gave blocks back: jobs waiting for KV memory may run now.
+    pub(crate) fn kv_freed(&self) {
+        self.lock().kv_epoch += 1;
+        self.wake.notify_all();
+    }
+
+    /// Steps run so far.
+    pub(crate) fn stats(&self) -> SchedulerStats {
+        self.lock().stats
+    }
+
+    /// Run `job` in a batch with whatever else is queued and return its result (see the module
+    /// docs); blocks the calling thread, which may lead steps for other sessions meanwhile.
+    pub(crate) fn run<B: Backend>(&self, engine: &Engine<B>, job: Job) -> JobOutput {
+        let cancel = job.cancel.clone();
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.queue.push(Queued { id, job, blocked_at: None });
+        self.wake.notify_all();
+        loop {
+            if let Some(out) = st.done.remove(&id) {
+                return out;
+            }
+            if cancel.is_cancelled() {
+                if let Some(at) = st.queue.iter().position(|q| q.id == id) {
+                    let q = st.queue.remove(at);
+                    let message = if q.blocked_at.is_some() {
+                        "cancelled while waiting for KV memory"
+                    } else {
+                        "cancelled before its forward pass"
+                    };
+                    return JobOutput {
+                        kv: q.job.kv,
+                        result: Err(Error::new(ErrorKind::Cancelled, message)),
+                    };
+                }
+            }
+            if !st.leading && st.runnable_count() > 0 {
+                st.leading = true;
+                st = self.gather(st);
+                let epoch = st.kv_epoch;
+                let batch = st.take_batch();
+                drop(st);
+                let decodes = batch.iter().filter(|q| q.job.tokens.len() <= GEMV_SPAN).count();
+                let mixed = decodes > 0 && decodes < batch.len();
+                let (outputs, requeue) = self.step(engine, batch, epoch);
+                st = self.lock();
+                if !outputs.is_empty() {
+                    st.stats.steps += 1;
+                    st.stats.sequences += outputs.len() as u64;
+                    st.stats.max_batch = st.stats.max_batch.max(outputs.len());
+                    st.stats.mixed_steps += u64::from(mixed);
+                    st.last_decodes = decodes;
+                }
+                st.done.extend(outputs);
+                st.queue.extend(requeue);
+                st.leading = false;
+                self.wake.notify_all();
+                continue;
+            }
+            st = self.wake.wait_timeout(st, CANCEL_POLL).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+
+    /// Wait (at most [`BATCH_WAIT`]) until the sessions expected back have a step queued.
+    fn gather<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let deadline = Instant::now() + BATCH_WAIT;
+        loop {
+            let runnable = st.runnable_count();
+            let expected = st.generating.max(st.last_decodes).max(1);
+            if runnable >= expected || runnable >= MAX_BATCH_SEQS {
+                return st;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return st;
+            }
+            st = self
+                .wake
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Reserve each job's KV blocks and run those that got them as one pass. Returns finished
+    /// jobs' outputs and the jobs to queue again (waiting for KV memory freed after `epoch`).
+    fn step<B: Backend>(
+        &self,
+        engine: &Engine<B>,
+        batch: Vec<Queued>,
+        epoch: u64,
+    ) -> (Vec<(u64, JobOutput)>, Vec<Queued>) {
+        let mut pool = engine.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut ready, mut outputs, mut requeue) = (Vec::new(), Vec::new(), Vec::new());
+        for mut q in batch {
+            let new_len = q.job.kv.len() + q.job.tokens.len();
+            match pool.reserve(&engine.backend, &mut q.job.kv, new_len) {
+                Ok(()) => ready.push(q),
+                Err(e)
+                    if self.wait_for_kv
+                        && e.kind() == ErrorKind::OutOfMemory
+                        && pool.could_ever_hold(new_len) =>
+                {
+                    q.blocked_at = Some(epoch);
+                    requeue.push(q);
+                }
+                Err(e) => outputs.push((q.id, JobOutput { kv: q.job.kv, result: Err(e) })),
+            }
+        }
+        if ready.is_empty() {
+            return (outputs, requeue);
+        }
+        let result = {
+            let mut inputs: Vec<SeqInput<'_>> = ready
+                .iter_mut()
+                .map(|q| SeqInput {
+                    tokens: &q.job.tokens,
+                    kv: &mut q.job.kv,
+                    regime: q.job.regime,
+                })
+                .collect();
+            // A panic here is a bug; it must not leave `leading` set and every session stuck.
+            panic::catch_unwind(AssertUnwindSafe(|| engine.forward(&mut inputs, &mut pool)))
+                .unwrap_or_else(|_| Err(Error::internal("the forward pass panicked")))
+        };
+        match result {
+            Ok(logits) => {
+                for (q, logits) in ready.into_iter().zip(logits) {
+                    outputs.push((q.id, JobOutput { kv: q.job.kv, result: Ok(logits) }));
+                }
+            }
+            Err(e) => {
+                for mut q in ready {
+                    pool.trim(&mut q.job.kv);
+                    let err = Error::new(e.kind(), e.to_string());
+                    outputs.push((q.id, JobOutput { kv: q.job.kv, result: Err(err) }));
+                }
+            }
+        }
+        (outputs, requeue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(id: u64, tokens: usize, priority: i32) -> Queued {
+        let job = Job {
+            tokens: vec![0; tokens],
+            kv: SeqKv::new(),
+            regime: RopeRegime::Short,
+            priority,
+            cancel: CancelToken::new(),
+        };
+        Queued { id, job, blocked_at: None }
+    }
+
+    fn ids(batch: &[Queued]) -> Vec<u64> {
+        batch.iter().map(|q| q.id).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_every_decode_step_and_prefill_up_to_the_budget() {
+        let queue = vec![
+            queued(0, 300, 0),
+            queued(1, 1, 0),
+            queued(2, 300, 0), // would pass the budget: next step
+            queued(3, 4, 0),
+            queued(4, 200, 0), // fits beside job 0
+        ];
+        let mut st = State { queue, ..Default::default() };
+        assert_eq!(ids(&st.take_batch()), [0, 1, 3, 4]);
+        assert_eq!(ids(&st.take_batch()), [2]);
+        assert!(st.take_batch().is_empty());
+        // One chunk always runs, however long.
+        st.queue = vec![queued(5, 2 * PREFILL_BUDGET, 0), queued(6, 10, 0)];
+        assert_eq!(ids(&st.take_batch()), [5]);
+    }
+
+    #[test]
+    fn priority_orders_prefill_and_blocked_jobs_wait_for_freed_blocks() {
+        let queue = vec![queued(0, 400, 0), queued(1, 400, 5), queued(2, 1, -1)];
+        let mut st = State { queue, ..Default::default() };
+        assert_eq!(ids(&st.take_batch()), [1, 2]);
+        let mut blocked = queued(3, 1, 0);
+        blocked.blocked_at = Some(st.kv_epoch);
+        st.queue.push(blocked);
+        assert_eq!(ids(&st.take_batch()), [0]);
+        assert_eq!(st.runnable_count(), 0);
+        st.kv_epoch += 1;
+        assert_eq!(ids(&st.take_batch()), [3]);
+    }
+}
