@@ -376,8 +376,7 @@ fn run_sessions(
     if DecodeApi::for_model(model) == DecodeApi::AppendTokens {
         eprintln!(
             "note: this model has no tokenizer, so the sessions decode by one-token append_tokens \
-             steps, which the scheduler does not wait for to fill a batch as it does for \
-             generate; a tokenizer.json in the model folder makes them use generate"
+             steps instead of generate"
         );
     }
     // Ctrl-C sets `stop`; the decode loops check it at every token.

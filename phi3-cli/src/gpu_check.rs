@@ -232,6 +232,10 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
         r.section(name, |r| model_check(&args.fixtures.join(name), name, args.ordinal, r));
     }
     r.section("quantized models vs CPU", |r| check_quant_models(&args.fixtures, args.ordinal, r));
+    r.section("batched sessions vs solo", |r| {
+        let dir = args.fixtures.join("gqa-longrope-bf16");
+        check_batched_sessions(&dir, Device::Cuda(args.ordinal), r)
+    });
     if !args.skip_bench {
         r.section("bench phi3-medium dummy", |r| {
             bench(&args.fixtures, args.ordinal, WeightFormat::Native, r)
@@ -765,6 +769,119 @@ fn model_check(dir: &Path, name: &str, ordinal: usize, r: &mut Report) -> Result
     Ok(())
 }
 
+/// One session of [`check_batched_sessions`]: its prompt, how many tokens it decodes, when it
+/// starts, and whether it is cancelled (from another thread) or dropped partway.
+struct BatchedCase {
+    prompt: Vec<u32>,
+    steps: usize,
+    start_ms: u64,
+    cancel_after_ms: Option<u64>,
+    drop_after: Option<usize>,
+}
+
+/// Greedy tokens and the logits after each, of one session run by [`run_case`].
+type Decoded = (Vec<u32>, Vec<Vec<f32>>);
+
+/// Prefill `c.prompt`, then decode greedily through `append_tokens` (no tokenizer needed) until
+/// `steps` tokens, the drop point, or a cancel (which ends the run where it landed).
+fn run_case(model: &Model, c: &BatchedCase, steps: usize) -> Result<Decoded> {
+    let mut s = model.session(SessionOptions::default())?;
+    let cancel = s.cancel_token();
+    std::thread::sleep(std::time::Duration::from_millis(c.start_ms));
+    let canceller = c.cancel_after_ms.map(|ms| {
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            cancel.cancel();
+        })
+    });
+    let vocab = model.config().vocab_size;
+    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+    let mut last = match s.append_tokens(&c.prompt) {
+        Err(e) if e.kind() == phi3_core::ErrorKind::Cancelled => None,
+        other => Some(other?),
+    };
+    while let Some(l) = last.take() {
+        if tokens.len() >= steps || c.drop_after == Some(tokens.len()) {
+            break;
+        }
+        let t = sampler::greedy(&l, vocab).ok_or_else(|| anyhow!("no finite logit"))?;
+        tokens.push(t);
+        last = match s.append_tokens(&[t]) {
+            Err(e) if e.kind() == phi3_core::ErrorKind::Cancelled => None,
+            other => Some(other?),
+        };
+        logits.extend(last.clone());
+    }
+    drop(s); // a dropped session gives its blocks back while the others decode
+    if let Some(h) = canceller {
+        let _ = h.join();
+    }
+    Ok((tokens, logits))
+}
+
+/// Continuous batching on the GPU: 12 sessions start at random times, decode greedily at once
+/// (the scheduler batches their passes), and some are cancelled or dropped partway; each one's
+/// tokens and logits are then compared with the same session run alone. cuBLAS may pick another
+/// algorithm for a batch than for one row, so logits agree to rounding (TOL_MODEL), and greedy
+/// tokens must be equal.
+/// (`device` is the CPU in this file's tests, where the same check holds bit for bit.)
+fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<()> {
+    let model = Model::load(dir, &LoadOptions { device, ..Default::default() })?;
+    let vocab = model.config().vocab_size as u64;
+    let mut rng = Rng(0xba7c4);
+    let cases: Vec<BatchedCase> = (0..12)
+        .map(|i| BatchedCase {
+            prompt: (0..1 + rng.below(40)).map(|_| (rng.next() % vocab) as u32).collect(),
+            steps: 6 + rng.below(25),
+            start_ms: rng.below(30) as u64,
+            cancel_after_ms: (i % 5 == 4).then(|| 5 + rng.below(40) as u64),
+            drop_after: (i % 4 == 1).then(|| 2 + rng.below(5)),
+        })
+        .collect();
+    let batched: Vec<Result<Decoded>> = std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            cases.iter().map(|c| scope.spawn(|| run_case(&model, c, c.steps))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked")))).collect()
+    });
+    let stats = model.scheduler_stats();
+    let (mut worst, mut equal, mut first_diff) = (0.0f64, 0, None);
+    for (i, (c, got)) in cases.iter().zip(batched).enumerate() {
+        let (tokens, logits) = got?;
+        let solo = BatchedCase {
+            prompt: c.prompt.clone(),
+            steps: c.steps,
+            start_ms: 0,
+            cancel_after_ms: None,
+            drop_after: None,
+        };
+        let (want_tokens, want_logits) = run_case(&model, &solo, tokens.len())?;
+        for (g, w) in logits.iter().zip(&want_logits) {
+            worst = worse(worst, rel_l2(g, w));
+        }
+        if tokens == want_tokens {
+            equal += 1;
+        } else if first_diff.is_none() {
+            first_diff = Some(format!("session {i}: {tokens:?} vs solo {want_tokens:?}"));
+        }
+    }
+    r.err("batched sessions: logits vs solo, worst", worst, TOL_MODEL);
+    let summary = format!(
+        "{equal} of {} equal; {} passes, {} sequences, largest batch {}{}",
+        cases.len(),
+        stats.steps,
+        stats.sequences,
+        stats.max_batch,
+        first_diff.map(|d| format!("; {d}")).unwrap_or_default()
+    );
+    r.flag("batched sessions: greedy tokens vs solo", summary, equal == cases.len());
+    r.flag(
+        "batched sessions: blocks returned",
+        format!("{} in use after all sessions ended", model.kv_usage().blocks_in_use),
+        model.kv_usage().blocks_in_use == 0,
+    );
+    Ok(())
+}
+
 /// Load Phi-3-medium-128k shapes with dummy bf16 weights on the device (projections in `format`),
 /// prefill 512 tokens and decode 32.
 fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) -> Result<()> {
@@ -1216,6 +1333,19 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The GPU's batched-sessions check, run on the CPU backend: every row must pass.
+    #[test]
+    fn batched_sessions_check_passes_on_the_cpu() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gqa-longrope-bf16");
+        let mut r = Report { rows: Vec::new(), details: String::new() };
+        check_batched_sessions(&dir, Device::Cpu, &mut r).unwrap();
+        assert_eq!(r.rows.len(), 3);
+        for row in &r.rows {
+            assert!(row.ok, "{}: {}", row.check, row.value);
+        }
+        assert!(r.rows[0].value == "0.00e0", "CPU batched logits differ: {}", r.rows[0].value);
+    }
 
     #[test]
     fn quant_model_config_parses_and_every_group_divides_it() {
