@@ -599,6 +599,7 @@ impl Model {
         kv: &mut SeqKv,
         regime: RopeRegime,
         priority: i32,
+        session: u64,
         cancel: &CancelToken,
     ) -> Result<Vec<f32>> {
         let job = Job {
@@ -606,6 +607,7 @@ impl Model {
             kv: std::mem::take(kv),
             regime,
             priority,
+            session,
             cancel: cancel.clone(),
         };
         let out = on_engine!(self, e => e.scheduler.run(e, job));
@@ -658,6 +660,11 @@ impl Model {
                 e.scheduler.kv_freed();
             }
         })
+    }
+
+    /// A session is being dropped: the scheduler stops expecting its next pass.
+    pub(crate) fn session_ended(&self, session: u64) {
+        on_engine!(self, e => e.scheduler.session_ended(session))
     }
 
     /// Mark a session as generating for the duration of the returned guard (the scheduler waits

@@ -15,11 +15,14 @@
 //! run alone, and with the backends computing each row independently of the others
 //! (`Backend::linear`), a session's results equal a solo run's.
 //!
-//! Before leading a step, the leader waits (at most [`BATCH_WAIT`]) until as many jobs are
-//! queued as sessions are expected back: every session inside a `generate`, and at least as
-//! many as the previous step's decode steps (hosts that sample themselves and call
-//! `append_tokens` one token at a time). They sample in parallel after each step and come back
-//! at slightly different times, and a step taken at the first arrival would split the batch.
+//! Before leading a step, the leader waits (a tenth of the last pass's time, within
+//! [`BATCH_WAIT_MIN`]..=[`BATCH_WAIT_MAX`]) until the sessions expected back have a job queued:
+//! every session that ran a decode step in one of the last two passes (and was not dropped
+//! since), and as many jobs as sessions are inside a `generate`. Hosts that sample themselves
+//! and call `append_tokens` one token at a time count through the first rule. They sample in parallel after each step and come back
+//! at slightly different times (with more threads than cores, whole scheduler time slices
+//! apart), and a step taken at the first arrival would split the batch. Scaling the wait with
+//! the pass keeps its cost, paid when a session leaves, to a tenth of a step.
 //!
 //! KV memory: the leader reserves each job's blocks before the pass. A job the pool cannot serve
 //! fails with `OutOfMemory`, or, when the model was loaded to wait, stays queued until a session
@@ -42,8 +45,11 @@ use crate::session::PREFILL_CHUNK;
 pub const MAX_BATCH_SEQS: usize = 256;
 /// Most prefill tokens in one pass (one chunk always runs, whatever its size).
 pub const PREFILL_BUDGET: usize = PREFILL_CHUNK;
-/// Longest a leader waits for generating sessions to queue their next step.
-pub const BATCH_WAIT: Duration = Duration::from_millis(2);
+/// A leader waits for the sessions expected back at most a tenth of the last pass's time, and
+/// at least this long...
+pub const BATCH_WAIT_MIN: Duration = Duration::from_millis(2);
+/// ...and at most this long.
+pub const BATCH_WAIT_MAX: Duration = Duration::from_millis(50);
 /// How often a thread whose job waits re-checks its session's cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
 
@@ -56,6 +62,8 @@ pub(crate) struct Job {
     pub(crate) regime: RopeRegime,
     /// Higher runs first when a step cannot take every queued job.
     pub(crate) priority: i32,
+    /// Which session it is from (see [`Scheduler::session_ended`]).
+    pub(crate) session: u64,
     /// The session's; a job still queued when it fires is dropped as `Cancelled`.
     pub(crate) cancel: CancelToken,
 }
@@ -106,8 +114,13 @@ struct State {
     next_id: u64,
     /// Sessions inside a generation: they will queue another step soon.
     generating: usize,
-    /// Decode steps in the last pass: their sessions are likely to queue another one.
-    last_decodes: usize,
+    /// Passes run so far (the index of the next one).
+    step_no: u64,
+    /// Sessions that ran a decode step recently, with the index of the pass: they are likely to
+    /// queue another one.
+    recent_decoders: HashMap<u64, u64>,
+    /// How long the last pass took.
+    last_step: Duration,
     /// Bumped whenever sessions give blocks back.
     kv_epoch: u64,
     stats: SchedulerStats,
@@ -181,6 +194,14 @@ impl Scheduler {
         self.wake.notify_all();
     }
 
+    /// Session `id` is gone: do not wait for its next step.
+    pub(crate) fn session_ended(&self, id: u64) {
+        let mut st = self.lock();
+        if st.recent_decoders.remove(&id).is_some() {
+            self.wake.notify_all();
+        }
+    }
+
     /// Sessions gave blocks back: jobs waiting for KV memory may run now.
     pub(crate) fn kv_freed(&self) {
         self.lock().kv_epoch += 1;
@@ -225,16 +246,26 @@ impl Scheduler {
                 let epoch = st.kv_epoch;
                 let batch = st.take_batch();
                 drop(st);
-                let decodes = batch.iter().filter(|q| q.job.tokens.len() <= GEMV_SPAN).count();
-                let mixed = decodes > 0 && decodes < batch.len();
+                let decoders: Vec<u64> = batch
+                    .iter()
+                    .filter(|q| q.job.tokens.len() <= GEMV_SPAN)
+                    .map(|q| q.job.session)
+                    .collect();
+                let mixed = !decoders.is_empty() && decoders.len() < batch.len();
+                let step_started = Instant::now();
                 let (outputs, requeue) = self.step(engine, batch, epoch);
+                let step_time = step_started.elapsed();
                 st = self.lock();
                 if !outputs.is_empty() {
                     st.stats.steps += 1;
                     st.stats.sequences += outputs.len() as u64;
                     st.stats.max_batch = st.stats.max_batch.max(outputs.len());
                     st.stats.mixed_steps += u64::from(mixed);
-                    st.last_decodes = decodes;
+                    let step_no = st.step_no;
+                    st.recent_decoders.extend(decoders.iter().map(|&id| (id, step_no)));
+                    st.recent_decoders.retain(|_, at| *at + 2 > step_no);
+                    st.step_no += 1;
+                    st.last_step = step_time;
                 }
                 st.done.extend(outputs);
                 st.queue.extend(requeue);
@@ -246,13 +277,17 @@ impl Scheduler {
         }
     }
 
-    /// Wait (at most [`BATCH_WAIT`]) until the sessions expected back have a step queued.
+    /// Wait (see the module docs for how long) until the sessions expected back have a step
+    /// queued.
     fn gather<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        let deadline = Instant::now() + BATCH_WAIT;
+        let deadline = Instant::now() + (st.last_step / 10).clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX);
         loop {
             let runnable = st.runnable_count();
-            let expected = st.generating.max(st.last_decodes).max(1);
-            if runnable >= expected || runnable >= MAX_BATCH_SEQS {
+            let recent_queued = st
+                .recent_decoders
+                .keys()
+                .all(|id| st.queue.iter().any(|q| q.job.session == *id && st.runnable(q)));
+            if (recent_queued && runnable >= st.generating.max(1)) || runnable >= MAX_BATCH_SEQS {
                 return st;
             }
             let now = Instant::now();
@@ -336,6 +371,7 @@ mod tests {
             kv: SeqKv::new(),
             regime: RopeRegime::Short,
             priority,
+            session: id,
             cancel: CancelToken::new(),
         };
         Queued { id, job, blocked_at: None }

@@ -47,6 +47,8 @@ pub struct Session {
     kv: SeqKv,
     max_context: usize,
     priority: i32,
+    /// Unique in the process; the scheduler tells sessions apart by it.
+    id: u64,
     /// Logits after the last token, `[vocab]`; empty until computed.
     last_logits: Vec<f32>,
     /// Messages appended with `append_message` (and replies generated after them), to render
@@ -72,7 +74,14 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Give the KV blocks back to the model's pool (shared ones stay with their forks).
         self.model.truncate_kv(&mut self.kv, 0);
+        self.model.session_ended(self.id);
     }
+}
+
+/// A new session's id, unique in the process (the scheduler tells sessions apart by it).
+fn next_session_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Session {
@@ -88,6 +97,7 @@ impl Session {
             kv: SeqKv::new(),
             max_context,
             priority: options.priority,
+            id: next_session_id(),
             last_logits: Vec::new(),
             messages: Vec::new(),
             needs_generation_prompt: false,
@@ -311,6 +321,7 @@ impl Session {
             kv: self.model.fork_kv(&self.kv),
             max_context: self.max_context,
             priority: self.priority,
+            id: next_session_id(),
             last_logits: self.last_logits.clone(),
             messages: self.messages.clone(),
             needs_generation_prompt: self.needs_generation_prompt,
@@ -358,6 +369,7 @@ impl Session {
             kv,
             max_context: state.max_context,
             priority: 0,
+            id: next_session_id(),
             last_logits: state.last_logits,
             needs_generation_prompt: state.needs_generation_prompt,
             messages: state.messages,
@@ -464,6 +476,7 @@ impl Session {
                 &mut self.kv,
                 regime,
                 self.priority,
+                self.id,
                 &self.cancel,
             )?;
             if end == self.tokens.len() {
