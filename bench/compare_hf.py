@@ -59,6 +59,24 @@ def prompt_ids(vocab: int, n: int, index: int = 0):
     return [3 + ((index * 101 + i) % span) for i in range(n)]
 
 
+def our_reports(args, config_path: Path, shapes):
+    """Our `phi3 bench --json` report for each (sessions, prompt, gen) of `shapes`: from
+    --ours-json when given, else by running phi3 on the config with dummy weights."""
+    if args.ours_json:
+        given = load_ours(args.ours_json)
+        missing = [s for s in shapes if s not in given]
+        if missing:
+            sys.exit(f"--ours-json has no report for {missing} (sessions, prompt, gen)")
+        return {s: given[s] for s in shapes}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp)
+        shutil.copy(config_path, model_dir / "config.json")
+        if args.tokenizer:
+            shutil.copy(args.tokenizer, model_dir / "tokenizer.json")
+        return {s: run_ours(args.phi3, model_dir, args.device, s[1], s[2], args.repeat, s[0])
+                for s in shapes}
+
+
 def run_ours(phi3: str, model_dir: Path, device: str, prompt: int, gen: int, repeat: int,
              sessions: int = 1):
     cmd = [phi3, "bench", "--model", str(model_dir), "--device", device,
@@ -247,17 +265,8 @@ def main():
     cases = [tuple(int(x) for x in c.split(":")) for c in args.cases]
 
     rows = []
-    if args.ours_json:
-        given = load_ours(args.ours_json)
-        ours = {c: given[(1, *c)] for c in cases}
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = Path(tmp)
-            shutil.copy(config_path, model_dir / "config.json")
-            if args.tokenizer:
-                shutil.copy(args.tokenizer, model_dir / "tokenizer.json")
-            ours = {c: run_ours(args.phi3, model_dir, args.device, c[0], c[1], args.repeat)
-                    for c in cases}
+    reports = our_reports(args, config_path, [(1, *c) for c in cases])
+    ours = {c: reports[(1, *c)] for c in cases}
 
     import torch
 
@@ -301,20 +310,7 @@ def main():
 
 def main_batched(args, config_path: Path, config: dict):
     cases = [tuple(int(x) for x in c.split(":")) for c in args.batched]
-    if args.ours_json:
-        given = load_ours(args.ours_json)
-        missing = [c for c in cases if c not in given]
-        if missing:
-            sys.exit(f"--ours-json has no report for {missing} (sessions, prompt, gen)")
-        ours = {c: given[c] for c in cases}
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = Path(tmp)
-            shutil.copy(config_path, model_dir / "config.json")
-            if args.tokenizer:
-                shutil.copy(args.tokenizer, model_dir / "tokenizer.json")
-            ours = {c: run_ours(args.phi3, model_dir, args.device, c[1], c[2], args.repeat, c[0])
-                    for c in cases}
+    ours = our_reports(args, config_path, cases)
 
     import torch
 

@@ -151,6 +151,33 @@ fn to_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
+/// `report` (a JSON object) with the keys both reports share: the model's size and format and
+/// what the device holds.
+fn with_model_fields(
+    mut report: serde_json::Value,
+    parameter_count: u64,
+    weight_format: &str,
+    bytes_per_decode_token: u64,
+    stats: &phi3_core::DeviceStats,
+) -> serde_json::Value {
+    let cuda = stats.cuda.as_ref();
+    let fields = serde_json::json!({
+        "parameter_count": parameter_count,
+        "weight_format": weight_format,
+        "bytes_per_decode_token": bytes_per_decode_token,
+        "weight_bytes_on_device": stats.weight_bytes,
+        "kv_bytes_per_token": stats.kv_bytes_per_token,
+        "kv_dtype": stats.kv_dtype,
+        "device_free_bytes": cuda.and_then(|c| c.free_memory),
+        "device_total_bytes": cuda.map(|c| c.total_memory),
+        "kernels": cuda.map(|c| c.kernels.to_string()),
+    });
+    if let (Some(out), serde_json::Value::Object(fields)) = (report.as_object_mut(), fields) {
+        out.extend(fields);
+    }
+    report
+}
+
 /// Weight bytes a decode step reads (see `Report::bytes_per_decode_token`).
 fn bytes_per_decode_token(model: &phi3_core::Model) -> u64 {
     let c = model.config();
@@ -198,7 +225,7 @@ impl Report {
     }
 
     fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let v = serde_json::json!({
             "model": self.model,
             "device": self.device,
             "threads": self.threads,
@@ -210,16 +237,14 @@ impl Report {
             "decode_s": self.decode_s,
             "decode_tokens_per_s": self.decode_tokens_per_s(),
             "decode_weight_gb_per_s": self.decode_gb_per_s(),
-            "parameter_count": self.parameter_count,
-            "weight_format": self.weight_format,
-            "bytes_per_decode_token": self.bytes_per_decode_token,
-            "weight_bytes_on_device": self.stats.weight_bytes,
-            "kv_bytes_per_token": self.stats.kv_bytes_per_token,
-            "kv_dtype": self.stats.kv_dtype,
-            "device_free_bytes": self.stats.cuda.as_ref().and_then(|c| c.free_memory),
-            "device_total_bytes": self.stats.cuda.as_ref().map(|c| c.total_memory),
-            "kernels": self.stats.cuda.as_ref().map(|c| c.kernels.to_string()),
-        })
+        });
+        with_model_fields(
+            v,
+            self.parameter_count,
+            &self.weight_format,
+            self.bytes_per_decode_token,
+            &self.stats,
+        )
     }
 
     /// A header row and a value row, aligned.
@@ -609,7 +634,7 @@ impl SessionsReport {
     /// `decode_*` are totals over all sessions) plus the one-session figures as `single_*`.
     pub fn json(&self) -> serde_json::Value {
         let r = &self.run;
-        serde_json::json!({
+        let v = serde_json::json!({
             "model": self.model,
             "device": self.device,
             "threads": self.threads,
@@ -632,16 +657,14 @@ impl SessionsReport {
             "tpot_ratio": r.tpot_ratio(),
             "prefill_mean_batch": r.prefill_mean_batch,
             "decode_mean_batch": r.decode_mean_batch,
-            "parameter_count": self.parameter_count,
-            "weight_format": self.weight_format,
-            "bytes_per_decode_token": self.bytes_per_decode_token,
-            "weight_bytes_on_device": self.stats.weight_bytes,
-            "kv_bytes_per_token": self.stats.kv_bytes_per_token,
-            "kv_dtype": self.stats.kv_dtype,
-            "device_free_bytes": self.stats.cuda.as_ref().and_then(|c| c.free_memory),
-            "device_total_bytes": self.stats.cuda.as_ref().map(|c| c.total_memory),
-            "kernels": self.stats.cuda.as_ref().map(|c| c.kernels.to_string()),
-        })
+        });
+        with_model_fields(
+            v,
+            self.parameter_count,
+            &self.weight_format,
+            self.bytes_per_decode_token,
+            &self.stats,
+        )
     }
 
     /// A header row and a value row, aligned, as the one-session table.
