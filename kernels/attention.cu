@@ -19,8 +19,9 @@
 // weighted values of the tile for its output dims (tid and tid + 128, so head_dim <= 256). All
 // arithmetic is f32; exp is the accurate expf.
 // Correctness first: a block's work is its own row's keys only (a decode row of a short sequence
-// does not wait on a long one beyond the launch), but reading each KV head once for all its query
-// heads and splitting long contexts across blocks (flash-decoding) are later optimisations.
+// does not wait on a long one beyond the launch). phi3_attention_gqa below reads each KV head
+// once for all its query heads (the launcher's choice for groups of up to 8); splitting long
+// contexts across blocks (flash-decoding) is a later optimisation.
 // Launch: grid (rows, n_heads), block 128 (ATT_THREADS). Rust launcher: ops.rs (attention).
 #include "common.cuh"
 
@@ -85,4 +86,110 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
     float* o = out + (size_t)row * q_dim + (size_t)h * head_dim;
     if (d0 < head_dim) o[d0] = acc0 / l;
     if (d1 < head_dim) o[d1] = acc1 / l;
+}
+
+// phi3_attention_gqa: the same attention, one block per (row, KV head) computing all
+// group = n_heads / n_kv_heads query heads that share the KV head (group <= ATT_MAX_GROUP), so
+// each key and value row is read from memory once per row instead of once per query head (4x less
+// KV traffic for Phi-3-medium's 40 query over 10 KV heads). Same arguments as phi3_attention.
+// Every query head's arithmetic is phi3_attention's, operation for operation: its scores sum
+// q[d] * k[d] over d in order, its online softmax runs over the same 128-key tiles with the same
+// block reductions, and its accumulators add the same products in the same order, so the two
+// kernels give the same bits (kernels/host-check checks this).
+// Barriers: ps[g] and vs of a tile are written only after the tile's first block reduction, whose
+// __syncthreads follows every thread's reads of the previous tile; the last reduction of the tile
+// makes them visible before the value loop.
+// Launch: grid (rows, n_kv_heads), block 128 (ATT_THREADS). Rust launcher: ops.rs (attention).
+#define ATT_MAX_GROUP 8
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+phi3_attention_gqa(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
+                   const unsigned int* row_table, const unsigned int* tables, float* out,
+                   int blocks_per_slab, int block_len, int layer, int n_heads, int n_kv_heads,
+                   int head_dim, float scale, int window) {
+    __shared__ float qs[ATT_MAX_GROUP][ATT_MAX_HEAD_DIM];
+    __shared__ float ps[ATT_MAX_GROUP][ATT_THREADS];
+    __shared__ const bf16* vs[ATT_THREADS];
+    __shared__ float scratch[32];
+    const int tid = threadIdx.x;
+    const int row = blockIdx.x, kvh = blockIdx.y;
+    const int group = n_heads / n_kv_heads;
+    const int pos = (int)row_pos[row];
+    const unsigned int* table = tables + row_table[row];
+    const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    for (int g = 0; g < group; ++g) {
+        const float* qr = q + (size_t)row * q_dim + (size_t)(kvh * group + g) * head_dim;
+        for (int d = tid; d < head_dim; d += ATT_THREADS) qs[g][d] = qr[d];
+    }
+    __syncthreads();
+
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int d0 = tid, d1 = tid + ATT_THREADS;
+    // Indexed only by unrolled loops, so they stay in registers.
+    float m[ATT_MAX_GROUP], l[ATT_MAX_GROUP], acc0[ATT_MAX_GROUP], acc1[ATT_MAX_GROUP];
+#pragma unroll
+    for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+        m[g] = PHI3_NEG_INF;
+        l[g] = acc0[g] = acc1[g] = 0.0f;
+    }
+    for (int t0 = first; t0 <= pos; t0 += ATT_THREADS) {
+        const int j = t0 + tid;
+        float s[ATT_MAX_GROUP];
+#pragma unroll
+        for (int g = 0; g < ATT_MAX_GROUP; ++g) s[g] = PHI3_NEG_INF;
+        const bf16* vr = nullptr;
+        if (j <= pos) {
+            bf16* blk = kv_block(slabs, blocks_per_slab, block_len,
+                                 table[j / PHI3_KV_BLOCK_TOKENS]);
+            const int t = j % PHI3_KV_BLOCK_TOKENS;
+            const bf16* kr = kv_row(blk, layer, 0, t, kv_dim) + (size_t)kvh * head_dim;
+            vr = kv_row(blk, layer, 1, t, kv_dim) + (size_t)kvh * head_dim;
+            float dot[ATT_MAX_GROUP];
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; ++g) dot[g] = 0.0f;
+            for (int d = 0; d < head_dim; ++d) {
+                const float k = to_f32(kr[d]);
+#pragma unroll
+                for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+                    if (g < group) dot[g] += qs[g][d] * k;
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; ++g) s[g] = dot[g] * scale;
+        }
+#pragma unroll
+        for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+            if (g >= group) break;  // uniform across the block: every thread leaves together
+            // Key t0 is always visible, so m_new is finite.
+            const float m_new = fmaxf(m[g], block_max(s[g], scratch));
+            if (g == 0) vs[tid] = vr;  // after the tile's first barrier (see the header)
+            const float corr = expf(m[g] - m_new);  // 0 on the first tile (m = -inf)
+            const float p = j <= pos ? expf(s[g] - m_new) : 0.0f;
+            ps[g][tid] = p;
+            l[g] = l[g] * corr + block_sum(p, scratch);
+            acc0[g] *= corr;
+            acc1[g] *= corr;
+            m[g] = m_new;
+        }
+        const int n_t = min(ATT_THREADS, pos + 1 - t0);
+        for (int t = 0; t < n_t; ++t) {
+            const bf16* vt = vs[t];
+            const float v0 = d0 < head_dim ? to_f32(vt[d0]) : 0.0f;
+            const float v1 = d1 < head_dim ? to_f32(vt[d1]) : 0.0f;
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+                if (g < group) {
+                    acc0[g] += ps[g][t] * v0;
+                    acc1[g] += ps[g][t] * v1;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+        if (g >= group) break;
+        float* o = out + (size_t)row * q_dim + (size_t)(kvh * group + g) * head_dim;
+        if (d0 < head_dim) o[d0] = acc0[g] / l[g];
+        if (d1 < head_dim) o[d1] = acc1[g] / l[g];
+    }
 }

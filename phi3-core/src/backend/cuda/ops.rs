@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 /// Threads per block of the row and grid-stride kernels.
 const BLOCK: u32 = 256;
+/// Most query heads per KV head that phi3_attention_gqa takes (ATT_MAX_GROUP in attention.cu).
+const ATT_MAX_GROUP: usize = 8;
 /// Threads per block of phi3_attention (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
 /// Output rows per block of the GEMV kernels (one warp each).
@@ -309,7 +311,10 @@ impl CudaBackend {
         )
     }
 
-    /// phi3_attention over every row of a batch: grid (rows, n_heads), block 128.
+    /// Attention over every row of a batch, block 128: phi3_attention_gqa, grid
+    /// (rows, n_kv_heads), which reads each KV head once for the query heads sharing it, when
+    /// those are at most [`ATT_MAX_GROUP`]; phi3_attention, grid (rows, n_heads), otherwise. The
+    /// two compute the same bits.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention(
         &self,
@@ -321,8 +326,11 @@ impl CudaBackend {
         scale: f32,
         window: Option<usize>,
     ) -> Result<()> {
+        let grouped = heads.1 > 0 && heads.0 / heads.1 <= ATT_MAX_GROUP;
+        let (kernel, blocks_y) =
+            if grouped { ("phi3_attention_gqa", heads.1) } else { ("phi3_attention", heads.0) };
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(rows, "rows")?, u32_of(heads.0, "heads")?, 1),
+            grid_dim: (u32_of(rows, "rows")?, u32_of(blocks_y, "heads")?, 1),
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -333,7 +341,7 @@ impl CudaBackend {
         let window = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         launch!(
             self,
-            "phi3_attention",
+            kernel,
             cfg,
             q,
             kv.slab_addrs,
@@ -388,5 +396,18 @@ impl CudaBackend {
         let n = out.len() as u64;
         let cfg = grid_stride(out.len());
         launch!(self, name, cfg, out, &n, &seed, &tensor, &center, &half_width)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The launchers' constants are attention.cu's.
+    #[test]
+    fn attention_constants_match_the_kernel_source() {
+        let source = include_str!("../../../../kernels/attention.cu");
+        assert!(source.contains(&format!("#define ATT_THREADS {ATT_THREADS}\n")));
+        assert!(source.contains(&format!("#define ATT_MAX_GROUP {ATT_MAX_GROUP}\n")));
     }
 }
