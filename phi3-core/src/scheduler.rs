@@ -5,7 +5,8 @@
 //! calling thread blocks until the job's logits are back. Whichever waiting thread finds no step
 //! running becomes the leader: it takes a batch of queued jobs from all sessions, runs them as one
 //! forward pass (`Engine::forward`), posts every job's result and steps down; the next waiting
-//! thread leads the next step. So there is no scheduler thread, hosts keep calling sessions from
+//! thread leads the next step (a panic in a step becomes an `Internal` error for its jobs, never a
+//! hang). So there is no scheduler thread, hosts keep calling sessions from
 //! their own threads, and sessions stay single-owner objects: batching shows only in speed.
 //!
 //! Batches (`State::take_batch`): every queued decode step (up to [`MAX_BATCH_SEQS`]) plus prefill
@@ -252,8 +253,20 @@ impl Scheduler {
                     .map(|q| q.job.session)
                     .collect();
                 let mixed = !decoders.is_empty() && decoders.len() < batch.len();
+                let ids: Vec<u64> = batch.iter().map(|q| q.id).collect();
                 let step_started = Instant::now();
-                let (outputs, requeue) = self.step(engine, batch, epoch);
+                // `step` catches panics in the forward pass itself; this catches the rest (a bug
+                // in the bookkeeping), so that no waiting session is left without an answer. The
+                // jobs' caches are lost then: their sessions start over from their tokens.
+                let (outputs, requeue) =
+                    panic::catch_unwind(AssertUnwindSafe(|| self.step(engine, batch, epoch)))
+                        .unwrap_or_else(|_| {
+                            let lost = |id| {
+                                let result = Err(Error::internal("a scheduler step panicked"));
+                                (id, JobOutput { kv: SeqKv::new(), result })
+                            };
+                            (ids.into_iter().map(lost).collect(), Vec::new())
+                        });
                 let step_time = step_started.elapsed();
                 st = self.lock();
                 if !outputs.is_empty() {
