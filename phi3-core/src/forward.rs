@@ -13,7 +13,7 @@
 //! ordered so that sequences adding at most `GEMV_SPAN` tokens (decode steps) come first: see
 //! `Backend::linear`, which computes them one row at a time.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan, GEMV_SPAN};
 use crate::config::ModelConfig;
@@ -34,7 +34,7 @@ pub(crate) struct Engine<B: Backend> {
     pub(crate) attn: AttnParams,
     /// Every session's KV blocks. Locked by a forward pass for its whole duration (only the
     /// scheduler's leader runs one) and briefly by forks, truncations and session drops.
-    pub(crate) pool: Mutex<KvPool<B>>,
+    pool: Mutex<KvPool<B>>,
     pub(crate) scheduler: Scheduler,
     eps: f32,
     vocab_size: usize,
@@ -125,6 +125,12 @@ impl<B: Backend> Engine<B> {
             eps: config.rms_norm_eps as f32,
             vocab_size: config.vocab_size,
         })
+    }
+
+    /// The KV pool, locked. A panic while it was held (caught by the scheduler) leaves its
+    /// bookkeeping usable, so a poisoned lock is taken as it is.
+    pub(crate) fn lock_pool(&self) -> MutexGuard<'_, KvPool<B>> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Run `seqs` (each non-empty, ids already range-checked, blocks reserved in `pool`) and

@@ -617,7 +617,7 @@ impl Model {
 
     pub(crate) fn kv_to_host(&self, kv: &SeqKv) -> Result<Vec<f32>> {
         on_engine!(self, e => {
-            let pool = e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let pool = e.lock_pool();
             e.backend.kv_to_host(&pool.storage, &kv.blocks, kv.len())
         })
     }
@@ -632,7 +632,7 @@ impl Model {
         data: &[f32],
     ) -> Result<SeqKv> {
         on_engine!(self, e => {
-            let mut pool = e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut pool = e.lock_pool();
             let mut kv = SeqKv::new();
             pool.reserve(&e.backend, &mut kv, n_tokens)?;
             if let Err(err) = e.backend.kv_from_host(&mut pool.storage, &kv.blocks, n_tokens, data)
@@ -647,7 +647,7 @@ impl Model {
     /// A fork of `kv`: the same blocks, shared until either side writes into one.
     pub(crate) fn fork_kv(&self, kv: &SeqKv) -> SeqKv {
         on_engine!(self, e => {
-            e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).share(kv)
+            e.lock_pool().share(kv)
         })
     }
 
@@ -655,7 +655,7 @@ impl Model {
     pub(crate) fn truncate_kv(&self, kv: &mut SeqKv, len: usize) {
         let blocks = kv.blocks.len();
         on_engine!(self, e => {
-            e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).truncate(kv, len);
+            e.lock_pool().truncate(kv, len);
             if kv.blocks.len() < blocks {
                 e.scheduler.kv_freed();
             }
@@ -677,7 +677,7 @@ impl Model {
     /// How the KV pool is used: blocks in use (shared blocks once), allocated, and the budget.
     pub fn kv_usage(&self) -> KvUsage {
         on_engine!(self, e => {
-            e.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).usage()
+            e.lock_pool().usage()
         })
     }
 

@@ -155,21 +155,11 @@ impl State {
                 chosen.push(i);
             }
         }
-        let mut taken: Vec<Option<Queued>> = Vec::new();
-        let mut rest = Vec::new();
-        for (i, q) in std::mem::take(&mut self.queue).into_iter().enumerate() {
-            match chosen.iter().position(|&c| c == i) {
-                Some(at) => {
-                    if taken.len() <= at {
-                        taken.resize_with(at + 1, || None);
-                    }
-                    taken[at] = Some(q);
-                }
-                None => rest.push(q),
-            }
-        }
-        self.queue = rest;
-        taken.into_iter().flatten().collect()
+        let mut slots: Vec<Option<Queued>> =
+            std::mem::take(&mut self.queue).into_iter().map(Some).collect();
+        let batch = chosen.iter().filter_map(|&i| slots[i].take()).collect();
+        self.queue = slots.into_iter().flatten().collect();
+        batch
     }
 }
 
@@ -323,7 +313,7 @@ impl Scheduler {
         batch: Vec<Queued>,
         epoch: u64,
     ) -> (Vec<(u64, JobOutput)>, Vec<Queued>) {
-        let mut pool = engine.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = engine.lock_pool();
         let (mut ready, mut outputs, mut requeue) = (Vec::new(), Vec::new(), Vec::new());
         for mut q in batch {
             let new_len = q.job.kv.len() + q.job.tokens.len();
