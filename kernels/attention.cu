@@ -2,8 +2,10 @@
 // prefill and for decode, every sequence of a batch in one launch (HF eager_attention_forward:
 // softmax(q k^T * scale) v).
 //
-// phi3_attention: one block per (query row, query head) of the batch (rows of all sequences
-//   concatenated).
+// phi3_attention: one block per (query row, KV head, chunk of up to ATT_MAX_GROUP of the query
+//   heads that read that KV head) of the batch (rows of all sequences concatenated). Each key and
+//   value row is read once for all the block's query heads, not once per query head (4x less KV
+//   traffic for Phi-3-medium's 40 query over 10 KV heads, whose groups of 4 fit one chunk).
 //   q [rows, n_heads * head_dim] f32 (rotated); out [rows, n_heads * head_dim] f32;
 //   slabs [n_slabs] u64, blocks_per_slab, block_len: the KV pool (layout in common.cuh), read at
 //   layer `layer`;
@@ -13,97 +15,29 @@
 //   j % 16 of block table[j / 16]).
 //   A row at position pos sees its own sequence's keys first..pos, first = max(0, pos + 1 - window)
 //   when window > 0, else 0. Query head h reads KV head h / (n_heads / n_kv_heads).
-// Online softmax over tiles of 128 keys: each thread scores one key of the tile (q is in shared
-// memory) and looks up that key's value row for the block (in shared memory), the block finds the
-// tile's max and sum, rescales its running sum and accumulator, and each thread accumulates the
-// weighted values of the tile for its output dims (tid and tid + 128, so head_dim <= 256). All
-// arithmetic is f32; exp is the accurate expf.
+// Online softmax over tiles of 128 keys, per query head: each thread scores one key of the tile
+// for every head of the block (q is in shared memory) and looks up that key's value row (in
+// shared memory), the block finds each head's tile max and sum, rescales its running sum and
+// accumulator, and each thread accumulates the weighted values of the tile for its output dims
+// (tid and tid + 128, so head_dim <= 256). Per head, scores sum q[d] * k[d] over d in order and
+// values are added in key order, so a head's result does not depend on which heads share its
+// block. All arithmetic is f32; exp is the accurate expf.
+// Barriers: ps[g] and vs of a tile are written only after the tile's first block reduction, whose
+// __syncthreads follows every thread's reads of the previous tile; the last reduction of the tile
+// makes them visible before the value loop.
 // Correctness first: a block's work is its own row's keys only (a decode row of a short sequence
-// does not wait on a long one beyond the launch). phi3_attention_gqa below reads each KV head
-// once for all its query heads (the launcher's choice for groups of up to 8); splitting long
-// contexts across blocks (flash-decoding) is a later optimisation.
-// Launch: grid (rows, n_heads), block 128 (ATT_THREADS). Rust launcher: ops.rs (attention).
+// does not wait on a long one beyond the launch); splitting long contexts across blocks
+// (flash-decoding) is a later optimisation.
+// Launch: grid (rows, n_kv_heads * ceil(group / ATT_MAX_GROUP)), block 128 (ATT_THREADS), where
+// group = n_heads / n_kv_heads. Rust launcher: ops.rs (attention).
 #include "common.cuh"
 
 #define ATT_THREADS 128
 #define ATT_MAX_HEAD_DIM 256
-
-extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-phi3_attention(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
-               const unsigned int* row_table, const unsigned int* tables, float* out,
-               int blocks_per_slab, int block_len, int layer, int n_heads, int n_kv_heads,
-               int head_dim, float scale, int window) {
-    __shared__ float qs[ATT_MAX_HEAD_DIM];
-    __shared__ float ps[ATT_THREADS];
-    __shared__ const bf16* vs[ATT_THREADS];  // value row (this KV head) of each key of the tile
-    __shared__ float scratch[32];
-    const int tid = threadIdx.x;
-    const int row = blockIdx.x, h = blockIdx.y;
-    const int pos = (int)row_pos[row];
-    const unsigned int* table = tables + row_table[row];
-    const int kvh = h / (n_heads / n_kv_heads);
-    const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
-    const float* qr = q + (size_t)row * q_dim + (size_t)h * head_dim;
-    for (int d = tid; d < head_dim; d += ATT_THREADS) qs[d] = qr[d];
-    __syncthreads();
-
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int d0 = tid, d1 = tid + ATT_THREADS;
-    float m = PHI3_NEG_INF, l = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-    for (int t0 = first; t0 <= pos; t0 += ATT_THREADS) {
-        const int j = t0 + tid;
-        float s = PHI3_NEG_INF;
-        const bf16* vr = nullptr;
-        if (j <= pos) {
-            bf16* blk = kv_block(slabs, blocks_per_slab, block_len,
-                                 table[j / PHI3_KV_BLOCK_TOKENS]);
-            const int t = j % PHI3_KV_BLOCK_TOKENS;
-            const bf16* kr = kv_row(blk, layer, 0, t, kv_dim) + (size_t)kvh * head_dim;
-            vr = kv_row(blk, layer, 1, t, kv_dim) + (size_t)kvh * head_dim;
-            float dot = 0.0f;
-            for (int d = 0; d < head_dim; ++d) dot += qs[d] * to_f32(kr[d]);
-            s = dot * scale;
-        }
-        // block_max synchronises, so every thread has finished reading ps and vs of the previous
-        // tile before they are overwritten below. Key t0 is always visible, so m_new is finite.
-        const float m_new = fmaxf(m, block_max(s, scratch));
-        const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
-        const float p = j <= pos ? expf(s - m_new) : 0.0f;
-        ps[tid] = p;
-        vs[tid] = vr;
-        l = l * corr + block_sum(p, scratch);  // also makes ps and vs visible to the whole block
-        acc0 *= corr;
-        acc1 *= corr;
-        const int n_t = min(ATT_THREADS, pos + 1 - t0);
-        for (int t = 0; t < n_t; ++t) {
-            const float pt = ps[t];
-            const bf16* vt = vs[t];
-            if (d0 < head_dim) acc0 += pt * to_f32(vt[d0]);
-            if (d1 < head_dim) acc1 += pt * to_f32(vt[d1]);
-        }
-        m = m_new;
-    }
-    float* o = out + (size_t)row * q_dim + (size_t)h * head_dim;
-    if (d0 < head_dim) o[d0] = acc0 / l;
-    if (d1 < head_dim) o[d1] = acc1 / l;
-}
-
-// phi3_attention_gqa: the same attention, one block per (row, KV head) computing all
-// group = n_heads / n_kv_heads query heads that share the KV head (group <= ATT_MAX_GROUP), so
-// each key and value row is read from memory once per row instead of once per query head (4x less
-// KV traffic for Phi-3-medium's 40 query over 10 KV heads). Same arguments as phi3_attention.
-// Every query head's arithmetic is phi3_attention's, operation for operation: its scores sum
-// q[d] * k[d] over d in order, its online softmax runs over the same 128-key tiles with the same
-// block reductions, and its accumulators add the same products in the same order, so the two
-// kernels give the same bits (kernels/host-check checks this).
-// Barriers: ps[g] and vs of a tile are written only after the tile's first block reduction, whose
-// __syncthreads follows every thread's reads of the previous tile; the last reduction of the tile
-// makes them visible before the value loop.
-// Launch: grid (rows, n_kv_heads), block 128 (ATT_THREADS). Rust launcher: ops.rs (attention).
 #define ATT_MAX_GROUP 8
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-phi3_attention_gqa(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
+phi3_attention(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
                    const unsigned int* row_table, const unsigned int* tables, float* out,
                    int blocks_per_slab, int block_len, int layer, int n_heads, int n_kv_heads,
                    int head_dim, float scale, int window) {
@@ -112,13 +46,16 @@ phi3_attention_gqa(const float* q, const unsigned long long* slabs, const unsign
     __shared__ const bf16* vs[ATT_THREADS];
     __shared__ float scratch[32];
     const int tid = threadIdx.x;
-    const int row = blockIdx.x, kvh = blockIdx.y;
     const int group = n_heads / n_kv_heads;
+    const int chunks = (group + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
+    const int row = blockIdx.x, kvh = blockIdx.y / chunks, chunk = blockIdx.y % chunks;
+    const int h0 = kvh * group + chunk * ATT_MAX_GROUP;          // the block's first query head
+    const int n_g = min(ATT_MAX_GROUP, group - chunk * ATT_MAX_GROUP);  // and how many
     const int pos = (int)row_pos[row];
     const unsigned int* table = tables + row_table[row];
     const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
-    for (int g = 0; g < group; ++g) {
-        const float* qr = q + (size_t)row * q_dim + (size_t)(kvh * group + g) * head_dim;
+    for (int g = 0; g < n_g; ++g) {
+        const float* qr = q + (size_t)row * q_dim + (size_t)(h0 + g) * head_dim;
         for (int d = tid; d < head_dim; d += ATT_THREADS) qs[g][d] = qr[d];
     }
     __syncthreads();
@@ -151,7 +88,7 @@ phi3_attention_gqa(const float* q, const unsigned long long* slabs, const unsign
                 const float k = to_f32(kr[d]);
 #pragma unroll
                 for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-                    if (g < group) dot[g] += qs[g][d] * k;
+                    if (g < n_g) dot[g] += qs[g][d] * k;
                 }
             }
 #pragma unroll
@@ -159,7 +96,7 @@ phi3_attention_gqa(const float* q, const unsigned long long* slabs, const unsign
         }
 #pragma unroll
         for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-            if (g >= group) break;  // uniform across the block: every thread leaves together
+            if (g >= n_g) break;  // uniform across the block: every thread leaves together
             // Key t0 is always visible, so m_new is finite.
             const float m_new = fmaxf(m[g], block_max(s[g], scratch));
             if (g == 0) vs[tid] = vr;  // after the tile's first barrier (see the header)
@@ -178,7 +115,7 @@ phi3_attention_gqa(const float* q, const unsigned long long* slabs, const unsign
             const float v1 = d1 < head_dim ? to_f32(vt[d1]) : 0.0f;
 #pragma unroll
             for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-                if (g < group) {
+                if (g < n_g) {
                     acc0[g] += ps[g][t] * v0;
                     acc1[g] += ps[g][t] * v1;
                 }
@@ -187,8 +124,8 @@ phi3_attention_gqa(const float* q, const unsigned long long* slabs, const unsign
     }
 #pragma unroll
     for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-        if (g >= group) break;
-        float* o = out + (size_t)row * q_dim + (size_t)(kvh * group + g) * head_dim;
+        if (g >= n_g) break;
+        float* o = out + (size_t)row * q_dim + (size_t)(h0 + g) * head_dim;
         if (d0 < head_dim) o[d0] = acc0[g] / l[g];
         if (d1 < head_dim) o[d1] = acc1[g] / l[g];
     }

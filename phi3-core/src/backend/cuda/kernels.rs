@@ -70,7 +70,7 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "attention.cu",
         source: include_str!("../../../../kernels/attention.cu"),
-        entries: &["phi3_attention", "phi3_attention_gqa"],
+        entries: &["phi3_attention"],
     },
     KernelSource {
         name: "kv_blocks.cu",

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 /// Threads per block of the row and grid-stride kernels.
 const BLOCK: u32 = 256;
-/// Most query heads per KV head that phi3_attention_gqa takes (ATT_MAX_GROUP in attention.cu).
+/// Most query heads one phi3_attention block computes (ATT_MAX_GROUP in attention.cu).
 const ATT_MAX_GROUP: usize = 8;
 /// Threads per block of phi3_attention (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
@@ -311,10 +311,8 @@ impl CudaBackend {
         )
     }
 
-    /// Attention over every row of a batch, block 128: phi3_attention_gqa, grid
-    /// (rows, n_kv_heads), which reads each KV head once for the query heads sharing it, when
-    /// those are at most [`ATT_MAX_GROUP`]; phi3_attention, grid (rows, n_heads), otherwise. The
-    /// two compute the same bits.
+    /// phi3_attention over every row of a batch: grid (rows, n_kv_heads x the chunks of at most
+    /// [`ATT_MAX_GROUP`] query heads that share a KV head), block 128.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention(
         &self,
@@ -326,9 +324,8 @@ impl CudaBackend {
         scale: f32,
         window: Option<usize>,
     ) -> Result<()> {
-        let grouped = heads.1 > 0 && heads.0 / heads.1 <= ATT_MAX_GROUP;
-        let (kernel, blocks_y) =
-            if grouped { ("phi3_attention_gqa", heads.1) } else { ("phi3_attention", heads.0) };
+        let chunks = (heads.0 / heads.1.max(1)).div_ceil(ATT_MAX_GROUP);
+        let blocks_y = heads.1 * chunks;
         let cfg = LaunchConfig {
             grid_dim: (u32_of(rows, "rows")?, u32_of(blocks_y, "heads")?, 1),
             block_dim: (ATT_THREADS, 1, 1),
@@ -341,7 +338,7 @@ impl CudaBackend {
         let window = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         launch!(
             self,
-            kernel,
+            "phi3_attention",
             cfg,
             q,
             kv.slab_addrs,
