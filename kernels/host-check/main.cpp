@@ -15,6 +15,12 @@
 //   see hold NaN, so a read outside the window or past the row's position shows; groups of query
 //   heads per KV head below, at and above one block's ATT_MAX_GROUP. copy_kv_blocks:
 //   destinations equal their sources bit for bit, nothing else changes.
+// - decode GEMM (kernels/decode_gemm.cu; mma.m16n8k16 emulated from the PTX fragment layout in
+//   cuda_host.h): y [ntok, out] = x [ntok, in] @ w [out, in]^T in bf16 and f16, with token counts
+//   that do not fill an 8-token tile or that span two 64-token slices, rows that do not fill a
+//   block's 64, chunks shorter than 128 columns and K split into slices added by
+//   phi3_sum_splits; to 1e-5 of sum |x w| against a double reference, and each token's row equal
+//   bit for bit to a launch with that token alone (the batch invariance the kernel exists for).
 // Build and run: scripts/nvrtc-check (g++ -std=c++20 -pthread). Exit status 1 on any mismatch.
 #include <cstdio>
 #include <random>
@@ -25,6 +31,7 @@
 #include "../rope_kv.cu"
 #include "../attention.cu"
 #include "../kv_blocks.cu"
+#include "../decode_gemm.cu"
 
 #include <algorithm>
 
@@ -387,6 +394,68 @@ static void paged_case(const PagedCase& c) {
     expect(differ == 0, name, (double)differ, 0.0);
 }
 
+static const int DG_BLOCK = 32 * DG_WARPS;  // ops.rs DECODE_GEMM_THREADS
+
+// y [ntok, out] by phi3_decode_gemm_<type> over `splits` K slices (the launcher's grid).
+static std::vector<float> run_decode_gemm(bool f16, const std::vector<unsigned short>& w,
+                                          const unsigned short* x, int in, int out, int ntok,
+                                          int splits) {
+    const int k_per_split = ((in / 32 + splits - 1) / splits) * 32;
+    std::vector<float> part((size_t)splits * ntok * out, NAN), y((size_t)ntok * out, NAN);
+    const dim3h grid{(unsigned)((out + DG_ROWS - 1) / DG_ROWS), (unsigned)splits,
+                     (unsigned)((ntok + DG_TOK - 1) / DG_TOK)};
+    launch(grid, DG_BLOCK, [&] {
+        float* dst = splits > 1 ? part.data() : y.data();
+        if (f16) phi3_decode_gemm_f16(w.data(), x, dst, in, out, ntok, k_per_split);
+        else phi3_decode_gemm_bf16(w.data(), x, dst, in, out, ntok, k_per_split);
+    });
+    if (splits > 1) {
+        launch(3, 64, [&] { phi3_sum_splits(part.data(), y.data(), (long long)ntok * out, splits); });
+    }
+    return y;
+}
+
+static unsigned short half_bits(bool f16, float lo, float hi) {
+    if (f16) {  // a normal f16 of magnitude 2^-4 .. 2^1, either sign
+        return (unsigned short)((below(2) << 15) | ((11 + below(5)) << 10) | below(1024));
+    }
+    return bf16_bits(uniform(lo, hi));
+}
+
+static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16) {
+    std::vector<unsigned short> w((size_t)out * in), x((size_t)ntok * in);
+    for (auto& v : w) v = half_bits(f16, -1.0f, 1.0f);
+    for (auto& v : x) v = half_bits(f16, -3.0f, 3.0f);
+    auto val = [f16](unsigned short b) {
+        return f16 ? (double)phi3_host_f16_to_f32(b) : (double)bf16_value(b);
+    };
+    const std::vector<float> y = run_decode_gemm(f16, w, x.data(), in, out, ntok, splits);
+    char name[128];
+    std::snprintf(name, sizeof name, "decode gemm %s [%d, %d] x %d tokens, %d splits",
+                  f16 ? "f16" : "bf16", out, in, ntok, splits);
+    for (int t = 0; t < ntok; ++t) {
+        for (int o = 0; o < out; ++o) {
+            double want = 0, mag = 0;
+            for (int c = 0; c < in; ++c) {
+                const double p = val(w[(size_t)o * in + c]) * val(x[(size_t)t * in + c]);
+                want += p;
+                mag += std::fabs(p);
+            }
+            const float got = y[(size_t)t * out + o];
+            expect(std::fabs(got - want) <= 1e-5 * mag + 1e-30, name, got, want);
+        }
+    }
+    // A few tokens alone: the first, the last, and the first of a second token slice.
+    for (int t : {0, ntok - 1, ntok > DG_TOK ? DG_TOK : ntok / 2}) {
+        const std::vector<float> solo =
+            run_decode_gemm(f16, w, x.data() + (size_t)t * in, in, out, 1, splits);
+        for (int o = 0; o < out; ++o) {
+            const float got = y[(size_t)t * out + o];
+            expect(std::memcmp(&solo[o], &got, 4) == 0, name, got, solo[o]);
+        }
+    }
+}
+
 int main() {
     for (int group : {32, 64, 128}) {
         for (bool f16 : {false, true}) {
@@ -404,6 +473,10 @@ int main() {
     paged_case({3, 3, 160, 80, 20, 0, {{5, 7}, {140, 1}, {33, 4}}});
     paged_case({8, 1, 64, 32, 140, 1, {{200, 2}, {7, 1}, {16, 16}}});
     paged_case({20, 2, 32, 16, 0, 1, {{9, 3}, {130, 1}}});  // group 10: two blocks per KV head
+    decode_gemm_case(200, 256, 70, 2, false);  // two token slices, 4 row blocks (the last partial)
+    decode_gemm_case(64, 96, 1, 1, false);     // one token, one chunk shorter than DG_KC
+    decode_gemm_case(130, 416, 9, 3, false);   // slices of 160 columns: chunks of 128 and 32
+    decode_gemm_case(48, 160, 17, 1, true);    // f16
     std::printf("kernels/host-check: %s (%d mismatches)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }

@@ -12,11 +12,13 @@
 //!
 //! Tolerances (relative L2, ||out - ref|| / ||ref||):
 //! - ops computed in f32 on both sides from the same inputs (embed, rms_norm, swiglu, gather,
-//!   GEMV for one token, f32 GEMM, rotated q, attention over the GPU's own q and cache): 1e-4;
+//!   GEMV (f32 weights, or `in` not a multiple of 32), f32 GEMM, rotated q, attention over the
+//!   GPU's own q and cache): 1e-4;
 //!   they differ only in summation order, FMA contraction and expf vs exp.
 //! - keys and values in the bf16 cache against the CPU's f32 values rounded to bf16: 1e-3 (equal
 //!   but for the rare element whose f32 value differs by an ulp across a bf16 rounding boundary).
-//! - ops that round to bf16 on the device (GEMM inputs for bf16/f16 weights; attention over the
+//! - ops that round to bf16 on the device (GEMM and decode GEMM inputs for bf16/f16 weights;
+//!   attention over the
 //!   bf16 cache against the CPU's f32 cache): 1e-2. bf16 keeps 8 significant bits: round-to-nearest
 //!   error is at most 2^-9 = 2e-3 relative and ~1.1e-3 RMS, and a dot product of independently
 //!   rounded terms keeps that relative RMS error; 1e-2 leaves ~5x headroom.
@@ -37,6 +39,9 @@
 //! - full models with quantized projections, GPU vs CPU: 3e-2, as the native models.
 //!
 //! The upload must round-trip bit for bit (the device holds the host layout unchanged).
+//!
+//! Batch invariance, bit for bit: `linear` on a batch of decode rows and prefill chunks against
+//! each row and chunk alone, and 12 concurrent sessions' logits against their solo runs.
 //!
 //! Benchmarks: the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
 //! projections (device-generated random quantized weights: speed does not depend on values), and
@@ -60,9 +65,10 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use phi3_core::backend::cpu::{CpuAct, CpuBackend};
 use phi3_core::backend::cuda::{
-    quant::DEQUANT_WORKSPACE_BYTES, CudaAct, CudaBackend, CudaKvPool, CudaWeight,
+    quant::{DEQUANT_WORKSPACE_BYTES, QUANT_GEMV_MAX_ROWS},
+    CudaAct, CudaBackend, CudaKvPool, CudaWeight,
 };
-use phi3_core::backend::{AttnParams, Backend, KvLayout, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS};
+use phi3_core::backend::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan, KV_BLOCK_TOKENS};
 use phi3_core::loader::quant::{Int4Scales, QuantData, QuantizedTensor};
 use phi3_core::loader::{DType, HostTensor};
 use phi3_core::rope::{Rope, RopeBatch, RopeRegime};
@@ -332,16 +338,6 @@ fn check_rows(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// `linear`'s `gemv_rows` for a check of `n` rows: all of them when `n` is a decode step's size,
-/// as one sequence's batch would pass it.
-fn gemv_rows(n: usize) -> usize {
-    if n <= GEMV_SPAN {
-        n
-    } else {
-        0
-    }
-}
-
 /// linear: GEMV (one row; `in` a multiple of 8 takes the 16-byte path, others the scalar loop)
 /// and cuBLAS (more rows), every dtype, odd sizes, and a Phi-3-mini lm_head in bf16.
 fn check_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
@@ -363,20 +359,86 @@ fn check_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> 
     }
     shapes.push((DType::BF16, 1, 3072, 32064));
     shapes.push((DType::BF16, 5, 3072, 32064));
-    for (dt, n, k, m) in shapes {
+    // Phi-3-medium projections one to four decode rows (the decode GEMM's K split: 4 slices for
+    // o_proj on an H100) and a batch of 70 decode rows (two token slices of the kernel).
+    shapes.push((DType::BF16, 1, 5120, 5120));
+    shapes.push((DType::BF16, 4, 17920, 640));
+    shapes.push((DType::F16, 3, 5120, 7680));
+    for (dt, n, k, m) in shapes.into_iter().chain([(DType::BF16, 70, 3072, 300)]) {
         let w = tensor("w", dt, vec![m, k], &rng.vec(m * k, 1.0 / (k as f32).sqrt()))?;
         let x = rng.vec(n * k, 1.0);
-        let g = gemv_rows(n);
-        let want = cpu.linear(&cpu_act(n, k, x.clone()), &cpu.upload(&w)?, g)?.data;
+        let g = if n == 70 { LinearRows::decode(n) } else { LinearRows::one_sequence(n) };
+        let want = cpu.linear(&cpu_act(n, k, x.clone()), &cpu.upload(&w)?, &g)?.data;
         let got =
-            gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gpu.upload(&w)?, g)?)?;
-        let tol = if n == 1 || dt == DType::F32 { TOL_F32 } else { TOL_BF16 };
-        let path = if n == 1 { "gemv" } else { "gemm" };
+            gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gpu.upload(&w)?, &g)?)?;
+        // The decode GEMM and cuBLAS round the activations to the weight's 16-bit type; the GEMV
+        // (f32 weights, or `in` not a multiple of 32) keeps them in f32.
+        let (path, tol) = match (g.decode_rows() > 0, dt) {
+            (true, DType::F32) => ("gemv", TOL_F32),
+            (true, _) if k % 32 == 0 => ("decode-gemm", TOL_BF16),
+            (true, _) => ("gemv", TOL_F32),
+            (false, DType::F32) => ("gemm", TOL_F32),
+            (false, _) => ("gemm", TOL_BF16),
+        };
         r.err(
             &format!("linear/{path} {} [{n},{k}]x[{m},{k}]", dt.name()),
             rel_l2(&got, &want),
             tol,
         );
+    }
+    check_linear_batch_invariant(gpu, rng, r)
+}
+
+/// A pass's rows for [`check_linear_batch_invariant`]: `decode` decode rows, then prefill runs.
+const INVARIANT_PREFILLS: [usize; 3] = [7, 12, 5];
+
+/// The batch invariance `Backend::linear` promises: in a batch of decode rows and prefill chunks,
+/// every decode row equals that row run alone, and every chunk equals that chunk run alone, bit
+/// for bit. Dense weights in every dtype (decode GEMM with and without a K split, the GEMV
+/// fallback, 1, 6 and 70 decode rows), and quantized ones up to `QUANT_GEMV_MAX_ROWS` rows.
+fn check_linear_batch_invariant(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
+    // (name, weight, in, decode row counts)
+    let mut weights: Vec<(String, CudaWeight, usize, &[usize])> = Vec::new();
+    for (dt, k, m) in [
+        (DType::BF16, 5120, 1000),
+        (DType::BF16, 3072, 8192),
+        (DType::F16, 1024, 300),
+        (DType::BF16, 100, 70),
+        (DType::F32, 512, 300),
+    ] {
+        let w = tensor("w", dt, vec![m, k], &rng.vec(m * k, 1.0 / (k as f32).sqrt()))?;
+        weights.push((format!("{} [{m},{k}]", dt.name()), gpu.upload(&w)?, k, &[1, 6, 70]));
+    }
+    for format in QUANT_FORMATS {
+        let (k, m) = (1024, 300);
+        let q = QuantizedTensor::from_f32("w", &rng.vec(m * k, 0.03), m, k, format)?;
+        let w = gpu.upload_quantized(q)?;
+        weights.push((format!("{format} [{m},{k}]"), w, k, &[1, QUANT_GEMV_MAX_ROWS]));
+    }
+    for (tag, w, k, decodes) in &weights {
+        for &decode in *decodes {
+            let rows = LinearRows::new(decode, INVARIANT_PREFILLS.to_vec());
+            let n = rows.total();
+            let x = rng.vec(n * k, 1.0);
+            let batch = gpu.to_host(&gpu.linear(&gpu.act_from_host(n, *k, &x)?, w, &rows)?)?;
+            let m = batch.len() / n;
+            let (mut differ, mut alone) = (0, Vec::with_capacity(batch.len()));
+            let pieces = (0..decode)
+                .map(|i| (i, 1, LinearRows::decode(1)))
+                .chain(rows.prefill_runs().map(|(i, len)| (i, len, LinearRows::one_sequence(len))));
+            for (first, len, piece) in pieces {
+                let xs = &x[first * k..(first + len) * k];
+                let y = gpu.to_host(&gpu.linear(&gpu.act_from_host(len, *k, xs)?, w, &piece)?)?;
+                differ += usize::from(!same_bits(&y, &batch[first * m..(first + len) * m]));
+                alone.extend(y);
+            }
+            let ok = differ == 0 && same_bits(&alone, &batch);
+            r.flag(
+                &format!("linear batch-invariant {tag}: {decode} decode rows + chunks {INVARIANT_PREFILLS:?}"),
+                if ok { "bit-identical".into() } else { format!("{differ} rows/chunks differ") },
+                ok,
+            );
+        }
     }
     Ok(())
 }
@@ -821,9 +883,9 @@ fn run_case(model: &Model, c: &BatchedCase, steps: usize) -> Result<Decoded> {
 
 /// Continuous batching on the GPU: 12 sessions start at random times, decode greedily at once
 /// (the scheduler batches their passes), and some are cancelled or dropped partway; each one's
-/// tokens and logits are then compared with the same session run alone. cuBLAS may pick another
-/// algorithm for a batch than for one row, so logits agree to rounding (TOL_MODEL), and greedy
-/// tokens must be equal.
+/// tokens and logits are then compared with the same session run alone: greedy tokens must be
+/// equal and logits bit-identical (decode rows take the batch-invariant decode GEMM, prefill
+/// chunks one cuBLAS call each; the worst relative difference is reported as well).
 /// (`device` is the CPU in this file's tests, where the same check holds bit for bit.)
 fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<()> {
     let model = Model::load(dir, &LoadOptions { device, ..Default::default() })?;
@@ -844,7 +906,7 @@ fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked")))).collect()
     });
     let stats = model.scheduler_stats();
-    let (mut worst, mut equal, mut first_diff) = (0.0f64, 0, None);
+    let (mut worst, mut equal, mut identical, mut first_diff) = (0.0f64, 0, 0, None);
     for (i, (c, got)) in cases.iter().zip(batched).enumerate() {
         let (tokens, logits) = got?;
         let solo = BatchedCase {
@@ -858,6 +920,9 @@ fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<
         for (g, w) in logits.iter().zip(&want_logits) {
             worst = worse(worst, rel_l2(g, w));
         }
+        let same = logits.len() == want_logits.len()
+            && logits.iter().zip(&want_logits).all(|(g, w)| same_bits(g, w));
+        identical += usize::from(same);
         if tokens == want_tokens {
             equal += 1;
         } else if first_diff.is_none() {
@@ -874,6 +939,11 @@ fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<
         first_diff.map(|d| format!("; {d}")).unwrap_or_default()
     );
     r.flag("batched sessions: greedy tokens vs solo", summary, equal == cases.len());
+    r.flag(
+        "batched sessions: logits bit-identical to solo",
+        format!("{identical} of {}", cases.len()),
+        identical == cases.len(),
+    );
     r.flag(
         "batched sessions: blocks returned",
         format!("{} in use after all sessions ended", model.kv_usage().blocks_in_use),
@@ -1125,9 +1195,9 @@ fn check_quant_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Resul
                 }
                 let cw = cpu.upload_quantized(q)?;
                 let x = rng.vec(n * k, 1.0);
-                let g = gemv_rows(n);
-                let want = cpu.linear(&cpu_act(n, k, x.clone()), &cw, g)?.data;
-                let got = gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gw, g)?)?;
+                let g = LinearRows::one_sequence(n);
+                let want = cpu.linear(&cpu_act(n, k, x.clone()), &cw, &g)?.data;
+                let got = gpu.to_host(&gpu.linear(&gpu.act_from_host(n, k, &x)?, &gw, &g)?)?;
                 let (path, tol) = if n == 1 { ("gemv", TOL_QGEMV) } else { ("gemm", TOL_BF16) };
                 r.err(
                     &format!("qlinear/{path} {tag} [{n},{k}]x[{m},{k}]"),
@@ -1282,7 +1352,7 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
             let t = Instant::now();
             let mut last = None;
             for (j, w) in weights.iter().enumerate() {
-                last = Some(gpu.linear(&x[j % 4], w, gemv_rows(rows))?);
+                last = Some(gpu.linear(&x[j % 4], w, &LinearRows::one_sequence(rows))?);
             }
             gpu.synchronize()?;
             let secs = t.elapsed().as_secs_f64();

@@ -15,7 +15,7 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan, GEMV_SPAN};
+use crate::backend::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan, GEMV_SPAN};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::SeqKv;
@@ -145,8 +145,11 @@ impl<B: Backend> Engine<B> {
         // Decode steps first (stable, so the batch order is otherwise the scheduler's).
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i].tokens.len() > GEMV_SPAN);
-        let gemv_rows: usize =
+        let decode_rows: usize =
             seqs.iter().map(|s| s.tokens.len()).filter(|&n| n <= GEMV_SPAN).sum();
+        let prefill_runs: Vec<usize> =
+            order.iter().map(|&i| seqs[i].tokens.len()).filter(|&n| n > GEMV_SPAN).collect();
+        let rows = LinearRows::new(decode_rows, prefill_runs);
         let mut spans = Vec::with_capacity(seqs.len());
         let mut tokens = Vec::new();
         let mut rope = RopeBatch::new(self.rope.half());
@@ -167,7 +170,7 @@ impl<B: Backend> Engine<B> {
 
         let w = &self.weights;
         let ctx =
-            LayerCtx { batch: &batch, gemv_rows, rope: &rope, attn: &self.attn, eps: self.eps };
+            LayerCtx { batch: &batch, rows: &rows, rope: &rope, attn: &self.attn, eps: self.eps };
         let mut residual = be.embed(&w.embed_tokens, &tokens)?; // [n, hidden]
         let mut mlp_out: Option<B::Act> = None; // [n, hidden], previous layer's MLP output
         for (layer, lw) in w.layers.iter().enumerate() {
@@ -189,7 +192,8 @@ impl<B: Backend> Engine<B> {
         let last_mlp = mlp_out.map(|m| be.gather_rows(&m, &last_rows)).transpose()?;
         let x = be.rms_norm(&mut last, last_mlp.as_ref(), &w.norm, self.eps)?;
         // One row per sequence: every row is a "decode row", as in a pass of one sequence.
-        let logits = be.to_host(&be.linear(&x, w.output_matrix(), spans.len())?)?; // [n, vocab]
+        let logits =
+            be.to_host(&be.linear(&x, w.output_matrix(), &LinearRows::decode(spans.len()))?)?; // [n, vocab]
 
         let mut out = vec![Vec::new(); seqs.len()];
         for ((&i, span), row) in order.iter().zip(&spans).zip(logits.chunks(self.vocab_size)) {
@@ -217,8 +221,8 @@ pub(crate) enum ProjInput {
 pub(crate) struct LayerCtx<'a, B: Backend> {
     /// The sequences and their block tables.
     pub(crate) batch: &'a B::KvBatch,
-    /// Leading rows that belong to decode steps (see `Backend::linear`).
-    pub(crate) gemv_rows: usize,
+    /// Which rows are decode steps and which prefill chunks (see `Backend::linear`).
+    pub(crate) rows: &'a LinearRows,
     pub(crate) rope: &'a RopeBatch,
     pub(crate) attn: &'a AttnParams,
     pub(crate) eps: f32,
@@ -241,7 +245,7 @@ pub(crate) fn decoder_layer<B: Backend>(
     ctx: &LayerCtx<'_, B>,
     tap: &mut dyn FnMut(ProjInput, &B::Act) -> Result<()>,
 ) -> Result<B::Act> {
-    let g = ctx.gemv_rows;
+    let g = ctx.rows;
     let x = be.rms_norm(residual, mlp_out, &lw.input_layernorm, ctx.eps)?;
     tap(ProjInput::Qkv, &x)?;
     let qkv = be.linear(&x, &lw.qkv_proj, g)?; // [n, q_dim + 2 kv_dim]

@@ -70,6 +70,56 @@ pub const KV_BLOCK_TOKENS: usize = 16;
 /// [`Backend::linear`]).
 pub const GEMV_SPAN: usize = 4;
 
+/// How the rows of a [`Backend::linear`] input divide among a pass's sequences: first the rows of
+/// every sequence that adds at most [`GEMV_SPAN`] tokens (decode steps, in any number), then one
+/// run of rows per longer sequence (prefill chunks), in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinearRows {
+    decode: usize,
+    prefill: Vec<usize>,
+}
+
+impl LinearRows {
+    /// `decode` leading decode rows, then runs of the given lengths.
+    pub fn new(decode: usize, prefill: Vec<usize>) -> LinearRows {
+        LinearRows { decode, prefill }
+    }
+
+    /// `n` rows, each a decode step of its own sequence (the lm_head of a pass: one row per
+    /// sequence).
+    pub fn decode(n: usize) -> LinearRows {
+        LinearRows { decode: n, prefill: Vec::new() }
+    }
+
+    /// The `n` rows of a pass of one sequence.
+    pub fn one_sequence(n: usize) -> LinearRows {
+        if n <= GEMV_SPAN {
+            LinearRows::decode(n)
+        } else {
+            LinearRows { decode: 0, prefill: vec![n] }
+        }
+    }
+
+    /// The number of leading decode rows.
+    pub fn decode_rows(&self) -> usize {
+        self.decode
+    }
+
+    /// `(first row, rows)` of each prefill run, in order.
+    pub fn prefill_runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.prefill.iter().scan(self.decode, |row, &len| {
+            let first = *row;
+            *row += len;
+            Some((first, len))
+        })
+    }
+
+    /// Rows in all.
+    pub fn total(&self) -> usize {
+        self.decode + self.prefill.iter().sum::<usize>()
+    }
+}
+
 /// One sequence of a batch: `len` rows starting at activation row `row`, at positions
 /// `pos0..pos0 + len`. Its KV cache holds `pos0` tokens before the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,13 +281,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `x @ w^T`: `[n, in]` x `[out, in]` -> `[n, out]`, f32 accumulation.
     ///
-    /// Rows `0..gemv_rows` belong to sequences that add at most [`GEMV_SPAN`] tokens in this
-    /// pass (decode steps); the rest to longer ones (prefill chunks). A backend computes each
-    /// row of a kind the same way whatever else is in the batch, so that a sequence's results do
-    /// not depend on which other sequences the scheduler batched it with (the CPU backend: a
-    /// dot product per row for the first kind, a GEMM whose rows are independent for the
-    /// second).
-    fn linear(&self, x: &Self::Act, w: &Self::Weight, gemv_rows: usize) -> Result<Self::Act>;
+    /// `rows` (whose total is `n`) says which rows are decode steps and where each prefill
+    /// chunk's rows are. A backend computes a decode row the same way whatever else is in the
+    /// batch, and a prefill chunk the same way whatever other chunks come with it, so that a
+    /// sequence's results do not depend on which other sequences the scheduler batched it with
+    /// (the CPU backend: a dot product per decode row, a GEMM whose rows are independent for the
+    /// rest; CUDA: one decode GEMM whose per-row sums do not depend on the row count, and one
+    /// cuBLAS call per chunk).
+    fn linear(&self, x: &Self::Act, w: &Self::Weight, rows: &LinearRows) -> Result<Self::Act>;
 
     /// Split fused qkv rows, rotate q and k with `rope` (one row per token), write k and v of
     /// `layer` into each sequence's blocks at its positions, and return q:

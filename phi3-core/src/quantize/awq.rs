@@ -29,7 +29,7 @@
 use std::path::Path;
 
 use crate::backend::cpu::{CpuAct, CpuBackend};
-use crate::backend::{AttnParams, Backend, KvLayout, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS};
+use crate::backend::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan, KV_BLOCK_TOKENS};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::forward::{decoder_layer, LayerCtx, ProjInput};
@@ -179,10 +179,10 @@ pub fn search(
     }
     let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
     let kv_batch = be.kv_batch(&spans, &table_refs)?;
-    let n_rows = tokens.len();
+    let rows = LinearRows::one_sequence(tokens.len());
     let ctx = LayerCtx {
         batch: &kv_batch,
-        gemv_rows: if n_rows <= GEMV_SPAN { n_rows } else { 0 },
+        rows: &rows,
         rope: &batch,
         attn: &attn,
         eps: config.rms_norm_eps as f32,
@@ -309,8 +309,7 @@ fn output_error(
     for row in xs.data.chunks_exact_mut(cols) {
         row.iter_mut().zip(s).for_each(|(v, s)| *v /= s);
     }
-    let gemv_rows = if xs.rows <= GEMV_SPAN { xs.rows } else { 0 };
-    let y = be.linear(&xs, &e, gemv_rows)?; // [n, rows]
+    let y = be.linear(&xs, &e, &LinearRows::one_sequence(xs.rows))?; // [n, rows]
     let sum: f64 = y.data.iter().map(|v| (*v as f64) * (*v as f64)).sum();
     Ok(sum / (x.rows.max(1) * rows) as f64)
 }

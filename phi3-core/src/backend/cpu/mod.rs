@@ -16,7 +16,7 @@ mod rope;
 
 use half::{bf16, f16};
 
-use super::{AttnParams, Backend, KvLayout, SeqSpan, KV_BLOCK_TOKENS};
+use super::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan, KV_BLOCK_TOKENS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::quant::{QuantizedTensor, WeightFormat};
 use crate::loader::{DType, HostTensor};
@@ -355,8 +355,16 @@ impl Backend for CpuBackend {
         Ok(CpuAct::new(residual.rows, residual.cols, data))
     }
 
-    fn linear(&self, x: &CpuAct, w: &CpuWeight, gemv_rows: usize) -> Result<CpuAct> {
-        let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows, gemv_rows)?;
+    fn linear(&self, x: &CpuAct, w: &CpuWeight, rows: &LinearRows) -> Result<CpuAct> {
+        if rows.total() != x.rows {
+            return Err(Error::internal(format!(
+                "linear: {} rows described for an input of {}",
+                rows.total(),
+                x.rows
+            )));
+        }
+        // Prefill runs need no splitting: the sgemm path's rows are independent.
+        let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows, rows.decode_rows())?;
         Ok(CpuAct::new(x.rows, w.rows, data))
     }
 

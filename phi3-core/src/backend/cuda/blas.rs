@@ -8,6 +8,7 @@
 //! default math mode).
 
 use std::ffi::c_void;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::result as blas_result;
@@ -44,8 +45,9 @@ impl Blas {
         Ok(Blas { handle: Mutex::new(handle) })
     }
 
-    /// `y[n, out] = x[n, in] @ w[out, in]^T`. `x` and `w` hold elements of `ty` (u16 bit
-    /// patterns for bf16/f16, passed as raw slices), `y` is f32.
+    /// `y[rows, :] = x[rows, :] @ w[out, in]^T` for `y` `[_, out]`, `x` `[_, in]`: one
+    /// prefill chunk of a batch (`rows`) or a whole input. `x` and `w` hold elements of `ty`
+    /// (u16 bit patterns for bf16/f16, passed as raw slices), `y` is f32.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm<X, W>(
         &self,
@@ -54,17 +56,17 @@ impl Blas {
         x: &CudaSlice<X>,
         w: &CudaSlice<W>,
         y: &mut CudaSlice<f32>,
-        n: usize,
+        rows: Range<usize>,
         k: usize,
         m: usize,
     ) -> Result<()> {
-        self.gemm_cols(stream, ty, x, w, y, (n, k, m), (m, 0))
+        self.gemm_cols(stream, ty, x, w, y, rows, (k, m), (m, 0))
     }
 
-    /// `y[:, col0 .. col0 + m] = x[n, in] @ w[m, in]^T` where `y` is `[n, ldy]` row-major: the
-    /// prefill of a block of rows of a quantized weight (`quant.rs`). `dims` = (n, k, m),
-    /// `out` = (ldy, col0). In cuBLAS terms C starts at column-major row `col0` of `Y^T` with
-    /// `ldc = ldy`.
+    /// `y[rows, col0 .. col0 + m] = x[rows, :] @ w[m, in]^T` where `y` is `[_, ldy]` row-major:
+    /// the prefill of a block of rows of a quantized weight (`quant.rs`). `dims` = (k, m),
+    /// `out` = (ldy, col0). In cuBLAS terms B starts at row `rows.start` of `x`, and C at
+    /// column-major row `col0` of column `rows.start` of `Y^T`, with `ldc = ldy`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_cols<X, W>(
         &self,
@@ -73,16 +75,21 @@ impl Blas {
         x: &CudaSlice<X>,
         w: &CudaSlice<W>,
         y: &mut CudaSlice<f32>,
-        dims: (usize, usize, usize),
+        rows: Range<usize>,
+        dims: (usize, usize),
         out: (usize, usize),
     ) -> Result<()> {
-        let ((n, k, m), (ldy, col0)) = (dims, out);
-        let y_needed = if n == 0 { 0 } else { (n - 1) * ldy + col0 + m };
-        if x.len() < n * k || w.len() < m * k || y.len() < y_needed || col0 + m > ldy {
+        let ((k, m), (ldy, col0)) = (dims, out);
+        let (row0, n) = (rows.start, rows.len());
+        let y_needed = if n == 0 { 0 } else { (rows.end - 1) * ldy + col0 + m };
+        if x.len() < rows.end * k || w.len() < m * k || y.len() < y_needed || col0 + m > ldy {
             return Err(Error::internal(format!(
-                "GEMM buffers too small for [{n}, {k}] x [{m}, {k}]^T into columns {col0}.. of \
-                 [{n}, {ldy}]"
+                "GEMM buffers too small for rows {rows:?} of [_, {k}] x [{m}, {k}]^T into \
+                 columns {col0}.. of [_, {ldy}]"
             )));
+        }
+        if n == 0 {
+            return Ok(());
         }
         let (n_, k_, m_, ldy_) = (int(n, "n")?, int(k, "k")?, int(m, "m")?, int(ldy, "ldy")?);
         let dt = match ty {
@@ -99,12 +106,14 @@ impl Blas {
         let (xp, _x_sync) = x.device_ptr(stream);
         let (wp, _w_sync) = w.device_ptr(stream);
         let (yp, _y_sync) = y.device_ptr_mut(stream);
-        let yp = yp + (col0 * std::mem::size_of::<f32>()) as u64;
+        let xp = xp + (row0 * k * std::mem::size_of::<X>()) as u64;
+        let yp = yp + ((row0 * ldy + col0) * std::mem::size_of::<f32>()) as u64;
         let what = format!("GemmEx [{n}, {k}] x [{m}, {k}]^T ({ty:?})");
         // guard: cudarc panics when a cuBLAS symbol is missing from the loaded library.
         guard(&what, || {
-            // SAFETY: the three pointers are live device allocations of at least the sizes checked
-            // above (C: columns col0 .. col0 + m <= ldy of each of the n rows of `y`); alpha and
+            // SAFETY: the three pointers point into live device allocations of at least the sizes
+            // checked above (B: rows row0 .. row0 + n of `x`; C: columns col0 .. col0 + m <= ldy
+            // of each of those rows of `y`); alpha and
             // beta are host f32 values (the handle's default host pointer mode,
             // CUBLAS_COMPUTE_32F scalars are f32); the handle is bound to `stream`.
             unsafe {

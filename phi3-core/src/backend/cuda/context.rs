@@ -30,6 +30,8 @@ pub(crate) struct DeviceContext {
     pub(crate) arch: u32,
     /// Total device memory in bytes.
     pub(crate) total_memory: u64,
+    /// Streaming multiprocessors (sizes the decode GEMM's K split).
+    pub(crate) sm_count: usize,
 }
 
 /// Whether the CUDA driver library can be loaded at all.
@@ -93,11 +95,15 @@ impl DeviceContext {
                 ));
             }
             let total_memory = ctx.total_mem().ctx("total memory")? as u64;
+            let sm_count = ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .ctx("multiprocessor count")?
+                .max(1) as usize;
             // SAFETY: no buffer exists yet, and all work goes to the one stream below, so no
             // cross-stream synchronisation is needed (see the module docs).
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.new_stream().ctx("create stream")?;
-            Ok(DeviceContext { ctx, stream, ordinal, name, arch, total_memory })
+            Ok(DeviceContext { ctx, stream, ordinal, name, arch, total_memory, sm_count })
         })
     }
 

@@ -53,6 +53,11 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["phi3_gemv_bf16", "phi3_gemv_f16", "phi3_gemv_f32"],
     },
     KernelSource {
+        name: "decode_gemm.cu",
+        source: include_str!("../../../../kernels/decode_gemm.cu"),
+        entries: &["phi3_decode_gemm_bf16", "phi3_decode_gemm_f16", "phi3_sum_splits"],
+    },
+    KernelSource {
         name: "gemv_quant.cu",
         source: include_str!("../../../../kernels/gemv_quant.cu"),
         entries: &["phi3_gemv_int8", "phi3_gemv_int4_bf16", "phi3_gemv_int4_f16"],

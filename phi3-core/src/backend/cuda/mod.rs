@@ -5,35 +5,39 @@
 //! backend runs on machines without CUDA. Kernels are CUDA C++ in `kernels/*.cu`, compiled by
 //! NVRTC for the device at load time and cached on disk (`kernels.rs`).
 //!
-//! Numerics: activations (and the residual stream) are f32. `linear` with one row runs the GEMV
-//! kernel (weights in their dtype, f32 activations and accumulation); with more rows the
-//! activations are rounded to the weight's dtype (bf16/f16) and cuBLAS multiplies with fp32
-//! accumulation (f32 weights: an f32 GEMM). cuBLAS may pick a different algorithm (and summation
-//! order) for a different row count, so on CUDA a sequence's prefill results in a batch equal its
-//! solo run only to rounding; a batch-invariant multi-row path is later work. The KV cache is a
-//! paged pool of bf16 blocks (`kv.rs`; half the memory of f32: a 128k context of Phi-3-medium takes
-//! 25 GiB next to 28 GiB of weights); attention reads it in f32, every sequence of a batch in one
-//! launch through its block table.
+//! Numerics: activations (and the residual stream) are f32. `linear` (`linear.rs`) rounds the
+//! activations to the weight's dtype (bf16/f16) and multiplies with f32 accumulation: the decode
+//! rows of a pass (sequences adding at most `GEMV_SPAN` tokens, a solo decode step included) in one
+//! launch of the tensor-core decode GEMM (`kernels/decode_gemm.cu`), whose summation order per row
+//! does not depend on the number of rows, and each prefill chunk in its own cuBLAS call, so that a
+//! sequence's results in a batch equal its solo run bit for bit (`phi3 gpu-check` tests exactly
+//! that; it has not run on a GPU yet). f32 weights, and `in` not a
+//! multiple of 32, take one f32 GEMV per decode row. The KV cache is a paged pool of bf16 blocks
+//! (`kv.rs`; half the memory of f32: a 128k context of Phi-3-medium takes 25 GiB next to 28 GiB
+//! of weights); attention reads it in f32, every sequence of a batch in one launch through its
+//! block table.
 //!
-//! Quantized projections (int8, int4; `quant.rs`): one row runs a GEMV that dequantizes in
-//! registers; more rows dequantize blocks of weight rows to bf16 in a bounded workspace and take
-//! the bf16 cuBLAS path.
+//! Quantized projections (int8, int4; `quant.rs`): up to `QUANT_GEMV_MAX_ROWS` decode rows run a
+//! GEMV each that dequantizes in registers; more rows dequantize blocks of weight rows to bf16 in a
+//! bounded workspace and take the bf16 cuBLAS path (one call per prefill chunk, the decode rows as
+//! one: a batch of more than that many decode rows equals solo runs only to rounding).
 //!
 //! Files: `context.rs` (device, stream), `error.rs` (error mapping, panic guard), `nvrtc.rs` and
 //! `kernels.rs` (compile, cache, load), `memory.rs` (estimate, default KV budget), `upload.rs`
 //! (staging, dummy weights), `quant.rs` (quantized weights and their `linear`), `kv.rs` (the KV
-//! pool, its host transfers and the per-pass batch descriptor), `blas.rs` (cuBLAS GEMM), `ops.rs`
+//! pool, its host transfers and the per-pass batch descriptor), `linear.rs` (the projections'
+//! row kinds apart), `blas.rs` (cuBLAS GEMM), `ops.rs`
 //! (kernel launchers); this file holds the activation and weight types and the trait methods,
 //! which validate their inputs before launching.
 //!
-//! Not here: CUDA graphs, a batch-invariant multi-row GEMM, split-K/flash-decoding attention
-//! (later issues).
+//! Not here: CUDA graphs, split-K/flash-decoding attention (later issues).
 
 mod blas;
 mod context;
 mod error;
 pub mod kernels;
 mod kv;
+mod linear;
 pub mod memory;
 mod nvrtc;
 mod ops;
@@ -52,7 +56,7 @@ use self::error::{guard, DriverResultExt};
 pub use self::kernels::KernelStatus;
 pub use self::kv::{CudaKvBatch, CudaKvPool, KV_SLAB_BYTES};
 pub use self::upload::dummy_value;
-use super::{AttnParams, Backend, KvLayout, SeqSpan};
+use super::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::{DType, HostTensor, QuantizedTensor, WeightFormat};
 use crate::rope::RopeBatch;
@@ -351,15 +355,6 @@ impl CudaBackend {
     }
 }
 
-/// The GEMV kernel of a 16-bit weight.
-fn gemv_name(w: &WeightData) -> &'static str {
-    if matches!(w, WeightData::Bf16(_)) {
-        "phi3_gemv_bf16"
-    } else {
-        "phi3_gemv_f16"
-    }
-}
-
 fn check_attn(p: &AttnParams) -> Result<()> {
     if p.head_dim > 256
         || p.n_kv_heads == 0
@@ -498,43 +493,26 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    /// One row takes the GEMV kernel, more rows cuBLAS (or the quantized paths), as before
-    /// batching: `gemv_rows` is not used yet. cuBLAS may choose its algorithm, and so the
-    /// summation order of every row, by the row count, so a sequence's rows in a batch equal its
-    /// solo run only to rounding on CUDA; running rows `0..gemv_rows` through a batch-invariant
-    /// decode GEMM (each row as the GEMV computes it) is future work.
-    fn linear(&self, x: &CudaAct, w: &CudaWeight, _gemv_rows: usize) -> Result<CudaAct> {
-        if x.cols != w.cols {
+    /// Decode rows through the batch-invariant decode GEMM, prefill chunks through one cuBLAS
+    /// call each (`linear.rs`); quantized weights in `quant.rs`.
+    fn linear(&self, x: &CudaAct, w: &CudaWeight, rows: &LinearRows) -> Result<CudaAct> {
+        if x.cols != w.cols || rows.total() != x.rows {
             return Err(Error::internal(format!(
-                "linear: input width {} vs weight [{}, {}]",
-                x.cols, w.rows, w.cols
+                "linear: input [{}, {}] ({} rows described) vs weight [{}, {}]",
+                x.rows,
+                x.cols,
+                rows.total(),
+                w.rows,
+                w.cols
             )));
         }
-        let (n, k, m) = (x.rows, x.cols, w.rows);
-        let mut y = self.act(n, m, "linear output")?;
-        if n == 0 || m == 0 {
+        let mut y = self.act(x.rows, w.rows, "linear output")?;
+        if x.rows == 0 || w.rows == 0 {
             return Ok(y);
         }
-        let stream = &self.dev.stream;
         match &w.data {
-            WeightData::Bf16(wb) | WeightData::F16(wb) if n == 1 => {
-                self.launch_gemv(gemv_name(&w.data), wb, &x.buf, &mut y.buf, k, m)?
-            }
-            WeightData::F32(wb) if n == 1 => {
-                self.launch_gemv("phi3_gemv_f32", wb, &x.buf, &mut y.buf, k, m)?
-            }
-            WeightData::Bf16(wb) => {
-                let xh = self.to_half(x, "phi3_f32_to_bf16")?;
-                self.blas.gemm(stream, blas::GemmType::Bf16, &xh, wb, &mut y.buf, n, k, m)?
-            }
-            WeightData::F16(wb) => {
-                let xh = self.to_half(x, "phi3_f32_to_f16")?;
-                self.blas.gemm(stream, blas::GemmType::F16, &xh, wb, &mut y.buf, n, k, m)?
-            }
-            WeightData::F32(wb) => {
-                self.blas.gemm(stream, blas::GemmType::F32, &x.buf, wb, &mut y.buf, n, k, m)?
-            }
-            WeightData::Quant(q) => self.linear_quant(x, q, &mut y, m)?,
+            WeightData::Quant(q) => self.linear_quant(x, q, rows, &mut y)?,
+            dense => self.linear_dense(x, dense, rows, &mut y)?,
         }
         Ok(y)
     }

@@ -2,7 +2,7 @@
 //! order of the kernel's signature (see each `kernels/*.cu` header). Shapes were validated by the
 //! trait methods in `mod.rs`; launchers only convert sizes to the kernels' integer types.
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::error::DriverResultExt;
 use super::kv::KvArgs;
@@ -21,6 +21,12 @@ const GEMV_ROWS_PER_BLOCK: usize = BLOCK as usize / 32;
 const QGEMV_THREADS: u32 = 64;
 /// Output rows per block of the quantized GEMV kernels (2 warps x QROWS = 4 rows).
 const QGEMV_ROWS_PER_BLOCK: usize = 8;
+/// Threads per block of phi3_decode_gemm (DG_WARPS = 4 warps in decode_gemm.cu).
+const DECODE_GEMM_THREADS: u32 = 128;
+/// Output rows per block of phi3_decode_gemm (DG_ROWS).
+pub(crate) const DECODE_GEMM_ROWS: usize = 64;
+/// Tokens per block of phi3_decode_gemm (DG_TOK): more take more blocks along z.
+const DECODE_GEMM_TOKENS: usize = 64;
 /// Most blocks of threads that copy one KV block (phi3_copy_kv_blocks).
 const KV_COPY_CHUNKS: usize = 64;
 
@@ -135,8 +141,8 @@ impl CudaBackend {
         &self,
         name: &str,
         w: &CudaSlice<W>,
-        x: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
         k: usize,
         m: usize,
     ) -> Result<()> {
@@ -147,6 +153,47 @@ impl CudaBackend {
         };
         let (k, m) = (i32_of(k, "in")?, i32_of(m, "out")?);
         launch!(self, name, cfg, w, x, y, &k, &m)
+    }
+
+    /// `y[t, :] = w @ x[t, :]` for tokens `t < ntok` (phi3_decode_gemm_<bf16|f16>, `name`):
+    /// `x` `[ntok.., k]` 16-bit, `y` `[ntok.., m]` f32 when `splits` is 1, else a
+    /// `[splits, ntok, m]` scratch for [`launch_sum_splits`](Self::launch_sum_splits). K slice
+    /// `s` covers columns `s * k_per_split ..` (a multiple of 32).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_decode_gemm(
+        &self,
+        name: &str,
+        w: &CudaSlice<u16>,
+        x: &CudaSlice<u16>,
+        y: &mut CudaSlice<f32>,
+        ntok: usize,
+        (k, m): (usize, usize),
+        (splits, k_per_split): (usize, usize),
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_of(m.div_ceil(DECODE_GEMM_ROWS), "decode GEMM row blocks")?,
+                u32_of(splits, "decode GEMM splits")?,
+                u32_of(ntok.div_ceil(DECODE_GEMM_TOKENS), "decode GEMM token blocks")?,
+            ),
+            block_dim: (DECODE_GEMM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (k, m) = (i32_of(k, "in")?, i32_of(m, "out")?);
+        let (nt, kps) = (i32_of(ntok, "tokens")?, i32_of(k_per_split, "columns per split")?);
+        launch!(self, name, cfg, w, x, y, &k, &m, &nt, &kps)
+    }
+
+    /// `y[i] = part[0 * n + i] + part[1 * n + i] + ..` over `splits`, in order, for `i < n`.
+    pub(crate) fn launch_sum_splits(
+        &self,
+        part: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let (n64, s) = (n as i64, i32_of(splits, "splits")?);
+        launch!(self, "phi3_sum_splits", grid_stride(n), part, y, &n64, &s)
     }
 
     fn qgemv_config(m: usize) -> Result<LaunchConfig> {
@@ -162,8 +209,8 @@ impl CudaBackend {
         &self,
         q: &CudaSlice<i8>,
         scales: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
         k: usize,
         m: usize,
     ) -> Result<()> {
@@ -180,8 +227,8 @@ impl CudaBackend {
         packed: &CudaSlice<u8>,
         scales: &CudaSlice<u16>,
         zeros: &CudaSlice<u8>,
-        x: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
         k: usize,
         m: usize,
         group: usize,

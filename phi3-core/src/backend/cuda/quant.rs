@@ -27,6 +27,7 @@ use half::{bf16, f16};
 use super::error::DriverResultExt;
 use super::upload::STAGING_BYTES;
 use super::{blas, CudaAct, CudaBackend, CudaWeight, WeightData};
+use crate::backend::LinearRows;
 use crate::error::{Error, Result};
 use crate::loader::quant::{Int4Scales, QuantData, QuantizedTensor, INT4_GROUPS};
 use crate::loader::WeightFormat;
@@ -74,6 +75,11 @@ impl QuantWeight {
         }
     }
 }
+
+/// Most decode rows of a pass that take one dequantizing GEMV each. A GEMV reads the whole
+/// quantized weight; past about this many rows, dequantizing it once to bf16 (writing and reading
+/// 2 bytes per weight) and one GEMM read less.
+pub const QUANT_GEMV_MAX_ROWS: usize = 8;
 
 /// Rows of a `[rows, cols]` weight dequantized per block on the prefill path: as many whole rows
 /// as fit in [`DEQUANT_WORKSPACE_BYTES`] of bf16, at least one, at most `rows`.
@@ -274,29 +280,45 @@ impl CudaBackend {
     }
 
     /// `y[n, m] = x[n, k] @ w^T` for a quantized `w` `[m, k]` (shapes checked by `linear`).
+    /// Up to [`QUANT_GEMV_MAX_ROWS`] decode rows take one dequantizing GEMV each (the weight is
+    /// read once per row, and each row is computed as in a solo run); more decode rows, and
+    /// every prefill chunk, take the dequantize-then-cuBLAS path, one cuBLAS call per chunk
+    /// (the decode rows as one chunk: beyond that many, a decode row in a batch equals its solo
+    /// run only to rounding).
     pub(crate) fn linear_quant(
         &self,
         x: &CudaAct,
         w: &QuantWeight,
+        rows: &LinearRows,
         y: &mut CudaAct,
-        m: usize,
     ) -> Result<()> {
-        let (n, k) = (x.rows, x.cols);
-        if n == 1 {
-            return match w {
-                QuantWeight::Int8 { values, scales } => {
-                    self.launch_gemv_int8(values, scales, &x.buf, &mut y.buf, k, m)
+        let (k, m) = (x.cols, y.cols);
+        let decode = rows.decode_rows();
+        let mut runs: Vec<(usize, usize)> = rows.prefill_runs().collect();
+        if decode > QUANT_GEMV_MAX_ROWS {
+            runs.insert(0, (0, decode));
+        } else {
+            for r in 0..decode {
+                let xv = x.buf.slice(r * k..(r + 1) * k);
+                let mut yv = y.buf.slice_mut(r * m..(r + 1) * m);
+                match w {
+                    QuantWeight::Int8 { values, scales } => {
+                        self.launch_gemv_int8(values, scales, &xv, &mut yv, k, m)?
+                    }
+                    QuantWeight::Int4 { group, packed, scales, scale_type, zeros } => {
+                        let name = match scale_type {
+                            ScaleType::Bf16 => "phi3_gemv_int4_bf16",
+                            ScaleType::F16 => "phi3_gemv_int4_f16",
+                        };
+                        self.launch_gemv_int4(
+                            name, packed, scales, zeros, &xv, &mut yv, k, m, *group,
+                        )?
+                    }
                 }
-                QuantWeight::Int4 { group, packed, scales, scale_type, zeros } => {
-                    let name = match scale_type {
-                        ScaleType::Bf16 => "phi3_gemv_int4_bf16",
-                        ScaleType::F16 => "phi3_gemv_int4_f16",
-                    };
-                    self.launch_gemv_int4(
-                        name, packed, scales, zeros, &x.buf, &mut y.buf, k, m, *group,
-                    )
-                }
-            };
+            }
+        }
+        if runs.is_empty() {
+            return Ok(());
         }
         let xh = self.to_half(x, "phi3_f32_to_bf16")?;
         let block = workspace_rows(m, k);
@@ -314,10 +336,10 @@ impl CudaBackend {
         let ws = guard.as_mut().ok_or_else(|| Error::internal("no dequantization workspace"))?;
         let mut row0 = 0;
         while row0 < m {
-            let rows = block.min(m - row0);
+            let w_rows = block.min(m - row0);
             match w {
                 QuantWeight::Int8 { values, scales } => {
-                    self.launch_dequant_int8(values, scales, ws, row0, rows, k)?
+                    self.launch_dequant_int8(values, scales, ws, row0, w_rows, k)?
                 }
                 QuantWeight::Int4 { group, packed, scales, scale_type, zeros } => {
                     let name = match scale_type {
@@ -325,20 +347,23 @@ impl CudaBackend {
                         ScaleType::F16 => "phi3_dequant_int4_f16",
                     };
                     self.launch_dequant_int4(
-                        name, packed, scales, zeros, ws, row0, rows, k, *group,
+                        name, packed, scales, zeros, ws, row0, w_rows, k, *group,
                     )?
                 }
             }
-            self.blas.gemm_cols(
-                &self.dev.stream,
-                blas::GemmType::Bf16,
-                &xh,
-                ws,
-                &mut y.buf,
-                (n, k, rows),
-                (m, row0),
-            )?;
-            row0 += rows;
+            for &(first, len) in &runs {
+                self.blas.gemm_cols(
+                    &self.dev.stream,
+                    blas::GemmType::Bf16,
+                    &xh,
+                    ws,
+                    &mut y.buf,
+                    first..first + len,
+                    (k, w_rows),
+                    (m, row0),
+                )?;
+            }
+            row0 += w_rows;
         }
         Ok(())
     }

@@ -1,0 +1,155 @@
+// decode_gemm.cu: y = x @ w^T for the decode rows of a pass (one to a few hundred tokens), on
+// tensor cores, with a summation order that does not depend on how many tokens there are.
+//
+// phi3_decode_gemm_<bf16|f16>: w [out, in] (row-major, nn.Linear layout), x [ntok, in] in the
+// weight's 16-bit type (rounded from the f32 activations by phi3_f32_to_<type>), y [ntok, out]
+// f32. Needs in % 32 == 0 and w, x 16-byte aligned (the launcher checks; otherwise it runs one
+// GEMV per row).
+//
+// Why: a sequence decoded in a batch must get the logits it gets alone (issue 10). cuBLAS picks
+// its algorithm, tiling and split by the row count, so a token's dot products are summed in an
+// order that depends on its batch. Here every output y[t, o] is the same sequence of operations
+// whatever ntok is: the K range is split into `gridDim.y` slices chosen from (out, in) and the
+// device alone, each slice is accumulated chunk by chunk in increasing k by one mma.m16n8k16
+// chain, and the slices are added in order by phi3_sum_splits. Tokens are independent columns of
+// the mma, so the other tokens of the batch (and the zero padding to a multiple of 8) never enter
+// a token's sums. One solo decode step is the ntok = 1 case of the same kernel.
+//
+// Layout: a block of DG_WARPS warps owns DG_ROWS = 16 * DG_WARPS output rows and up to DG_TOK
+// tokens (blockIdx.z picks the token slice, blockIdx.y the K slice). Per chunk of DG_KC columns
+// each warp loads its 16 weight rows straight into registers (lane g = lane / 4 reads rows g and
+// g + 8, 16 bytes at column 8 * (lane % 4) of every 32), the block stages the chunk of x for its
+// tokens in shared memory, and each warp runs two mmas per 32 columns per 8 tokens.
+// The mma's k slots are a permutation of the 32 columns: a lane's 16-byte load holds columns
+// 8t..8t+7, of which 8t..8t+3 feed the first mma (slots 2t, 2t+1, 2t+8, 2t+9) and 8t+4..8t+7 the
+// second, for A (weights) and B (x) alike, so every product pairs the same column of both.
+// Weights are read once per token slice, so up to DG_TOK tokens cost one pass over the weights.
+//
+// Launch: grid (ceil(out / DG_ROWS), splits, ceil(ntok / DG_TOK)), block 32 * DG_WARPS; with
+// splits > 1, y is a [splits, ntok, out] scratch that phi3_sum_splits adds into [ntok, out].
+// Rust launcher: ops.rs (launch_decode_gemm); constants mirrored there.
+#include "common.cuh"
+
+#define DG_WARPS 4
+#define DG_ROWS (16 * DG_WARPS)
+#define DG_TOK 64
+#define DG_KC 128
+// Row stride of the staged x in 16-bit elements: 64 bytes of padding put the 8 token rows read by
+// one quarter-warp in different banks.
+#define DG_XS_STRIDE (DG_KC + 32)
+
+// d += a (16 x 16, row-major fragment) * b (16 x 8, column fragment), f32 accumulation.
+template <bool F16>
+__device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, const unsigned int* b) {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_mma_16816(F16, d, a, b);
+#else
+    if (F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#endif
+}
+
+template <bool F16>
+__device__ void decode_gemm_impl(const unsigned short* w, const unsigned short* x, float* y,
+                                 int in, int out, int ntok, int k_per_split) {
+    __shared__ __align__(16) unsigned short xs[DG_TOK * DG_XS_STRIDE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * DG_ROWS + warp * 16;
+    const int tok0 = blockIdx.z * DG_TOK;
+    const int nt = min(DG_TOK, ntok - tok0);
+    const int ntiles = (nt + 7) >> 3;
+    const int k_begin = blockIdx.y * k_per_split;
+    const int k_end = min(in, k_begin + k_per_split);
+    // Rows past `out` load the last row and are never stored.
+    const unsigned short* w_lo = w + (size_t)min(row0 + g, out - 1) * in + 8 * t;
+    const unsigned short* w_hi = w + (size_t)min(row0 + g + 8, out - 1) * in + 8 * t;
+
+    float acc[DG_TOK / 8][4];
+#pragma unroll
+    for (int j = 0; j < DG_TOK / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+    for (int k0 = k_begin; k0 < k_end; k0 += DG_KC) {
+        const int kc = min(DG_KC, k_end - k0);  // a multiple of 32
+        // This chunk's weights first, so that their loads are in flight while x is staged.
+        uint4 wl[DG_KC / 32], wh[DG_KC / 32];
+#pragma unroll
+        for (int s = 0; s < DG_KC / 32; ++s) {
+            if (32 * s < kc) {
+                wl[s] = *reinterpret_cast<const uint4*>(w_lo + k0 + 32 * s);
+                wh[s] = *reinterpret_cast<const uint4*>(w_hi + k0 + 32 * s);
+            }
+        }
+        __syncthreads();  // the previous chunk's x is no longer read
+        const int vecs = kc >> 3;  // 16-byte vectors per token row
+        for (int i = threadIdx.x; i < ntiles * 8 * vecs; i += blockDim.x) {
+            const int r = i / vecs, c = (i - r * vecs) * 8;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);  // padding tokens: zero columns of B
+            if (r < nt) v = *reinterpret_cast<const uint4*>(x + (size_t)(tok0 + r) * in + k0 + c);
+            *reinterpret_cast<uint4*>(xs + r * DG_XS_STRIDE + c) = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int s = 0; s < DG_KC / 32; ++s) {
+            if (32 * s >= kc) break;
+            const unsigned int a0[4] = {wl[s].x, wh[s].x, wl[s].y, wh[s].y};
+            const unsigned int a1[4] = {wl[s].z, wh[s].z, wl[s].w, wh[s].w};
+#pragma unroll
+            for (int j = 0; j < DG_TOK / 8; ++j) {
+                if (j >= ntiles) break;
+                const uint4 xb =
+                    *reinterpret_cast<const uint4*>(xs + (8 * j + g) * DG_XS_STRIDE + 32 * s + 8 * t);
+                const unsigned int b0[2] = {xb.x, xb.y};
+                const unsigned int b1[2] = {xb.z, xb.w};
+                mma_16816<F16>(acc[j], a0, b0);
+                mma_16816<F16>(acc[j], a1, b1);
+            }
+        }
+    }
+
+    // Accumulator (row g or g + 8 of the warp's 16, token 2t or 2t + 1 of the tile).
+    float* ys = y + (size_t)blockIdx.y * ntok * out;
+#pragma unroll
+    for (int j = 0; j < DG_TOK / 8; ++j) {
+        if (j >= ntiles) break;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + g + (e >= 2 ? 8 : 0);
+            const int tok = 8 * j + 2 * t + (e & 1);
+            if (row < out && tok < nt) ys[(size_t)(tok0 + tok) * out + row] = acc[j][e];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
+    phi3_decode_gemm_bf16(const unsigned short* w, const unsigned short* x, float* y, int in,
+                          int out, int ntok, int k_per_split) {
+    decode_gemm_impl<false>(w, x, y, in, out, ntok, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
+    phi3_decode_gemm_f16(const unsigned short* w, const unsigned short* x, float* y, int in,
+                         int out, int ntok, int k_per_split) {
+    decode_gemm_impl<true>(w, x, y, in, out, ntok, k_per_split);
+}
+
+// y[i] = sum over s = 0, 1, .., splits - 1 (in that order) of part[s * n + i].
+extern "C" __global__ void phi3_sum_splits(const float* part, float* y, long long n, int splits) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = part[i];
+        for (int s = 1; s < splits; ++s) v += part[s * n + i];
+        y[i] = v;
+    }
+}

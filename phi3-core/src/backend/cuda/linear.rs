@@ -1,0 +1,144 @@
+//! `linear` on CUDA with the rows of a pass apart by kind (see [`Backend::linear`]): the decode
+//! rows through one phi3_decode_gemm launch, whose per-row sums do not depend on how many rows
+//! there are, and each prefill chunk through its own cuBLAS call, so that cuBLAS (which picks its
+//! algorithm by the row count) sees the shape of the chunk's solo run. A sequence's results then
+//! do not depend on which other sequences were batched with it.
+//!
+//! Decode rows the decode GEMM does not take (`in` not a multiple of 32, f32 weights) run one
+//! GEMV per row: slower, and as batch-invariant. Quantized weights: `quant.rs`.
+//!
+//! [`Backend::linear`]: crate::backend::Backend::linear
+
+use cudarc::driver::CudaSlice;
+
+use super::blas::GemmType;
+use super::ops::DECODE_GEMM_ROWS;
+use super::{CudaAct, CudaBackend, WeightData};
+use crate::backend::LinearRows;
+use crate::error::{Error, Result};
+
+/// Fewest columns per K slice of the decode GEMM (two of its 128-column chunks): shorter slices
+/// would cost more in partial sums than they gain in parallelism.
+const MIN_SPLIT_COLS: usize = 256;
+
+impl CudaBackend {
+    /// `y = x @ w^T` for a 16-bit or f32 weight (`linear` checked the shapes).
+    pub(super) fn linear_dense(
+        &self,
+        x: &CudaAct,
+        w: &WeightData,
+        rows: &LinearRows,
+        y: &mut CudaAct,
+    ) -> Result<()> {
+        let (k, m) = (x.cols, y.cols);
+        let stream = &self.dev.stream;
+        let decode = rows.decode_rows();
+        match w {
+            WeightData::Bf16(wb) | WeightData::F16(wb) => {
+                let bf16 = matches!(w, WeightData::Bf16(_));
+                let (ty, convert, gemm, gemv) = if bf16 {
+                    (GemmType::Bf16, "phi3_f32_to_bf16", "phi3_decode_gemm_bf16", "phi3_gemv_bf16")
+                } else {
+                    (GemmType::F16, "phi3_f32_to_f16", "phi3_decode_gemm_f16", "phi3_gemv_f16")
+                };
+                let xh = self.to_half(x, convert)?;
+                if decode > 0 && k > 0 && k.is_multiple_of(32) {
+                    self.decode_gemm(gemm, wb, &xh, &mut y.buf, decode, k, m)?;
+                } else {
+                    for r in 0..decode {
+                        self.gemv_row(gemv, wb, x, y, r)?;
+                    }
+                }
+                for (row0, len) in rows.prefill_runs() {
+                    self.blas.gemm(stream, ty, &xh, wb, &mut y.buf, row0..row0 + len, k, m)?;
+                }
+            }
+            WeightData::F32(wb) => {
+                for r in 0..decode {
+                    self.gemv_row("phi3_gemv_f32", wb, x, y, r)?;
+                }
+                for (row0, len) in rows.prefill_runs() {
+                    let run = row0..row0 + len;
+                    self.blas.gemm(stream, GemmType::F32, &x.buf, wb, &mut y.buf, run, k, m)?;
+                }
+            }
+            WeightData::Quant(_) => {
+                return Err(Error::internal("linear_dense: a quantized weight"))
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `0..ntok` of `y` `[_, m]` = rows `0..ntok` of `xh` `[_, k]` (16-bit) @ `w^T`, by the
+    /// decode GEMM `name`, its K slices added by phi3_sum_splits when there are several.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_gemm(
+        &self,
+        name: &str,
+        w: &CudaSlice<u16>,
+        xh: &CudaSlice<u16>,
+        y: &mut CudaSlice<f32>,
+        ntok: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let split = decode_splits(k, m, self.dev.sm_count);
+        if split.0 == 1 {
+            return self.launch_decode_gemm(name, w, xh, y, ntok, (k, m), split);
+        }
+        let mut part = self.alloc::<f32>(split.0 * ntok * m, "decode GEMM partial sums")?;
+        self.launch_decode_gemm(name, w, xh, &mut part, ntok, (k, m), split)?;
+        self.launch_sum_splits(&part, y, ntok * m, split.0)
+    }
+
+    /// Row `r` of `y` = `w` @ row `r` of `x`, by the GEMV kernel `name`.
+    fn gemv_row<W>(
+        &self,
+        name: &str,
+        w: &CudaSlice<W>,
+        x: &CudaAct,
+        y: &mut CudaAct,
+        r: usize,
+    ) -> Result<()> {
+        let (k, m) = (x.cols, y.cols);
+        let xv = x.buf.slice(r * k..(r + 1) * k);
+        let mut yv = y.buf.slice_mut(r * m..(r + 1) * m);
+        self.launch_gemv(name, w, &xv, &mut yv, k, m)
+    }
+}
+
+/// (K slices, columns per slice) of the decode GEMM for a weight `[m, k]` (`k` a positive
+/// multiple of 32) on a device with `sm_count` SMs: enough slices for about two blocks per SM,
+/// each a multiple of 32 columns and at least [`MIN_SPLIT_COLS`] long. It depends on the weight
+/// and the device only, never on the number of rows, so each row's summation order is fixed.
+pub(super) fn decode_splits(k: usize, m: usize, sm_count: usize) -> (usize, usize) {
+    let row_blocks = m.div_ceil(DECODE_GEMM_ROWS).max(1);
+    let wanted = (2 * sm_count).div_ceil(row_blocks);
+    let splits = wanted.clamp(1, (k / MIN_SPLIT_COLS).max(1));
+    let per = (k / 32).div_ceil(splits).max(1) * 32;
+    (k.div_ceil(per), per)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_splits_cover_k_in_whole_32_column_steps() {
+        // Phi-3-medium's projections and lm_head on an H100 (132 SMs), and small shapes.
+        for (k, m) in [(5120, 7680), (5120, 5120), (5120, 35840), (17920, 5120), (5120, 32064)] {
+            for sms in [1, 108, 132] {
+                let (splits, per) = decode_splits(k, m, sms);
+                assert!(per.is_multiple_of(32) && per >= MIN_SPLIT_COLS.min(k), "{k} {m} {sms}");
+                assert!(
+                    splits * per >= k && (splits - 1) * per < k,
+                    "{k} {m} {sms}: {splits}x{per}"
+                );
+            }
+        }
+        assert_eq!(decode_splits(5120, 5120, 132), (4, 1280)); // 80 row blocks: 320 blocks
+        assert_eq!(decode_splits(5120, 35840, 132), (1, 5120)); // 560 row blocks already
+        assert_eq!(decode_splits(32, 16, 132), (1, 32));
+        assert_eq!(decode_splits(96, 64, 132), (1, 96));
+    }
+}
