@@ -16,7 +16,8 @@
 //   A row at position pos sees its own sequence's keys first..pos, first = max(0, pos + 1 - window)
 //   when window > 0, else 0. Query head h reads KV head h / (n_heads / n_kv_heads).
 // Online softmax over tiles of 128 keys, per query head: each thread scores one key of the tile
-// for every head of the block (q is in shared memory) and looks up that key's value row (in
+// for every head of the block (q is in shared memory; the key row read with 16-byte loads when
+// head_dim is a multiple of 8, which keeps each row 16-byte aligned in the pool) and looks up that key's value row (in
 // shared memory), the block finds each head's tile max and sum, rescales its running sum and
 // accumulator, and each thread accumulates the weighted values of the tile for its output dims
 // (tid and tid + 128, so head_dim <= 256). Per head, scores sum q[d] * k[d] over d in order and
@@ -84,11 +85,26 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
             float dot[ATT_MAX_GROUP];
 #pragma unroll
             for (int g = 0; g < ATT_MAX_GROUP; ++g) dot[g] = 0.0f;
-            for (int d = 0; d < head_dim; ++d) {
-                const float k = to_f32(kr[d]);
+            if ((head_dim & 7) == 0 && aligned16(kr, kr)) {
+                // The key row in 16-byte loads (8 per row of 128), summed in the same d order.
+                for (int d = 0; d < head_dim; d += 8) {
+                    float k8[8];
+                    bf16x8_to_f32(*reinterpret_cast<const uint4*>(kr + d), k8);
 #pragma unroll
-                for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-                    if (g < n_g) dot[g] += qs[g][d] * k;
+                    for (int e = 0; e < 8; ++e) {
+#pragma unroll
+                        for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+                            if (g < n_g) dot[g] += qs[g][d + e] * k8[e];
+                        }
+                    }
+                }
+            } else {
+                for (int d = 0; d < head_dim; ++d) {
+                    const float k = to_f32(kr[d]);
+#pragma unroll
+                    for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+                        if (g < n_g) dot[g] += qs[g][d] * k;
+                    }
                 }
             }
 #pragma unroll

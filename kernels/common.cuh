@@ -58,6 +58,21 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return f32_to_bf16(x); }
 template <> __device__ __forceinline__ f16 from_f32<f16>(float x) { return f32_to_f16(x); }
 
+// Whether both pointers are 16-byte aligned (16-byte vector loads need it).
+__device__ __forceinline__ bool aligned16(const void* a, const void* b) {
+    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) &
+            15ull) == 0;
+}
+
+// The 8 bf16 values of one 16-byte load, in memory order, as f32.
+__device__ __forceinline__ void bf16x8_to_f32(uint4 p, float* f) {
+    const unsigned int w[4] = {p.x, p.y, p.z, p.w};
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = __uint_as_float(w[k] << 16);
+        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -9,19 +9,7 @@
 // Launch: grid (ceil(out / 8)), block 256. Rust launcher: ops.rs (gemv).
 #include "common.cuh"
 
-// Whether both pointers are 16-byte aligned (the vector loads need it).
-__device__ __forceinline__ bool aligned16(const void* a, const void* b) {
-    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) &
-            15ull) == 0;
-}
-
-__device__ __forceinline__ void unpack8(uint4 p, const bf16*, float* f) {
-    unsigned int w[4] = {p.x, p.y, p.z, p.w};
-    for (int k = 0; k < 4; ++k) {
-        f[2 * k] = __uint_as_float(w[k] << 16);
-        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
-}
+__device__ __forceinline__ void unpack8(uint4 p, const bf16*, float* f) { bf16x8_to_f32(p, f); }
 __device__ __forceinline__ void unpack8(uint4 p, const f16*, float* f) {
     unsigned int w[4] = {p.x, p.y, p.z, p.w};
     for (int k = 0; k < 4; ++k) {

@@ -42,11 +42,6 @@
 
 #define QROWS 4
 
-__device__ __forceinline__ bool q_aligned16(const void* a, const void* b) {
-    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) &
-            15ull) == 0;
-}
-
 // 16 bytes of weights, read once: not cached in L1 (keeps x there).
 __device__ __forceinline__ uint4 load_stream16(const void* p) {
 #ifdef PHI3_HOST_EMULATION  // kernels/host-check
@@ -93,7 +88,7 @@ __device__ __forceinline__ void gemv_int8_lane(const signed char* q, const float
     const signed char* wr[QROWS];
 #pragma unroll
     for (int r = 0; r < QROWS; ++r) wr[r] = q + (size_t)min(r0 + r, out - 1) * in;
-    if ((in & 15) == 0 && q_aligned16(q, x)) {
+    if ((in & 15) == 0 && aligned16(q, x)) {
         const int chunks = in >> 4;
         for (int c = lane; c < chunks; c += 32) {
             uint4 v[QROWS];
@@ -181,7 +176,7 @@ __device__ __forceinline__ void gemv_int4_lane(const unsigned char* packed, cons
         sr[r] = scales + row * ng;
         zr[r] = zeros + row * ng;
     }
-    if (q_aligned16(packed, x)) {
+    if (aligned16(packed, x)) {
         // in is a multiple of the group (>= 32), so rows are whole 16-byte chunks.
         const int chunks = in >> 5;
         const int gshift = __ffs(group >> 5) - 1;  // chunks per group: 1, 2 or 4

@@ -473,6 +473,7 @@ int main() {
     paged_case({3, 3, 160, 80, 20, 0, {{5, 7}, {140, 1}, {33, 4}}});
     paged_case({8, 1, 64, 32, 140, 1, {{200, 2}, {7, 1}, {16, 16}}});
     paged_case({20, 2, 32, 16, 0, 1, {{9, 3}, {130, 1}}});  // group 10: two blocks per KV head
+    paged_case({4, 2, 36, 12, 0, 1, {{0, 5}, {140, 2}}});   // head_dim not a multiple of 8: scalar keys
     decode_gemm_case(200, 256, 70, 2, false);  // two token slices, 4 row blocks (the last partial)
     decode_gemm_case(64, 96, 1, 1, false);     // one token, one chunk shorter than DG_KC
     decode_gemm_case(130, 416, 9, 3, false);   // slices of 160 columns: chunks of 128 and 32
