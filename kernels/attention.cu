@@ -11,6 +11,7 @@
 //   layer `layer`;
 //   row_pos [rows] u32: the row's position in its sequence;
 //   row_table [rows] u32: where the row's sequence's block table starts in `tables`;
+//   row_split [rows] u32, part, split_keys, split_slots: split keys (below);
 //   tables [...] u32: block ids, each sequence's in position order (key j of a sequence is token
 //   j % 16 of block table[j / 16]).
 //   A row at position pos sees its own sequence's keys first..pos, first = max(0, pos + 1 - window)
@@ -26,22 +27,30 @@
 // Barriers: ps[g] and vs of a tile are written only after the tile's first block reduction, whose
 // __syncthreads follows every thread's reads of the previous tile; the last reduction of the tile
 // makes them visible before the value loop.
-// Correctness first: a block's work is its own row's keys only (a decode row of a short sequence
-// does not wait on a long one beyond the launch); splitting long contexts across blocks
-// (flash-decoding) is a later optimisation.
-// Launch: grid (rows, n_kv_heads * ceil(group / ATT_MAX_GROUP)), block 128 (ATT_THREADS), where
-// group = n_heads / n_kv_heads. Rust launcher: ops.rs (attention).
+// Split keys (flash-decoding): a decode row at position pos >= split_keys has its positions
+// 0..pos cut into slices of split_keys (row_split[row]: its first slot in `part`; ATT_NO_SPLIT
+// for other rows, whose block covers all their keys). Block z computes slice z alone and writes
+// its unnormalised accumulator, max and sum to `part` ([split_slots][n_heads][head_dim] floats,
+// then [split_slots][n_heads][2]); phi3_attention_combine then merges a row's slices. A long
+// context is then spread over pos / split_keys + 1 blocks per KV head instead of one. Which rows
+// split, and where, depends on each row's own position only (the host's batch descriptor,
+// kv.rs), so a row's result does not depend on its batch.
+// Launch: grid (rows, n_kv_heads * ceil(group / ATT_MAX_GROUP), most slices of a row), block 128
+// (ATT_THREADS), where group = n_heads / n_kv_heads. Rust launcher: ops.rs (attention).
 #include "common.cuh"
 
 #define ATT_THREADS 128
 #define ATT_MAX_HEAD_DIM 256
 #define ATT_MAX_GROUP 8
+// row_split entry of a row whose keys are not split.
+#define ATT_NO_SPLIT 0xffffffffu
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 phi3_attention(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
-                   const unsigned int* row_table, const unsigned int* tables, float* out,
-                   int blocks_per_slab, int block_len, int layer, int n_heads, int n_kv_heads,
-                   int head_dim, float scale, int window) {
+                   const unsigned int* row_table, const unsigned int* row_split,
+                   const unsigned int* tables, float* out, float* part, int blocks_per_slab,
+                   int block_len, int layer, int n_heads, int n_kv_heads, int head_dim,
+                   float scale, int window, int split_keys, int split_slots) {
     __shared__ float qs[ATT_MAX_GROUP][ATT_MAX_HEAD_DIM];
     __shared__ float ps[ATT_MAX_GROUP][ATT_THREADS];
     __shared__ const bf16* vs[ATT_THREADS];
@@ -54,6 +63,19 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
     const int n_g = min(ATT_MAX_GROUP, group - chunk * ATT_MAX_GROUP);  // and how many
     const int pos = (int)row_pos[row];
     const unsigned int* table = tables + row_table[row];
+    const unsigned int slot0 = row_split[row];
+    const int split = blockIdx.z;
+    // This block's keys: lo..hi. Unsplit rows take all of first..pos in split 0.
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    int lo = first, hi = pos;
+    if (slot0 == ATT_NO_SPLIT) {
+        if (split > 0) return;  // whole blocks leave before any barrier
+    } else {
+        const int s_lo = split * split_keys;
+        if (s_lo > pos) return;  // past this row's splits
+        lo = max(first, s_lo);
+        hi = min(pos, s_lo + split_keys - 1);  // lo > hi: a slice wholly outside the window
+    }
     const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     for (int g = 0; g < n_g; ++g) {
         const float* qr = q + (size_t)row * q_dim + (size_t)(h0 + g) * head_dim;
@@ -61,7 +83,6 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
     }
     __syncthreads();
 
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int d0 = tid, d1 = tid + ATT_THREADS;
     // Indexed only by unrolled loops, so they stay in registers.
     float m[ATT_MAX_GROUP], l[ATT_MAX_GROUP], acc0[ATT_MAX_GROUP], acc1[ATT_MAX_GROUP];
@@ -70,13 +91,13 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
         m[g] = PHI3_NEG_INF;
         l[g] = acc0[g] = acc1[g] = 0.0f;
     }
-    for (int t0 = first; t0 <= pos; t0 += ATT_THREADS) {
+    for (int t0 = lo; t0 <= hi; t0 += ATT_THREADS) {
         const int j = t0 + tid;
         float s[ATT_MAX_GROUP];
 #pragma unroll
         for (int g = 0; g < ATT_MAX_GROUP; ++g) s[g] = PHI3_NEG_INF;
         const bf16* vr = nullptr;
-        if (j <= pos) {
+        if (j <= hi) {
             bf16* blk = kv_block(slabs, blocks_per_slab, block_len,
                                  table[j / PHI3_KV_BLOCK_TOKENS]);
             const int t = j % PHI3_KV_BLOCK_TOKENS;
@@ -117,14 +138,14 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
             const float m_new = fmaxf(m[g], block_max(s[g], scratch));
             if (g == 0) vs[tid] = vr;  // after the tile's first barrier (see the header)
             const float corr = expf(m[g] - m_new);  // 0 on the first tile (m = -inf)
-            const float p = j <= pos ? expf(s[g] - m_new) : 0.0f;
+            const float p = j <= hi ? expf(s[g] - m_new) : 0.0f;
             ps[g][tid] = p;
             l[g] = l[g] * corr + block_sum(p, scratch);
             acc0[g] *= corr;
             acc1[g] *= corr;
             m[g] = m_new;
         }
-        const int n_t = min(ATT_THREADS, pos + 1 - t0);
+        const int n_t = min(ATT_THREADS, hi + 1 - t0);
         for (int t = 0; t < n_t; ++t) {
             const bf16* vt = vs[t];
             const float v0 = d0 < head_dim ? to_f32(vt[d0]) : 0.0f;
@@ -141,8 +162,52 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
 #pragma unroll
     for (int g = 0; g < ATT_MAX_GROUP; ++g) {
         if (g >= n_g) break;
-        float* o = out + (size_t)row * q_dim + (size_t)(h0 + g) * head_dim;
-        if (d0 < head_dim) o[d0] = acc0[g] / l[g];
-        if (d1 < head_dim) o[d1] = acc1[g] / l[g];
+        if (slot0 == ATT_NO_SPLIT) {
+            float* o = out + (size_t)row * q_dim + (size_t)(h0 + g) * head_dim;
+            if (d0 < head_dim) o[d0] = acc0[g] / l[g];
+            if (d1 < head_dim) o[d1] = acc1[g] / l[g];
+        } else {
+            // Unnormalised accumulator, running max and sum (-inf, 0, 0 for an empty slice).
+            const size_t at = (size_t)(slot0 + split) * n_heads + h0 + g;
+            float* a = part + at * head_dim;
+            if (d0 < head_dim) a[d0] = acc0[g];
+            if (d1 < head_dim) a[d1] = acc1[g];
+            if (tid == 0) {
+                float* ml = part + (size_t)split_slots * n_heads * head_dim + 2 * at;
+                ml[0] = m[g];
+                ml[1] = l[g];
+            }
+        }
+    }
+}
+
+// Combines the split slices of each split row: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M),
+// M = max_s m_s, slices added in order (a row's split count depends on its position only, so
+// its result does not depend on its batch). Grid (rows, n_heads), block ATT_THREADS; unsplit rows
+// return at once.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+phi3_attention_combine(const float* part, const unsigned int* row_pos,
+                       const unsigned int* row_split, float* out, int n_heads, int head_dim,
+                       int split_keys, int split_slots) {
+    const int row = blockIdx.x, h = blockIdx.y;
+    const unsigned int slot0 = row_split[row];
+    if (slot0 == ATT_NO_SPLIT) return;
+    const int n_s = (int)row_pos[row] / split_keys + 1;
+    const float* ml = part + (size_t)split_slots * n_heads * head_dim;
+    float mx = PHI3_NEG_INF;
+    for (int s = 0; s < n_s; ++s) mx = fmaxf(mx, ml[2 * ((size_t)(slot0 + s) * n_heads + h)]);
+    float sum = 0.0f;
+    for (int s = 0; s < n_s; ++s) {
+        const size_t at = (size_t)(slot0 + s) * n_heads + h;
+        sum += ml[2 * at + 1] * expf(ml[2 * at] - mx);  // an empty slice: 0 * e^-inf = 0
+    }
+    float* o = out + (size_t)row * n_heads * head_dim + (size_t)h * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += ATT_THREADS) {
+        float acc = 0.0f;
+        for (int s = 0; s < n_s; ++s) {
+            const size_t at = (size_t)(slot0 + s) * n_heads + h;
+            acc += part[at * head_dim + d] * expf(ml[2 * at] - mx);
+        }
+        o[d] = acc / sum;
     }
 }

@@ -211,6 +211,7 @@ struct Pool {
 struct PagedCase {
     int n_heads, n_kv_heads, head_dim, half, window, layer;
     std::vector<std::pair<int, int>> seqs;  // (pos0, len)
+    int split_keys = 0;  // > 0: decode rows (sequences of <= 4 rows) at positions >= it split
 };
 
 static void paged_case(const PagedCase& c) {
@@ -329,16 +330,35 @@ static void paged_case(const PagedCase& c) {
         }
     }
 
-    // attention over the pool as it now is.
+    // attention over the pool as it now is, decode rows split as kv.rs's pack_batch does.
+    std::vector<unsigned> row_split(rows, ATT_NO_SPLIT);
+    unsigned slots = 0, most_splits = 1;
+    for (int r = 0; r < rows; ++r) {
+        const int len = c.seqs[row_seq[r]].second, pos = (int)row_pos[r];
+        if (c.split_keys > 0 && len <= 4 && pos >= c.split_keys) {
+            row_split[r] = slots;
+            slots += (unsigned)(pos / c.split_keys + 1);
+            most_splits = std::max(most_splits, (unsigned)(pos / c.split_keys + 1));
+        }
+    }
+    const int split_keys = c.split_keys > 0 ? c.split_keys : 1 << 30;
+    std::vector<float> part((size_t)slots * c.n_heads * (hd + 2) + 1, NAN);
     const float scale = (float)(1.0 / std::sqrt((double)hd));
     std::vector<float> out((size_t)rows * q_dim, NAN);
     const unsigned chunks = (unsigned)(c.n_heads / c.n_kv_heads + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
-    launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads * chunks, 1}, ATT_BLOCK, [&] {
+    launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads * chunks, most_splits}, ATT_BLOCK, [&] {
         phi3_attention(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
-                       tables.data(), out.data(), pool.per_slab, pool.block_len(), c.layer,
-                       c.n_heads, c.n_kv_heads, hd, scale, c.window);
+                       row_split.data(), tables.data(), out.data(), part.data(), pool.per_slab,
+                       pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
+                       split_keys, (int)slots);
     });
-    std::snprintf(name, sizeof name, "attention %s", tag);
+    if (slots > 0) {
+        launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
+            phi3_attention_combine(part.data(), row_pos.data(), row_split.data(), out.data(),
+                                   c.n_heads, hd, split_keys, (int)slots);
+        });
+    }
+    std::snprintf(name, sizeof name, "attention %s%s", tag, slots ? " (split)" : "");
     const int group = c.n_heads / c.n_kv_heads;
     for (int r = 0; r < rows; ++r) {
         const int pos = (int)row_pos[r], s = (int)row_seq[r];
@@ -474,6 +494,11 @@ int main() {
     paged_case({8, 1, 64, 32, 140, 1, {{200, 2}, {7, 1}, {16, 16}}});
     paged_case({20, 2, 32, 16, 0, 1, {{9, 3}, {130, 1}}});  // group 10: two blocks per KV head
     paged_case({4, 2, 36, 12, 0, 1, {{0, 5}, {140, 2}}});   // head_dim not a multiple of 8: scalar keys
+    // Split keys: decode rows past split_keys in slices (several tiles, one tile, a partial last
+    // slice), prefill rows of the same batch unsplit, and a window that leaves early slices empty.
+    paged_case({8, 2, 32, 16, 0, 1, {{300, 1}, {37, 6}, {520, 2}, {100, 1}}, 256});
+    paged_case({4, 4, 40, 16, 0, 0, {{700, 1}, {5, 1}}, 128});
+    paged_case({4, 1, 64, 32, 150, 1, {{600, 1}, {130, 3}}, 128});
     decode_gemm_case(200, 256, 70, 2, false);  // two token slices, 4 row blocks (the last partial)
     decode_gemm_case(64, 96, 1, 1, false);     // one token, one chunk shorter than DG_KC
     decode_gemm_case(130, 416, 9, 3, false);   // slices of 160 columns: chunks of 128 and 32

@@ -462,8 +462,9 @@ const CHECK_SLAB_BLOCKS: usize = 3;
 /// block tables, ids scrambled over several slabs): GQA and MHA, partial rotary, sliding windows
 /// narrower and wider than a 128-key tile, sequences that already hold tokens (positions not
 /// multiples of a block), prefill and single-token decode, head_dim up to 256 and not a multiple
-/// of 32, and batches of several sequences of different lengths in one launch. First the GPU's
-/// pool alone ([`check_kv_pool`]).
+/// of 32, batches of several sequences of different lengths in one launch, and decode rows past
+/// 512 keys, whose keys split into slices merged by a second kernel. First the GPU's pool alone
+/// ([`check_kv_pool`]).
 fn check_attention(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
     let case = |n_heads, n_kv_heads, head_dim, rotary_dim, window, seqs| AttnCase {
         n_heads,
@@ -486,6 +487,11 @@ fn check_attention(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<(
         case(4, 2, 72, 72, Some(8), &[(10, 1), (20, 1), (0, 1)]),
         case(6, 2, 128, 96, Some(40), &[(100, 1), (0, 37), (250, 1), (17, 16), (33, 1)]),
         case(4, 4, 64, 64, None, &[(15, 1), (16, 1), (31, 2), (1, 200)]),
+        // Decode rows past 512 keys split into slices (flash-decoding) next to unsplit rows;
+        // a window that leaves a row's first slices empty.
+        case(8, 2, 64, 64, None, &[(1500, 1), (0, 30), (600, 2)]),
+        case(4, 4, 80, 80, None, &[(511, 1), (512, 1), (1023, 1), (1024, 3)]),
+        case(10, 2, 128, 128, Some(700), &[(2100, 1), (700, 1)]),
     ];
     gpu.set_kv_slab_blocks(CHECK_SLAB_BLOCKS);
     let result = check_kv_pool(gpu, rng, r)

@@ -75,7 +75,7 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "attention.cu",
         source: include_str!("../../../../kernels/attention.cu"),
-        entries: &["phi3_attention"],
+        entries: &["phi3_attention", "phi3_attention_combine"],
     },
     KernelSource {
         name: "kv_blocks.cu",

@@ -14,9 +14,17 @@
 //!
 //! Batch descriptor ([`CudaKvBatch`]), built once per forward pass in one upload: `u32`s
 //! `row_pos [rows]` (each activation row's position in its sequence), `row_table [rows]` (where
-//! the row's sequence's block table starts in `tables`), then `tables` (each sequence's block ids
-//! covering `0..pos0 + len`, in position order). `rope_store_kv` and `attention` each take the
-//! whole batch in one launch through it.
+//! the row's sequence's block table starts in `tables`), `row_split [rows]` (for a decode row at
+//! position >= [`ATTN_SPLIT_KEYS`], its first slot in attention's split scratch; `NO_SPLIT`
+//! otherwise), then `tables` (each sequence's block ids covering `0..pos0 + len`, in position
+//! order). `rope_store_kv` and `attention` each take the whole batch in one launch through it.
+//!
+//! Split keys (flash-decoding, kernels/attention.cu): a decode row (its sequence adds at most
+//! `GEMV_SPAN` tokens) at position `pos` has its keys `0..=pos` cut into
+//! `pos / ATTN_SPLIT_KEYS + 1` slices, each computed by its own block and merged by
+//! phi3_attention_combine, so one long sequence spreads over many SMs. Prefill rows are many
+//! already and stay whole. The split depends on the row's position only, never on the rest of
+//! the batch.
 //!
 //! Host transfers (`kv_to_host`, `kv_from_host`) move whole blocks between the pool and a device
 //! staging buffer (device-to-device copies), then one host copy per staging load, converting
@@ -36,7 +44,7 @@ use half::bf16;
 
 use super::error::DriverResultExt;
 use super::CudaBackend;
-use crate::backend::{KvLayout, SeqSpan, KV_BLOCK_TOKENS};
+use crate::backend::{KvLayout, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Bytes of one slab (at least one block).
@@ -75,14 +83,24 @@ pub struct CudaKvBatch {
     /// One more than the largest block id in the tables (0 when there are none); every use checks
     /// it against the pool, so a kernel never follows an id past the pool's slabs.
     blocks_needed: usize,
-    buf: CudaSlice<u32>, // [2 * rows + ids]: row_pos [rows], row_table [rows], tables [ids]
+    /// Slots of attention's split scratch: the split decode rows' slices in all.
+    split_slots: usize,
+    /// The most slices of one row (1 when no row splits): the attention grid's z.
+    most_splits: usize,
+    buf: CudaSlice<u32>, // [3 * rows + ids]: row_pos, row_table, row_split [rows], tables [ids]
 }
+
+/// Keys per slice of a split decode row (attention.cu's split_keys): 4 tiles of 128 keys.
+pub(crate) const ATTN_SPLIT_KEYS: usize = 512;
+/// `row_split` of a row whose keys are not split (ATT_NO_SPLIT in attention.cu).
+const NO_SPLIT: u32 = u32::MAX;
 
 /// The pool's geometry and the batch's arrays, as a kernel launch takes them.
 pub(crate) struct KvArgs<'a> {
     pub slab_addrs: &'a CudaSlice<u64>, // [n_slabs]
     pub row_pos: CudaView<'a, u32>,     // [rows]
     pub row_table: CudaView<'a, u32>,   // [rows]
+    pub row_split: CudaView<'a, u32>,   // [rows]
     pub tables: CudaView<'a, u32>,      // [ids]
     pub blocks_per_slab: usize,
     pub block_len: usize,
@@ -162,7 +180,8 @@ impl CudaKvPool {
             slab_addrs,
             row_pos: batch.buf.slice(0..rows),
             row_table: batch.buf.slice(rows..2 * rows),
-            tables: batch.buf.slice(2 * rows..),
+            row_split: batch.buf.slice(2 * rows..3 * rows),
+            tables: batch.buf.slice(3 * rows..),
             blocks_per_slab: self.blocks_per_slab,
             block_len: self.block_len,
             layer,
@@ -174,6 +193,11 @@ impl CudaKvBatch {
     /// Activation rows of the batch.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// (scratch slots, most slices of one row) of the batch's split decode rows.
+    pub(crate) fn splits(&self) -> (usize, usize) {
+        (self.split_slots, self.most_splits)
     }
 }
 
@@ -396,9 +420,15 @@ impl CudaBackend {
         seqs: &[SeqSpan],
         blocks: &[&[u32]],
     ) -> Result<CudaKvBatch> {
-        let (packed, rows, blocks_needed) = pack_batch(seqs, blocks)?;
-        let buf = self.htod(&packed, "the KV batch")?;
-        Ok(CudaKvBatch { rows, blocks_needed, buf })
+        let p = pack_batch(seqs, blocks)?;
+        let buf = self.htod(&p.words, "the KV batch")?;
+        Ok(CudaKvBatch {
+            rows: p.rows,
+            blocks_needed: p.blocks_needed,
+            split_slots: p.split_slots,
+            most_splits: p.most_splits,
+            buf,
+        })
     }
 }
 
@@ -427,9 +457,21 @@ fn plan_growth(
     (resize, sizes)
 }
 
-/// The batch descriptor's words (module docs), its rows, and one more than its largest block id.
-/// `Internal` unless the spans tile the rows in order from 0 and each table covers its span.
-fn pack_batch(seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<(Vec<u32>, usize, usize)> {
+/// A batch descriptor on the host.
+#[derive(Debug, PartialEq, Eq)]
+struct PackedBatch {
+    /// The descriptor's words (module docs).
+    words: Vec<u32>,
+    rows: usize,
+    /// One more than the largest block id.
+    blocks_needed: usize,
+    split_slots: usize,
+    most_splits: usize,
+}
+
+/// The batch descriptor of `seqs`. `Internal` unless the spans tile the rows in order from 0 and
+/// each table covers its span.
+fn pack_batch(seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<PackedBatch> {
     if seqs.len() != blocks.len() {
         return Err(Error::internal(format!(
             "kv_batch: {} sequences, {} block tables",
@@ -440,8 +482,9 @@ fn pack_batch(seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<(Vec<u32>, usize, u
     let rows: usize = seqs.iter().map(|s| s.len).sum();
     let mut row_pos = Vec::with_capacity(rows);
     let mut row_table = Vec::with_capacity(rows);
+    let mut row_split = Vec::with_capacity(rows);
     let mut tables = Vec::new();
-    let mut blocks_needed = 0usize;
+    let (mut blocks_needed, mut split_slots, mut most_splits) = (0usize, 0usize, 1usize);
     for (seq, table) in seqs.iter().zip(blocks) {
         if seq.row != row_pos.len() {
             return Err(Error::internal(format!(
@@ -464,14 +507,28 @@ fn pack_batch(seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<(Vec<u32>, usize, u
             .map_err(|_| Error::internal("kv_batch: too many block ids"))?;
         row_pos.extend((seq.pos0..end).map(|p| p as u32));
         row_table.extend(std::iter::repeat_n(start, seq.len));
+        for pos in seq.pos0..end {
+            if seq.len > GEMV_SPAN || pos < ATTN_SPLIT_KEYS {
+                row_split.push(NO_SPLIT);
+                continue;
+            }
+            let slices = pos / ATTN_SPLIT_KEYS + 1;
+            row_split.push(
+                u32::try_from(split_slots)
+                    .map_err(|_| Error::internal("kv_batch: too many split slots"))?,
+            );
+            split_slots += slices;
+            most_splits = most_splits.max(slices);
+        }
         tables.extend_from_slice(&table[..need]);
         let top = table[..need].iter().map(|&b| b as usize + 1).max().unwrap_or(0);
         blocks_needed = blocks_needed.max(top);
     }
-    let mut packed = row_pos;
-    packed.extend(row_table);
-    packed.extend(tables);
-    Ok((packed, rows, blocks_needed))
+    let mut words = row_pos;
+    words.extend(row_table);
+    words.extend(row_split);
+    words.extend(tables);
+    Ok(PackedBatch { words, rows, blocks_needed, split_slots, most_splits })
 }
 
 /// Token range (first, count) of a sequence's block `index` holding tokens below `n_tokens`.
@@ -564,14 +621,28 @@ mod tests {
         ];
         // Tables longer than needed are cut to the blocks the span reaches.
         let tables: [&[u32]; 3] = [&[7, 2, 9], &[4, 11], &[3]];
-        let (words, rows, needed) = pack_batch(&spans, &tables).unwrap();
-        assert_eq!((rows, needed), (4, 12));
+        let p = pack_batch(&spans, &tables).unwrap();
+        assert_eq!((p.rows, p.blocks_needed, p.split_slots, p.most_splits), (4, 12, 0, 1));
+        const NO: u32 = NO_SPLIT;
         #[rustfmt::skip]
-        assert_eq!(words, [
+        assert_eq!(p.words, [
             20, 14, 15, 16, // row_pos
             0, 2, 2, 2,     // row_table
+            NO, NO, NO, NO, // row_split
             7, 2, 4, 11,    // tables
         ]);
+        // Decode rows at positions >= ATTN_SPLIT_KEYS split into pos / 512 + 1 slices, each row
+        // by its own position; prefill rows (a span of 5) never do.
+        let k = ATTN_SPLIT_KEYS;
+        let spans = [
+            SeqSpan { row: 0, len: 1, pos0: 2 * k + 3 },
+            SeqSpan { row: 1, len: 5, pos0: k },
+            SeqSpan { row: 6, len: 2, pos0: k - 1 },
+        ];
+        let long: Vec<u32> = (0..(3 * k as u32 + 16) / 16).collect();
+        let p = pack_batch(&spans, &[&long, &long, &long]).unwrap();
+        assert_eq!((p.split_slots, p.most_splits), (3 + 2, 3));
+        assert_eq!(&p.words[16..24], [0, NO, NO, NO, NO, NO, NO, 3]);
         let gap = [SeqSpan { row: 1, len: 1, pos0: 0 }];
         assert!(pack_batch(&gap, &[&[0]]).is_err());
         let short = [SeqSpan { row: 0, len: 2, pos0: 15 }];

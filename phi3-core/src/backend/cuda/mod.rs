@@ -30,7 +30,10 @@
 //! (kernel launchers); this file holds the activation and weight types and the trait methods,
 //! which validate their inputs before launching.
 //!
-//! Not here: CUDA graphs, split-K/flash-decoding attention (later issues).
+//! Attention splits a decode row's keys into slices of `ATTN_SPLIT_KEYS` past that many
+//! (flash-decoding; `kv.rs`, `kernels/attention.cu`), so one long sequence uses many SMs.
+//!
+//! Not here: CUDA graphs, a tensor-core (flash-attention) prefill kernel (later issues).
 
 mod blas;
 mod context;
@@ -579,15 +582,20 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let kv = pool.args(batch, layer, params.n_kv_heads * params.head_dim, "attention")?;
-        self.launch_attention(
-            &q.buf,
-            &kv,
-            &mut out.buf,
-            q.rows,
-            (params.n_heads, params.n_kv_heads, params.head_dim),
-            params.scale,
-            params.sliding_window,
-        )?;
+        let (n_heads, head_dim) = (params.n_heads, params.head_dim);
+        let heads = (n_heads, params.n_kv_heads, head_dim);
+        let splits = batch.splits();
+        // Split decode rows' slices (kernels/attention.cu): accumulators, then max and sum.
+        let mut part = match splits.0 {
+            0 => None,
+            slots => Some(self.alloc::<f32>(slots * n_heads * (head_dim + 2), "attention slices")?),
+        };
+        let (scale, window) = (params.scale, params.sliding_window);
+        let (rows, buf) = (q.rows, &mut out.buf);
+        self.launch_attention(&q.buf, &kv, buf, part.as_mut(), rows, heads, scale, window, splits)?;
+        if let Some(part) = &part {
+            self.launch_attention_combine(part, &kv, buf, rows, (n_heads, head_dim), splits.0)?;
+        }
         Ok(out)
     }
 

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::error::DriverResultExt;
-use super::kv::KvArgs;
+use super::kv::{KvArgs, ATTN_SPLIT_KEYS};
 use super::CudaBackend;
 use crate::error::{Error, Result};
 
@@ -361,46 +361,103 @@ impl CudaBackend {
     /// phi3_attention over every row of a batch: grid (rows, n_kv_heads x the chunks of at most
     /// [`ATT_MAX_GROUP`] query heads that share a KV head), block 128.
     #[allow(clippy::too_many_arguments)]
+    /// `splits` = (scratch slots, most slices of a row) of the batch (`CudaKvBatch::splits`);
+    /// `part` the scratch when there are slots (`[slots, n_heads, head_dim + 2]` f32).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention(
         &self,
         q: &CudaSlice<f32>,
         kv: &KvArgs<'_>,
         out: &mut CudaSlice<f32>,
+        part: Option<&mut CudaSlice<f32>>,
         rows: usize,
         heads: (usize, usize, usize), // (n_heads, n_kv_heads, head_dim)
         scale: f32,
         window: Option<usize>,
+        splits: (usize, usize),
     ) -> Result<()> {
         let chunks = (heads.0 / heads.1.max(1)).div_ceil(ATT_MAX_GROUP);
         let blocks_y = heads.1 * chunks;
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(rows, "rows")?, u32_of(blocks_y, "heads")?, 1),
+            grid_dim: (
+                u32_of(rows, "rows")?,
+                u32_of(blocks_y, "heads")?,
+                u32_of(splits.1.max(1), "key slices")?,
+            ),
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let split_keys = i32_of(ATTN_SPLIT_KEYS, "keys per slice")?;
+        let slots = i32_of(splits.0, "split slots")?;
         let (bps, bl, layer) = kv_ints(kv)?;
         let (nh, nkv, hd) =
             (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
         // A window wider than any position is no window; 0 means none in the kernel.
         let window = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let null = 0u64; // no split scratch: a NULL `float*` the kernel never reads
+        macro_rules! attention_with {
+            ($part:expr) => {
+                launch!(
+                    self,
+                    "phi3_attention",
+                    cfg,
+                    q,
+                    kv.slab_addrs,
+                    &kv.row_pos,
+                    &kv.row_table,
+                    &kv.row_split,
+                    &kv.tables,
+                    out,
+                    $part,
+                    &bps,
+                    &bl,
+                    &layer,
+                    &nh,
+                    &nkv,
+                    &hd,
+                    &scale,
+                    &window,
+                    &split_keys,
+                    &slots
+                )
+            };
+        }
+        match part {
+            Some(part) => attention_with!(part),
+            None => attention_with!(&null),
+        }
+    }
+
+    /// Merges the key slices of the batch's split rows into `out` (phi3_attention_combine).
+    pub(crate) fn launch_attention_combine(
+        &self,
+        part: &CudaSlice<f32>,
+        kv: &KvArgs<'_>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        (n_heads, head_dim): (usize, usize),
+        slots: usize,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(rows, "rows")?, u32_of(n_heads, "heads")?, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (nh, hd) = (i32_of(n_heads, "n_heads")?, i32_of(head_dim, "hd")?);
+        let (split_keys, slots) =
+            (i32_of(ATTN_SPLIT_KEYS, "keys per slice")?, i32_of(slots, "split slots")?);
         launch!(
             self,
-            "phi3_attention",
+            "phi3_attention_combine",
             cfg,
-            q,
-            kv.slab_addrs,
+            part,
             &kv.row_pos,
-            &kv.row_table,
-            &kv.tables,
+            &kv.row_split,
             out,
-            &bps,
-            &bl,
-            &layer,
             &nh,
-            &nkv,
             &hd,
-            &scale,
-            &window
+            &split_keys,
+            &slots
         )
     }
 
