@@ -1,13 +1,21 @@
-// gemv_quant.cu: y = W x for one token (decode) with int8 or int4 weights, dequantized in
-// registers, f32 activations and f32 accumulation. Layouts: phi3-core/src/loader/quant.rs.
+// gemv_quant.cu: y = W x for up to QTOK tokens (the decode rows of a pass) with int8 or int4
+// weights, dequantized in registers, f32 activations and f32 accumulation. Layouts:
+// phi3-core/src/loader/quant.rs.
 //
-// phi3_gemv_int8:       q [out, in] int8 (row-major), scales [out] f32, x [in] f32, y [out] f32;
-//                       y[r] = scales[r] * sum_c x[c] * q[r, c].
+// phi3_gemv_int8:       q [out, in] int8 (row-major), scales [out] f32, x [ntok, in] f32,
+//                       y [ntok, out] f32; y[t, r] = scales[r] * sum_c x[t, c] * q[r, c].
 // phi3_gemv_int4_bf16 / phi3_gemv_int4_f16:
 //                       packed [out, in / 2] u8 (column 2i in the LOW nibble of byte i),
 //                       scales [out, in / group] bf16 or f16, zeros [out, in / group] u8 (0..=15),
-//                       x [in] f32, y [out] f32, group 32 | 64 | 128;
-//                       y[r] = sum_g scale[r, g] * sum_{c in g} x[c] * (q[r, c] - zero[r, g]).
+//                       x [ntok, in] f32, y [ntok, out] f32, group 32 | 64 | 128;
+//                       y[t, r] = sum_g scale[r, g] * sum_{c in g} x[t, c] * (q[r, c] - zero[r, g]).
+// The _x8 kernels take ntok = 1..=QTOK tokens: each weight chunk is loaded and dequantized once
+// for all of them. The plain kernels take one token (ntok = 1) and need a third of the registers
+// (80 against 230 for int4 at sm_90), so batch-1 decode keeps its occupancy. Both instantiate the
+// same template, and a token's sums are the same operations in the same order in either and
+// whatever ntok is (every multiply-add is an explicit fmaf, so contraction cannot differ): a
+// token's result does not depend on the tokens it was launched with, the batch invariance the
+// scheduler needs (issue 10). More tokens take several launches.
 //
 // Work split: one warp computes QROWS = 4 consecutive rows, so every x value a lane loads serves
 // four weight rows (x is re-read from L1 once per four rows; with one row per warp the L1 traffic
@@ -37,10 +45,12 @@
 //   chunk's dot product (1e-6 for the odd columns), against ~1e-7 for plain f32. The gpu-check
 //   tolerance for quantized GEMV against the CPU (1e-4) leaves 10x headroom over that estimate.
 // Expected speed (not measured: written and NVRTC-compiled without a GPU): bound by the bytes of
-// q, scales and zeros read once.
+// q, scales and zeros read once. The _x8 kernels hold 8 tokens' sums (int4: 230 registers, so 8
+// warps per SM and fewer loads in flight): below that bound, but one weight pass serves 8 tokens.
 #include "common.cuh"
 
 #define QROWS 4
+#define QTOK 8  // tokens of the _x8 kernels
 
 // 16 bytes of weights, read once: not cached in L1 (keeps x there).
 __device__ __forceinline__ uint4 load_stream16(const void* p) {
@@ -81,10 +91,12 @@ __device__ __forceinline__ float int8_chunk_dot(uint4 v, const float4* xv) {
     return a;
 }
 
-// Partial sums of this lane for rows r0 .. r0 + QROWS - 1 (rows past `out` repeat the last row;
-// the caller discards them).
+// Partial sums of this lane for rows r0 .. r0 + QROWS - 1 and tokens 0 .. ntok - 1 (rows past
+// `out` repeat the last row; the caller discards them).
+template <int NT>
 __device__ __forceinline__ void gemv_int8_lane(const signed char* q, const float* x, int in,
-                                               int out, int r0, int lane, float* acc) {
+                                               int out, int ntok, int r0, int lane,
+                                               float (*acc)[QROWS]) {
     const signed char* wr[QROWS];
 #pragma unroll
     for (int r = 0; r < QROWS; ++r) wr[r] = q + (size_t)min(r0 + r, out - 1) * in;
@@ -94,37 +106,71 @@ __device__ __forceinline__ void gemv_int8_lane(const signed char* q, const float
             uint4 v[QROWS];
 #pragma unroll
             for (int r = 0; r < QROWS; ++r) v[r] = load_stream16(wr[r] + (size_t)c * 16);
-            const float4* xp = reinterpret_cast<const float4*>(x + (size_t)c * 16);
-            float4 xv[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) xv[i] = xp[i];
+            for (int t = 0; t < NT; ++t) {
+                if (t >= ntok) break;
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)t * in + c * 16);
+                float4 xv[4];
 #pragma unroll
-            for (int r = 0; r < QROWS; ++r) acc[r] += int8_chunk_dot(v[r], xv);
+                for (int i = 0; i < 4; ++i) xv[i] = xp[i];
+#pragma unroll
+                for (int r = 0; r < QROWS; ++r) acc[t][r] += int8_chunk_dot(v[r], xv);
+            }
         }
     } else {
         // Rows not 16-byte aligned (in % 16 != 0) or an offset sub-slice: one element per lane.
         for (int c = lane; c < in; c += 32) {
-            const float xc = x[c];
 #pragma unroll
-            for (int r = 0; r < QROWS; ++r) acc[r] = fmaf(xc, (float)wr[r][c], acc[r]);
+            for (int t = 0; t < NT; ++t) {
+                if (t >= ntok) break;
+                const float xc = x[(size_t)t * in + c];
+#pragma unroll
+                for (int r = 0; r < QROWS; ++r) acc[t][r] = fmaf(xc, (float)wr[r][c], acc[t][r]);
+            }
         }
     }
+}
+
+// Every lane's sums of one warp's rows, reduced and stored for each token.
+template <bool SCALED, int NT>
+__device__ __forceinline__ void store_rows(float (*acc)[QROWS], const float* scales, float* y,
+                                           int out, int ntok, int r0, int lane) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        if (t >= ntok) break;
+#pragma unroll
+        for (int r = 0; r < QROWS; ++r) {
+            const float s = warp_sum(acc[t][r]);
+            if (lane == 0 && r0 + r < out) {
+                y[(size_t)t * out + r0 + r] = SCALED ? scales[r0 + r] * s : s;
+            }
+        }
+    }
+}
+
+template <int NT>
+__device__ __forceinline__ void gemv_int8_impl(const signed char* q, const float* scales,
+                                               const float* x, float* y, int in, int out,
+                                               int ntok) {
+    const int lane = threadIdx.x & 31;
+    const int r0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * QROWS;
+    if (r0 >= out) return;  // whole warps leave together
+    float acc[NT][QROWS] = {};
+    gemv_int8_lane<NT>(q, x, in, out, ntok, r0, lane, acc);
+    store_rows<true, NT>(acc, scales, y, out, ntok, r0, lane);
 }
 
 extern "C" __global__ void phi3_gemv_int8(const signed char* __restrict__ q,
                                           const float* __restrict__ scales,
                                           const float* __restrict__ x, float* __restrict__ y,
-                                          int in, int out) {
-    const int lane = threadIdx.x & 31;
-    const int r0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * QROWS;
-    if (r0 >= out) return;  // whole warps leave together
-    float acc[QROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-    gemv_int8_lane(q, x, in, out, r0, lane, acc);
-#pragma unroll
-    for (int r = 0; r < QROWS; ++r) {
-        const float s = warp_sum(acc[r]);
-        if (lane == 0 && r0 + r < out) y[r0 + r] = scales[r0 + r] * s;
-    }
+                                          int in, int out, int ntok) {
+    gemv_int8_impl<1>(q, scales, x, y, in, out, ntok);
+}
+extern "C" __global__ void phi3_gemv_int8_x8(const signed char* __restrict__ q,
+                                             const float* __restrict__ scales,
+                                             const float* __restrict__ x, float* __restrict__ y,
+                                             int in, int out, int ntok) {
+    gemv_int8_impl<QTOK>(q, scales, x, y, in, out, ntok);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,14 +203,14 @@ __device__ __forceinline__ float int4_chunk_dot(uint4 v, const float4* xv, float
         a15 = fmaf(hi.z, nib15(t3), a15);
         a19 = fmaf(hi.w, nib19(t3), a19);
     }
-    return 256.0f * (a15 - xe) + 16.0f * (a19 - xo);
+    return fmaf(256.0f, a15 - xe, 16.0f * (a19 - xo));
 }
 
-template <typename S>
+template <int NT, typename S>
 __device__ __forceinline__ void gemv_int4_lane(const unsigned char* packed, const S* scales,
                                                const unsigned char* zeros, const float* x, int in,
-                                               int out, int group, int r0, int lane,
-                                               float* acc) {
+                                               int out, int ntok, int group, int r0, int lane,
+                                               float (*acc)[QROWS]) {
     const int ng = in / group;
     const unsigned char* wr[QROWS];
     const S* sr[QROWS];
@@ -191,62 +237,83 @@ __device__ __forceinline__ void gemv_int4_lane(const unsigned char* packed, cons
                 s[r] = to_f32(sr[r][g]);
                 z[r] = (float)zr[r][g];
             }
-            const float4* xp = reinterpret_cast<const float4*>(x + (size_t)c * 32);
-            float4 xv[8];
-            float xe = 0.0f, xo = 0.0f;
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                xv[i] = xp[i];
-                xe += xv[i].x + xv[i].z;
-                xo += xv[i].y + xv[i].w;
-            }
+            for (int t = 0; t < NT; ++t) {
+                if (t >= ntok) break;
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)t * in + c * 32);
+                float4 xv[8];
+                float xe = 0.0f, xo = 0.0f;
 #pragma unroll
-            for (int r = 0; r < QROWS; ++r) {
-                const float dot = int4_chunk_dot(v[r], xv, xe, xo) - z[r] * (xe + xo);
-                acc[r] = fmaf(s[r], dot, acc[r]);
+                for (int i = 0; i < 8; ++i) {
+                    xv[i] = xp[i];
+                    xe += xv[i].x + xv[i].z;
+                    xo += xv[i].y + xv[i].w;
+                }
+#pragma unroll
+                for (int r = 0; r < QROWS; ++r) {
+                    const float dot = fmaf(-z[r], xe + xo, int4_chunk_dot(v[r], xv, xe, xo));
+                    acc[t][r] = fmaf(s[r], dot, acc[t][r]);
+                }
             }
         }
     } else {
         // An offset sub-slice (never produced by the backend): one element per lane.
         for (int c = lane; c < in; c += 32) {
-            const float xc = x[c];
             const int g = c / group;
 #pragma unroll
-            for (int r = 0; r < QROWS; ++r) {
-                const int qv = (wr[r][c >> 1] >> ((c & 1) * 4)) & 15;
-                acc[r] = fmaf(xc * to_f32(sr[r][g]), (float)qv - (float)zr[r][g], acc[r]);
+            for (int t = 0; t < NT; ++t) {
+                if (t >= ntok) break;
+                const float xc = x[(size_t)t * in + c];
+#pragma unroll
+                for (int r = 0; r < QROWS; ++r) {
+                    const int qv = (wr[r][c >> 1] >> ((c & 1) * 4)) & 15;
+                    const float w = (float)qv - (float)zr[r][g];
+                    acc[t][r] = fmaf(xc * to_f32(sr[r][g]), w, acc[t][r]);
+                }
             }
         }
     }
 }
 
-template <typename S>
+template <int NT, typename S>
 __device__ __forceinline__ void gemv_int4_impl(const unsigned char* packed, const S* scales,
                                                const unsigned char* zeros, const float* x,
-                                               float* y, int in, int out, int group) {
+                                               float* y, int in, int out, int group, int ntok) {
     const int lane = threadIdx.x & 31;
     const int r0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * QROWS;
     if (r0 >= out) return;  // whole warps leave together
-    float acc[QROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-    gemv_int4_lane(packed, scales, zeros, x, in, out, group, r0, lane, acc);
-#pragma unroll
-    for (int r = 0; r < QROWS; ++r) {
-        const float s = warp_sum(acc[r]);
-        if (lane == 0 && r0 + r < out) y[r0 + r] = s;
-    }
+    float acc[NT][QROWS] = {};
+    gemv_int4_lane<NT>(packed, scales, zeros, x, in, out, ntok, group, r0, lane, acc);
+    store_rows<false, NT>(acc, nullptr, y, out, ntok, r0, lane);
 }
 
 extern "C" __global__ void phi3_gemv_int4_bf16(const unsigned char* __restrict__ packed,
                                                const bf16* __restrict__ scales,
                                                const unsigned char* __restrict__ zeros,
                                                const float* __restrict__ x, float* __restrict__ y,
-                                               int in, int out, int group) {
-    gemv_int4_impl(packed, scales, zeros, x, y, in, out, group);
+                                               int in, int out, int group, int ntok) {
+    gemv_int4_impl<1>(packed, scales, zeros, x, y, in, out, group, ntok);
 }
 extern "C" __global__ void phi3_gemv_int4_f16(const unsigned char* __restrict__ packed,
                                               const f16* __restrict__ scales,
                                               const unsigned char* __restrict__ zeros,
                                               const float* __restrict__ x, float* __restrict__ y,
-                                              int in, int out, int group) {
-    gemv_int4_impl(packed, scales, zeros, x, y, in, out, group);
+                                              int in, int out, int group, int ntok) {
+    gemv_int4_impl<1>(packed, scales, zeros, x, y, in, out, group, ntok);
+}
+extern "C" __global__ void phi3_gemv_int4_bf16_x8(const unsigned char* __restrict__ packed,
+                                                  const bf16* __restrict__ scales,
+                                                  const unsigned char* __restrict__ zeros,
+                                                  const float* __restrict__ x,
+                                                  float* __restrict__ y, int in, int out,
+                                                  int group, int ntok) {
+    gemv_int4_impl<QTOK>(packed, scales, zeros, x, y, in, out, group, ntok);
+}
+extern "C" __global__ void phi3_gemv_int4_f16_x8(const unsigned char* __restrict__ packed,
+                                                 const f16* __restrict__ scales,
+                                                 const unsigned char* __restrict__ zeros,
+                                                 const float* __restrict__ x,
+                                                 float* __restrict__ y, int in, int out,
+                                                 int group, int ntok) {
+    gemv_int4_impl<QTOK>(packed, scales, zeros, x, y, in, out, group, ntok);
 }

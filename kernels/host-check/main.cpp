@@ -3,8 +3,10 @@
 // - quantized (kernels/gemv_quant.cu, kernels/dequant.cu; layouts in phi3-core/src/loader/quant.rs):
 //   int8 [out, in] + f32 row scales; int4 packed [out, in / 2] with column 2i in the low nibble of
 //   byte i, scales [out, in / group] (bf16 or f16) and zeros [out, in / group]. Checks the GEMV
-//   (vector and scalar paths, rows that do not fill a warp's 4 or a block's 8) to 1e-5 of
-//   sum |x w|, and the bf16 dequantization of a block of rows bit for bit.
+//   (vector and scalar paths, rows that do not fill a warp's 4 or a block's 8, 1 to 8 tokens) to
+//   1e-5 of sum |x w|, each token of a multi-token (_x8) launch against that token launched alone
+//   by the one-token kernel bit for bit, and the bf16 dequantization of a block of rows bit for
+//   bit.
 // - paged KV cache (kernels/rope_kv.cu, kernels/attention.cu, kernels/kv_blocks.cu; layout in
 //   kernels/common.cuh): a batch of sequences of different lengths (positions not multiples of
 //   16, several 128-key tiles), GQA and MHA, partial rotary, sliding windows narrower than the
@@ -67,7 +69,21 @@ static void check_gemv(const char* what, const std::vector<double>& want,
     }
 }
 
-static void int4_case(int out, int in, int group, bool f16_scales, bool misaligned_x) {
+// Bit equality of each token's row of a multi-token GEMV `y` [ntok, out] with `run(t)`, the same
+// GEMV launched for token t alone (batch invariance).
+static void check_tokens_alone(const char* what, int ntok, int out, const std::vector<float>& y,
+                               const std::function<std::vector<float>(int)>& run) {
+    if (ntok == 1) return;
+    for (int t : {0, ntok / 2, ntok - 1}) {
+        const std::vector<float> alone = run(t);
+        for (int r = 0; r < out; ++r) {
+            const float got = y[(size_t)t * out + r];
+            expect(std::memcmp(&got, &alone[r], 4) == 0, what, got, alone[r]);
+        }
+    }
+}
+
+static void int4_case(int out, int in, int group, bool f16_scales, bool misaligned_x, int ntok) {
     const int ng = in / group;
     std::vector<unsigned char> packed((size_t)out * in / 2), zeros((size_t)out * ng);
     std::vector<unsigned short> scales((size_t)out * ng);
@@ -83,11 +99,11 @@ static void int4_case(int out, int in, int group, bool f16_scales, bool misalign
             sval[i] = bf16_value(scales[i]);
         }
     }
-    std::vector<float> xbuf(in + 4);
+    std::vector<float> xbuf((size_t)ntok * in + 4);
     float* x = xbuf.data() + (misaligned_x ? 1 : 0);
-    for (int c = 0; c < in; ++c) x[c] = uniform(-3.0f, 3.0f);
+    for (size_t c = 0; c < (size_t)ntok * in; ++c) x[c] = uniform(-3.0f, 3.0f);
     // Reference from the layout.
-    std::vector<double> want(out), mag(out);
+    std::vector<double> want((size_t)ntok * out), mag((size_t)ntok * out);
     std::vector<float> deq((size_t)out * in);
     for (int r = 0; r < out; ++r) {
         for (int c = 0; c < in; ++c) {
@@ -96,24 +112,35 @@ static void int4_case(int out, int in, int group, bool f16_scales, bool misalign
             const size_t g = (size_t)r * ng + c / group;
             const float w = sval[g] * (float)(q - zeros[g]);  // exact in f32
             deq[(size_t)r * in + c] = w;
-            want[r] += (double)x[c] * w;
-            mag[r] += std::fabs((double)x[c] * w);
+            for (int t = 0; t < ntok; ++t) {
+                want[(size_t)t * out + r] += (double)x[(size_t)t * in + c] * w;
+                mag[(size_t)t * out + r] += std::fabs((double)x[(size_t)t * in + c] * w);
+            }
         }
     }
-    std::vector<float> y(out, NAN);
-    launch((out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, THREADS, [&] {
-        if (f16_scales) {
-            phi3_gemv_int4_f16(packed.data(), reinterpret_cast<const f16*>(scales.data()),
-                               zeros.data(), x, y.data(), in, out, group);
-        } else {
-            phi3_gemv_int4_bf16(packed.data(), reinterpret_cast<const bf16*>(scales.data()),
-                                zeros.data(), x, y.data(), in, out, group);
-        }
-    });
+    auto run = [&](const float* xs, int nt) {
+        std::vector<float> y((size_t)nt * out, NAN);
+        launch((out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, THREADS, [&] {
+            // One token: the plain kernel, as the launcher picks it; more: the _x8 kernel.
+            const auto* sc = scales.data();
+            if (f16_scales) {
+                auto* k = nt == 1 ? phi3_gemv_int4_f16 : phi3_gemv_int4_f16_x8;
+                k(packed.data(), reinterpret_cast<const f16*>(sc), zeros.data(), xs, y.data(), in,
+                  out, group, nt);
+            } else {
+                auto* k = nt == 1 ? phi3_gemv_int4_bf16 : phi3_gemv_int4_bf16_x8;
+                k(packed.data(), reinterpret_cast<const bf16*>(sc), zeros.data(), xs, y.data(), in,
+                  out, group, nt);
+            }
+        });
+        return y;
+    };
+    const std::vector<float> y = run(x, ntok);
     char name[128];
-    std::snprintf(name, sizeof name, "gemv int4 g%d %s [%d, %d]%s", group, f16_scales ? "f16" : "bf16",
-                  out, in, misaligned_x ? " misaligned x" : "");
+    std::snprintf(name, sizeof name, "gemv int4 g%d %s [%d, %d] x %d tokens%s", group,
+                  f16_scales ? "f16" : "bf16", out, in, ntok, misaligned_x ? " misaligned x" : "");
     check_gemv(name, want, mag, y);
+    check_tokens_alone(name, ntok, out, y, [&](int t) { return run(x + (size_t)t * in, 1); });
     // Dequantize rows row0 .. row0 + rows to bf16.
     const int row0 = out > 3 ? 3 : 0, rows = out - row0;
     std::vector<unsigned short> wb((size_t)rows * in, 0xffff);
@@ -137,28 +164,36 @@ static void int4_case(int out, int in, int group, bool f16_scales, bool misalign
     }
 }
 
-static void int8_case(int out, int in) {
+static void int8_case(int out, int in, int ntok) {
     std::vector<signed char> q((size_t)out * in);
     std::vector<float> scales(out);
     for (auto& v : q) v = (signed char)(below(256) - 128);  // -128 included: any byte works
     for (auto& s : scales) s = uniform(1e-3f, 2e-2f);
-    std::vector<float> x(in);
+    std::vector<float> x((size_t)ntok * in);
     for (auto& v : x) v = uniform(-3.0f, 3.0f);
-    std::vector<double> want(out), mag(out);
-    for (int r = 0; r < out; ++r) {
-        for (int c = 0; c < in; ++c) {
-            const double w = (double)scales[r] * q[(size_t)r * in + c];
-            want[r] += x[c] * w;
-            mag[r] += std::fabs(x[c] * w);
+    std::vector<double> want((size_t)ntok * out), mag((size_t)ntok * out);
+    for (int t = 0; t < ntok; ++t) {
+        for (int r = 0; r < out; ++r) {
+            for (int c = 0; c < in; ++c) {
+                const double w = (double)scales[r] * q[(size_t)r * in + c];
+                want[(size_t)t * out + r] += x[(size_t)t * in + c] * w;
+                mag[(size_t)t * out + r] += std::fabs(x[(size_t)t * in + c] * w);
+            }
         }
     }
-    std::vector<float> y(out, NAN);
-    launch((out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, THREADS, [&] {
-        phi3_gemv_int8(q.data(), scales.data(), x.data(), y.data(), in, out);
-    });
+    auto run = [&](const float* xs, int nt) {
+        std::vector<float> y((size_t)nt * out, NAN);
+        launch((out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, THREADS, [&] {
+            auto* k = nt == 1 ? phi3_gemv_int8 : phi3_gemv_int8_x8;
+            k(q.data(), scales.data(), xs, y.data(), in, out, nt);
+        });
+        return y;
+    };
+    const std::vector<float> y = run(x.data(), ntok);
     char name[128];
-    std::snprintf(name, sizeof name, "gemv int8 [%d, %d]", out, in);
+    std::snprintf(name, sizeof name, "gemv int8 [%d, %d] x %d tokens", out, in, ntok);
     check_gemv(name, want, mag, y);
+    check_tokens_alone(name, ntok, out, y, [&](int t) { return run(x.data() + (size_t)t * in, 1); });
     const int row0 = out > 2 ? 2 : 0, rows = out - row0;
     std::vector<unsigned short> wb((size_t)rows * in, 0xffff);
     const unsigned long long n = (unsigned long long)rows * in / (in % 8 == 0 ? 8 : 1);
@@ -479,16 +514,16 @@ static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16) {
 int main() {
     for (int group : {32, 64, 128}) {
         for (bool f16 : {false, true}) {
-            int4_case(13, 256, group, f16, false);
-            int4_case(8, 1280, group, f16, false);
-            int4_case(5, 128 * 3, group, f16, true);
+            int4_case(13, 256, group, f16, false, 1);
+            int4_case(8, 1280, group, f16, false, 8);
+            int4_case(5, 128 * 3, group, f16, true, 3);
         }
     }
-    int4_case(1, 32, 32, false, false);
-    int8_case(13, 160);
-    int8_case(9, 2048);
-    int8_case(7, 100);
-    int8_case(1, 7);
+    int4_case(1, 32, 32, false, false, 5);
+    int8_case(13, 160, 1);
+    int8_case(9, 2048, 8);
+    int8_case(7, 100, 3);  // in % 16 != 0: the scalar path
+    int8_case(1, 7, 2);
     paged_case({4, 2, 40, 16, 0, 1, {{0, 5}, {37, 1}, {150, 3}, {18, 2}}});
     paged_case({3, 3, 160, 80, 20, 0, {{5, 7}, {140, 1}, {33, 4}}});
     paged_case({8, 1, 64, 32, 140, 1, {{200, 2}, {7, 1}, {16, 16}}});

@@ -60,7 +60,14 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "gemv_quant.cu",
         source: include_str!("../../../../kernels/gemv_quant.cu"),
-        entries: &["phi3_gemv_int8", "phi3_gemv_int4_bf16", "phi3_gemv_int4_f16"],
+        entries: &[
+            "phi3_gemv_int8",
+            "phi3_gemv_int4_bf16",
+            "phi3_gemv_int4_f16",
+            "phi3_gemv_int8_x8",
+            "phi3_gemv_int4_bf16_x8",
+            "phi3_gemv_int4_f16_x8",
+        ],
     },
     KernelSource {
         name: "dequant.cu",

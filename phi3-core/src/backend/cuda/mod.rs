@@ -17,10 +17,10 @@
 //! of weights); attention reads it in f32, every sequence of a batch in one launch through its
 //! block table.
 //!
-//! Quantized projections (int8, int4; `quant.rs`): up to `QUANT_GEMV_MAX_ROWS` decode rows run a
-//! GEMV each that dequantizes in registers; more rows dequantize blocks of weight rows to bf16 in a
-//! bounded workspace and take the bf16 cuBLAS path (one call per prefill chunk, the decode rows as
-//! one: a batch of more than that many decode rows equals solo runs only to rounding).
+//! Quantized projections (int8, int4; `quant.rs`): decode rows run a GEMV that dequantizes in
+//! registers, up to 8 rows per launch with each row's sums independent of the others (batch
+//! invariant); prefill chunks dequantize blocks of weight rows to bf16 in a bounded workspace and
+//! take the bf16 cuBLAS path, one call per chunk.
 //!
 //! Files: `context.rs` (device, stream), `error.rs` (error mapping, panic guard), `nvrtc.rs` and
 //! `kernels.rs` (compile, cache, load), `memory.rs` (estimate, default KV budget), `upload.rs`

@@ -21,6 +21,8 @@ const GEMV_ROWS_PER_BLOCK: usize = BLOCK as usize / 32;
 const QGEMV_THREADS: u32 = 64;
 /// Output rows per block of the quantized GEMV kernels (2 warps x QROWS = 4 rows).
 const QGEMV_ROWS_PER_BLOCK: usize = 8;
+/// Most tokens of one quantized GEMV launch (QTOK in gemv_quant.cu).
+pub(crate) const QGEMV_TOKENS: usize = 8;
 /// Threads per block of phi3_decode_gemm (DG_WARPS = 4 warps in decode_gemm.cu).
 const DECODE_GEMM_THREADS: u32 = 128;
 /// Output rows per block of phi3_decode_gemm (DG_ROWS).
@@ -204,22 +206,27 @@ impl CudaBackend {
         })
     }
 
-    /// y[out] = scales[out] * (q[out, in] x[in]) (phi3_gemv_int8).
+    /// y[t, :] = scales * (q[out, in] x[t, :]) for `ntok` tokens: `name` is phi3_gemv_int8
+    /// (one token) or phi3_gemv_int8_x8 (1..=QGEMV_TOKENS).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_gemv_int8(
         &self,
+        name: &str,
         q: &CudaSlice<i8>,
         scales: &CudaSlice<f32>,
         x: &CudaView<'_, f32>,
         y: &mut CudaViewMut<'_, f32>,
         k: usize,
         m: usize,
+        ntok: usize,
     ) -> Result<()> {
         let cfg = Self::qgemv_config(m)?;
-        let (k, m) = (i32_of(k, "in")?, i32_of(m, "out")?);
-        launch!(self, "phi3_gemv_int8", cfg, q, scales, x, y, &k, &m)
+        let (k, m, nt) = (i32_of(k, "in")?, i32_of(m, "out")?, i32_of(ntok, "tokens")?);
+        launch!(self, name, cfg, q, scales, x, y, &k, &m, &nt)
     }
 
-    /// `name` is phi3_gemv_int4_bf16 or phi3_gemv_int4_f16 (the scales' dtype).
+    /// `name` is phi3_gemv_int4_<bf16|f16> (the scales' dtype; one token) or the `_x8` kernel of
+    /// that dtype (1..=QGEMV_TOKENS tokens).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_gemv_int4(
         &self,
@@ -232,10 +239,12 @@ impl CudaBackend {
         k: usize,
         m: usize,
         group: usize,
+        ntok: usize,
     ) -> Result<()> {
         let cfg = Self::qgemv_config(m)?;
         let (k, m, g) = (i32_of(k, "in")?, i32_of(m, "out")?, i32_of(group, "group")?);
-        launch!(self, name, cfg, packed, scales, zeros, x, y, &k, &m, &g)
+        let nt = i32_of(ntok, "tokens")?;
+        launch!(self, name, cfg, packed, scales, zeros, x, y, &k, &m, &g, &nt)
     }
 
     /// Rows `row0 .. row0 + rows` of an int8 weight -> bf16 `w` `[rows, in]` (phi3_dequant_int8).

@@ -25,6 +25,7 @@ use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 
 use super::error::DriverResultExt;
+use super::ops::QGEMV_TOKENS;
 use super::upload::STAGING_BYTES;
 use super::{blas, CudaAct, CudaBackend, CudaWeight, WeightData};
 use crate::backend::LinearRows;
@@ -75,11 +76,6 @@ impl QuantWeight {
         }
     }
 }
-
-/// Most decode rows of a pass that take one dequantizing GEMV each. A GEMV reads the whole
-/// quantized weight; past about this many rows, dequantizing it once to bf16 (writing and reading
-/// 2 bytes per weight) and one GEMM read less.
-pub const QUANT_GEMV_MAX_ROWS: usize = 8;
 
 /// Rows of a `[rows, cols]` weight dequantized per block on the prefill path: as many whole rows
 /// as fit in [`DEQUANT_WORKSPACE_BYTES`] of bf16, at least one, at most `rows`.
@@ -280,11 +276,9 @@ impl CudaBackend {
     }
 
     /// `y[n, m] = x[n, k] @ w^T` for a quantized `w` `[m, k]` (shapes checked by `linear`).
-    /// Up to [`QUANT_GEMV_MAX_ROWS`] decode rows take one dequantizing GEMV each (the weight is
-    /// read once per row, and each row is computed as in a solo run); more decode rows, and
-    /// every prefill chunk, take the dequantize-then-cuBLAS path, one cuBLAS call per chunk
-    /// (the decode rows as one chunk: beyond that many, a decode row in a batch equals its solo
-    /// run only to rounding).
+    /// Decode rows take the dequantizing GEMV, up to `QGEMV_TOKENS` per launch (the weight is
+    /// read once per launch, and each row is computed as in a solo run whatever its launch
+    /// holds); prefill chunks take the dequantize-then-cuBLAS path, one cuBLAS call per chunk.
     pub(crate) fn linear_quant(
         &self,
         x: &CudaAct,
@@ -294,29 +288,32 @@ impl CudaBackend {
     ) -> Result<()> {
         let (k, m) = (x.cols, y.cols);
         let decode = rows.decode_rows();
-        let mut runs: Vec<(usize, usize)> = rows.prefill_runs().collect();
-        if decode > QUANT_GEMV_MAX_ROWS {
-            runs.insert(0, (0, decode));
-        } else {
-            for r in 0..decode {
-                let xv = x.buf.slice(r * k..(r + 1) * k);
-                let mut yv = y.buf.slice_mut(r * m..(r + 1) * m);
-                match w {
-                    QuantWeight::Int8 { values, scales } => {
-                        self.launch_gemv_int8(values, scales, &xv, &mut yv, k, m)?
-                    }
-                    QuantWeight::Int4 { group, packed, scales, scale_type, zeros } => {
-                        let name = match scale_type {
-                            ScaleType::Bf16 => "phi3_gemv_int4_bf16",
-                            ScaleType::F16 => "phi3_gemv_int4_f16",
-                        };
-                        self.launch_gemv_int4(
-                            name, packed, scales, zeros, &xv, &mut yv, k, m, *group,
-                        )?
-                    }
+        for r0 in (0..decode).step_by(QGEMV_TOKENS) {
+            let nt = QGEMV_TOKENS.min(decode - r0);
+            let xv = x.buf.slice(r0 * k..(r0 + nt) * k);
+            let mut yv = y.buf.slice_mut(r0 * m..(r0 + nt) * m);
+            // One token: the kernel with a third of the registers (gemv_quant.cu); both sum a
+            // token the same way.
+            let one = nt == 1;
+            match w {
+                QuantWeight::Int8 { values, scales } => {
+                    let name = if one { "phi3_gemv_int8" } else { "phi3_gemv_int8_x8" };
+                    self.launch_gemv_int8(name, values, scales, &xv, &mut yv, k, m, nt)?
+                }
+                QuantWeight::Int4 { group, packed, scales, scale_type, zeros } => {
+                    let name = match (scale_type, one) {
+                        (ScaleType::Bf16, true) => "phi3_gemv_int4_bf16",
+                        (ScaleType::F16, true) => "phi3_gemv_int4_f16",
+                        (ScaleType::Bf16, false) => "phi3_gemv_int4_bf16_x8",
+                        (ScaleType::F16, false) => "phi3_gemv_int4_f16_x8",
+                    };
+                    self.launch_gemv_int4(
+                        name, packed, scales, zeros, &xv, &mut yv, k, m, *group, nt,
+                    )?
                 }
             }
         }
+        let runs: Vec<(usize, usize)> = rows.prefill_runs().collect();
         if runs.is_empty() {
             return Ok(());
         }
@@ -400,7 +397,7 @@ mod tests {
                 a19 = x8[2 * b + 1].mul_add(nib19(t), a19);
             }
         }
-        256.0 * (a15 - xe) + 16.0 * (a19 - xo)
+        256.0f32.mul_add(a15 - xe, 16.0 * (a19 - xo))
     }
 
     /// `int8_at` of gemv_quant.cu: byte `b` of `wx` (= w ^ 0x80808080) as PRMT 0x7440|b places
