@@ -1417,7 +1417,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gqa-longrope-bf16");
         let mut r = Report { rows: Vec::new(), details: String::new() };
         check_batched_sessions(&dir, Device::Cpu, &mut r).unwrap();
-        assert_eq!(r.rows.len(), 3);
+        assert_eq!(r.rows.len(), 4);
         for row in &r.rows {
             assert!(row.ok, "{}: {}", row.check, row.value);
         }
