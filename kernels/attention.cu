@@ -29,12 +29,15 @@
 // makes them visible before the value loop.
 // Split keys (flash-decoding): a decode row at position pos >= split_keys has its positions
 // 0..pos cut into slices of split_keys (row_split[row]: its first slot in `part`; ATT_NO_SPLIT
-// for other rows, whose block covers all their keys). Block z computes slice z alone and writes
-// its unnormalised accumulator, max and sum to `part` ([split_slots][n_heads][head_dim] floats,
-// then [split_slots][n_heads][2]); phi3_attention_combine then merges a row's slices. A long
+// or ATT_PREFILL for other rows, whose block covers all their keys). Block z computes slice z
+// alone and writes its unnormalised accumulator, max and sum to `part`
+// ([split_slots][n_heads][head_dim] floats, then [split_slots][n_heads][2]); phi3_attention_combine then merges a row's slices. A long
 // context is then spread over pos / split_keys + 1 blocks per KV head instead of one. Which rows
 // split, and where, depends on each row's own position only (the host's batch descriptor,
 // kv.rs), so a row's result does not depend on its batch.
+// Prefill rows: with skip_prefill != 0 the blocks of rows marked ATT_PREFILL return at once, their
+// rows computed by phi3_attention_prefill on tensor cores (head dims that kernel takes); with 0
+// this kernel computes them too.
 // Launch: grid (rows, n_kv_heads * ceil(group / ATT_MAX_GROUP), most slices of a row), block 128
 // (ATT_THREADS), where group = n_heads / n_kv_heads. Rust launcher: ops.rs (attention).
 #include "common.cuh"
@@ -44,13 +47,17 @@
 #define ATT_MAX_GROUP 8
 // row_split entry of a row whose keys are not split.
 #define ATT_NO_SPLIT 0xffffffffu
+// row_split entry of a prefill row (its sequence adds more than GEMV_SPAN rows): not split, and
+// left to phi3_attention_prefill (attention_prefill.cu) when the launcher passes skip_prefill.
+#define ATT_PREFILL 0xfffffffeu
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 phi3_attention(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
                    const unsigned int* row_table, const unsigned int* row_split,
                    const unsigned int* tables, float* out, float* part, int blocks_per_slab,
                    int block_len, int layer, int n_heads, int n_kv_heads, int head_dim,
-                   float scale, int window, int split_keys, int split_slots) {
+                   float scale, int window, int split_keys, int split_slots,
+                   int skip_prefill) {
     __shared__ float qs[ATT_MAX_GROUP][ATT_MAX_HEAD_DIM];
     __shared__ float ps[ATT_MAX_GROUP][ATT_THREADS];
     __shared__ const bf16* vs[ATT_THREADS];
@@ -68,7 +75,9 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
     // This block's keys: lo..hi. Unsplit rows take all of first..pos in split 0.
     const int first = window > 0 ? max(0, pos + 1 - window) : 0;
     int lo = first, hi = pos;
-    if (slot0 == ATT_NO_SPLIT) {
+    const bool whole = slot0 >= ATT_PREFILL;  // ATT_NO_SPLIT or ATT_PREFILL
+    if (skip_prefill && slot0 == ATT_PREFILL) return;  // the tensor-core kernel's row
+    if (whole) {
         if (split > 0) return;  // whole blocks leave before any barrier
     } else {
         const int s_lo = split * split_keys;
@@ -162,7 +171,7 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
 #pragma unroll
     for (int g = 0; g < ATT_MAX_GROUP; ++g) {
         if (g >= n_g) break;
-        if (slot0 == ATT_NO_SPLIT) {
+        if (whole) {
             float* o = out + (size_t)row * q_dim + (size_t)(h0 + g) * head_dim;
             if (d0 < head_dim) o[d0] = acc0[g] / l[g];
             if (d1 < head_dim) o[d1] = acc1[g] / l[g];
@@ -191,7 +200,7 @@ phi3_attention_combine(const float* part, const unsigned int* row_pos,
                        int split_keys, int split_slots) {
     const int row = blockIdx.x, h = blockIdx.y;
     const unsigned int slot0 = row_split[row];
-    if (slot0 == ATT_NO_SPLIT) return;
+    if (slot0 >= ATT_PREFILL) return;
     const int n_s = (int)row_pos[row] / split_keys + 1;
     const float* ml = part + (size_t)split_slots * n_heads * head_dim;
     float mx = PHI3_NEG_INF;

@@ -4,8 +4,9 @@
 // Element types: bf16 and f16 are stored as their 16-bit patterns (struct bf16 / struct f16), so no
 // CUDA header is needed under NVRTC. bf16 -> f32 is a shift; f32 -> bf16 rounds to nearest even
 // (NaN stays NaN); f16 <-> f32 use the PTX cvt instructions. f32 weights are plain floats.
-// PHI3_HOST_EMULATION (never under NVRTC): kernels/host-check compiles the quantized kernels with a
-// host C++ compiler and supplies the PTX-only pieces.
+// PHI3_HOST_EMULATION (never under NVRTC): kernels/host-check compiles kernels with a host C++
+// compiler and supplies the PTX-only pieces (cuda_host.h).
+// Tensor cores (below): mma.m16n8k16, ldmatrix, cp.async and dynamic shared memory.
 // Reductions: warp_sum / warp_max with shuffles, block_sum / block_max through 32 floats of shared
 // memory (any blockDim.x that is a multiple of 32, up to 1024).
 // Paged KV cache: kv_block / kv_row find a token's keys or values in the pool (layout below).
@@ -125,3 +126,109 @@ __device__ __forceinline__ bf16* kv_block(const unsigned long long* slabs, int b
 __device__ __forceinline__ bf16* kv_row(bf16* block, int layer, int which, int t, int kv_dim) {
     return block + ((size_t)(2 * layer + which) * PHI3_KV_BLOCK_TOKENS + t) * kv_dim;
 }
+
+// Tensor cores and asynchronous copies (sm_80 and newer; every architecture the backend compiles
+// for). Under PHI3_HOST_EMULATION (kernels/host-check) each is emulated from its PTX description in
+// cuda_host.h.
+//
+// mma_16816<F16>: d (16 x 8, f32) += a (16 x 16, row-major fragment) * b (16 x 8, column fragment)
+// in f16 (F16) or bf16, one mma.sync.aligned.m16n8k16 of the warp. Fragment layout (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16"): lane = 4 * g + t; a register i holds row g (i = 0, 2) or
+// g + 8 (i = 1, 3), columns 2t, 2t + 1 (i = 0, 1) or 2t + 8, 2t + 9 (i = 2, 3), the lower column
+// in the low half; b register i holds column g, rows 2t, 2t + 1 (+ 8 for i = 1); d[e] is row g
+// (+ 8 for e >= 2), column 2t + (e & 1).
+template <bool F16>
+__device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, const unsigned int* b) {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_mma_16816(F16, d, a, b);
+#else
+    if (F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#endif
+}
+
+#ifndef PHI3_HOST_EMULATION
+// The shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ unsigned int smem_u32(const void* p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+#endif
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8 x 8 matrices of 16-bit values from
+// shared memory; lane l gives the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte
+// aligned). r[j] of lane l holds matrix j's elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1);
+// with TRANS, (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4) (the first in the low half).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const unsigned short* row) {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_ldmatrix_x4(TRANS, r, row);
+#else
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row)));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row)));
+    }
+#endif
+}
+
+// Two f32 as bf16 (round to nearest even) in one register, `lo` in the low half.
+__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
+#ifdef PHI3_HOST_EMULATION
+    return (unsigned int)f32_to_bf16(lo).bits | ((unsigned int)f32_to_bf16(hi).bits << 16);
+#else
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+
+// 16 bytes from global to shared memory without passing through registers (cp.async.cg); a group
+// of them is committed with cp_async_commit, and cp_async_wait<n> waits until at most n groups of
+// this thread are in flight. Other threads see the data after a __syncthreads that follows the
+// wait.
+__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_copy16(smem, global);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem)), "l"(global));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
+}
+
+// Dynamic shared memory of `type` named `name` (the launch's shared_mem_bytes; above 48 KiB the
+// function's MAX_DYNAMIC_SHARED_SIZE_BYTES must allow it, kernels.rs sets it).
+#ifdef PHI3_HOST_EMULATION
+#define PHI3_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(phi3_host_dynamic_smem)
+#else
+#define PHI3_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif

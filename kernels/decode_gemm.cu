@@ -38,28 +38,6 @@
 // one quarter-warp in different banks.
 #define DG_XS_STRIDE (DG_KC + 32)
 
-// d += a (16 x 16, row-major fragment) * b (16 x 8, column fragment), f32 accumulation.
-template <bool F16>
-__device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, const unsigned int* b) {
-#ifdef PHI3_HOST_EMULATION
-    phi3_host_mma_16816(F16, d, a, b);
-#else
-    if (F16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-#endif
-}
-
 template <bool F16>
 __device__ void decode_gemm_impl(const unsigned short* w, const unsigned short* x, float* y,
                                  int in, int out, int ntok, int k_per_split) {

@@ -20,10 +20,6 @@
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;   \
          i < (n); i += (unsigned long long)gridDim.x * blockDim.x)
 
-__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
-    return (unsigned int)f32_to_bf16(lo).bits | ((unsigned int)f32_to_bf16(hi).bits << 16);
-}
-
 extern "C" __global__ void phi3_dequant_int8(const signed char* __restrict__ q,
                                              const float* __restrict__ scales,
                                              bf16* __restrict__ w, int row0, int rows, int in) {

@@ -23,6 +23,14 @@
 //   block's 64, chunks shorter than 128 columns and K split into slices added by
 //   phi3_sum_splits; to 1e-5 of sum |x w| against a double reference, and each token's row equal
 //   bit for bit to a launch with that token alone (the batch invariance the kernel exists for).
+// - tensor-core prefill attention (kernels/attention_prefill.cu; mma, ldmatrix and cp.async
+//   emulated in cuda_host.h) on the same paged batches, for head sizes that are multiples of 16 up
+//   to 128: the prefill rows (sequences of more than 4 rows) against the double-precision softmax
+//   within a bound derived from the bf16 rounding of q and p (2^-16 relative in two terms, 2^-8 in
+//   one), the other rows untouched; the same rows in two other tilings bit for bit (chunking and
+//   batching invariance); phi3_attention with skip_prefill leaving the prefill rows alone and the
+//   others bit for bit as before.
+// Warps run at different speeds in the emulation (cuda_host.h), so a missing barrier shows.
 // Build and run: scripts/nvrtc-check (g++ -std=c++20 -pthread). Exit status 1 on any mismatch.
 #include <cstdio>
 #include <random>
@@ -32,6 +40,7 @@
 #include "../dequant.cu"
 #include "../rope_kv.cu"
 #include "../attention.cu"
+#include "../attention_prefill.cu"
 #include "../kv_blocks.cu"
 #include "../decode_gemm.cu"
 
@@ -249,6 +258,91 @@ struct PagedCase {
     int split_keys = 0;  // > 0: decode rows (sequences of <= 4 rows) at positions >= it split
 };
 
+static const int GEMV_SPAN = 4;  // backend::GEMV_SPAN: longer sequences are prefill rows
+
+// The prefill rows of a case's batch in tiles of consecutive rows of one sequence, as
+// [(first row, rows)...]: AP_ROWS rows each (kv.rs's tiling), except that with 0 < first < len a
+// sequence's first tile holds `first` rows, which moves every later row to another tile, warp
+// and lane.
+static std::vector<unsigned> prefill_tiles(const PagedCase& c, int first) {
+    std::vector<unsigned> tiles;
+    int row = 0;
+    for (auto [p0, len] : c.seqs) {
+        for (int at = 0; len > GEMV_SPAN && at < len;) {
+            int n = std::min(AP_ROWS, len - at);
+            if (at == 0 && first > 0) n = std::min(n, first);
+            tiles.push_back((unsigned)(row + at));
+            tiles.push_back((unsigned)n);
+            at += n;
+        }
+        row += len;
+    }
+    return tiles;
+}
+
+// phi3_attention_prefill (q and p split in two bf16 terms) and _fast (one) on a case's prefill
+// rows, against the reference (want, mag = sum p |v|, s1 = largest scale * sum |q k| of the row's
+// keys). Error bound: q rounded with relative error eps (2^-16 split, 2^-8 fast) moves each score
+// by at most delta = (eps + 2^-20) s1 (2^-20: f32 accumulation), which moves the output by at most
+// (e^(2 delta) - 1) mag; p rounded the same way moves it by eps mag; 1e-5 mag for the rest of the
+// f32 arithmetic, as phi3_attention. Other rows stay NaN. Then the same rows in two other tilings
+// must come out bit for bit the same (chunking and batching invariance).
+static void prefill_checks(const PagedCase& c, const char* tag, const Pool& pool,
+                           const std::vector<float>& q, const std::vector<unsigned>& row_pos,
+                           const std::vector<unsigned>& row_table,
+                           const std::vector<unsigned>& tables, const std::vector<char>& prefill_row,
+                           const std::vector<double>& want, const std::vector<double>& mag,
+                           const std::vector<double>& s1, float scale) {
+    const int hd = c.head_dim, q_dim = c.n_heads * hd, rows = (int)row_pos.size();
+    auto run = [&](bool split, const std::vector<unsigned>& tiles) {
+        std::vector<float> o((size_t)rows * q_dim, NAN);
+        auto kernel = split ? phi3_attention_prefill : phi3_attention_prefill_fast;
+        launch(dim3h{(unsigned)tiles.size() / 2, (unsigned)c.n_heads, 1}, AP_THREADS, AP_SMEM_BYTES, [&] {
+            kernel(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(), tiles.data(),
+                   tables.data(), o.data(), pool.per_slab, pool.block_len(), c.layer, c.n_heads,
+                   c.n_kv_heads, hd, scale, c.window);
+        });
+        return o;
+    };
+    char name[256];
+    for (bool split : {true, false}) {
+        const char* kernel = split ? "attention_prefill" : "attention_prefill_fast";
+        const double eps = std::ldexp(1.0, split ? -16 : -8);
+        const std::vector<float> got = run(split, prefill_tiles(c, 0));
+        double worst = 0;
+        std::snprintf(name, sizeof name, "%s %s", kernel, tag);
+        for (int r = 0; r < rows; ++r) {
+            for (int h = 0; h < c.n_heads; ++h) {
+                const double delta = (eps + std::ldexp(1.0, -20)) * s1[(size_t)r * c.n_heads + h];
+                for (int d = 0; d < hd; ++d) {
+                    const size_t i = (size_t)r * q_dim + h * hd + d;
+                    if (!prefill_row[r]) {
+                        expect(std::isnan(got[i]), name, got[i], NAN);  // not its row
+                        continue;
+                    }
+                    const double tol = mag[i] * (std::expm1(2 * delta) + eps + 1e-5) + 1e-30;
+                    expect(std::fabs(got[i] - want[i]) <= tol, name, got[i], want[i]);
+                    worst = std::max(worst, std::fabs(got[i] - want[i]) / (mag[i] + 1e-30));
+                }
+            }
+        }
+        std::printf("  %s: largest |error| / sum p|v| = %.2e\n", name, worst);
+        for (int first : {1, 37}) {
+            const std::vector<float> other = run(split, prefill_tiles(c, first));
+            size_t differ = 0;
+            for (int r = 0; r < rows; ++r) {
+                for (int e = 0; prefill_row[r] && e < q_dim; ++e) {
+                    const size_t i = (size_t)r * q_dim + e;
+                    differ += __float_as_uint(other[i]) != __float_as_uint(got[i]);
+                }
+            }
+            std::snprintf(name, sizeof name, "%s same bits with a first tile of %d rows %s", kernel,
+                          first, tag);
+            expect(differ == 0, name, (double)differ, 0.0);
+        }
+    }
+}
+
 static void paged_case(const PagedCase& c) {
     const int hd = c.head_dim, q_dim = c.n_heads * hd, kv_dim = c.n_kv_heads * hd;
     const int cols = q_dim + 2 * kv_dim, n_layers = 2;
@@ -370,7 +464,8 @@ static void paged_case(const PagedCase& c) {
     unsigned slots = 0, most_splits = 1;
     for (int r = 0; r < rows; ++r) {
         const int len = c.seqs[row_seq[r]].second, pos = (int)row_pos[r];
-        if (c.split_keys > 0 && len <= 4 && pos >= c.split_keys) {
+        if (len > GEMV_SPAN) row_split[r] = ATT_PREFILL;  // whole, as kv.rs marks them
+        if (c.split_keys > 0 && len <= GEMV_SPAN && pos >= c.split_keys) {
             row_split[r] = slots;
             slots += (unsigned)(pos / c.split_keys + 1);
             most_splits = std::max(most_splits, (unsigned)(pos / c.split_keys + 1));
@@ -381,36 +476,48 @@ static void paged_case(const PagedCase& c) {
     const float scale = (float)(1.0 / std::sqrt((double)hd));
     std::vector<float> out((size_t)rows * q_dim, NAN);
     const unsigned chunks = (unsigned)(c.n_heads / c.n_kv_heads + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
-    launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads * chunks, most_splits}, ATT_BLOCK, [&] {
-        phi3_attention(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
-                       row_split.data(), tables.data(), out.data(), part.data(), pool.per_slab,
-                       pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
-                       split_keys, (int)slots);
-    });
-    if (slots > 0) {
-        launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
-            phi3_attention_combine(part.data(), row_pos.data(), row_split.data(), out.data(),
-                                   c.n_heads, hd, split_keys, (int)slots);
+    auto run_attention = [&](std::vector<float>& o, int skip_prefill) {
+        launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads * chunks, most_splits}, ATT_BLOCK, [&] {
+            phi3_attention(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
+                           row_split.data(), tables.data(), o.data(), part.data(), pool.per_slab,
+                           pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
+                           split_keys, (int)slots, skip_prefill);
         });
-    }
-    std::snprintf(name, sizeof name, "attention %s%s", tag, slots ? " (split)" : "");
+        if (slots > 0) {
+            launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
+                phi3_attention_combine(part.data(), row_pos.data(), row_split.data(), o.data(),
+                                       c.n_heads, hd, split_keys, (int)slots);
+            });
+        }
+    };
+    run_attention(out, 0);
+    // Reference per (row, head): a double-precision softmax over the row's keys gathered through
+    // its table; want[d], mag[d] = sum p |v[d]|, and s1 = the largest scale * sum_d |q_d k_d| over
+    // the row's keys (bounds the score error of q rounded to bf16).
     const int group = c.n_heads / c.n_kv_heads;
+    std::vector<double> ref_want((size_t)rows * q_dim), ref_mag((size_t)rows * q_dim);
+    std::vector<double> ref_s1((size_t)rows * c.n_heads);
     for (int r = 0; r < rows; ++r) {
         const int pos = (int)row_pos[r], s = (int)row_seq[r];
         const int first = c.window > 0 ? std::max(0, pos + 1 - c.window) : 0;
         for (int h = 0; h < c.n_heads; ++h) {
             const int kvh = h / group;
             std::vector<double> sc;
-            double mx = -INFINITY;
+            double mx = -INFINITY, s1 = 0;
             for (int j = first; j <= pos; ++j) {
                 const unsigned b = table[s][j / KV_TOKENS];
-                double dot = 0;
-                for (int d = 0; d < hd; ++d)
-                    dot += (double)q[(size_t)r * q_dim + h * hd + d] *
-                           bf16_value(pool.at(b, c.layer, 0, j % KV_TOKENS, kvh * hd + d));
+                double dot = 0, abs_dot = 0;
+                for (int d = 0; d < hd; ++d) {
+                    const double term = (double)q[(size_t)r * q_dim + h * hd + d] *
+                                        bf16_value(pool.at(b, c.layer, 0, j % KV_TOKENS, kvh * hd + d));
+                    dot += term;
+                    abs_dot += std::fabs(term);
+                }
                 sc.push_back(dot * scale);
                 mx = std::max(mx, sc.back());
+                s1 = std::max(s1, abs_dot * scale);
             }
+            ref_s1[(size_t)r * c.n_heads + h] = s1;
             double sum = 0;
             for (auto& v : sc) sum += (v = std::exp(v - mx));
             for (int d = 0; d < hd; ++d) {
@@ -421,10 +528,39 @@ static void paged_case(const PagedCase& c) {
                     want += sc[j - first] / sum * v;
                     mag += sc[j - first] / sum * std::fabs(v);
                 }
-                const double got = out[(size_t)r * q_dim + h * hd + d];
-                expect(std::fabs(got - want) <= 1e-5 * (mag + 1e-30), name, got, want);
+                ref_want[(size_t)r * q_dim + h * hd + d] = want;
+                ref_mag[(size_t)r * q_dim + h * hd + d] = mag;
             }
         }
+    }
+    std::snprintf(name, sizeof name, "attention %s%s", tag, slots ? " (split)" : "");
+    for (size_t i = 0; i < out.size(); ++i) {
+        expect(std::fabs(out[i] - ref_want[i]) <= 1e-5 * (ref_mag[i] + 1e-30), name, out[i], ref_want[i]);
+    }
+
+    // The tensor-core prefill kernels on the prefill rows (sequences adding more than 4 rows, as
+    // kv.rs marks them), where the head size allows.
+    std::vector<char> prefill_row(rows, 0);
+    for (int r = 0; r < rows; ++r) prefill_row[r] = c.seqs[row_seq[r]].second > GEMV_SPAN;
+    if (hd % 16 == 0 && hd <= AP_HD_MAX &&
+        std::find(prefill_row.begin(), prefill_row.end(), 1) != prefill_row.end()) {
+        prefill_checks(c, tag, pool, q, row_pos, row_table, tables, prefill_row, ref_want,
+                       ref_mag, ref_s1, scale);
+        // phi3_attention with skip_prefill: the other rows bit for bit as before, prefill rows
+        // left alone (NaN).
+        std::vector<float> rest((size_t)rows * q_dim, NAN);
+        std::fill(part.begin(), part.end(), NAN);
+        run_attention(rest, 1);
+        size_t differ = 0;
+        for (int r = 0; r < rows; ++r) {
+            for (int e = 0; e < q_dim; ++e) {
+                const size_t i = (size_t)r * q_dim + e;
+                differ += prefill_row[r] ? !std::isnan(rest[i])
+                                         : __float_as_uint(rest[i]) != __float_as_uint(out[i]);
+            }
+        }
+        std::snprintf(name, sizeof name, "attention skip_prefill %s", tag);
+        expect(differ == 0, name, (double)differ, 0.0);
     }
 
     // copy_kv_blocks: three used blocks (different slabs as the shuffle falls) to the spares.
@@ -534,10 +670,18 @@ int main() {
     paged_case({8, 2, 32, 16, 0, 1, {{300, 1}, {37, 6}, {520, 2}, {100, 1}}, 256});
     paged_case({4, 4, 40, 16, 0, 0, {{700, 1}, {5, 1}}, 128});
     paged_case({4, 1, 64, 32, 150, 1, {{600, 1}, {130, 3}}, 128});
+    // Tensor-core prefill (head_dim a multiple of 16 up to 128): query tiles of 64 rows and key
+    // tiles of 64 keys that do not line up, several of each, next to decode rows; GQA group 4 as
+    // Phi-3-medium, MHA, group 10; windows that start mid-tile and skip whole key tiles.
+    paged_case({8, 2, 128, 64, 0, 1, {{0, 150}, {3, 1}, {70, 90}}});
+    paged_case({6, 2, 96, 48, 100, 0, {{130, 70}, {0, 5}, {200, 2}}, 128});
+    paged_case({2, 2, 80, 80, 0, 1, {{17, 40}}});
+    paged_case({10, 1, 16, 8, 30, 1, {{5, 70}}});
     decode_gemm_case(200, 256, 70, 2, false);  // two token slices, 4 row blocks (the last partial)
     decode_gemm_case(64, 96, 1, 1, false);     // one token, one chunk shorter than DG_KC
     decode_gemm_case(130, 416, 9, 3, false);   // slices of 160 columns: chunks of 128 and 32
     decode_gemm_case(48, 160, 17, 1, true);    // f16
+    decode_gemm_case(64, 512, 40, 1, false);   // four chunks: x restaged while warps drift
     std::printf("kernels/host-check: %s (%d mismatches)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }

@@ -13,14 +13,15 @@
 //! Tolerances (relative L2, ||out - ref|| / ||ref||):
 //! - ops computed in f32 on both sides from the same inputs (embed, rms_norm, swiglu, gather,
 //!   GEMV (f32 weights, or `in` not a multiple of 32), f32 GEMM, rotated q, attention over the
-//!   GPU's own q and cache): 1e-4;
-//!   they differ only in summation order, FMA contraction and expf vs exp.
+//!   GPU's own q and cache, the tensor-core prefill attention included, whose q and p in two bf16
+//!   terms each are exact to 2^-16): 1e-4; they differ only in summation order, FMA contraction,
+//!   expf vs exp and those 2^-16.
 //! - keys and values in the bf16 cache against the CPU's f32 values rounded to bf16: 1e-3 (equal
 //!   but for the rare element whose f32 value differs by an ulp across a bf16 rounding boundary).
 //! - ops that round to bf16 on the device (GEMM and decode GEMM inputs for bf16/f16 weights;
-//!   attention over the
-//!   bf16 cache against the CPU's f32 cache): 1e-2. bf16 keeps 8 significant bits: round-to-nearest
-//!   error is at most 2^-9 = 2e-3 relative and ~1.1e-3 RMS, and a dot product of independently
+//!   attention over the bf16 cache against the CPU's f32 cache; the one-term tensor-core prefill
+//!   attention, q and p in bf16, over the same inputs): 1e-2. bf16 keeps 8 significant bits: round-to-nearest
+//!   error is at most 2^-8 = 3.9e-3 relative and ~1.1e-3 RMS, and a dot product of independently
 //!   rounded terms keeps that relative RMS error; 1e-2 leaves ~5x headroom.
 //! - full model logits (vs HF and vs the CPU backend): 3e-2 per logits row. The 2-layer fixtures
 //!   chain ~10 such roundings (qkv, k/v store, o, gate_up, down per layer, lm_head) whose errors
@@ -35,15 +36,18 @@
 //!   ~1e-5 relative, so 1e-4 is 10x headroom (the host twin of that arithmetic measures < 1e-5 in
 //!   backend/cuda/quant.rs's tests).
 //! - prefill (more rows): 1e-2, as the native bf16 GEMM: the GPU rounds each dequantized weight
-//!   and each activation to bf16 once (2^-9 relative each, ~1.6e-3 RMS together).
+//!   and each activation to bf16 once (at most 2^-8 relative each, ~1.6e-3 RMS together).
 //! - full models with quantized projections, GPU vs CPU: 3e-2, as the native models.
 //!
 //! The upload must round-trip bit for bit (the device holds the host layout unchanged).
 //!
 //! Batch invariance, bit for bit: `linear` on a batch of decode rows and prefill chunks against
-//! each row and chunk alone, and 12 concurrent sessions' logits against their solo runs.
+//! each row and chunk alone, attention with each long sequence cut into two chunks of one batch
+//! against the uncut batch, and 12 concurrent sessions' logits against their solo runs.
 //!
-//! Benchmarks: the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
+//! Benchmarks: the prefill attention kernels alone (f32, tensor cores in two and in one bf16 term;
+//! a 512-row chunk at 4k and 32k context), the native Phi-3-medium prefill of 4k and 32k tokens
+//! and decode at 32k against the goals, the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
 //! projections (device-generated random quantized weights: speed does not depend on values), and
 //! the projections alone (40 layers x qkv, o, gate_up, down per token) per format with the bytes
 //! read per second. Decode rows show the goals (int4 >= 450 tok/s, int8 >= 250 tok/s on an
@@ -65,9 +69,12 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use phi3_core::backend::cpu::{CpuAct, CpuBackend};
 use phi3_core::backend::cuda::{
-    quant::DEQUANT_WORKSPACE_BYTES, CudaAct, CudaBackend, CudaKvPool, CudaWeight,
+    quant::DEQUANT_WORKSPACE_BYTES, CudaAct, CudaBackend, CudaKvBatch, CudaKvPool, CudaWeight,
+    PrefillAttention,
 };
-use phi3_core::backend::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan, KV_BLOCK_TOKENS};
+use phi3_core::backend::{
+    AttnParams, Backend, KvLayout, LinearRows, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS,
+};
 use phi3_core::loader::quant::{Int4Scales, QuantData, QuantizedTensor};
 use phi3_core::loader::{DType, HostTensor};
 use phi3_core::rope::{Rope, RopeBatch, RopeRegime};
@@ -247,6 +254,10 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
         });
         r.section("bench phi3-medium projections", |r| {
             bench_projections(&args.fixtures, args.ordinal, r)
+        });
+        r.section("bench prefill attention", |r| bench_prefill_attention(args.ordinal, r));
+        r.section("bench phi3-medium long prompts", |r| {
+            bench_long_prompts(&args.fixtures, args.ordinal, r)
         });
         for format in [WeightFormat::Int4 { group: 128 }, WeightFormat::Int8] {
             r.section(&format!("bench phi3-medium dummy {format}"), |r| {
@@ -686,6 +697,10 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
     let want_same =
         cpu.attention(&cpu_act(rows, nh * hd, gq_host), &cbatch, &same, layer, &params)?.data;
     r.err(&format!("attention kernel (same inputs) {tag}"), rel_l2(&got, &want_same), TOL_F32);
+    if c.seqs.iter().any(|&(_, len)| len > GEMV_SPAN) {
+        prefill_variants(gpu, r, &tag, (&gq, &gbatch, &gpool, layer, &params), &want_same)?;
+        rechunked_prefill(gpu, r, &tag, c, &tables, (&gq, &gpool, layer, &params), &got)?;
+    }
 
     // copy_kv_blocks: the first sequence's blocks to spares in one launch, then a chain (a
     // destination that a later pair reads), which the GPU runs pair by pair in order.
@@ -713,6 +728,74 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
 
 /// Whether `a` and `b` hold the same f32 bit patterns (poison NaN included: NaN != NaN would
 /// fail a numeric comparison).
+/// One attention call's inputs on the GPU: q, batch, pool, layer, parameters.
+type GpuAttnInputs<'a> = (&'a CudaAct, &'a CudaKvBatch, &'a CudaKvPool, usize, &'a AttnParams);
+
+/// The other prefill attention kernels over the inputs of the default one (tensor cores with q and
+/// p in two bf16 terms, whose error the caller checks): the one-term tensor-core kernel
+/// rounds q and p to bf16 (at most 2^-8 relative each, as the bf16 GEMM inputs: [`TOL_BF16`]) and the f32
+/// kernel must stay within [`TOL_F32`] of the CPU over the same inputs.
+fn prefill_variants(
+    gpu: &CudaBackend,
+    r: &mut Report,
+    tag: &str,
+    (q, batch, pool, layer, params): GpuAttnInputs<'_>,
+    want_same: &[f32],
+) -> Result<()> {
+    for (kind, label, tol) in [
+        (PrefillAttention::TensorCoresFast, "bf16 q,p", TOL_BF16),
+        (PrefillAttention::Scalar, "f32 kernel", TOL_F32),
+    ] {
+        gpu.set_prefill_attention(kind);
+        let other = gpu.attention(q, batch, pool, layer, params).and_then(|a| gpu.to_host(&a));
+        gpu.set_prefill_attention(PrefillAttention::TensorCores);
+        let other = other?;
+        r.err(
+            &format!("attention prefill {label} (same inputs) {tag}"),
+            rel_l2(&other, want_same),
+            tol,
+        );
+    }
+    Ok(())
+}
+
+/// Each sequence of 10 or more rows cut into two spans (two prefill chunks of one sequence in
+/// one batch, at other tile boundaries), over the same cache: every row's attention must come out
+/// bit for bit as in `got` (a prompt's attention does not depend on how it is chunked or batched).
+fn rechunked_prefill(
+    gpu: &CudaBackend,
+    r: &mut Report,
+    tag: &str,
+    c: &AttnCase,
+    tables: &[Vec<u32>],
+    (q, pool, layer, params): (&CudaAct, &CudaKvPool, usize, &AttnParams),
+    got: &[f32],
+) -> Result<()> {
+    let (mut spans, mut span_tables) = (Vec::new(), Vec::new());
+    let mut row = 0;
+    for (s, &(pos0, len)) in c.seqs.iter().enumerate() {
+        let cut = if len >= 2 * (GEMV_SPAN + 1) { (len / 3).max(GEMV_SPAN + 1) } else { len };
+        spans.push(SeqSpan { row, len: cut, pos0 });
+        span_tables.push(tables[s].as_slice());
+        if cut < len {
+            spans.push(SeqSpan { row: row + cut, len: len - cut, pos0: pos0 + cut });
+            span_tables.push(tables[s].as_slice());
+        }
+        row += len;
+    }
+    if spans.len() == c.seqs.len() {
+        return Ok(()); // nothing long enough to cut
+    }
+    let batch = gpu.kv_batch(&spans, &span_tables)?;
+    let again = gpu.to_host(&gpu.attention(q, &batch, pool, layer, params)?)?;
+    r.flag(
+        &format!("attention re-chunked bit-identical {tag}"),
+        bits_differ(&again, got),
+        same_bits(&again, got),
+    );
+    Ok(())
+}
+
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
@@ -1008,6 +1091,127 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     r.flag(&format!("bench {tag}: weights GiB"), format!("{:.2}", gib(stats.weight_bytes)), true);
     if !finite {
         bail!("non-finite logits from dummy weights");
+    }
+    Ok(())
+}
+
+/// The prefill attention kernels alone at Phi-3-medium's shapes (40 query heads over 10 KV heads
+/// of 128): one 512-row prefill chunk (the scheduler's) at the end of a 4k and of a 32k context,
+/// one layer, each [`PrefillAttention`] kind, with the tensor FLOP/s that the causal work
+/// (4 x head_dim x heads per visible key and row) takes at that time.
+fn bench_prefill_attention(ordinal: usize, r: &mut Report) -> Result<()> {
+    let gpu = CudaBackend::new(ordinal)?;
+    let (n_heads, n_kv_heads, head_dim, chunk) = (40, 10, 128, 512);
+    let params = AttnParams {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        rotary_dim: head_dim,
+        scale: (head_dim as f32).powf(-0.5),
+        sliding_window: None,
+    };
+    let layout = KvLayout { n_layers: 1, n_kv_heads, head_dim };
+    let mut rng = Rng(7);
+    for context in [4096usize, 32768] {
+        let blocks = context / KV_BLOCK_TOKENS;
+        let mut pool = gpu.new_kv_pool(&layout)?;
+        gpu.grow_kv_pool(&mut pool, blocks, blocks)?;
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let kv = rng.vec(2 * context * layout.row_len(), 1.0);
+        gpu.kv_from_host(&mut pool, &table, context, &kv)?;
+        let q = gpu.act_from_host(
+            chunk,
+            n_heads * head_dim,
+            &rng.vec(chunk * n_heads * head_dim, 1.0),
+        )?;
+        let span = SeqSpan { row: 0, len: chunk, pos0: context - chunk };
+        let batch = gpu.kv_batch(&[span], &[&table])?;
+        let keys_seen: f64 = (context - chunk + 1..=context).map(|k| k as f64).sum();
+        let flops = 4.0 * (head_dim * n_heads) as f64 * keys_seen;
+        for (kind, label) in [
+            (PrefillAttention::Scalar, "f32 kernel"),
+            (PrefillAttention::TensorCores, "tensor cores"),
+            (PrefillAttention::TensorCoresFast, "tensor cores bf16 q,p"),
+        ] {
+            gpu.set_prefill_attention(kind);
+            let timed = (|| -> Result<(f64, bool)> {
+                gpu.attention(&q, &batch, &pool, 0, &params)?; // warm-up
+                gpu.synchronize()?;
+                let reps = 5;
+                let t = Instant::now();
+                let mut out = None;
+                for _ in 0..reps {
+                    out = Some(gpu.attention(&q, &batch, &pool, 0, &params)?);
+                }
+                gpu.synchronize()?;
+                let secs = t.elapsed().as_secs_f64() / reps as f64;
+                let finite = match out {
+                    Some(o) => gpu.to_host(&o)?.iter().all(|v| v.is_finite()),
+                    None => false,
+                };
+                Ok((secs, finite))
+            })();
+            gpu.set_prefill_attention(PrefillAttention::TensorCores);
+            let (secs, finite) = timed?;
+            let summary = format!(
+                "bench prefill attention {label}: {chunk} rows at context {context}: {:.3} ms, {:.0} TFLOP/s",
+                secs * 1e3,
+                flops / secs / 1e12
+            );
+            println!("{summary}");
+            let _ = writeln!(r.details, "{summary}");
+            r.flag(
+                &format!("bench attention {chunk} rows ctx {context} {label}: ms"),
+                format!("{:.3}", secs * 1e3),
+                finite,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Native bf16 Phi-3-medium (dummy weights): time to the first token of a 4,096- and a 32,768-token
+/// prompt (the scheduler's 512-token chunks), against the goals on an H200 (4,096 tokens at
+/// >= 22,000 tok/s; 32k in <= 2.2 s).
+fn bench_long_prompts(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
+    let (model, _) = load_medium(fixtures, ordinal, WeightFormat::Native, false)?;
+    for (n, goal) in [(4096usize, "goal >= 22000 tok/s (H200)"), (32768, "goal <= 2.2 s (H200)")] {
+        let prompt: Vec<u32> = (0..n).map(|i| 3 + (i % 997) as u32).collect();
+        let mut s = model.session(SessionOptions::default())?;
+        let t = Instant::now();
+        let logits = s.append_tokens(&prompt)?;
+        let secs = t.elapsed().as_secs_f64();
+        let finite = logits.iter().all(|x| x.is_finite());
+        let summary = format!(
+            "bench medium prefill {n} tokens: {secs:.3} s to the first token ({:.0} tok/s)",
+            n as f64 / secs
+        );
+        println!("{summary}");
+        let _ = writeln!(r.details, "{summary}");
+        r.push(Row {
+            check: format!("bench medium prefill {n} tok"),
+            value: format!("{secs:.3} s, {:.0} tok/s", n as f64 / secs),
+            limit: goal.into(),
+            ok: finite,
+        });
+        if n == 32768 {
+            // Decode at a 32k context: each step reads the weights and 200 KiB of cache per
+            // token (27.6 + 6.7 GB; at 4.08 TB/s about 119 tok/s, goal 85% of that).
+            let (gen, mut logits) = (16, logits);
+            let t = Instant::now();
+            for _ in 0..gen {
+                let tok = sampler::greedy(&logits, model.config().vocab_size).unwrap_or(3);
+                logits = s.append_tokens(&[tok])?;
+            }
+            let tok_s = gen as f64 / t.elapsed().as_secs_f64();
+            let finite = logits.iter().all(|x| x.is_finite());
+            r.push(Row {
+                check: "bench medium decode at 32k context".into(),
+                value: format!("{tok_s:.1} tok/s"),
+                limit: "goal >= 101 tok/s (H200)".into(),
+                ok: finite,
+            });
+        }
     }
     Ok(())
 }

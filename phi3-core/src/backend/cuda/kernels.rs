@@ -13,12 +13,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
 use sha2::{Digest, Sha256};
 
 use super::error::{guard, DriverResultExt};
 use super::nvrtc;
+use super::ops::ATTN_PREFILL_SMEM_BYTES;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The header every kernel includes as `"common.cuh"`.
@@ -85,6 +87,11 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["phi3_attention", "phi3_attention_combine"],
     },
     KernelSource {
+        name: "attention_prefill.cu",
+        source: include_str!("../../../../kernels/attention_prefill.cu"),
+        entries: &["phi3_attention_prefill", "phi3_attention_prefill_fast"],
+    },
+    KernelSource {
         name: "kv_blocks.cu",
         source: include_str!("../../../../kernels/kv_blocks.cu"),
         entries: &["phi3_copy_kv_blocks"],
@@ -115,6 +122,13 @@ pub const SOURCES: &[KernelSource] = &[
             "phi3_fill_random_u8",
         ],
     },
+];
+
+/// Functions that take more dynamic shared memory than the default limit of 48 KiB, and how much:
+/// their limit is raised at load (every supported GPU has at least 99 KiB per block).
+const LARGE_SHARED_MEMORY: &[(&str, u32)] = &[
+    ("phi3_attention_prefill", ATTN_PREFILL_SMEM_BYTES),
+    ("phi3_attention_prefill_fast", ATTN_PREFILL_SMEM_BYTES),
 ];
 
 /// NVRTC options besides the architecture. No fast math: softmax and SiLU use the accurate expf.
@@ -246,6 +260,14 @@ impl Kernels {
                 let f = guard(entry, || {
                     module.load_function(entry).ctx(&format!("{}: function {entry}", src.name))
                 })?;
+                if let Some(&(_, bytes)) = LARGE_SHARED_MEMORY.iter().find(|(n, _)| *n == entry) {
+                    let attr =
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    guard(entry, || {
+                        f.set_attribute(attr, bytes as i32)
+                            .ctx(&format!("{entry}: allow {bytes} bytes of shared memory"))
+                    })?;
+                }
                 functions.insert(entry, f);
             }
         }
@@ -275,4 +297,17 @@ fn load_module(
     cubin: Vec<u8>,
 ) -> Result<Arc<cudarc::driver::CudaModule>> {
     guard(src.name, || ctx.load_module(Ptx::from_binary(cubin)).ctx(&format!("load {}", src.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every function of the shared-memory table is an entry of a source.
+    #[test]
+    fn large_shared_memory_names_entries() {
+        for (name, _) in LARGE_SHARED_MEMORY {
+            assert!(SOURCES.iter().any(|s| s.entries.contains(name)), "{name} is no entry");
+        }
+    }
 }

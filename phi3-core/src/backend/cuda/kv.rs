@@ -15,9 +15,16 @@
 //! Batch descriptor ([`CudaKvBatch`]), built once per forward pass in one upload: `u32`s
 //! `row_pos [rows]` (each activation row's position in its sequence), `row_table [rows]` (where
 //! the row's sequence's block table starts in `tables`), `row_split [rows]` (for a decode row at
-//! position >= [`ATTN_SPLIT_KEYS`], its first slot in attention's split scratch; `NO_SPLIT`
-//! otherwise), then `tables` (each sequence's block ids covering `0..pos0 + len`, in position
-//! order). `rope_store_kv` and `attention` each take the whole batch in one launch through it.
+//! position >= [`ATTN_SPLIT_KEYS`], its first slot in attention's split scratch; `PREFILL` for
+//! the rows of a sequence that adds more than `GEMV_SPAN` rows; `NO_SPLIT` otherwise),
+//! `tiles [n_tiles][2]` (the prefill rows in tiles of at most [`ATTN_PREFILL_ROWS`] consecutive
+//! rows of one sequence: first row, rows), then `tables` (each sequence's block ids covering
+//! `0..pos0 + len`, in position order). `rope_store_kv` and `attention` each take the whole batch
+//! in one launch through it.
+//!
+//! Prefill rows (kernels/attention_prefill.cu): attention of the `tiles` on tensor cores, where the
+//! head size allows (the rest of the batch, or all of it, by kernels/attention.cu). A row's result
+//! does not depend on its tile, so the tiling is free; tiles start at each sequence's first row.
 //!
 //! Split keys (flash-decoding, kernels/attention.cu): a decode row (its sequence adds at most
 //! `GEMV_SPAN` tokens) at position `pos` has its keys `0..=pos` cut into
@@ -87,13 +94,22 @@ pub struct CudaKvBatch {
     split_slots: usize,
     /// The most slices of one row (1 when no row splits): the attention grid's z.
     most_splits: usize,
-    buf: CudaSlice<u32>, // [3 * rows + ids]: row_pos, row_table, row_split [rows], tables [ids]
+    /// Tiles of prefill rows (the prefill attention grid's x), and the rows they hold.
+    prefill_tiles: usize,
+    prefill_rows: usize,
+    /// [3 * rows + 2 * prefill_tiles + ids]: row_pos, row_table, row_split [rows], tiles, tables
+    buf: CudaSlice<u32>,
 }
 
 /// Keys per slice of a split decode row (attention.cu's split_keys): 4 tiles of 128 keys.
 pub(crate) const ATTN_SPLIT_KEYS: usize = 512;
 /// `row_split` of a row whose keys are not split (ATT_NO_SPLIT in attention.cu).
 const NO_SPLIT: u32 = u32::MAX;
+/// `row_split` of a prefill row (ATT_PREFILL in attention.cu): not split either, and left to the
+/// tensor-core kernel when it runs.
+const PREFILL: u32 = u32::MAX - 1;
+/// Most query rows of one prefill tile (AP_ROWS in attention_prefill.cu).
+pub(crate) const ATTN_PREFILL_ROWS: usize = 64;
 
 /// The pool's geometry and the batch's arrays, as a kernel launch takes them.
 pub(crate) struct KvArgs<'a> {
@@ -101,6 +117,7 @@ pub(crate) struct KvArgs<'a> {
     pub row_pos: CudaView<'a, u32>,     // [rows]
     pub row_table: CudaView<'a, u32>,   // [rows]
     pub row_split: CudaView<'a, u32>,   // [rows]
+    pub tiles: CudaView<'a, u32>,       // [prefill tiles][2]
     pub tables: CudaView<'a, u32>,      // [ids]
     pub blocks_per_slab: usize,
     pub block_len: usize,
@@ -175,13 +192,14 @@ impl CudaKvPool {
             .slab_addrs
             .as_ref()
             .ok_or_else(|| Error::internal(format!("{what}: the KV pool holds no blocks")))?;
-        let rows = batch.rows;
+        let (rows, tiles_end) = (batch.rows, 3 * batch.rows + 2 * batch.prefill_tiles);
         Ok(KvArgs {
             slab_addrs,
             row_pos: batch.buf.slice(0..rows),
             row_table: batch.buf.slice(rows..2 * rows),
             row_split: batch.buf.slice(2 * rows..3 * rows),
-            tables: batch.buf.slice(3 * rows..),
+            tiles: batch.buf.slice(3 * rows..tiles_end),
+            tables: batch.buf.slice(tiles_end..),
             blocks_per_slab: self.blocks_per_slab,
             block_len: self.block_len,
             layer,
@@ -198,6 +216,16 @@ impl CudaKvBatch {
     /// (scratch slots, most slices of one row) of the batch's split decode rows.
     pub(crate) fn splits(&self) -> (usize, usize) {
         (self.split_slots, self.most_splits)
+    }
+
+    /// Tiles of prefill rows (0 when no sequence adds more than `GEMV_SPAN` rows).
+    pub(crate) fn prefill_tiles(&self) -> usize {
+        self.prefill_tiles
+    }
+
+    /// Rows of the prefill tiles.
+    pub(crate) fn prefill_rows(&self) -> usize {
+        self.prefill_rows
     }
 }
 
@@ -427,6 +455,8 @@ impl CudaBackend {
             blocks_needed: p.blocks_needed,
             split_slots: p.split_slots,
             most_splits: p.most_splits,
+            prefill_tiles: p.prefill_tiles,
+            prefill_rows: p.prefill_rows,
             buf,
         })
     }
@@ -467,6 +497,8 @@ struct PackedBatch {
     blocks_needed: usize,
     split_slots: usize,
     most_splits: usize,
+    prefill_tiles: usize,
+    prefill_rows: usize,
 }
 
 /// The batch descriptor of `seqs`. `Internal` unless the spans tile the rows in order from 0 and
@@ -483,8 +515,10 @@ fn pack_batch(seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<PackedBatch> {
     let mut row_pos = Vec::with_capacity(rows);
     let mut row_table = Vec::with_capacity(rows);
     let mut row_split = Vec::with_capacity(rows);
+    let mut tiles = Vec::new();
     let mut tables = Vec::new();
     let (mut blocks_needed, mut split_slots, mut most_splits) = (0usize, 0usize, 1usize);
+    let mut prefill_rows = 0;
     for (seq, table) in seqs.iter().zip(blocks) {
         if seq.row != row_pos.len() {
             return Err(Error::internal(format!(
@@ -507,28 +541,49 @@ fn pack_batch(seqs: &[SeqSpan], blocks: &[&[u32]]) -> Result<PackedBatch> {
             .map_err(|_| Error::internal("kv_batch: too many block ids"))?;
         row_pos.extend((seq.pos0..end).map(|p| p as u32));
         row_table.extend(std::iter::repeat_n(start, seq.len));
-        for pos in seq.pos0..end {
-            if seq.len > GEMV_SPAN || pos < ATTN_SPLIT_KEYS {
-                row_split.push(NO_SPLIT);
-                continue;
+        if seq.len > GEMV_SPAN {
+            row_split.extend(std::iter::repeat_n(PREFILL, seq.len));
+            prefill_rows += seq.len;
+            for first in (0..seq.len).step_by(ATTN_PREFILL_ROWS) {
+                let first_row = u32::try_from(seq.row + first)
+                    .map_err(|_| Error::internal("kv_batch: too many rows"))?;
+                let n = ATTN_PREFILL_ROWS.min(seq.len - first);
+                tiles.extend([first_row, n as u32]); // n <= ATTN_PREFILL_ROWS
             }
-            let slices = pos / ATTN_SPLIT_KEYS + 1;
-            row_split.push(
-                u32::try_from(split_slots)
-                    .map_err(|_| Error::internal("kv_batch: too many split slots"))?,
-            );
-            split_slots += slices;
-            most_splits = most_splits.max(slices);
+        } else {
+            for pos in seq.pos0..end {
+                if pos < ATTN_SPLIT_KEYS {
+                    row_split.push(NO_SPLIT);
+                    continue;
+                }
+                let slices = pos / ATTN_SPLIT_KEYS + 1;
+                row_split.push(
+                    u32::try_from(split_slots)
+                        .map_err(|_| Error::internal("kv_batch: too many split slots"))?,
+                );
+                split_slots += slices;
+                most_splits = most_splits.max(slices);
+            }
         }
         tables.extend_from_slice(&table[..need]);
         let top = table[..need].iter().map(|&b| b as usize + 1).max().unwrap_or(0);
         blocks_needed = blocks_needed.max(top);
     }
+    let prefill_tiles = tiles.len() / 2;
     let mut words = row_pos;
     words.extend(row_table);
     words.extend(row_split);
+    words.extend(tiles);
     words.extend(tables);
-    Ok(PackedBatch { words, rows, blocks_needed, split_slots, most_splits })
+    Ok(PackedBatch {
+        words,
+        rows,
+        blocks_needed,
+        split_slots,
+        most_splits,
+        prefill_tiles,
+        prefill_rows,
+    })
 }
 
 /// Token range (first, count) of a sequence's block `index` holding tokens below `n_tokens`.
@@ -623,6 +678,7 @@ mod tests {
         let tables: [&[u32]; 3] = [&[7, 2, 9], &[4, 11], &[3]];
         let p = pack_batch(&spans, &tables).unwrap();
         assert_eq!((p.rows, p.blocks_needed, p.split_slots, p.most_splits), (4, 12, 0, 1));
+        assert_eq!(p.prefill_tiles, 0);
         const NO: u32 = NO_SPLIT;
         #[rustfmt::skip]
         assert_eq!(p.words, [
@@ -632,7 +688,8 @@ mod tests {
             7, 2, 4, 11,    // tables
         ]);
         // Decode rows at positions >= ATTN_SPLIT_KEYS split into pos / 512 + 1 slices, each row
-        // by its own position; prefill rows (a span of 5) never do.
+        // by its own position; prefill rows (a span of 5) never do: they are marked PREFILL and
+        // listed in one tile.
         let k = ATTN_SPLIT_KEYS;
         let spans = [
             SeqSpan { row: 0, len: 1, pos0: 2 * k + 3 },
@@ -641,8 +698,22 @@ mod tests {
         ];
         let long: Vec<u32> = (0..(3 * k as u32 + 16) / 16).collect();
         let p = pack_batch(&spans, &[&long, &long, &long]).unwrap();
-        assert_eq!((p.split_slots, p.most_splits), (3 + 2, 3));
-        assert_eq!(&p.words[16..24], [0, NO, NO, NO, NO, NO, NO, 3]);
+        assert_eq!(
+            (p.split_slots, p.most_splits, p.prefill_tiles, p.prefill_rows),
+            (3 + 2, 3, 1, 5)
+        );
+        const PF: u32 = PREFILL;
+        assert_eq!(&p.words[16..26], [0, PF, PF, PF, PF, PF, NO, 3, 1, 5]);
+        // A prefill span longer than a tile: tiles of ATTN_PREFILL_ROWS from its first row.
+        let n = 2 * ATTN_PREFILL_ROWS + 3;
+        let spans = [SeqSpan { row: 0, len: 2, pos0: 0 }, SeqSpan { row: 2, len: n, pos0: 7 }];
+        let table: Vec<u32> = (0..(n as u32 + 7).div_ceil(16)).collect();
+        let p = pack_batch(&spans, &[&[0], &table]).unwrap();
+        let r = ATTN_PREFILL_ROWS as u32;
+        assert_eq!(p.prefill_tiles, 3);
+        let tiles_at = 3 * (n + 2);
+        assert_eq!(&p.words[tiles_at..tiles_at + 6], [2, r, 2 + r, r, 2 + 2 * r, 3]);
+        assert_eq!(p.words[tiles_at + 6..], [[0].as_slice(), &table].concat());
         let gap = [SeqSpan { row: 1, len: 1, pos0: 0 }];
         assert!(pack_batch(&gap, &[&[0]]).is_err());
         let short = [SeqSpan { row: 0, len: 2, pos0: 15 }];

@@ -31,9 +31,13 @@
 //! which validate their inputs before launching.
 //!
 //! Attention splits a decode row's keys into slices of `ATTN_SPLIT_KEYS` past that many
-//! (flash-decoding; `kv.rs`, `kernels/attention.cu`), so one long sequence uses many SMs.
+//! (flash-decoding; `kv.rs`, `kernels/attention.cu`), so one long sequence uses many SMs. Prefill
+//! rows (sequences adding more than `GEMV_SPAN` rows) take the tensor-core flash-attention kernel
+//! (`kernels/attention_prefill.cu`) when the head size is a multiple of 16 up to 128, with q and p
+//! split into two bf16 terms each so that it keeps f32 accuracy ([`PrefillAttention`] picks the
+//! one-term variant or the f32 kernel instead, for checks and benchmarks).
 //!
-//! Not here: CUDA graphs, a tensor-core (flash-attention) prefill kernel (later issues).
+//! Not here: CUDA graphs (a later issue).
 
 mod blas;
 mod context;
@@ -47,7 +51,7 @@ mod ops;
 pub mod quant;
 mod upload;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -67,6 +71,20 @@ use crate::rope::RopeBatch;
 /// bf16 NaN: poisons fresh KV storage in checks.
 const BF16_NAN: u16 = 0x7fc0;
 
+/// Which kernel computes the attention of prefill rows (kernels/attention_prefill.cu and
+/// kernels/attention.cu). Head sizes the tensor-core kernels do not take (not a multiple of 16, or
+/// above 128) always use [`PrefillAttention::Scalar`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillAttention {
+    /// Tensor cores, q and p each split into two bf16 terms: f32 accuracy (the default).
+    TensorCores,
+    /// Tensor cores, q and p rounded to bf16 once (FlashAttention-2's precision), half the tensor
+    /// work.
+    TensorCoresFast,
+    /// The f32 kernel that also serves decode rows (one block per row and KV head).
+    Scalar,
+}
+
 /// The CUDA backend on one device. Create with [`CudaBackend::new`].
 pub struct CudaBackend {
     dev: DeviceContext,
@@ -80,6 +98,8 @@ pub struct CudaBackend {
     poison: AtomicBool,
     /// Blocks per slab of pools created from now on; 0: about [`KV_SLAB_BYTES`] (checks set it).
     kv_slab_blocks: AtomicUsize,
+    /// [`PrefillAttention`] as its index (checks and benchmarks set it).
+    prefill_attention: AtomicU8,
     /// The estimate of the last [`CudaBackend::check_memory`]: its working memory is kept free
     /// by [`Backend::default_kv_budget`].
     memory_need: Mutex<Option<memory::MemoryEstimate>>,
@@ -189,6 +209,7 @@ impl CudaBackend {
             kv_bytes: Arc::new(AtomicU64::new(0)),
             poison: AtomicBool::new(false),
             kv_slab_blocks: AtomicUsize::new(0),
+            prefill_attention: AtomicU8::new(0),
             memory_need: Mutex::new(None),
             workspace: Mutex::new(None),
             workspace_bytes: AtomicU64::new(0),
@@ -227,6 +248,21 @@ impl CudaBackend {
     /// default, about [`KV_SLAB_BYTES`] a slab), so that a small pool spans several slabs.
     pub fn set_kv_slab_blocks(&self, blocks: usize) {
         self.kv_slab_blocks.store(blocks, Ordering::Relaxed);
+    }
+
+    /// Which kernel computes prefill attention from now on (default
+    /// [`PrefillAttention::TensorCores`]); checks and benchmarks compare them.
+    pub fn set_prefill_attention(&self, kind: PrefillAttention) {
+        self.prefill_attention.store(kind as u8, Ordering::Relaxed);
+    }
+
+    /// The kernel that computes prefill attention now.
+    pub fn prefill_attention(&self) -> PrefillAttention {
+        match self.prefill_attention.load(Ordering::Relaxed) {
+            0 => PrefillAttention::TensorCores,
+            1 => PrefillAttention::TensorCoresFast,
+            _ => PrefillAttention::Scalar,
+        }
     }
 
     /// Activations `[rows, cols]` from host data (checks and tests).
@@ -592,9 +628,34 @@ impl Backend for CudaBackend {
         };
         let (scale, window) = (params.scale, params.sliding_window);
         let (rows, buf) = (q.rows, &mut out.buf);
-        self.launch_attention(&q.buf, &kv, buf, part.as_mut(), rows, heads, scale, window, splits)?;
+        let kind = self.prefill_attention();
+        let tensor_cores = batch.prefill_tiles() > 0
+            && kind != PrefillAttention::Scalar
+            && head_dim % 16 == 0
+            && head_dim <= ops::ATTN_PREFILL_MAX_HEAD_DIM;
+        // Decode rows (and prefill rows the tensor-core kernel does not take).
+        if !tensor_cores || batch.prefill_rows() < rows {
+            let skip = tensor_cores;
+            self.launch_attention(
+                &q.buf,
+                &kv,
+                buf,
+                part.as_mut(),
+                rows,
+                heads,
+                scale,
+                window,
+                splits,
+                skip,
+            )?;
+        }
         if let Some(part) = &part {
             self.launch_attention_combine(part, &kv, buf, rows, (n_heads, head_dim), splits.0)?;
+        }
+        if tensor_cores {
+            let fast = kind == PrefillAttention::TensorCoresFast;
+            let tiles = batch.prefill_tiles();
+            self.launch_attention_prefill(fast, &q.buf, &kv, buf, tiles, heads, scale, window)?;
         }
         Ok(out)
     }

@@ -15,6 +15,13 @@ const BLOCK: u32 = 256;
 const ATT_MAX_GROUP: usize = 8;
 /// Threads per block of phi3_attention (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
+/// Threads per block of phi3_attention_prefill (AP_THREADS in attention_prefill.cu: 4 warps).
+const ATTN_PREFILL_THREADS: u32 = 128;
+/// Dynamic shared memory of phi3_attention_prefill (AP_SMEM_BYTES: two stages of keys and values,
+/// 64 rows of 136 bf16 each). Above the 48 KiB default, so kernels.rs raises the function's limit.
+pub(crate) const ATTN_PREFILL_SMEM_BYTES: u32 = 2 * 2 * 64 * 136 * 2;
+/// Largest head size phi3_attention_prefill takes (AP_HD_MAX); it must also be a multiple of 16.
+pub(crate) const ATTN_PREFILL_MAX_HEAD_DIM: usize = 128;
 /// Output rows per block of the GEMV kernels (one warp each).
 const GEMV_ROWS_PER_BLOCK: usize = BLOCK as usize / 32;
 /// Threads per block of the quantized GEMV kernels (gemv_quant.cu: 2 warps).
@@ -43,6 +50,11 @@ fn kv_ints(kv: &KvArgs<'_>) -> Result<(i32, i32, i32)> {
         i32_of(kv.block_len, "KV block length")?,
         i32_of(kv.layer, "layer")?,
     ))
+}
+
+/// The attention kernels' `window`: 0 for none; a window wider than any position is no window.
+fn window_arg(window: Option<usize>) -> i32 {
+    window.map_or(0, |w| w.min(i32::MAX as usize) as i32)
 }
 
 fn u32_of(x: usize, what: &str) -> Result<u32> {
@@ -369,9 +381,9 @@ impl CudaBackend {
 
     /// phi3_attention over every row of a batch: grid (rows, n_kv_heads x the chunks of at most
     /// [`ATT_MAX_GROUP`] query heads that share a KV head), block 128.
-    #[allow(clippy::too_many_arguments)]
     /// `splits` = (scratch slots, most slices of a row) of the batch (`CudaKvBatch::splits`);
-    /// `part` the scratch when there are slots (`[slots, n_heads, head_dim + 2]` f32).
+    /// `part` the scratch when there are slots (`[slots, n_heads, head_dim + 2]` f32);
+    /// `skip_prefill`: leave the prefill rows to [`Self::launch_attention_prefill`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention(
         &self,
@@ -384,6 +396,7 @@ impl CudaBackend {
         scale: f32,
         window: Option<usize>,
         splits: (usize, usize),
+        skip_prefill: bool,
     ) -> Result<()> {
         let chunks = (heads.0 / heads.1.max(1)).div_ceil(ATT_MAX_GROUP);
         let blocks_y = heads.1 * chunks;
@@ -401,9 +414,9 @@ impl CudaBackend {
         let (bps, bl, layer) = kv_ints(kv)?;
         let (nh, nkv, hd) =
             (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
-        // A window wider than any position is no window; 0 means none in the kernel.
-        let window = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let window = window_arg(window);
         let null = 0u64; // no split scratch: a NULL `float*` the kernel never reads
+        let skip_prefill = i32::from(skip_prefill);
         macro_rules! attention_with {
             ($part:expr) => {
                 launch!(
@@ -427,7 +440,8 @@ impl CudaBackend {
                     &scale,
                     &window,
                     &split_keys,
-                    &slots
+                    &slots,
+                    &skip_prefill
                 )
             };
         }
@@ -435,6 +449,53 @@ impl CudaBackend {
             Some(part) => attention_with!(part),
             None => attention_with!(&null),
         }
+    }
+
+    /// phi3_attention_prefill (or `_fast`) over the batch's prefill tiles: grid (tiles, n_heads),
+    /// block 128, [`ATTN_PREFILL_SMEM_BYTES`] of dynamic shared memory. The head size is a multiple
+    /// of 16 up to [`ATTN_PREFILL_MAX_HEAD_DIM`] (checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_attention_prefill(
+        &self,
+        fast: bool,
+        q: &CudaSlice<f32>,
+        kv: &KvArgs<'_>,
+        out: &mut CudaSlice<f32>,
+        tiles: usize,
+        heads: (usize, usize, usize), // (n_heads, n_kv_heads, head_dim)
+        scale: f32,
+        window: Option<usize>,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(tiles, "prefill tiles")?, u32_of(heads.0, "heads")?, 1),
+            block_dim: (ATTN_PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: ATTN_PREFILL_SMEM_BYTES,
+        };
+        let (bps, bl, layer) = kv_ints(kv)?;
+        let (nh, nkv, hd) =
+            (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
+        let window = window_arg(window);
+        let name = if fast { "phi3_attention_prefill_fast" } else { "phi3_attention_prefill" };
+        launch!(
+            self,
+            name,
+            cfg,
+            q,
+            kv.slab_addrs,
+            &kv.row_pos,
+            &kv.row_table,
+            &kv.tiles,
+            &kv.tables,
+            out,
+            &bps,
+            &bl,
+            &layer,
+            &nh,
+            &nkv,
+            &hd,
+            &scale,
+            &window
+        )
     }
 
     /// Merges the key slices of the batch's split rows into `out` (phi3_attention_combine).
@@ -519,5 +580,23 @@ mod tests {
         let source = include_str!("../../../../kernels/attention.cu");
         assert!(source.contains(&format!("#define ATT_THREADS {ATT_THREADS}\n")));
         assert!(source.contains(&format!("#define ATT_MAX_GROUP {ATT_MAX_GROUP}\n")));
+    }
+
+    /// The prefill launcher's and batch descriptor's constants are attention_prefill.cu's.
+    #[test]
+    fn prefill_attention_constants_match_the_kernel_source() {
+        let source = include_str!("../../../../kernels/attention_prefill.cu");
+        for define in [
+            format!(
+                "#define AP_THREADS (32 * AP_WARPS)\n#define AP_ROWS {}\n",
+                super::super::kv::ATTN_PREFILL_ROWS
+            ),
+            format!("#define AP_HD_MAX {ATTN_PREFILL_MAX_HEAD_DIM}\n"),
+            format!("#define AP_SMEM_BYTES {ATTN_PREFILL_SMEM_BYTES}\n"),
+        ] {
+            assert!(source.contains(&define), "attention_prefill.cu lacks {define:?}");
+        }
+        assert_eq!(ATTN_PREFILL_THREADS, 32 * 4, "AP_WARPS = 4");
+        assert!(source.contains("#define AP_WARPS 4\n"));
     }
 }
