@@ -1,10 +1,11 @@
 // decode_gemm.cu: y = x @ w^T for the decode rows of a pass (one to a few hundred tokens), on
 // tensor cores, with a summation order that does not depend on how many tokens there are.
 //
-// phi3_decode_gemm_<bf16|f16>: w [out, in] (row-major, nn.Linear layout), x [ntok, in] in the
-// weight's 16-bit type (rounded from the f32 activations by phi3_f32_to_<type>), y [ntok, out]
-// f32. Needs in % 32 == 0 and w, x 16-byte aligned (the launcher checks; otherwise it runs one
-// GEMV per row).
+// phi3_decode_gemm_<bf16|f16>: w [out, in] (row-major, nn.Linear layout), x [ntok, in] f32 (the
+// activations; each block rounds the chunk it stages to the weight's 16-bit type, to nearest
+// even as phi3_f32_to_<type> does, so no conversion kernel runs before it), y [ntok, out] f32.
+// Needs in % 32 == 0 and w, x 16-byte aligned (the launcher checks; otherwise it runs one GEMV
+// per row).
 //
 // Why: a sequence decoded in a batch must get the logits it gets alone (issue 10). cuBLAS picks
 // its algorithm, tiling and split by the row count, so a token's dot products are summed in an
@@ -38,8 +39,20 @@
 // one quarter-warp in different banks.
 #define DG_XS_STRIDE (DG_KC + 32)
 
+// 8 consecutive f32 (16-byte aligned) rounded to bf16 or f16, packed in memory order.
+template <bool F16> __device__ __forceinline__ uint4 round8(const float* p) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    auto pair = [](float lo, float hi) {
+        const unsigned short l = F16 ? f32_to_f16(lo).bits : f32_to_bf16(lo).bits;
+        const unsigned short h = F16 ? f32_to_f16(hi).bits : f32_to_bf16(hi).bits;
+        return (unsigned int)l | ((unsigned int)h << 16);
+    };
+    return make_uint4(pair(a.x, a.y), pair(a.z, a.w), pair(b.x, b.y), pair(b.z, b.w));
+}
+
 template <bool F16>
-__device__ void decode_gemm_impl(const unsigned short* w, const unsigned short* x, float* y,
+__device__ void decode_gemm_impl(const unsigned short* w, const float* x, float* y,
                                  int in, int out, int ntok, int k_per_split) {
     __shared__ __align__(16) unsigned short xs[DG_TOK * DG_XS_STRIDE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -74,7 +87,7 @@ __device__ void decode_gemm_impl(const unsigned short* w, const unsigned short* 
         for (int i = threadIdx.x; i < ntiles * 8 * vecs; i += blockDim.x) {
             const int r = i / vecs, c = (i - r * vecs) * 8;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);  // padding tokens: zero columns of B
-            if (r < nt) v = *reinterpret_cast<const uint4*>(x + (size_t)(tok0 + r) * in + k0 + c);
+            if (r < nt) v = round8<F16>(x + (size_t)(tok0 + r) * in + k0 + c);
             *reinterpret_cast<uint4*>(xs + r * DG_XS_STRIDE + c) = v;
         }
         __syncthreads();
@@ -111,13 +124,13 @@ __device__ void decode_gemm_impl(const unsigned short* w, const unsigned short* 
 }
 
 extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
-    phi3_decode_gemm_bf16(const unsigned short* w, const unsigned short* x, float* y, int in,
+    phi3_decode_gemm_bf16(const unsigned short* w, const float* x, float* y, int in,
                           int out, int ntok, int k_per_split) {
     decode_gemm_impl<false>(w, x, y, in, out, ntok, k_per_split);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
-    phi3_decode_gemm_f16(const unsigned short* w, const unsigned short* x, float* y, int in,
+    phi3_decode_gemm_f16(const unsigned short* w, const float* x, float* y, int in,
                          int out, int ntok, int k_per_split) {
     decode_gemm_impl<true>(w, x, y, in, out, ntok, k_per_split);
 }

@@ -61,7 +61,22 @@ inline float phi3_host_f16_to_f32(unsigned short h) {
                                                             : std::ldexp((float)(m | 1024), (int)e - 25);
     return s ? -v : v;
 }
-inline unsigned short phi3_host_f32_to_f16(float) { return 0x7e00; }  // unused by these kernels
+// f32 -> f16, round to nearest even (cvt.rn.f16.f32): overflow to inf, subnormals below 2^-14.
+inline unsigned short phi3_host_f32_to_f16(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    const unsigned short sign = (unsigned short)((u >> 16) & 0x8000u);
+    const unsigned int a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;   // NaN
+    if (a >= 0x477ff000u) return sign | 0x7c00u;  // 65520 and above round to inf
+    if (a < 0x38800000u) {                        // below 2^-14: multiples of 2^-24
+        float v;
+        std::memcpy(&v, &a, 4);
+        return sign | (unsigned short)std::nearbyint(std::ldexp(v, 24));
+    }
+    const unsigned int r = a + 0xfffu + ((a >> 13) & 1u);  // round the 13 dropped bits
+    return sign | (unsigned short)((r - (112u << 23)) >> 13);
+}
 
 // Fiber contexts. On x86-64, phi3_switch saves the callee-saved registers and the stack pointer of
 // one fiber and loads another's (glibc's swapcontext also saves the signal mask, a system call at

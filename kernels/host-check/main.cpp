@@ -589,7 +589,7 @@ static const int DG_BLOCK = 32 * DG_WARPS;  // ops.rs DECODE_GEMM_THREADS
 
 // y [ntok, out] by phi3_decode_gemm_<type> over `splits` K slices (the launcher's grid).
 static std::vector<float> run_decode_gemm(bool f16, const std::vector<unsigned short>& w,
-                                          const unsigned short* x, int in, int out, int ntok,
+                                          const float* x, int in, int out, int ntok,
                                           int splits) {
     const int k_per_split = ((in / 32 + splits - 1) / splits) * 32;
     std::vector<float> part((size_t)splits * ntok * out, NAN), y((size_t)ntok * out, NAN);
@@ -613,13 +613,18 @@ static unsigned short half_bits(bool f16, float lo, float hi) {
     return bf16_bits(uniform(lo, hi));
 }
 
+// x is f32, rounded by the kernel as it stages it: for bf16 any f32 (the reference rounds with
+// bf16_bits), for f16 values that f16 holds exactly (the device rounds with the PTX cvt, which
+// the emulation only stands in for).
 static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16) {
-    std::vector<unsigned short> w((size_t)out * in), x((size_t)ntok * in);
+    std::vector<unsigned short> w((size_t)out * in);
+    std::vector<float> x((size_t)ntok * in);
     for (auto& v : w) v = half_bits(f16, -1.0f, 1.0f);
-    for (auto& v : x) v = half_bits(f16, -3.0f, 3.0f);
+    for (auto& v : x) v = f16 ? phi3_host_f16_to_f32(half_bits(true, 0, 0)) : uniform(-3.0f, 3.0f);
     auto val = [f16](unsigned short b) {
         return f16 ? (double)phi3_host_f16_to_f32(b) : (double)bf16_value(b);
     };
+    auto xval = [f16](float v) { return f16 ? (double)v : (double)bf16_value(bf16_bits(v)); };
     const std::vector<float> y = run_decode_gemm(f16, w, x.data(), in, out, ntok, splits);
     char name[128];
     std::snprintf(name, sizeof name, "decode gemm %s [%d, %d] x %d tokens, %d splits",
@@ -628,7 +633,7 @@ static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16) {
         for (int o = 0; o < out; ++o) {
             double want = 0, mag = 0;
             for (int c = 0; c < in; ++c) {
-                const double p = val(w[(size_t)o * in + c]) * val(x[(size_t)t * in + c]);
+                const double p = val(w[(size_t)o * in + c]) * xval(x[(size_t)t * in + c]);
                 want += p;
                 mag += std::fabs(p);
             }
@@ -647,7 +652,25 @@ static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16) {
     }
 }
 
+// phi3_host_f32_to_f16 (the emulation's stand-in for cvt.rn.f16.f32): every finite f16 comes
+// back unchanged, and the midpoint of two neighbours rounds to the one with an even mantissa.
+static void f16_rounding_case() {
+    for (unsigned b = 0; b < 0x7c00u; ++b) {
+        const float v = phi3_host_f16_to_f32((unsigned short)b);
+        expect(phi3_host_f32_to_f16(v) == b, "f32 -> f16 round trip", b, phi3_host_f32_to_f16(v));
+        expect(phi3_host_f32_to_f16(-v) == (b | 0x8000u), "f32 -> f16 sign", b, 0);
+        if (b + 1 < 0x7c00u) {
+            const float mid = (float)(((double)v + phi3_host_f16_to_f32((unsigned short)(b + 1))) / 2);
+            const unsigned even = (b & 1u) ? b + 1 : b;
+            expect(phi3_host_f32_to_f16(mid) == even, "f32 -> f16 ties to even", mid, even);
+        }
+    }
+    expect(phi3_host_f32_to_f16(65520.0f) == 0x7c00u, "f32 -> f16 overflow", 65520.0, 0x7c00);
+    expect(phi3_host_f32_to_f16(65519.0f) == 0x7bffu, "f32 -> f16 largest", 65519.0, 0x7bff);
+}
+
 int main() {
+    f16_rounding_case();
     for (int group : {32, 64, 128}) {
         for (bool f16 : {false, true}) {
             int4_case(13, 256, group, f16, false, 1);

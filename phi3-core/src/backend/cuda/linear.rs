@@ -41,16 +41,20 @@ impl CudaBackend {
                 } else {
                     (GemmType::F16, "phi3_f32_to_f16", "phi3_decode_gemm_f16", "phi3_gemv_f16")
                 };
-                let xh = self.to_half(x, convert)?;
+                // The decode GEMM rounds the f32 rows itself as it stages them; cuBLAS takes
+                // them converted first.
                 if decode > 0 && k > 0 && k.is_multiple_of(32) {
-                    self.decode_gemm(gemm, wb, &xh, &mut y.buf, decode, k, m)?;
+                    self.decode_gemm(gemm, wb, &x.buf, &mut y.buf, decode, k, m)?;
                 } else {
                     for r in 0..decode {
                         self.gemv_row(gemv, wb, x, y, r)?;
                     }
                 }
-                for (row0, len) in rows.prefill_runs() {
-                    self.blas.gemm(stream, ty, &xh, wb, &mut y.buf, row0..row0 + len, k, m)?;
+                if rows.prefill_runs().next().is_some() {
+                    let xh = self.to_half(x, convert)?;
+                    for (row0, len) in rows.prefill_runs() {
+                        self.blas.gemm(stream, ty, &xh, wb, &mut y.buf, row0..row0 + len, k, m)?;
+                    }
                 }
             }
             WeightData::F32(wb) => {
@@ -69,14 +73,15 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Rows `0..ntok` of `y` `[_, m]` = rows `0..ntok` of `xh` `[_, k]` (16-bit) @ `w^T`, by the
-    /// decode GEMM `name`, its K slices added by phi3_sum_splits when there are several.
+    /// Rows `0..ntok` of `y` `[_, m]` = rows `0..ntok` of `x` `[_, k]` (f32, rounded to the
+    /// weight's type by the kernel) @ `w^T`, by the decode GEMM `name`, its K slices added by
+    /// phi3_sum_splits when there are several.
     #[allow(clippy::too_many_arguments)]
     fn decode_gemm(
         &self,
         name: &str,
         w: &CudaSlice<u16>,
-        xh: &CudaSlice<u16>,
+        x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         ntok: usize,
         k: usize,
@@ -84,10 +89,10 @@ impl CudaBackend {
     ) -> Result<()> {
         let split = decode_splits(k, m, self.dev.sm_count);
         if split.0 == 1 {
-            return self.launch_decode_gemm(name, w, xh, y, ntok, (k, m), split);
+            return self.launch_decode_gemm(name, w, x, y, ntok, (k, m), split);
         }
         let mut part = self.alloc::<f32>(split.0 * ntok * m, "decode GEMM partial sums")?;
-        self.launch_decode_gemm(name, w, xh, &mut part, ntok, (k, m), split)?;
+        self.launch_decode_gemm(name, w, x, &mut part, ntok, (k, m), split)?;
         self.launch_sum_splits(&part, y, ntok * m, split.0)
     }
 

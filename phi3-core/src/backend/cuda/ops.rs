@@ -178,7 +178,7 @@ impl CudaBackend {
         &self,
         name: &str,
         w: &CudaSlice<u16>,
-        x: &CudaSlice<u16>,
+        x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         ntok: usize,
         (k, m): (usize, usize),
