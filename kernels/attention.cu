@@ -35,9 +35,9 @@
 // context is then spread over pos / split_keys + 1 blocks per KV head instead of one. Which rows
 // split, and where, depends on each row's own position only (the host's batch descriptor,
 // kv.rs), so a row's result does not depend on its batch.
-// Prefill rows: with skip_prefill != 0 the blocks of rows marked ATT_PREFILL return at once, their
-// rows computed by phi3_attention_prefill on tensor cores (head dims that kernel takes); with 0
-// this kernel computes them too.
+// Tensor cores (attention_tc.cu) take the rows their kernels handle: with bit 0 of `skip` set the
+// blocks of rows marked ATT_PREFILL return at once (phi3_attention_prefill computes them), with
+// bit 1 those of the other rows (phi3_attention_decode); with 0 this kernel computes every row.
 // Launch: grid (rows, n_kv_heads * ceil(group / ATT_MAX_GROUP), most slices of a row), block 128
 // (ATT_THREADS), where group = n_heads / n_kv_heads. Rust launcher: ops.rs (attention).
 #include "common.cuh"
@@ -45,11 +45,6 @@
 #define ATT_THREADS 128
 #define ATT_MAX_HEAD_DIM 256
 #define ATT_MAX_GROUP 8
-// row_split entry of a row whose keys are not split.
-#define ATT_NO_SPLIT 0xffffffffu
-// row_split entry of a prefill row (its sequence adds more than GEMV_SPAN rows): not split, and
-// left to phi3_attention_prefill (attention_prefill.cu) when the launcher passes skip_prefill.
-#define ATT_PREFILL 0xfffffffeu
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 phi3_attention(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
@@ -57,7 +52,7 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
                    const unsigned int* tables, float* out, float* part, int blocks_per_slab,
                    int block_len, int layer, int n_heads, int n_kv_heads, int head_dim,
                    float scale, int window, int split_keys, int split_slots,
-                   int skip_prefill) {
+                   int skip) {
     __shared__ float qs[ATT_MAX_GROUP][ATT_MAX_HEAD_DIM];
     __shared__ float ps[ATT_MAX_GROUP][ATT_THREADS];
     __shared__ const bf16* vs[ATT_THREADS];
@@ -76,7 +71,7 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
     const int first = window > 0 ? max(0, pos + 1 - window) : 0;
     int lo = first, hi = pos;
     const bool whole = slot0 >= ATT_PREFILL;  // ATT_NO_SPLIT or ATT_PREFILL
-    if (skip_prefill && slot0 == ATT_PREFILL) return;  // the tensor-core kernel's row
+    if (skip & (slot0 == ATT_PREFILL ? 1 : 2)) return;  // a tensor-core kernel's row
     if (whole) {
         if (split > 0) return;  // whole blocks leave before any barrier
     } else {

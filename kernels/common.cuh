@@ -115,6 +115,12 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // block table[p / PHI3_KV_BLOCK_TOKENS]. Must equal backend::KV_BLOCK_TOKENS (a test checks).
 #define PHI3_KV_BLOCK_TOKENS 16
 
+// row_split entries of the batch descriptor (kv.rs) other than a first split slot: a decode row
+// whose keys are not split, and a prefill row (its sequence adds more than GEMV_SPAN rows; never
+// split, and left to phi3_attention_prefill in attention_tc.cu when that kernel runs).
+#define ATT_NO_SPLIT 0xffffffffu
+#define ATT_PREFILL 0xfffffffeu
+
 __device__ __forceinline__ bf16* kv_block(const unsigned long long* slabs, int blocks_per_slab,
                                           int block_len, unsigned int b) {
     return reinterpret_cast<bf16*>(slabs[b / blocks_per_slab]) +

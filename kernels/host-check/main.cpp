@@ -23,7 +23,7 @@
 //   block's 64, chunks shorter than 128 columns and K split into slices added by
 //   phi3_sum_splits; to 1e-5 of sum |x w| against a double reference, and each token's row equal
 //   bit for bit to a launch with that token alone (the batch invariance the kernel exists for).
-// - tensor-core prefill attention (kernels/attention_prefill.cu; mma, ldmatrix and cp.async
+// - tensor-core prefill attention (kernels/attention_tc.cu; mma, ldmatrix and cp.async
 //   emulated in cuda_host.h) on the same paged batches, for head sizes that are multiples of 16 up
 //   to 128: the prefill rows (sequences of more than 4 rows) against the double-precision softmax
 //   within a bound derived from the bf16 rounding of q and p (2^-16 relative in two terms, 2^-8 in
@@ -40,7 +40,7 @@
 #include "../dequant.cu"
 #include "../rope_kv.cu"
 #include "../attention.cu"
-#include "../attention_prefill.cu"
+#include "../attention_tc.cu"
 #include "../kv_blocks.cu"
 #include "../decode_gemm.cu"
 
@@ -280,13 +280,40 @@ static std::vector<unsigned> prefill_tiles(const PagedCase& c, int first) {
     return tiles;
 }
 
+// A tensor-core attention result `got` [rows, n_heads * head_dim] against the reference (want,
+// mag = sum p |v|, s1 = largest scale * sum |q k| of the row's keys) on the rows `mine` says are
+// this kernel's; the others must still be NaN. Error bound: q rounded with relative error eps
+// (2^-16 in two bf16 terms, 2^-8 in one) moves each score by at most delta = (eps + 2^-20) s1
+// (2^-20: f32 accumulation), which moves the output by at most (e^(2 delta) - 1) mag; p rounded
+// the same way moves it by eps mag; 1e-5 mag for the rest of the f32 arithmetic, as
+// phi3_attention. Prints the largest error seen, relative to mag.
+static void check_tc_rows(const char* name, const PagedCase& c, const std::vector<float>& got,
+                          const std::vector<char>& mine, bool split, const std::vector<double>& want,
+                          const std::vector<double>& mag, const std::vector<double>& s1) {
+    const int hd = c.head_dim, q_dim = c.n_heads * hd, rows = (int)mine.size();
+    const double eps = std::ldexp(1.0, split ? -16 : -8);
+    double worst = 0;
+    for (int r = 0; r < rows; ++r) {
+        for (int h = 0; h < c.n_heads; ++h) {
+            const double delta = (eps + std::ldexp(1.0, -20)) * s1[(size_t)r * c.n_heads + h];
+            for (int d = 0; d < hd; ++d) {
+                const size_t i = (size_t)r * q_dim + h * hd + d;
+                if (!mine[r]) {
+                    expect(std::isnan(got[i]), name, got[i], NAN);  // not its row
+                    continue;
+                }
+                const double tol = mag[i] * (std::expm1(2 * delta) + eps + 1e-5) + 1e-30;
+                expect(std::fabs(got[i] - want[i]) <= tol, name, got[i], want[i]);
+                worst = std::max(worst, std::fabs(got[i] - want[i]) / (mag[i] + 1e-30));
+            }
+        }
+    }
+    std::printf("  %s: largest |error| / sum p|v| = %.2e\n", name, worst);
+}
+
 // phi3_attention_prefill (q and p split in two bf16 terms) and _fast (one) on a case's prefill
-// rows, against the reference (want, mag = sum p |v|, s1 = largest scale * sum |q k| of the row's
-// keys). Error bound: q rounded with relative error eps (2^-16 split, 2^-8 fast) moves each score
-// by at most delta = (eps + 2^-20) s1 (2^-20: f32 accumulation), which moves the output by at most
-// (e^(2 delta) - 1) mag; p rounded the same way moves it by eps mag; 1e-5 mag for the rest of the
-// f32 arithmetic, as phi3_attention. Other rows stay NaN. Then the same rows in two other tilings
-// must come out bit for bit the same (chunking and batching invariance).
+// rows (check_tc_rows); then the same rows in two other tilings must come out bit for bit the same
+// (chunking and batching invariance).
 static void prefill_checks(const PagedCase& c, const char* tag, const Pool& pool,
                            const std::vector<float>& q, const std::vector<unsigned>& row_pos,
                            const std::vector<unsigned>& row_table,
@@ -307,26 +334,9 @@ static void prefill_checks(const PagedCase& c, const char* tag, const Pool& pool
     char name[256];
     for (bool split : {true, false}) {
         const char* kernel = split ? "attention_prefill" : "attention_prefill_fast";
-        const double eps = std::ldexp(1.0, split ? -16 : -8);
         const std::vector<float> got = run(split, prefill_tiles(c, 0));
-        double worst = 0;
         std::snprintf(name, sizeof name, "%s %s", kernel, tag);
-        for (int r = 0; r < rows; ++r) {
-            for (int h = 0; h < c.n_heads; ++h) {
-                const double delta = (eps + std::ldexp(1.0, -20)) * s1[(size_t)r * c.n_heads + h];
-                for (int d = 0; d < hd; ++d) {
-                    const size_t i = (size_t)r * q_dim + h * hd + d;
-                    if (!prefill_row[r]) {
-                        expect(std::isnan(got[i]), name, got[i], NAN);  // not its row
-                        continue;
-                    }
-                    const double tol = mag[i] * (std::expm1(2 * delta) + eps + 1e-5) + 1e-30;
-                    expect(std::fabs(got[i] - want[i]) <= tol, name, got[i], want[i]);
-                    worst = std::max(worst, std::fabs(got[i] - want[i]) / (mag[i] + 1e-30));
-                }
-            }
-        }
-        std::printf("  %s: largest |error| / sum p|v| = %.2e\n", name, worst);
+        check_tc_rows(name, c, got, prefill_row, split, want, mag, s1);
         for (int first : {1, 37}) {
             const std::vector<float> other = run(split, prefill_tiles(c, first));
             size_t differ = 0;
@@ -559,7 +569,51 @@ static void paged_case(const PagedCase& c) {
                                          : __float_as_uint(rest[i]) != __float_as_uint(out[i]);
             }
         }
-        std::snprintf(name, sizeof name, "attention skip_prefill %s", tag);
+        std::snprintf(name, sizeof name, "attention skip prefill rows %s", tag);
+        expect(differ == 0, name, (double)differ, 0.0);
+    }
+
+    // The tensor-core decode kernels on the other rows (split ones merged by
+    // phi3_attention_combine), where the head size and a group of at most 16 heads allow; then
+    // phi3_attention leaving those rows alone.
+    std::vector<char> decode_row(rows);
+    for (int r = 0; r < rows; ++r) decode_row[r] = !prefill_row[r];
+    if (hd % 16 == 0 && hd <= AP_HD_MAX && c.n_heads / c.n_kv_heads <= 16 &&
+        std::find(decode_row.begin(), decode_row.end(), 1) != decode_row.end()) {
+        for (bool split : {true, false}) {
+            std::vector<float> got((size_t)rows * q_dim, NAN);
+            std::fill(part.begin(), part.end(), NAN);
+            auto kernel = split ? phi3_attention_decode : phi3_attention_decode_fast;
+            launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads, most_splits}, AP_THREADS,
+                   AP_SMEM_BYTES, [&] {
+                kernel(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
+                       row_split.data(), tables.data(), got.data(), part.data(), pool.per_slab,
+                       pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
+                       split_keys, (int)slots);
+            });
+            if (slots > 0) {
+                launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
+                    phi3_attention_combine(part.data(), row_pos.data(), row_split.data(),
+                                           got.data(), c.n_heads, hd, split_keys, (int)slots);
+                });
+            }
+            std::snprintf(name, sizeof name, "%s %s%s",
+                          split ? "attention_decode" : "attention_decode_fast", tag,
+                          slots ? " (split)" : "");
+            check_tc_rows(name, c, got, decode_row, split, ref_want, ref_mag, ref_s1);
+        }
+        std::vector<float> rest((size_t)rows * q_dim, NAN);
+        std::fill(part.begin(), part.end(), NAN);
+        run_attention(rest, 2);
+        size_t differ = 0;
+        for (int r = 0; r < rows; ++r) {
+            for (int e = 0; e < q_dim; ++e) {
+                const size_t i = (size_t)r * q_dim + e;
+                differ += decode_row[r] ? !std::isnan(rest[i])
+                                        : __float_as_uint(rest[i]) != __float_as_uint(out[i]);
+            }
+        }
+        std::snprintf(name, sizeof name, "attention skip decode rows %s", tag);
         expect(differ == 0, name, (double)differ, 0.0);
     }
 
@@ -700,6 +754,10 @@ int main() {
     paged_case({6, 2, 96, 48, 100, 0, {{130, 70}, {0, 5}, {200, 2}}, 128});
     paged_case({2, 2, 80, 80, 0, 1, {{17, 40}}});
     paged_case({10, 1, 16, 8, 30, 1, {{5, 70}}});
+    // Tensor-core decode: a group of 16 (all the mma's rows), MHA (one row), split slices of 128
+    // and 256 keys over several 64-key tiles, next to prefill rows.
+    paged_case({16, 1, 64, 32, 0, 1, {{300, 1}, {40, 4}, {9, 6}}, 128});
+    paged_case({4, 4, 128, 64, 0, 0, {{700, 1}, {64, 2}}, 256});
     decode_gemm_case(200, 256, 70, 2, false);  // two token slices, 4 row blocks (the last partial)
     decode_gemm_case(64, 96, 1, 1, false);     // one token, one chunk shorter than DG_KC
     decode_gemm_case(130, 416, 9, 3, false);   // slices of 160 columns: chunks of 128 and 32

@@ -13,15 +13,15 @@
 //! Tolerances (relative L2, ||out - ref|| / ||ref||):
 //! - ops computed in f32 on both sides from the same inputs (embed, rms_norm, swiglu, gather,
 //!   GEMV (f32 weights, or `in` not a multiple of 32), f32 GEMM, rotated q, attention over the
-//!   GPU's own q and cache, the tensor-core prefill attention included, whose q and p in two bf16
-//!   terms each are exact to 2^-16): 1e-4; they differ only in summation order, FMA contraction,
-//!   expf vs exp and those 2^-16.
+//!   GPU's own q and cache, the tensor-core attention included, whose q and p in two bf16 terms
+//!   each are exact to 2^-16): 1e-4; they differ only in summation order, FMA contraction, expf
+//!   vs exp and those 2^-16.
 //! - keys and values in the bf16 cache against the CPU's f32 values rounded to bf16: 1e-3 (equal
 //!   but for the rare element whose f32 value differs by an ulp across a bf16 rounding boundary).
 //! - ops that round to bf16 on the device (GEMM and decode GEMM inputs for bf16/f16 weights;
-//!   attention over the bf16 cache against the CPU's f32 cache; the one-term tensor-core prefill
-//!   attention, q and p in bf16, over the same inputs): 1e-2. bf16 keeps 8 significant bits: round-to-nearest
-//!   error is at most 2^-8 = 3.9e-3 relative and ~1.1e-3 RMS, and a dot product of independently
+//!   attention over the bf16 cache against the CPU's f32 cache; the one-term tensor-core
+//!   attention, q and p in bf16, over the same inputs): 1e-2. bf16 keeps 8 significant bits:
+//!   round-to-nearest error is at most 2^-8 = 3.9e-3 relative and ~1.1e-3 RMS, and a dot product of independently
 //!   rounded terms keeps that relative RMS error; 1e-2 leaves ~5x headroom.
 //! - full model logits (vs HF and vs the CPU backend): 3e-2 per logits row. The 2-layer fixtures
 //!   chain ~10 such roundings (qkv, k/v store, o, gate_up, down per layer, lm_head) whose errors
@@ -45,8 +45,8 @@
 //! each row and chunk alone, attention with each long sequence cut into two chunks of one batch
 //! against the uncut batch, and 12 concurrent sessions' logits against their solo runs.
 //!
-//! Benchmarks: the prefill attention kernels alone (f32, tensor cores in two and in one bf16 term;
-//! a 512-row chunk at 4k and 32k context), the native Phi-3-medium prefill of 4k and 32k tokens
+//! Benchmarks: the attention kernels alone (f32, tensor cores in two and in one bf16 term; a
+//! 512-row prefill chunk at 4k and 32k context, decode of one session at 32k and of 64 at 2k), the native Phi-3-medium prefill of 4k and 32k tokens
 //! and decode at 32k against the issue's goals, the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
 //! projections (device-generated random quantized weights: speed does not depend on values), and
 //! the projections alone (40 layers x qkv, o, gate_up, down per token) per format with the bytes
@@ -69,8 +69,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use phi3_core::backend::cpu::{CpuAct, CpuBackend};
 use phi3_core::backend::cuda::{
-    quant::DEQUANT_WORKSPACE_BYTES, CudaAct, CudaBackend, CudaKvBatch, CudaKvPool, CudaWeight,
-    PrefillAttention,
+    quant::DEQUANT_WORKSPACE_BYTES, AttentionKernel, CudaAct, CudaBackend, CudaKvBatch, CudaKvPool,
+    CudaWeight,
 };
 use phi3_core::backend::{
     AttnParams, Backend, KvLayout, LinearRows, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS,
@@ -255,7 +255,7 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
         r.section("bench phi3-medium projections", |r| {
             bench_projections(&args.fixtures, args.ordinal, r)
         });
-        r.section("bench prefill attention", |r| bench_prefill_attention(args.ordinal, r));
+        r.section("bench attention kernels", |r| bench_attention(args.ordinal, r));
         r.section("bench phi3-medium long prompts", |r| {
             bench_long_prompts(&args.fixtures, args.ordinal, r)
         });
@@ -697,8 +697,8 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
     let want_same =
         cpu.attention(&cpu_act(rows, nh * hd, gq_host), &cbatch, &same, layer, &params)?.data;
     r.err(&format!("attention kernel (same inputs) {tag}"), rel_l2(&got, &want_same), TOL_F32);
+    attention_variants(gpu, r, &tag, (&gq, &gbatch, &gpool, layer, &params), &want_same)?;
     if c.seqs.iter().any(|&(_, len)| len > GEMV_SPAN) {
-        prefill_variants(gpu, r, &tag, (&gq, &gbatch, &gpool, layer, &params), &want_same)?;
         rechunked_prefill(gpu, r, &tag, c, &tables, (&gq, &gpool, layer, &params), &got)?;
     }
 
@@ -731,11 +731,11 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
 /// One attention call's inputs on the GPU: q, batch, pool, layer, parameters.
 type GpuAttnInputs<'a> = (&'a CudaAct, &'a CudaKvBatch, &'a CudaKvPool, usize, &'a AttnParams);
 
-/// The other prefill attention kernels over the inputs of the default one (tensor cores with q and
-/// p in two bf16 terms, whose error the caller checks): the one-term tensor-core kernel
+/// The other attention kernels over the inputs of the default ones (tensor cores with q and p in
+/// two bf16 terms, for the shapes they take; the caller checks their error): the one-term tensor-core kernel
 /// rounds q and p to bf16 (at most 2^-8 relative each, as the bf16 GEMM inputs: [`TOL_BF16`]) and the f32
 /// kernel must stay within [`TOL_F32`] of the CPU over the same inputs.
-fn prefill_variants(
+fn attention_variants(
     gpu: &CudaBackend,
     r: &mut Report,
     tag: &str,
@@ -743,18 +743,14 @@ fn prefill_variants(
     want_same: &[f32],
 ) -> Result<()> {
     for (kind, label, tol) in [
-        (PrefillAttention::TensorCoresFast, "bf16 q,p", TOL_BF16),
-        (PrefillAttention::Scalar, "f32 kernel", TOL_F32),
+        (AttentionKernel::TensorCoresFast, "bf16 q,p", TOL_BF16),
+        (AttentionKernel::Scalar, "f32 kernel", TOL_F32),
     ] {
-        gpu.set_prefill_attention(kind);
+        gpu.set_attention_kernel(kind);
         let other = gpu.attention(q, batch, pool, layer, params).and_then(|a| gpu.to_host(&a));
-        gpu.set_prefill_attention(PrefillAttention::TensorCores);
+        gpu.set_attention_kernel(AttentionKernel::TensorCores);
         let other = other?;
-        r.err(
-            &format!("attention prefill {label} (same inputs) {tag}"),
-            rel_l2(&other, want_same),
-            tol,
-        );
+        r.err(&format!("attention {label} (same inputs) {tag}"), rel_l2(&other, want_same), tol);
     }
     Ok(())
 }
@@ -1095,13 +1091,14 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     Ok(())
 }
 
-/// The prefill attention kernels alone at Phi-3-medium's shapes (40 query heads over 10 KV heads
-/// of 128): one 512-row prefill chunk (the scheduler's) at the end of a 4k and of a 32k context,
-/// one layer, each [`PrefillAttention`] kind, with the tensor FLOP/s that the causal work
-/// (4 x head_dim x heads per visible key and row) takes at that time.
-fn bench_prefill_attention(ordinal: usize, r: &mut Report) -> Result<()> {
+/// The attention kernels alone at Phi-3-medium's shapes (40 query heads over 10 KV heads of 128),
+/// one layer, each [`AttentionKernel`]: one 512-row prefill chunk (the scheduler's) at the end of
+/// a 4k and of a 32k context, with the tensor FLOP/s of its causal work (4 x head_dim x heads per
+/// visible key and row); decode rows of one session at 32k and of 64 sessions at 2k (issue 10's
+/// shape), with the KV bytes read per second (each row reads its keys and values once per KV head).
+fn bench_attention(ordinal: usize, r: &mut Report) -> Result<()> {
     let gpu = CudaBackend::new(ordinal)?;
-    let (n_heads, n_kv_heads, head_dim, chunk) = (40, 10, 128, 512);
+    let (n_heads, n_kv_heads, head_dim) = (40, 10, 128);
     let params = AttnParams {
         n_heads,
         n_kv_heads,
@@ -1112,62 +1109,81 @@ fn bench_prefill_attention(ordinal: usize, r: &mut Report) -> Result<()> {
     };
     let layout = KvLayout { n_layers: 1, n_kv_heads, head_dim };
     let mut rng = Rng(7);
-    for context in [4096usize, 32768] {
+    // (sessions, rows each, context after the rows)
+    let shapes = [(1usize, 512usize, 4096usize), (1, 512, 32768), (1, 1, 32768), (64, 1, 2048)];
+    for (sessions, rows_each, context) in shapes {
         let blocks = context / KV_BLOCK_TOKENS;
         let mut pool = gpu.new_kv_pool(&layout)?;
+        // Sessions share the same blocks: the kernels read them once per row all the same.
         gpu.grow_kv_pool(&mut pool, blocks, blocks)?;
         let table: Vec<u32> = (0..blocks as u32).collect();
         let kv = rng.vec(2 * context * layout.row_len(), 1.0);
         gpu.kv_from_host(&mut pool, &table, context, &kv)?;
-        let q = gpu.act_from_host(
-            chunk,
-            n_heads * head_dim,
-            &rng.vec(chunk * n_heads * head_dim, 1.0),
-        )?;
-        let span = SeqSpan { row: 0, len: chunk, pos0: context - chunk };
-        let batch = gpu.kv_batch(&[span], &[&table])?;
-        let keys_seen: f64 = (context - chunk + 1..=context).map(|k| k as f64).sum();
+        let rows = sessions * rows_each;
+        let q_host = rng.vec(rows * n_heads * head_dim, 1.0);
+        let q = gpu.act_from_host(rows, n_heads * head_dim, &q_host)?;
+        let spans: Vec<SeqSpan> = (0..sessions)
+            .map(|s| SeqSpan { row: s * rows_each, len: rows_each, pos0: context - rows_each })
+            .collect();
+        let tables: Vec<&[u32]> = vec![&table; sessions];
+        let batch = gpu.kv_batch(&spans, &tables)?;
+        let keys_seen: f64 =
+            sessions as f64 * (context - rows_each + 1..=context).map(|k| k as f64).sum::<f64>();
         let flops = 4.0 * (head_dim * n_heads) as f64 * keys_seen;
+        let kv_bytes = keys_seen * (2 * n_kv_heads * head_dim * 2) as f64;
+        let what = if rows_each > 1 {
+            format!("prefill {rows_each} rows ctx {context}")
+        } else {
+            format!("decode {sessions} x ctx {context}")
+        };
         for (kind, label) in [
-            (PrefillAttention::Scalar, "f32 kernel"),
-            (PrefillAttention::TensorCores, "tensor cores"),
-            (PrefillAttention::TensorCoresFast, "tensor cores bf16 q,p"),
+            (AttentionKernel::Scalar, "f32 kernel"),
+            (AttentionKernel::TensorCores, "tensor cores"),
+            (AttentionKernel::TensorCoresFast, "tensor cores bf16 q,p"),
         ] {
-            gpu.set_prefill_attention(kind);
-            let timed = (|| -> Result<(f64, bool)> {
-                gpu.attention(&q, &batch, &pool, 0, &params)?; // warm-up
-                gpu.synchronize()?;
-                let reps = 5;
-                let t = Instant::now();
-                let mut out = None;
-                for _ in 0..reps {
-                    out = Some(gpu.attention(&q, &batch, &pool, 0, &params)?);
-                }
-                gpu.synchronize()?;
-                let secs = t.elapsed().as_secs_f64() / reps as f64;
-                let finite = match out {
-                    Some(o) => gpu.to_host(&o)?.iter().all(|v| v.is_finite()),
-                    None => false,
-                };
-                Ok((secs, finite))
-            })();
-            gpu.set_prefill_attention(PrefillAttention::TensorCores);
+            gpu.set_attention_kernel(kind);
+            let timed = time_attention(&gpu, (&q, &batch, &pool, 0, &params));
+            gpu.set_attention_kernel(AttentionKernel::TensorCores);
             let (secs, finite) = timed?;
-            let summary = format!(
-                "bench prefill attention {label}: {chunk} rows at context {context}: {:.3} ms, {:.0} TFLOP/s",
-                secs * 1e3,
-                flops / secs / 1e12
-            );
+            let rate = if rows_each > 1 {
+                format!("{:.0} TFLOP/s", flops / secs / 1e12)
+            } else {
+                format!("{:.0} GB/s of KV", kv_bytes / secs / 1e9)
+            };
+            let summary = format!("bench attention {what} {label}: {:.3} ms, {rate}", secs * 1e3);
             println!("{summary}");
             let _ = writeln!(r.details, "{summary}");
             r.flag(
-                &format!("bench attention {chunk} rows ctx {context} {label}: ms"),
-                format!("{:.3}", secs * 1e3),
+                &format!("bench attention {what} {label}"),
+                format!("{:.3} ms, {rate}", secs * 1e3),
                 finite,
             );
         }
     }
     Ok(())
+}
+
+/// Seconds per `attention` call over `inputs` (after a warm-up, mean of 5), and whether the
+/// output is finite.
+fn time_attention(
+    gpu: &CudaBackend,
+    (q, batch, pool, layer, params): GpuAttnInputs<'_>,
+) -> Result<(f64, bool)> {
+    gpu.attention(q, batch, pool, layer, params)?; // warm-up
+    gpu.synchronize()?;
+    let reps = 5;
+    let t = Instant::now();
+    let mut out = None;
+    for _ in 0..reps {
+        out = Some(gpu.attention(q, batch, pool, layer, params)?);
+    }
+    gpu.synchronize()?;
+    let secs = t.elapsed().as_secs_f64() / reps as f64;
+    let finite = match out {
+        Some(o) => gpu.to_host(&o)?.iter().all(|v| v.is_finite()),
+        None => false,
+    };
+    Ok((secs, finite))
 }
 
 /// Native bf16 Phi-3-medium (dummy weights): time to the first token of a 4,096- and a 32,768-token

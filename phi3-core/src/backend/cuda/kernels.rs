@@ -87,9 +87,14 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["phi3_attention", "phi3_attention_combine"],
     },
     KernelSource {
-        name: "attention_prefill.cu",
-        source: include_str!("../../../../kernels/attention_prefill.cu"),
-        entries: &["phi3_attention_prefill", "phi3_attention_prefill_fast"],
+        name: "attention_tc.cu",
+        source: include_str!("../../../../kernels/attention_tc.cu"),
+        entries: &[
+            "phi3_attention_prefill",
+            "phi3_attention_prefill_fast",
+            "phi3_attention_decode",
+            "phi3_attention_decode_fast",
+        ],
     },
     KernelSource {
         name: "kv_blocks.cu",
@@ -129,6 +134,8 @@ pub const SOURCES: &[KernelSource] = &[
 const LARGE_SHARED_MEMORY: &[(&str, u32)] = &[
     ("phi3_attention_prefill", ATTN_PREFILL_SMEM_BYTES),
     ("phi3_attention_prefill_fast", ATTN_PREFILL_SMEM_BYTES),
+    ("phi3_attention_decode", ATTN_PREFILL_SMEM_BYTES),
+    ("phi3_attention_decode_fast", ATTN_PREFILL_SMEM_BYTES),
 ];
 
 /// NVRTC options besides the architecture. No fast math: softmax and SiLU use the accurate expf.

@@ -22,7 +22,7 @@
 //! `0..pos0 + len`, in position order). `rope_store_kv` and `attention` each take the whole batch
 //! in one launch through it.
 //!
-//! Prefill rows (kernels/attention_prefill.cu): attention of the `tiles` on tensor cores, where the
+//! Prefill rows (kernels/attention_tc.cu): attention of the `tiles` on tensor cores, where the
 //! head size allows (the rest of the batch, or all of it, by kernels/attention.cu). A row's result
 //! does not depend on its tile, so the tiling is free; tiles start at each sequence's first row.
 //!
@@ -108,7 +108,7 @@ const NO_SPLIT: u32 = u32::MAX;
 /// `row_split` of a prefill row (ATT_PREFILL in attention.cu): not split either, and left to the
 /// tensor-core kernel when it runs.
 const PREFILL: u32 = u32::MAX - 1;
-/// Most query rows of one prefill tile (AP_ROWS in attention_prefill.cu).
+/// Most query rows of one prefill tile (AP_ROWS in attention_tc.cu).
 pub(crate) const ATTN_PREFILL_ROWS: usize = 64;
 
 /// The pool's geometry and the batch's arrays, as a kernel launch takes them.

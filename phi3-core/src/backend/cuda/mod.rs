@@ -30,12 +30,13 @@
 //! (kernel launchers); this file holds the activation and weight types and the trait methods,
 //! which validate their inputs before launching.
 //!
-//! Attention splits a decode row's keys into slices of `ATTN_SPLIT_KEYS` past that many
-//! (flash-decoding; `kv.rs`, `kernels/attention.cu`), so one long sequence uses many SMs. Prefill
-//! rows (sequences adding more than `GEMV_SPAN` rows) take the tensor-core flash-attention kernel
-//! (`kernels/attention_prefill.cu`) when the head size is a multiple of 16 up to 128, with q and p
-//! split into two bf16 terms each so that it keeps f32 accuracy ([`PrefillAttention`] picks the
-//! one-term variant or the f32 kernel instead, for checks and benchmarks).
+//! Attention runs on tensor cores (`kernels/attention_tc.cu`) when the head size is a multiple of
+//! 16 up to 128: prefill rows (sequences adding more than `GEMV_SPAN` rows) in tiles of 64 query
+//! rows, decode rows with the query heads of a KV head as the mma's rows, q and p split into two
+//! bf16 terms each so that it keeps f32 accuracy ([`AttentionKernel`] picks the one-term variant
+//! or the f32 kernel of `kernels/attention.cu` instead, for checks and benchmarks). A decode row's
+//! keys split into slices of `ATTN_SPLIT_KEYS` past that many (flash-decoding; `kv.rs`), so one
+//! long sequence uses many SMs.
 //!
 //! Not here: CUDA graphs (a later issue).
 
@@ -62,6 +63,7 @@ use self::context::DeviceContext;
 use self::error::{guard, DriverResultExt};
 pub use self::kernels::KernelStatus;
 pub use self::kv::{CudaKvBatch, CudaKvPool, KV_SLAB_BYTES};
+use self::ops::{RowKernel, SkipRows};
 pub use self::upload::dummy_value;
 use super::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan};
 use crate::error::{Error, ErrorKind, Result};
@@ -71,17 +73,18 @@ use crate::rope::RopeBatch;
 /// bf16 NaN: poisons fresh KV storage in checks.
 const BF16_NAN: u16 = 0x7fc0;
 
-/// Which kernel computes the attention of prefill rows (kernels/attention_prefill.cu and
-/// kernels/attention.cu). Head sizes the tensor-core kernels do not take (not a multiple of 16, or
-/// above 128) always use [`PrefillAttention::Scalar`].
+/// Which kernels compute attention (kernels/attention_tc.cu, kernels/attention.cu). Shapes the
+/// tensor-core kernels do not take (a head size not a multiple of 16 or above 128; for decode rows
+/// also more than 16 query heads per KV head) always use [`AttentionKernel::Scalar`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrefillAttention {
-    /// Tensor cores, q and p each split into two bf16 terms: f32 accuracy (the default).
+pub enum AttentionKernel {
+    /// Tensor cores for prefill and decode rows, q and p each split into two bf16 terms: f32
+    /// accuracy (the default).
     TensorCores,
     /// Tensor cores, q and p rounded to bf16 once (FlashAttention-2's precision), half the tensor
     /// work.
     TensorCoresFast,
-    /// The f32 kernel that also serves decode rows (one block per row and KV head).
+    /// The f32 kernel, one block per row and KV head (and key slice).
     Scalar,
 }
 
@@ -98,8 +101,8 @@ pub struct CudaBackend {
     poison: AtomicBool,
     /// Blocks per slab of pools created from now on; 0: about [`KV_SLAB_BYTES`] (checks set it).
     kv_slab_blocks: AtomicUsize,
-    /// [`PrefillAttention`] as its index (checks and benchmarks set it).
-    prefill_attention: AtomicU8,
+    /// [`AttentionKernel`] as its index (checks and benchmarks set it).
+    attention_kernel: AtomicU8,
     /// The estimate of the last [`CudaBackend::check_memory`]: its working memory is kept free
     /// by [`Backend::default_kv_budget`].
     memory_need: Mutex<Option<memory::MemoryEstimate>>,
@@ -209,7 +212,7 @@ impl CudaBackend {
             kv_bytes: Arc::new(AtomicU64::new(0)),
             poison: AtomicBool::new(false),
             kv_slab_blocks: AtomicUsize::new(0),
-            prefill_attention: AtomicU8::new(0),
+            attention_kernel: AtomicU8::new(0),
             memory_need: Mutex::new(None),
             workspace: Mutex::new(None),
             workspace_bytes: AtomicU64::new(0),
@@ -250,18 +253,18 @@ impl CudaBackend {
         self.kv_slab_blocks.store(blocks, Ordering::Relaxed);
     }
 
-    /// Which kernel computes prefill attention from now on (default
-    /// [`PrefillAttention::TensorCores`]); checks and benchmarks compare them.
-    pub fn set_prefill_attention(&self, kind: PrefillAttention) {
-        self.prefill_attention.store(kind as u8, Ordering::Relaxed);
+    /// Which kernels compute attention from now on (default [`AttentionKernel::TensorCores`]);
+    /// checks and benchmarks compare them.
+    pub fn set_attention_kernel(&self, kind: AttentionKernel) {
+        self.attention_kernel.store(kind as u8, Ordering::Relaxed);
     }
 
-    /// The kernel that computes prefill attention now.
-    pub fn prefill_attention(&self) -> PrefillAttention {
-        match self.prefill_attention.load(Ordering::Relaxed) {
-            0 => PrefillAttention::TensorCores,
-            1 => PrefillAttention::TensorCoresFast,
-            _ => PrefillAttention::Scalar,
+    /// The kernels that compute attention now.
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        match self.attention_kernel.load(Ordering::Relaxed) {
+            0 => AttentionKernel::TensorCores,
+            1 => AttentionKernel::TensorCoresFast,
+            _ => AttentionKernel::Scalar,
         }
     }
 
@@ -628,15 +631,21 @@ impl Backend for CudaBackend {
         };
         let (scale, window) = (params.scale, params.sliding_window);
         let (rows, buf) = (q.rows, &mut out.buf);
-        let kind = self.prefill_attention();
-        let tensor_cores = batch.prefill_tiles() > 0
-            && kind != PrefillAttention::Scalar
+        // Which kernel takes which rows (kernels/attention_tc.cu needs a head size that is a
+        // multiple of 16 up to 128, and for decode rows at most 16 query heads per KV head).
+        let kind = self.attention_kernel();
+        let fast = kind == AttentionKernel::TensorCoresFast;
+        let tc_shape = kind != AttentionKernel::Scalar
             && head_dim % 16 == 0
             && head_dim <= ops::ATTN_PREFILL_MAX_HEAD_DIM;
-        // Decode rows (and prefill rows the tensor-core kernel does not take).
-        if !tensor_cores || batch.prefill_rows() < rows {
-            let skip = tensor_cores;
+        let tc_prefill = tc_shape && batch.prefill_tiles() > 0;
+        let tc_decode = tc_shape && n_heads / params.n_kv_heads <= 16;
+        let decode_rows = rows - batch.prefill_rows();
+        let scalar = SkipRows { prefill: tc_prefill, decode: tc_decode };
+        if (batch.prefill_rows() > 0 && !scalar.prefill) || (decode_rows > 0 && !scalar.decode) {
+            let kernel = RowKernel::Scalar(scalar);
             self.launch_attention(
+                kernel,
                 &q.buf,
                 &kv,
                 buf,
@@ -646,14 +655,27 @@ impl Backend for CudaBackend {
                 scale,
                 window,
                 splits,
-                skip,
+            )?;
+        }
+        if decode_rows > 0 && tc_decode {
+            let kernel = RowKernel::TensorCores { fast };
+            self.launch_attention(
+                kernel,
+                &q.buf,
+                &kv,
+                buf,
+                part.as_mut(),
+                rows,
+                heads,
+                scale,
+                window,
+                splits,
             )?;
         }
         if let Some(part) = &part {
             self.launch_attention_combine(part, &kv, buf, rows, (n_heads, head_dim), splits.0)?;
         }
-        if tensor_cores {
-            let fast = kind == PrefillAttention::TensorCoresFast;
+        if tc_prefill {
             let tiles = batch.prefill_tiles();
             self.launch_attention_prefill(fast, &q.buf, &kv, buf, tiles, heads, scale, window)?;
         }

@@ -15,7 +15,7 @@ const BLOCK: u32 = 256;
 const ATT_MAX_GROUP: usize = 8;
 /// Threads per block of phi3_attention (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
-/// Threads per block of phi3_attention_prefill (AP_THREADS in attention_prefill.cu: 4 warps).
+/// Threads per block of phi3_attention_prefill (AP_THREADS in attention_tc.cu: 4 warps).
 const ATTN_PREFILL_THREADS: u32 = 128;
 /// Dynamic shared memory of phi3_attention_prefill (AP_SMEM_BYTES: two stages of keys and values,
 /// 64 rows of 136 bf16 each). Above the 48 KiB default, so kernels.rs raises the function's limit.
@@ -50,6 +50,22 @@ fn kv_ints(kv: &KvArgs<'_>) -> Result<(i32, i32, i32)> {
         i32_of(kv.block_len, "KV block length")?,
         i32_of(kv.layer, "layer")?,
     ))
+}
+
+/// Rows phi3_attention leaves to the tensor-core kernels: prefill rows (row_split ATT_PREFILL)
+/// and the others (decode rows).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SkipRows {
+    pub prefill: bool,
+    pub decode: bool,
+}
+
+/// The kernel of [`CudaBackend::launch_attention`]: phi3_attention (leaving some rows to the
+/// tensor-core kernels), or phi3_attention_decode (`fast`: its one-term variant).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RowKernel {
+    Scalar(SkipRows),
+    TensorCores { fast: bool },
 }
 
 /// The attention kernels' `window`: 0 for none; a window wider than any position is no window.
@@ -379,14 +395,17 @@ impl CudaBackend {
         )
     }
 
-    /// phi3_attention over every row of a batch: grid (rows, n_kv_heads x the chunks of at most
-    /// [`ATT_MAX_GROUP`] query heads that share a KV head), block 128.
+    /// The attention of a batch's rows by `kernel`: phi3_attention (grid (rows, n_kv_heads x the
+    /// chunks of at most [`ATT_MAX_GROUP`] query heads that share a KV head, key slices), block
+    /// 128), or the decode rows by phi3_attention_decode (grid (rows, n_kv_heads, key slices),
+    /// block 128, [`ATTN_PREFILL_SMEM_BYTES`] of dynamic shared memory; group of at most 16 query
+    /// heads per KV head and head size as for prefill, checked by the caller).
     /// `splits` = (scratch slots, most slices of a row) of the batch (`CudaKvBatch::splits`);
-    /// `part` the scratch when there are slots (`[slots, n_heads, head_dim + 2]` f32);
-    /// `skip_prefill`: leave the prefill rows to [`Self::launch_attention_prefill`].
+    /// `part` the scratch when there are slots (`[slots, n_heads, head_dim + 2]` f32).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention(
         &self,
+        kernel: RowKernel,
         q: &CudaSlice<f32>,
         kv: &KvArgs<'_>,
         out: &mut CudaSlice<f32>,
@@ -396,18 +415,27 @@ impl CudaBackend {
         scale: f32,
         window: Option<usize>,
         splits: (usize, usize),
-        skip_prefill: bool,
     ) -> Result<()> {
-        let chunks = (heads.0 / heads.1.max(1)).div_ceil(ATT_MAX_GROUP);
-        let blocks_y = heads.1 * chunks;
+        let (name, blocks_y, threads, smem) = match kernel {
+            RowKernel::Scalar(_) => {
+                let chunks = (heads.0 / heads.1.max(1)).div_ceil(ATT_MAX_GROUP);
+                ("phi3_attention", heads.1 * chunks, ATT_THREADS, 0)
+            }
+            RowKernel::TensorCores { fast } => (
+                if fast { "phi3_attention_decode_fast" } else { "phi3_attention_decode" },
+                heads.1,
+                ATTN_PREFILL_THREADS,
+                ATTN_PREFILL_SMEM_BYTES,
+            ),
+        };
         let cfg = LaunchConfig {
             grid_dim: (
                 u32_of(rows, "rows")?,
                 u32_of(blocks_y, "heads")?,
                 u32_of(splits.1.max(1), "key slices")?,
             ),
-            block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
         };
         let split_keys = i32_of(ATTN_SPLIT_KEYS, "keys per slice")?;
         let slots = i32_of(splits.0, "split slots")?;
@@ -416,12 +444,11 @@ impl CudaBackend {
             (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
         let window = window_arg(window);
         let null = 0u64; // no split scratch: a NULL `float*` the kernel never reads
-        let skip_prefill = i32::from(skip_prefill);
         macro_rules! attention_with {
-            ($part:expr) => {
+            ($part:expr $(, $skip:expr)?) => {
                 launch!(
                     self,
-                    "phi3_attention",
+                    name,
                     cfg,
                     q,
                     kv.slab_addrs,
@@ -440,14 +467,21 @@ impl CudaBackend {
                     &scale,
                     &window,
                     &split_keys,
-                    &slots,
-                    &skip_prefill
+                    &slots
+                    $(, $skip)?
                 )
             };
         }
-        match part {
-            Some(part) => attention_with!(part),
-            None => attention_with!(&null),
+        match (kernel, part) {
+            (RowKernel::Scalar(skip), part) => {
+                let skip = i32::from(skip.prefill) | (i32::from(skip.decode) << 1);
+                match part {
+                    Some(part) => attention_with!(part, &skip),
+                    None => attention_with!(&null, &skip),
+                }
+            }
+            (RowKernel::TensorCores { .. }, Some(part)) => attention_with!(part),
+            (RowKernel::TensorCores { .. }, None) => attention_with!(&null),
         }
     }
 
@@ -582,10 +616,10 @@ mod tests {
         assert!(source.contains(&format!("#define ATT_MAX_GROUP {ATT_MAX_GROUP}\n")));
     }
 
-    /// The prefill launcher's and batch descriptor's constants are attention_prefill.cu's.
+    /// The prefill launcher's and batch descriptor's constants are attention_tc.cu's.
     #[test]
     fn prefill_attention_constants_match_the_kernel_source() {
-        let source = include_str!("../../../../kernels/attention_prefill.cu");
+        let source = include_str!("../../../../kernels/attention_tc.cu");
         for define in [
             format!(
                 "#define AP_THREADS (32 * AP_WARPS)\n#define AP_ROWS {}\n",
@@ -594,7 +628,7 @@ mod tests {
             format!("#define AP_HD_MAX {ATTN_PREFILL_MAX_HEAD_DIM}\n"),
             format!("#define AP_SMEM_BYTES {ATTN_PREFILL_SMEM_BYTES}\n"),
         ] {
-            assert!(source.contains(&define), "attention_prefill.cu lacks {define:?}");
+            assert!(source.contains(&define), "attention_tc.cu lacks {define:?}");
         }
         assert_eq!(ATTN_PREFILL_THREADS, 32 * 4, "AP_WARPS = 4");
         assert!(source.contains("#define AP_WARPS 4\n"));
