@@ -67,19 +67,10 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
     const unsigned int* table = tables + row_table[row];
     const unsigned int slot0 = row_split[row];
     const int split = blockIdx.z;
-    // This block's keys: lo..hi. Unsplit rows take all of first..pos in split 0.
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    int lo = first, hi = pos;
     const bool whole = slot0 >= ATT_PREFILL;  // ATT_NO_SPLIT or ATT_PREFILL
     if (skip & (slot0 == ATT_PREFILL ? 1 : 2)) return;  // a tensor-core kernel's row
-    if (whole) {
-        if (split > 0) return;  // whole blocks leave before any barrier
-    } else {
-        const int s_lo = split * split_keys;
-        if (s_lo > pos) return;  // past this row's splits
-        lo = max(first, s_lo);
-        hi = min(pos, s_lo + split_keys - 1);  // lo > hi: a slice wholly outside the window
-    }
+    int lo, hi;  // this block's keys
+    if (!att_block_keys(slot0, split, pos, window, split_keys, &lo, &hi)) return;
     const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     for (int g = 0; g < n_g; ++g) {
         const float* qr = q + (size_t)row * q_dim + (size_t)(h0 + g) * head_dim;

@@ -326,16 +326,8 @@ __device__ __forceinline__ void attention_decode_impl(
     const unsigned int slot0 = row_split[row];
     if (slot0 == ATT_PREFILL) return;  // phi3_attention_prefill's row
     const int pos = (int)row_pos[row];
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    int lo = first, hi = pos;
-    if (slot0 == ATT_NO_SPLIT) {
-        if (split > 0) return;  // whole blocks leave before any barrier
-    } else {
-        const int s_lo = split * split_keys;
-        if (s_lo > pos) return;  // past this row's slices
-        lo = max(first, s_lo);
-        hi = min(pos, s_lo + split_keys - 1);  // lo > hi: a slice wholly outside the window
-    }
+    int lo, hi;  // this block's keys
+    if (!att_block_keys(slot0, split, pos, window, split_keys, &lo, &hi)) return;
     const int group = n_heads / n_kv_heads, h0 = kvh * group;
     const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     const int n_k16 = head_dim >> 4;

@@ -121,6 +121,25 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 #define ATT_NO_SPLIT 0xffffffffu
 #define ATT_PREFILL 0xfffffffeu
 
+// The keys lo..hi that block `split` (blockIdx.z) of a decode or unsplit row at position `pos`
+// takes: all of first..pos in split 0 for a row not split (slot0 ATT_NO_SPLIT or ATT_PREFILL),
+// first = max(0, pos + 1 - window) when window > 0, else 0; for a split row (slot0 its first
+// slot) slice `split` of split_keys positions, cut to first..pos (lo > hi: a slice wholly
+// outside the window). False when the block has no slice: it leaves (before any barrier).
+__device__ __forceinline__ bool att_block_keys(unsigned int slot0, int split, int pos, int window,
+                                               int split_keys, int* lo, int* hi) {
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    if (slot0 >= ATT_PREFILL) {
+        *lo = first;
+        *hi = pos;
+        return split == 0;
+    }
+    const int s_lo = split * split_keys;
+    *lo = max(first, s_lo);
+    *hi = min(pos, s_lo + split_keys - 1);
+    return s_lo <= pos;
+}
+
 __device__ __forceinline__ bf16* kv_block(const unsigned long long* slabs, int blocks_per_slab,
                                           int block_len, unsigned int b) {
     return reinterpret_cast<bf16*>(slabs[b / blocks_per_slab]) +

@@ -642,34 +642,17 @@ impl Backend for CudaBackend {
         let tc_decode = tc_shape && n_heads / params.n_kv_heads <= 16;
         let decode_rows = rows - batch.prefill_rows();
         let scalar = SkipRows { prefill: tc_prefill, decode: tc_decode };
+        let mut row_kernels = Vec::with_capacity(2);
         if (batch.prefill_rows() > 0 && !scalar.prefill) || (decode_rows > 0 && !scalar.decode) {
-            let kernel = RowKernel::Scalar(scalar);
-            self.launch_attention(
-                kernel,
-                &q.buf,
-                &kv,
-                buf,
-                part.as_mut(),
-                rows,
-                heads,
-                scale,
-                window,
-                splits,
-            )?;
+            row_kernels.push(RowKernel::Scalar(scalar));
         }
         if decode_rows > 0 && tc_decode {
-            let kernel = RowKernel::TensorCores { fast };
+            row_kernels.push(RowKernel::TensorCores { fast });
+        }
+        for kernel in row_kernels {
+            let part = part.as_mut();
             self.launch_attention(
-                kernel,
-                &q.buf,
-                &kv,
-                buf,
-                part.as_mut(),
-                rows,
-                heads,
-                scale,
-                window,
-                splits,
+                kernel, &q.buf, &kv, buf, part, rows, heads, scale, window, splits,
             )?;
         }
         if let Some(part) = &part {

@@ -68,6 +68,11 @@ pub(crate) enum RowKernel {
     TensorCores { fast: bool },
 }
 
+/// (n_heads, n_kv_heads, head_dim) as kernel ints.
+fn head_ints(heads: (usize, usize, usize)) -> Result<(i32, i32, i32)> {
+    Ok((i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "head_dim")?))
+}
+
 /// The attention kernels' `window`: 0 for none; a window wider than any position is no window.
 fn window_arg(window: Option<usize>) -> i32 {
     window.map_or(0, |w| w.min(i32::MAX as usize) as i32)
@@ -440,8 +445,7 @@ impl CudaBackend {
         let split_keys = i32_of(ATTN_SPLIT_KEYS, "keys per slice")?;
         let slots = i32_of(splits.0, "split slots")?;
         let (bps, bl, layer) = kv_ints(kv)?;
-        let (nh, nkv, hd) =
-            (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
+        let (nh, nkv, hd) = head_ints(heads)?;
         let window = window_arg(window);
         let null = 0u64; // no split scratch: a NULL `float*` the kernel never reads
         macro_rules! attention_with {
@@ -506,8 +510,7 @@ impl CudaBackend {
             shared_mem_bytes: ATTN_PREFILL_SMEM_BYTES,
         };
         let (bps, bl, layer) = kv_ints(kv)?;
-        let (nh, nkv, hd) =
-            (i32_of(heads.0, "n_heads")?, i32_of(heads.1, "n_kv_heads")?, i32_of(heads.2, "hd")?);
+        let (nh, nkv, hd) = head_ints(heads)?;
         let window = window_arg(window);
         let name = if fast { "phi3_attention_prefill_fast" } else { "phi3_attention_prefill" };
         launch!(
