@@ -1,6 +1,9 @@
-// attention_tc.cu: causal (optionally windowed) GQA attention for the prefill rows of a pass,
-// on tensor cores, over the paged bf16 KV cache. Flash attention: an online softmax over tiles of
-// keys, so the score matrix never leaves registers and memory stays linear in the context.
+// attention_tc.cu: causal (optionally windowed) GQA attention on tensor cores over the paged bf16
+// KV cache, for the prefill rows of a pass (phi3_attention_prefill) and for its decode rows
+// (phi3_attention_decode, described at attention_decode_impl below). Flash attention: an online
+// softmax over tiles of keys, so the score matrix never leaves registers and memory stays linear
+// in the context. Both kernels share the q fragments (ap_q_fragments), the key tile loads
+// (ap_load_tile) and each warp's step over the keys of a tile (ap_warp_keys).
 //
 // phi3_attention_prefill / phi3_attention_prefill_fast: q [rows, n_heads * head_dim] f32 (rotated),
 // out [rows, n_heads * head_dim] f32; slabs, blocks_per_slab, block_len, layer, row_pos,
@@ -35,8 +38,10 @@
 // each sum runs in the same order whichever tile, block or batch the row is in. So a prompt's
 // attention is the same however its rows are chunked into passes and tiles, or batched.
 //
-// Launch: grid (n_tiles, n_heads), block AP_THREADS, AP_SMEM_BYTES of dynamic shared memory.
-// Rust launcher: ops.rs (launch_attention_prefill); constants mirrored there and in kv.rs.
+// Launch: phi3_attention_prefill grid (n_tiles, n_heads); phi3_attention_decode grid (rows,
+// n_kv_heads, most key slices of a row); both block AP_THREADS, AP_SMEM_BYTES of dynamic shared
+// memory. Rust launchers: ops.rs (launch_attention_prefill, launch_attention); constants
+// mirrored there and in kv.rs.
 #include "common.cuh"
 
 // AP_ROWS, AP_HD_MAX and AP_SMEM_BYTES are mirrored in ops.rs and kv.rs (a test compares).
