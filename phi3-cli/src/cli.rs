@@ -118,6 +118,10 @@ pub struct GpuCheckArgs {
     /// Skip the Phi-3-medium benchmark.
     #[arg(long)]
     pub skip_bench: bool,
+    /// Run the benchmarks only (no checks): with --skip-bench, a GPU session can split one run
+    /// into two commands under a per-command time limit.
+    #[arg(long, conflicts_with = "skip_bench")]
+    pub bench_only: bool,
 }
 
 /// Which model to load and where.

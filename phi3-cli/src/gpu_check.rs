@@ -2,7 +2,8 @@
 //! benchmark at Phi-3-medium-128k shapes with dummy weights. Run on a GPU machine by
 //! `scripts/gpu-check`. Each check prints one line as it finishes (so a crash or a timeout still
 //! leaves the lines before it), then a summary that repeats every failure; details go to
-//! `<out>/gpu-check.txt`. Exits non-zero when any check fails. Without a CUDA driver or device it
+//! `<out>/gpu-check.txt`, appended as each row finishes. `--skip-bench` runs the checks only and
+//! `--bench-only` the benchmarks only, so a run can be split in two under a time limit. Exits non-zero when any check fails. Without a CUDA driver or device it
 //! fails with that error. A section that returns an error (a failed launch, say) becomes one FAIL
 //! line and the next section still runs; after an illegal-address fault every later section on the
 //! same backend fails too, so read the FIRST failure first.
@@ -110,9 +111,28 @@ struct Row {
 struct Report {
     rows: Vec<Row>,
     details: String,
+    /// `<out>/gpu-check.txt`, appended as rows finish, so a run stopped by a time limit still
+    /// leaves its record; `details[written..]` is not in it yet.
+    file: Option<std::fs::File>,
+    written: usize,
 }
 
 impl Report {
+    fn new(file: Option<std::fs::File>) -> Report {
+        Report { rows: Vec::new(), details: String::new(), file, written: 0 }
+    }
+
+    /// Appends the details not yet in the file (errors writing it are ignored: the run goes on
+    /// and stdout has every row).
+    fn flush(&mut self) {
+        use std::io::Write as _;
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.write_all(&self.details.as_bytes()[self.written..]);
+            let _ = f.flush();
+        }
+        self.written = self.details.len();
+    }
+
     fn push(&mut self, row: Row) {
         let _ = writeln!(
             self.details,
@@ -124,6 +144,7 @@ impl Report {
         );
         println!("{}", line(&row));
         self.rows.push(row);
+        self.flush();
     }
 
     fn err(&mut self, check: &str, err: f64, tol: f64) {
@@ -220,7 +241,11 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    let mut r = Report { rows: Vec::new(), details: String::new() };
+    std::fs::create_dir_all(&args.out)?;
+    let details_path = args.out.join("gpu-check.txt");
+    let file = std::fs::File::create(&details_path)
+        .with_context(|| format!("cannot write {}", details_path.display()))?;
+    let mut r = Report::new(Some(file));
     let head = format!(
         "device: {}\nseed: {seed} (rerun with --seed {seed})\nkernels: {}",
         gpu.name(),
@@ -228,26 +253,10 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
     );
     println!("{head}");
     let _ = writeln!(r.details, "{head}");
-    gpu.set_poison(true);
-    let mut rng = Rng(seed);
-    r.section("embed", |r| check_embed(&gpu, &mut rng, r));
-    r.section("rms_norm/gather/swiglu", |r| check_rows(&gpu, &mut rng, r));
-    r.section("linear", |r| check_linear(&gpu, &mut rng, r));
-    r.section("rope/kv/attention", |r| check_attention(&gpu, &mut rng, r));
-    r.section("dummy weights", |r| check_dummy(&gpu, r));
-    r.section("quantized linear", |r| check_quant_linear(&gpu, &mut rng, r));
-    r.section("device errors", |_| Ok(gpu.synchronize()?));
-    gpu.set_poison(false);
-    drop(gpu);
-
-    for name in ["gqa-longrope-bf16", "mha-f32-tied", "partial-rotary-f16", "sliding-window-f32"] {
-        r.section(name, |r| model_check(&args.fixtures.join(name), name, args.ordinal, r));
+    if !args.bench_only {
+        checks(&gpu, args, seed, &mut r);
     }
-    r.section("quantized models vs CPU", |r| check_quant_models(&args.fixtures, args.ordinal, r));
-    r.section("batched sessions vs solo", |r| {
-        let dir = args.fixtures.join("gqa-longrope-bf16");
-        check_batched_sessions(&dir, Device::Cuda(args.ordinal), r)
-    });
+    drop(gpu);
     if !args.skip_bench {
         r.section("bench phi3-medium dummy", |r| {
             bench(&args.fixtures, args.ordinal, WeightFormat::Native, r)
@@ -270,9 +279,7 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
     }
 
     let _ = writeln!(r.details, "total {:.1} s", started.elapsed().as_secs_f64());
-    std::fs::create_dir_all(&args.out)?;
-    let details_path = args.out.join("gpu-check.txt");
-    std::fs::write(&details_path, &r.details)?;
+    r.flush();
     let failed: Vec<&Row> = r.rows.iter().filter(|x| !x.ok).collect();
     println!();
     if !failed.is_empty() {
@@ -293,6 +300,30 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
         details_path.display()
     );
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Every check before the benchmarks: the ops against the CPU backend on `gpu` (poisoned), then
+/// the fixture models, the quantized models and the batched sessions on fresh backends.
+fn checks(gpu: &CudaBackend, args: &GpuCheckArgs, seed: u64, r: &mut Report) {
+    gpu.set_poison(true);
+    let mut rng = Rng(seed);
+    r.section("embed", |r| check_embed(gpu, &mut rng, r));
+    r.section("rms_norm/gather/swiglu", |r| check_rows(gpu, &mut rng, r));
+    r.section("linear", |r| check_linear(gpu, &mut rng, r));
+    r.section("rope/kv/attention", |r| check_attention(gpu, &mut rng, r));
+    r.section("dummy weights", |r| check_dummy(gpu, r));
+    r.section("quantized linear", |r| check_quant_linear(gpu, &mut rng, r));
+    r.section("device errors", |_| Ok(gpu.synchronize()?));
+    gpu.set_poison(false);
+
+    for name in ["gqa-longrope-bf16", "mha-f32-tied", "partial-rotary-f16", "sliding-window-f32"] {
+        r.section(name, |r| model_check(&args.fixtures.join(name), name, args.ordinal, r));
+    }
+    r.section("quantized models vs CPU", |r| check_quant_models(&args.fixtures, args.ordinal, r));
+    r.section("batched sessions vs solo", |r| {
+        let dir = args.fixtures.join("gqa-longrope-bf16");
+        check_batched_sessions(&dir, Device::Cuda(args.ordinal), r)
+    });
 }
 
 /// embed in every dtype, odd widths, ids at both ends of the vocabulary.
@@ -1635,7 +1666,7 @@ mod tests {
     #[test]
     fn batched_sessions_check_passes_on_the_cpu() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gqa-longrope-bf16");
-        let mut r = Report { rows: Vec::new(), details: String::new() };
+        let mut r = Report::new(None);
         check_batched_sessions(&dir, Device::Cpu, &mut r).unwrap();
         assert_eq!(r.rows.len(), 4);
         for row in &r.rows {
