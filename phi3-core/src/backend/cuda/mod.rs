@@ -397,6 +397,39 @@ impl CudaBackend {
     }
 }
 
+/// Which attention kernels a pass launches: the row kernels (phi3_attention and/or
+/// phi3_attention_decode, in that order), then phi3_attention_prefill when
+/// `prefill_tensor_cores` is `Some(fast)`.
+#[derive(Debug, PartialEq)]
+struct AttnPlan {
+    row_kernels: Vec<RowKernel>,
+    prefill_tensor_cores: Option<bool>,
+}
+
+impl AttnPlan {
+    /// The plan for `rows` rows of which `prefill_rows` are prefill rows. kernels/attention_tc.cu
+    /// needs a head size that is a multiple of 16 up to 128, and for decode rows at most 16
+    /// query heads per KV head; everything else, or `kind` Scalar, takes phi3_attention.
+    fn new(kind: AttentionKernel, p: &AttnParams, rows: usize, prefill_rows: usize) -> AttnPlan {
+        let fast = kind == AttentionKernel::TensorCoresFast;
+        let tc_shape = kind != AttentionKernel::Scalar
+            && p.head_dim.is_multiple_of(16)
+            && p.head_dim <= ops::ATTN_PREFILL_MAX_HEAD_DIM;
+        let decode_rows = rows - prefill_rows;
+        let tc_prefill = tc_shape && prefill_rows > 0;
+        let tc_decode = tc_shape && decode_rows > 0 && p.n_heads / p.n_kv_heads.max(1) <= 16;
+        let mut row_kernels = Vec::with_capacity(2);
+        if (prefill_rows > 0 && !tc_prefill) || (decode_rows > 0 && !tc_decode) {
+            row_kernels
+                .push(RowKernel::Scalar(SkipRows { prefill: tc_prefill, decode: tc_decode }));
+        }
+        if tc_decode {
+            row_kernels.push(RowKernel::TensorCores { fast });
+        }
+        AttnPlan { row_kernels, prefill_tensor_cores: tc_prefill.then_some(fast) }
+    }
+}
+
 fn check_attn(p: &AttnParams) -> Result<()> {
     if p.head_dim > 256
         || p.n_kv_heads == 0
@@ -631,25 +664,8 @@ impl Backend for CudaBackend {
         };
         let (scale, window) = (params.scale, params.sliding_window);
         let (rows, buf) = (q.rows, &mut out.buf);
-        // Which kernel takes which rows (kernels/attention_tc.cu needs a head size that is a
-        // multiple of 16 up to 128, and for decode rows at most 16 query heads per KV head).
-        let kind = self.attention_kernel();
-        let fast = kind == AttentionKernel::TensorCoresFast;
-        let tc_shape = kind != AttentionKernel::Scalar
-            && head_dim % 16 == 0
-            && head_dim <= ops::ATTN_PREFILL_MAX_HEAD_DIM;
-        let tc_prefill = tc_shape && batch.prefill_tiles() > 0;
-        let tc_decode = tc_shape && n_heads / params.n_kv_heads <= 16;
-        let decode_rows = rows - batch.prefill_rows();
-        let scalar = SkipRows { prefill: tc_prefill, decode: tc_decode };
-        let mut row_kernels = Vec::with_capacity(2);
-        if (batch.prefill_rows() > 0 && !scalar.prefill) || (decode_rows > 0 && !scalar.decode) {
-            row_kernels.push(RowKernel::Scalar(scalar));
-        }
-        if decode_rows > 0 && tc_decode {
-            row_kernels.push(RowKernel::TensorCores { fast });
-        }
-        for kernel in row_kernels {
+        let plan = AttnPlan::new(self.attention_kernel(), params, rows, batch.prefill_rows());
+        for kernel in plan.row_kernels {
             let part = part.as_mut();
             self.launch_attention(
                 kernel, &q.buf, &kv, buf, part, rows, heads, scale, window, splits,
@@ -658,7 +674,7 @@ impl Backend for CudaBackend {
         if let Some(part) = &part {
             self.launch_attention_combine(part, &kv, buf, rows, (n_heads, head_dim), splits.0)?;
         }
-        if tc_prefill {
+        if let Some(fast) = plan.prefill_tensor_cores {
             let tiles = batch.prefill_tiles();
             self.launch_attention_prefill(fast, &q.buf, &kv, buf, tiles, heads, scale, window)?;
         }
@@ -701,5 +717,67 @@ impl Backend for CudaBackend {
         let mut v = self.dtoh(&x.buf)?;
         v.truncate(x.rows * x.cols);
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> AttnParams {
+        AttnParams {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rotary_dim: head_dim,
+            scale: 1.0,
+            sliding_window: None,
+        }
+    }
+
+    /// Every row is taken by exactly one kernel: tensor cores where the shape allows, the f32
+    /// kernel for the rest, and nothing is launched for rows that do not exist.
+    #[test]
+    fn attention_plan_gives_every_row_one_kernel() {
+        use AttentionKernel::{Scalar, TensorCores, TensorCoresFast};
+        let scalar = |prefill, decode| RowKernel::Scalar(SkipRows { prefill, decode });
+        let tc = |fast| RowKernel::TensorCores { fast };
+        let plan = |kernels: Vec<RowKernel>, prefill| AttnPlan {
+            row_kernels: kernels,
+            prefill_tensor_cores: prefill,
+        };
+        let medium = params(40, 10, 128);
+        // Decode rows and prefill rows, both on tensor cores.
+        assert_eq!(AttnPlan::new(TensorCores, &medium, 70, 64), plan(vec![tc(false)], Some(false)));
+        assert_eq!(
+            AttnPlan::new(TensorCoresFast, &medium, 70, 64),
+            plan(vec![tc(true)], Some(true))
+        );
+        // Prefill rows only, decode rows only.
+        assert_eq!(AttnPlan::new(TensorCores, &medium, 64, 64), plan(vec![], Some(false)));
+        assert_eq!(AttnPlan::new(TensorCores, &medium, 6, 0), plan(vec![tc(false)], None));
+        // The f32 kernel for everything when asked, or when the head size does not fit.
+        let all_scalar = plan(vec![scalar(false, false)], None);
+        assert_eq!(AttnPlan::new(Scalar, &medium, 70, 64), all_scalar);
+        for hd in [40, 72, 136, 256] {
+            assert_eq!(AttnPlan::new(TensorCores, &params(8, 2, hd), 70, 64), all_scalar, "{hd}");
+        }
+        // More than 16 query heads per KV head: decode rows on the f32 kernel, prefill on
+        // tensor cores.
+        let wide = params(32, 1, 64);
+        assert_eq!(
+            AttnPlan::new(TensorCores, &wide, 70, 64),
+            plan(vec![scalar(true, false)], Some(false))
+        );
+        assert_eq!(AttnPlan::new(TensorCores, &wide, 64, 64), plan(vec![], Some(false)));
+        // Group 16 and MHA still fit.
+        assert_eq!(
+            AttnPlan::new(TensorCores, &params(16, 1, 64), 3, 0),
+            plan(vec![tc(false)], None)
+        );
+        assert_eq!(
+            AttnPlan::new(TensorCores, &params(32, 32, 96), 3, 0),
+            plan(vec![tc(false)], None)
+        );
     }
 }

@@ -54,7 +54,7 @@ fn kv_ints(kv: &KvArgs<'_>) -> Result<(i32, i32, i32)> {
 
 /// Rows phi3_attention leaves to the tensor-core kernels: prefill rows (row_split ATT_PREFILL)
 /// and the others (decode rows).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct SkipRows {
     pub prefill: bool,
     pub decode: bool,
@@ -62,7 +62,7 @@ pub(crate) struct SkipRows {
 
 /// The kernel of [`CudaBackend::launch_attention`]: phi3_attention (leaving some rows to the
 /// tensor-core kernels), or phi3_attention_decode (`fast`: its one-term variant).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RowKernel {
     Scalar(SkipRows),
     TensorCores { fast: bool },
