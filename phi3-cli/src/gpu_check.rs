@@ -47,7 +47,8 @@
 //! against the uncut batch, and 12 concurrent sessions' logits against their solo runs.
 //!
 //! Benchmarks: the attention kernels alone (f32, tensor cores in two and in one bf16 term; a
-//! 512-row prefill chunk at 4k and 32k context, decode of one session at 32k and of 64 at 2k), the native Phi-3-medium prefill of 4k and 32k tokens
+//! 512-row prefill chunk at 4k and 32k context, decode of one session at 512, 4k and 32k and
+//! of 64 at 2k), the native Phi-3-medium prefill of 4k and 32k tokens
 //! and decode at 32k against the issue's goals, the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
 //! projections (device-generated random quantized weights: speed does not depend on values), and
 //! the projections alone (40 layers x qkv, o, gate_up, down per token) per format with the bytes
@@ -505,7 +506,7 @@ const CHECK_SLAB_BLOCKS: usize = 3;
 /// narrower and wider than a 128-key tile, sequences that already hold tokens (positions not
 /// multiples of a block), prefill and single-token decode, head_dim up to 256 and not a multiple
 /// of 32, batches of several sequences of different lengths in one launch, and decode rows past
-/// 512 keys, whose keys split into slices merged by a second kernel. First the GPU's pool alone
+/// 256 keys, whose keys split into slices merged by a second kernel. First the GPU's pool alone
 /// ([`check_kv_pool`]).
 fn check_attention(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
     let case = |n_heads, n_kv_heads, head_dim, rotary_dim, window, seqs| AttnCase {
@@ -529,10 +530,10 @@ fn check_attention(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<(
         case(4, 2, 72, 72, Some(8), &[(10, 1), (20, 1), (0, 1)]),
         case(6, 2, 128, 96, Some(40), &[(100, 1), (0, 37), (250, 1), (17, 16), (33, 1)]),
         case(4, 4, 64, 64, None, &[(15, 1), (16, 1), (31, 2), (1, 200)]),
-        // Decode rows past 512 keys split into slices (flash-decoding) next to unsplit rows;
+        // Decode rows past 256 keys split into slices (flash-decoding) next to unsplit rows;
         // a window that leaves a row's first slices empty.
         case(8, 2, 64, 64, None, &[(1500, 1), (0, 30), (600, 2)]),
-        case(4, 4, 80, 80, None, &[(511, 1), (512, 1), (1023, 1), (1024, 3)]),
+        case(4, 4, 80, 80, None, &[(255, 1), (256, 1), (511, 1), (512, 1), (1024, 3)]),
         case(10, 2, 128, 128, Some(700), &[(2100, 1), (700, 1)]),
     ];
     gpu.set_kv_slab_blocks(CHECK_SLAB_BLOCKS);
@@ -1125,8 +1126,8 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
 /// The attention kernels alone at Phi-3-medium's shapes (40 query heads over 10 KV heads of 128),
 /// one layer, each [`AttentionKernel`]: one 512-row prefill chunk (the scheduler's) at the end of
 /// a 4k and of a 32k context, with the tensor FLOP/s of its causal work (4 x head_dim x heads per
-/// visible key and row); decode rows of one session at 32k and of 64 sessions at 2k (issue 10's
-/// shape), with the KV bytes read per second (each row reads its keys and values once per KV head).
+/// visible key and row); decode rows of one session at 512, 4k and 32k and of 64 sessions at 2k
+/// (issue 10's shape), with the KV bytes read per second (each row reads its keys and values once per KV head).
 fn bench_attention(ordinal: usize, r: &mut Report) -> Result<()> {
     let gpu = CudaBackend::new(ordinal)?;
     let (n_heads, n_kv_heads, head_dim) = (40, 10, 128);
@@ -1141,7 +1142,14 @@ fn bench_attention(ordinal: usize, r: &mut Report) -> Result<()> {
     let layout = KvLayout { n_layers: 1, n_kv_heads, head_dim };
     let mut rng = Rng(7);
     // (sessions, rows each, context after the rows)
-    let shapes = [(1usize, 512usize, 4096usize), (1, 512, 32768), (1, 1, 32768), (64, 1, 2048)];
+    let shapes = [
+        (1usize, 512usize, 4096usize),
+        (1, 512, 32768),
+        (1, 1, 512),
+        (1, 1, 4096),
+        (1, 1, 32768),
+        (64, 1, 2048),
+    ];
     for (sessions, rows_each, context) in shapes {
         let blocks = context / KV_BLOCK_TOKENS;
         let mut pool = gpu.new_kv_pool(&layout)?;

@@ -101,8 +101,12 @@ pub struct CudaKvBatch {
     buf: CudaSlice<u32>,
 }
 
-/// Keys per slice of a split decode row (attention.cu's split_keys): 4 tiles of 128 keys.
-pub(crate) const ATTN_SPLIT_KEYS: usize = 512;
+/// Keys per slice of a split decode row (the kernels' split_keys): 4 key tiles of
+/// attention_tc.cu (2 of attention.cu). The split depends on the position only, never on the
+/// batch, so one size serves all batches: small enough that batch 1 at a 512-token context spreads
+/// over 3 blocks per KV head (30 for Phi-3-medium) instead of 1, large enough that a block's KV
+/// reads (128 KiB per KV head of Phi-3-medium) dwarf its fixed costs.
+pub(crate) const ATTN_SPLIT_KEYS: usize = 256;
 /// `row_split` of a row whose keys are not split (ATT_NO_SPLIT in attention.cu).
 const NO_SPLIT: u32 = u32::MAX;
 /// `row_split` of a prefill row (ATT_PREFILL in attention.cu): not split either, and left to the
@@ -687,7 +691,7 @@ mod tests {
             NO, NO, NO, NO, // row_split
             7, 2, 4, 11,    // tables
         ]);
-        // Decode rows at positions >= ATTN_SPLIT_KEYS split into pos / 512 + 1 slices, each row
+        // Decode rows at positions >= ATTN_SPLIT_KEYS split into pos / k + 1 slices, each row
         // by its own position; prefill rows (a span of 5) never do: they are marked PREFILL and
         // listed in one tile.
         let k = ATTN_SPLIT_KEYS;
