@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::{guard, DriverResultExt};
 use super::nvrtc;
-use super::ops::ATTN_PREFILL_SMEM_BYTES;
+use super::ops::ATTN_TC_SMEM_BYTES;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The header every kernel includes as `"common.cuh"`.
@@ -132,10 +132,10 @@ pub const SOURCES: &[KernelSource] = &[
 /// Functions that take more dynamic shared memory than the default limit of 48 KiB, and how much:
 /// their limit is raised at load (every supported GPU has at least 99 KiB per block).
 const LARGE_SHARED_MEMORY: &[(&str, u32)] = &[
-    ("phi3_attention_prefill", ATTN_PREFILL_SMEM_BYTES),
-    ("phi3_attention_prefill_fast", ATTN_PREFILL_SMEM_BYTES),
-    ("phi3_attention_decode", ATTN_PREFILL_SMEM_BYTES),
-    ("phi3_attention_decode_fast", ATTN_PREFILL_SMEM_BYTES),
+    ("phi3_attention_prefill", ATTN_TC_SMEM_BYTES),
+    ("phi3_attention_prefill_fast", ATTN_TC_SMEM_BYTES),
+    ("phi3_attention_decode", ATTN_TC_SMEM_BYTES),
+    ("phi3_attention_decode_fast", ATTN_TC_SMEM_BYTES),
 ];
 
 /// NVRTC options besides the architecture. No fast math: softmax and SiLU use the accurate expf.

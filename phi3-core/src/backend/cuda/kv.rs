@@ -26,7 +26,7 @@
 //! head size allows (the rest of the batch, or all of it, by kernels/attention.cu). A row's result
 //! does not depend on its tile, so the tiling is free; tiles start at each sequence's first row.
 //!
-//! Split keys (flash-decoding, kernels/attention.cu): a decode row (its sequence adds at most
+//! Split keys (flash-decoding, kernels/attention.cu and attention_tc.cu): a decode row (its sequence adds at most
 //! `GEMV_SPAN` tokens) at position `pos` has its keys `0..=pos` cut into
 //! `pos / ATTN_SPLIT_KEYS + 1` slices, each computed by its own block and merged by
 //! phi3_attention_combine, so one long sequence spreads over many SMs. Prefill rows are many
@@ -107,9 +107,9 @@ pub struct CudaKvBatch {
 /// over 3 blocks per KV head (30 for Phi-3-medium) instead of 1, large enough that a block's KV
 /// reads (128 KiB per KV head of Phi-3-medium) dwarf its fixed costs.
 pub(crate) const ATTN_SPLIT_KEYS: usize = 256;
-/// `row_split` of a row whose keys are not split (ATT_NO_SPLIT in attention.cu).
+/// `row_split` of a row whose keys are not split (ATT_NO_SPLIT in kernels/common.cuh).
 const NO_SPLIT: u32 = u32::MAX;
-/// `row_split` of a prefill row (ATT_PREFILL in attention.cu): not split either, and left to the
+/// `row_split` of a prefill row (ATT_PREFILL in kernels/common.cuh): not split either, left to the
 /// tensor-core kernel when it runs.
 const PREFILL: u32 = u32::MAX - 1;
 /// Most query rows of one prefill tile (AP_ROWS in attention_tc.cu).

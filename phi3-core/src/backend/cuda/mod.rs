@@ -414,7 +414,7 @@ impl AttnPlan {
         let fast = kind == AttentionKernel::TensorCoresFast;
         let tc_shape = kind != AttentionKernel::Scalar
             && p.head_dim.is_multiple_of(16)
-            && p.head_dim <= ops::ATTN_PREFILL_MAX_HEAD_DIM;
+            && p.head_dim <= ops::ATTN_TC_MAX_HEAD_DIM;
         let decode_rows = rows - prefill_rows;
         let tc_prefill = tc_shape && prefill_rows > 0;
         let tc_decode = tc_shape && decode_rows > 0 && p.n_heads / p.n_kv_heads.max(1) <= 16;

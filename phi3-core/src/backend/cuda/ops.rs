@@ -15,13 +15,14 @@ const BLOCK: u32 = 256;
 const ATT_MAX_GROUP: usize = 8;
 /// Threads per block of phi3_attention (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
-/// Threads per block of phi3_attention_prefill (AP_THREADS in attention_tc.cu: 4 warps).
-const ATTN_PREFILL_THREADS: u32 = 128;
-/// Dynamic shared memory of phi3_attention_prefill (AP_SMEM_BYTES: two stages of keys and values,
-/// 64 rows of 136 bf16 each). Above the 48 KiB default, so kernels.rs raises the function's limit.
-pub(crate) const ATTN_PREFILL_SMEM_BYTES: u32 = 2 * 2 * 64 * 136 * 2;
-/// Largest head size phi3_attention_prefill takes (AP_HD_MAX); it must also be a multiple of 16.
-pub(crate) const ATTN_PREFILL_MAX_HEAD_DIM: usize = 128;
+/// Threads per block of the tensor-core attention kernels (AP_THREADS in attention_tc.cu: 4 warps).
+const ATTN_TC_THREADS: u32 = 128;
+/// Dynamic shared memory of the tensor-core attention kernels (AP_SMEM_BYTES: two stages of keys
+/// and values, 64 rows of 136 bf16 each). Above the 48 KiB default, so kernels.rs raises the
+/// functions' limit.
+pub(crate) const ATTN_TC_SMEM_BYTES: u32 = 2 * 2 * 64 * 136 * 2;
+/// Largest head size the tensor-core attention kernels take (AP_HD_MAX); also a multiple of 16.
+pub(crate) const ATTN_TC_MAX_HEAD_DIM: usize = 128;
 /// Output rows per block of the GEMV kernels (one warp each).
 const GEMV_ROWS_PER_BLOCK: usize = BLOCK as usize / 32;
 /// Threads per block of the quantized GEMV kernels (gemv_quant.cu: 2 warps).
@@ -403,7 +404,7 @@ impl CudaBackend {
     /// The attention of a batch's rows by `kernel`: phi3_attention (grid (rows, n_kv_heads x the
     /// chunks of at most [`ATT_MAX_GROUP`] query heads that share a KV head, key slices), block
     /// 128), or the decode rows by phi3_attention_decode (grid (rows, n_kv_heads, key slices),
-    /// block 128, [`ATTN_PREFILL_SMEM_BYTES`] of dynamic shared memory; group of at most 16 query
+    /// block 128, [`ATTN_TC_SMEM_BYTES`] of dynamic shared memory; group of at most 16 query
     /// heads per KV head and head size as for prefill, checked by the caller).
     /// `splits` = (scratch slots, most slices of a row) of the batch (`CudaKvBatch::splits`);
     /// `part` the scratch when there are slots (`[slots, n_heads, head_dim + 2]` f32).
@@ -429,8 +430,8 @@ impl CudaBackend {
             RowKernel::TensorCores { fast } => (
                 if fast { "phi3_attention_decode_fast" } else { "phi3_attention_decode" },
                 heads.1,
-                ATTN_PREFILL_THREADS,
-                ATTN_PREFILL_SMEM_BYTES,
+                ATTN_TC_THREADS,
+                ATTN_TC_SMEM_BYTES,
             ),
         };
         let cfg = LaunchConfig {
@@ -490,8 +491,8 @@ impl CudaBackend {
     }
 
     /// phi3_attention_prefill (or `_fast`) over the batch's prefill tiles: grid (tiles, n_heads),
-    /// block 128, [`ATTN_PREFILL_SMEM_BYTES`] of dynamic shared memory. The head size is a multiple
-    /// of 16 up to [`ATTN_PREFILL_MAX_HEAD_DIM`] (checked by the caller).
+    /// block 128, [`ATTN_TC_SMEM_BYTES`] of dynamic shared memory. The head size is a multiple
+    /// of 16 up to [`ATTN_TC_MAX_HEAD_DIM`] (checked by the caller).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention_prefill(
         &self,
@@ -506,8 +507,8 @@ impl CudaBackend {
     ) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (u32_of(tiles, "prefill tiles")?, u32_of(heads.0, "heads")?, 1),
-            block_dim: (ATTN_PREFILL_THREADS, 1, 1),
-            shared_mem_bytes: ATTN_PREFILL_SMEM_BYTES,
+            block_dim: (ATTN_TC_THREADS, 1, 1),
+            shared_mem_bytes: ATTN_TC_SMEM_BYTES,
         };
         let (bps, bl, layer) = kv_ints(kv)?;
         let (nh, nkv, hd) = head_ints(heads)?;
@@ -628,12 +629,12 @@ mod tests {
                 "#define AP_THREADS (32 * AP_WARPS)\n#define AP_ROWS {}\n",
                 super::super::kv::ATTN_PREFILL_ROWS
             ),
-            format!("#define AP_HD_MAX {ATTN_PREFILL_MAX_HEAD_DIM}\n"),
-            format!("#define AP_SMEM_BYTES {ATTN_PREFILL_SMEM_BYTES}\n"),
+            format!("#define AP_HD_MAX {ATTN_TC_MAX_HEAD_DIM}\n"),
+            format!("#define AP_SMEM_BYTES {ATTN_TC_SMEM_BYTES}\n"),
         ] {
             assert!(source.contains(&define), "attention_tc.cu lacks {define:?}");
         }
-        assert_eq!(ATTN_PREFILL_THREADS, 32 * 4, "AP_WARPS = 4");
+        assert_eq!(ATTN_TC_THREADS, 32 * 4, "AP_WARPS = 4");
         assert!(source.contains("#define AP_WARPS 4\n"));
     }
 }
