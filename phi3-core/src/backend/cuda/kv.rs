@@ -26,8 +26,8 @@
 //! head size allows (the rest of the batch, or all of it, by kernels/attention.cu). A row's result
 //! does not depend on its tile, so the tiling is free; tiles start at each sequence's first row.
 //!
-//! Split keys (flash-decoding, kernels/attention.cu and attention_tc.cu): a decode row (its sequence adds at most
-//! `GEMV_SPAN` tokens) at position `pos` has its keys `0..=pos` cut into
+//! Split keys (flash-decoding, kernels/attention.cu and attention_tc.cu): a decode row (its
+//! sequence adds at most `GEMV_SPAN` tokens) at position `pos` has its keys `0..=pos` cut into
 //! `pos / ATTN_SPLIT_KEYS + 1` slices, each computed by its own block and merged by
 //! phi3_attention_combine, so one long sequence spreads over many SMs. Prefill rows are many
 //! already and stay whole. The split depends on the row's position only, never on the rest of
