@@ -486,13 +486,8 @@ static void paged_case(const PagedCase& c) {
     const float scale = (float)(1.0 / std::sqrt((double)hd));
     std::vector<float> out((size_t)rows * q_dim, NAN);
     const unsigned chunks = (unsigned)(c.n_heads / c.n_kv_heads + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
-    auto run_attention = [&](std::vector<float>& o, int skip_prefill) {
-        launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads * chunks, most_splits}, ATT_BLOCK, [&] {
-            phi3_attention(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
-                           row_split.data(), tables.data(), o.data(), part.data(), pool.per_slab,
-                           pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
-                           split_keys, (int)slots, skip_prefill);
-        });
+    // Merges the split rows' slices (written to `part` by either row kernel) into `o`.
+    auto combine = [&](std::vector<float>& o) {
         if (slots > 0) {
             launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
                 phi3_attention_combine(part.data(), row_pos.data(), row_split.data(), o.data(),
@@ -500,7 +495,33 @@ static void paged_case(const PagedCase& c) {
             });
         }
     };
+    auto run_attention = [&](std::vector<float>& o, int skip) {
+        launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads * chunks, most_splits}, ATT_BLOCK, [&] {
+            phi3_attention(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
+                           row_split.data(), tables.data(), o.data(), part.data(), pool.per_slab,
+                           pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
+                           split_keys, (int)slots, skip);
+        });
+        combine(o);
+    };
     run_attention(out, 0);
+    // phi3_attention with `skip` (bit 0: prefill rows, bit 1: decode rows): the rows marked in
+    // `skipped` left alone (NaN), the others bit for bit as without it.
+    auto check_skip = [&](int skip, const std::vector<char>& skipped, const char* what) {
+        std::vector<float> rest((size_t)rows * q_dim, NAN);
+        std::fill(part.begin(), part.end(), NAN);
+        run_attention(rest, skip);
+        size_t differ = 0;
+        for (int r = 0; r < rows; ++r) {
+            for (int e = 0; e < q_dim; ++e) {
+                const size_t i = (size_t)r * q_dim + e;
+                differ += skipped[r] ? !std::isnan(rest[i])
+                                     : __float_as_uint(rest[i]) != __float_as_uint(out[i]);
+            }
+        }
+        std::snprintf(name, sizeof name, "attention skip %s rows %s", what, tag);
+        expect(differ == 0, name, (double)differ, 0.0);
+    };
     // Reference per (row, head): a double-precision softmax over the row's keys gathered through
     // its table; want[d], mag[d] = sum p |v[d]|, and s1 = the largest scale * sum_d |q_d k_d| over
     // the row's keys (bounds the score error of q rounded to bf16).
@@ -556,21 +577,7 @@ static void paged_case(const PagedCase& c) {
         std::find(prefill_row.begin(), prefill_row.end(), 1) != prefill_row.end()) {
         prefill_checks(c, tag, pool, q, row_pos, row_table, tables, prefill_row, ref_want,
                        ref_mag, ref_s1, scale);
-        // phi3_attention with skip_prefill: the other rows bit for bit as before, prefill rows
-        // left alone (NaN).
-        std::vector<float> rest((size_t)rows * q_dim, NAN);
-        std::fill(part.begin(), part.end(), NAN);
-        run_attention(rest, 1);
-        size_t differ = 0;
-        for (int r = 0; r < rows; ++r) {
-            for (int e = 0; e < q_dim; ++e) {
-                const size_t i = (size_t)r * q_dim + e;
-                differ += prefill_row[r] ? !std::isnan(rest[i])
-                                         : __float_as_uint(rest[i]) != __float_as_uint(out[i]);
-            }
-        }
-        std::snprintf(name, sizeof name, "attention skip prefill rows %s", tag);
-        expect(differ == 0, name, (double)differ, 0.0);
+        check_skip(1, prefill_row, "prefill");
     }
 
     // The tensor-core decode kernels on the other rows (split ones merged by
@@ -591,30 +598,13 @@ static void paged_case(const PagedCase& c) {
                        pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
                        split_keys, (int)slots);
             });
-            if (slots > 0) {
-                launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
-                    phi3_attention_combine(part.data(), row_pos.data(), row_split.data(),
-                                           got.data(), c.n_heads, hd, split_keys, (int)slots);
-                });
-            }
+            combine(got);
             std::snprintf(name, sizeof name, "%s %s%s",
                           split ? "attention_decode" : "attention_decode_fast", tag,
                           slots ? " (split)" : "");
             check_tc_rows(name, c, got, decode_row, split, ref_want, ref_mag, ref_s1);
         }
-        std::vector<float> rest((size_t)rows * q_dim, NAN);
-        std::fill(part.begin(), part.end(), NAN);
-        run_attention(rest, 2);
-        size_t differ = 0;
-        for (int r = 0; r < rows; ++r) {
-            for (int e = 0; e < q_dim; ++e) {
-                const size_t i = (size_t)r * q_dim + e;
-                differ += decode_row[r] ? !std::isnan(rest[i])
-                                        : __float_as_uint(rest[i]) != __float_as_uint(out[i]);
-            }
-        }
-        std::snprintf(name, sizeof name, "attention skip decode rows %s", tag);
-        expect(differ == 0, name, (double)differ, 0.0);
+        check_skip(2, decode_row, "decode");
     }
 
     // copy_kv_blocks: three used blocks (different slabs as the shuffle falls) to the spares.
