@@ -266,9 +266,6 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
             bench_projections(&args.fixtures, args.ordinal, r)
         });
         r.section("bench attention kernels", |r| bench_attention(args.ordinal, r));
-        r.section("bench phi3-medium long prompts", |r| {
-            bench_long_prompts(&args.fixtures, args.ordinal, r)
-        });
         for format in [WeightFormat::Int4 { group: 128 }, WeightFormat::Int8] {
             r.section(&format!("bench phi3-medium dummy {format}"), |r| {
                 bench(&args.fixtures, args.ordinal, format, r)
@@ -1076,15 +1073,10 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     let mut s = model.session(SessionOptions::default())?;
     let prompt: Vec<u32> = (0..512).map(|i| 3 + (i % 997) as u32).collect();
     let t = Instant::now();
-    let mut logits = s.append_tokens(&prompt)?;
+    let logits = s.append_tokens(&prompt)?;
     let prefill_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
     let gen = 32;
-    for _ in 0..gen {
-        let tok = sampler::greedy(&logits, model.config().vocab_size).unwrap_or(3);
-        logits = s.append_tokens(&[tok])?;
-    }
-    let decode_s = t.elapsed().as_secs_f64();
+    let (decode_s, logits) = greedy_decode(&model, &mut s, logits, gen)?;
     let stats = model.device_stats();
     let cuda = stats.cuda.as_ref();
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -1120,7 +1112,25 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     if !finite {
         bail!("non-finite logits from dummy weights");
     }
+    if format == WeightFormat::Native {
+        long_prompts(&model, r)?; // on the model already loaded
+    }
     Ok(())
+}
+
+/// `n` greedy decode steps of `s` after `logits`: the seconds they took and the last logits.
+fn greedy_decode(
+    model: &Model,
+    s: &mut phi3_core::Session,
+    mut logits: Vec<f32>,
+    n: usize,
+) -> Result<(f64, Vec<f32>)> {
+    let t = Instant::now();
+    for _ in 0..n {
+        let tok = sampler::greedy(&logits, model.config().vocab_size).unwrap_or(3);
+        logits = s.append_tokens(&[tok])?;
+    }
+    Ok((t.elapsed().as_secs_f64(), logits))
 }
 
 /// The attention kernels alone at Phi-3-medium's shapes (40 query heads over 10 KV heads of 128),
@@ -1225,11 +1235,10 @@ fn time_attention(
     Ok((secs, finite))
 }
 
-/// Native bf16 Phi-3-medium (dummy weights): time to the first token of a 4,096- and a 32,768-token
+/// Native bf16 Phi-3-medium (dummy weights, loaded by [`bench`]): time to the first token of a 4,096- and a 32,768-token
 /// prompt (the scheduler's 512-token chunks), against the goals on an H200 (4,096 tokens at
 /// >= 22,000 tok/s; 32k in <= 2.2 s).
-fn bench_long_prompts(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
-    let (model, _) = load_medium(fixtures, ordinal, WeightFormat::Native, false)?;
+fn long_prompts(model: &Model, r: &mut Report) -> Result<()> {
     for (n, goal) in [(4096usize, "goal >= 22000 tok/s (H200)"), (32768, "goal <= 2.2 s (H200)")] {
         let prompt: Vec<u32> = (0..n).map(|i| 3 + (i % 997) as u32).collect();
         let mut s = model.session(SessionOptions::default())?;
@@ -1252,13 +1261,9 @@ fn bench_long_prompts(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result
         if n == 32768 {
             // Decode at a 32k context: each step reads the weights and 200 KiB of cache per
             // token (27.6 + 6.7 GB; at 4.08 TB/s about 119 tok/s, goal 85% of that).
-            let (gen, mut logits) = (16, logits);
-            let t = Instant::now();
-            for _ in 0..gen {
-                let tok = sampler::greedy(&logits, model.config().vocab_size).unwrap_or(3);
-                logits = s.append_tokens(&[tok])?;
-            }
-            let tok_s = gen as f64 / t.elapsed().as_secs_f64();
+            let gen = 16;
+            let (secs, logits) = greedy_decode(model, &mut s, logits, gen)?;
+            let tok_s = gen as f64 / secs;
             let finite = logits.iter().all(|x| x.is_finite());
             r.push(Row {
                 check: "bench medium decode at 32k context".into(),
