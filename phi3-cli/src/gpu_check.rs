@@ -3,10 +3,11 @@
 //! `scripts/gpu-check`. Each check prints one line as it finishes (so a crash or a timeout still
 //! leaves the lines before it), then a summary that repeats every failure; details go to
 //! `<out>/gpu-check.txt`, appended as each row finishes. `--skip-bench` runs the checks only and
-//! `--bench-only` the benchmarks only, so a run can be split in two under a time limit. Exits non-zero when any check fails. Without a CUDA driver or device it
-//! fails with that error. A section that returns an error (a failed launch, say) becomes one FAIL
-//! line and the next section still runs; after an illegal-address fault every later section on the
-//! same backend fails too, so read the FIRST failure first.
+//! `--bench-only` the benchmarks only, so a run can be split in two under a time limit. Exits
+//! non-zero when any check fails. Without a CUDA driver or device it fails with that error. A
+//! section that returns an error (a failed launch, say) becomes one FAIL line and the next section
+//! still runs; after an illegal-address fault every later section on the same backend fails too, so
+//! read the FIRST failure first.
 //!
 //! Op checks run with poisoning on: every activation and KV block the GPU allocates starts as
 //! NaN, so an output element a kernel fails to write makes its check fail (NaN is never "ok").
@@ -20,9 +21,9 @@
 //! - keys and values in the bf16 cache against the CPU's f32 values rounded to bf16: 1e-3 (equal
 //!   but for the rare element whose f32 value differs by an ulp across a bf16 rounding boundary).
 //! - ops that round to bf16 on the device (GEMM and decode GEMM inputs for bf16/f16 weights;
-//!   attention over the bf16 cache against the CPU's f32 cache; the one-term tensor-core
-//!   attention, q and p in bf16, over the same inputs): 1e-2. bf16 keeps 8 significant bits:
-//!   round-to-nearest error is at most 2^-8 = 3.9e-3 relative and ~1.1e-3 RMS, and a dot product of independently
+//!   attention over the bf16 cache against the CPU's f32 cache; the one-term tensor-core attention,
+//!   q and p in bf16, over the same inputs): 1e-2. bf16 keeps 8 significant bits: round-to-nearest
+//!   error is at most 2^-8 = 3.9e-3 relative and ~1.1e-3 RMS, and a dot product of independently
 //!   rounded terms keeps that relative RMS error; 1e-2 leaves ~5x headroom.
 //! - full model logits (vs HF and vs the CPU backend): 3e-2 per logits row. The 2-layer fixtures
 //!   chain ~10 such roundings (qkv, k/v store, o, gate_up, down per layer, lm_head) whose errors
@@ -47,18 +48,18 @@
 //! against the uncut batch, and 12 concurrent sessions' logits against their solo runs.
 //!
 //! Benchmarks: the attention kernels alone (f32, tensor cores in two and in one bf16 term; a
-//! 512-row prefill chunk at 4k and 32k context, decode of one session at 512, 4k and 32k and
-//! of 64 at 2k), the native Phi-3-medium prefill of 4k and 32k tokens
-//! and decode at 32k against the issue's goals, the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
+//! 512-row prefill chunk at 4k and 32k context, decode of one session at 512, 4k and 32k and of 64
+//! at 2k), the native Phi-3-medium prefill of 4k and 32k tokens and decode at 32k against the
+//! issue's goals, the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
 //! projections (device-generated random quantized weights: speed does not depend on values), and
 //! the projections alone (40 layers x qkv, o, gate_up, down per token) per format with the bytes
 //! read per second. Decode rows show the issue's goals (int4 >= 450 tok/s, int8 >= 250 tok/s on an
 //! H200) in the limit column and "below goal" in the value; a bench row fails only on non-finite
 //! output or an error, never on speed. Last, continuous batching (`phi3 bench --sessions N`'s
 //! measurement, native bf16): 32 sessions at 1k context and 64 at 2k decoding 32 tokens each at
-//! once, with the issue's goals (>= 3,000 and >= 3,800 tok/s in total, time per output token at
-//! 32 sessions <= 2x the batch-1 time); their JSON reports go to `<out>/bench-sessions-*.json`,
-//! which scripts/gpu-check hands to bench/compare_hf.py for transformers' figures.
+//! once, with the issue's goals (>= 3,000 and >= 3,800 tok/s in total, time per output token at 32
+//! sessions <= 2x the batch-1 time); their JSON reports go to `<out>/bench-sessions-*.json`, which
+//! scripts/gpu-check hands to bench/compare_hf.py for transformers' figures.
 //!
 //! Greedy continuations must equal HF's exactly; a difference is reported with the logit gap at
 //! the first divergence (a gap near 0 is a near-tie, not necessarily a bug).
@@ -761,9 +762,9 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
 type GpuAttnInputs<'a> = (&'a CudaAct, &'a CudaKvBatch, &'a CudaKvPool, usize, &'a AttnParams);
 
 /// The other attention kernels over the inputs of the default ones (tensor cores with q and p in
-/// two bf16 terms, for the shapes they take; the caller checks their error): the one-term tensor-core kernel
-/// rounds q and p to bf16 (at most 2^-8 relative each, as the bf16 GEMM inputs: [`TOL_BF16`]) and the f32
-/// kernel must stay within [`TOL_F32`] of the CPU over the same inputs.
+/// two bf16 terms, for the shapes they take; the caller checks their error): the one-term
+/// tensor-core kernel rounds q and p to bf16 (at most 2^-8 relative each, as the bf16 GEMM inputs:
+/// [`TOL_BF16`]) and the f32 kernel must stay within [`TOL_F32`] of the CPU over the same inputs.
 fn attention_variants(
     gpu: &CudaBackend,
     r: &mut Report,
@@ -1134,10 +1135,11 @@ fn greedy_decode(
 }
 
 /// The attention kernels alone at Phi-3-medium's shapes (40 query heads over 10 KV heads of 128),
-/// one layer, each [`AttentionKernel`]: one 512-row prefill chunk (the scheduler's) at the end of
-/// a 4k and of a 32k context, with the tensor FLOP/s of its causal work (4 x head_dim x heads per
+/// one layer, each [`AttentionKernel`]: one 512-row prefill chunk (the scheduler's) at the end of a
+/// 4k and of a 32k context, with the tensor FLOP/s of its causal work (4 x head_dim x heads per
 /// visible key and row); decode rows of one session at 512, 4k and 32k and of 64 sessions at 2k
-/// (issue 10's shape), with the KV bytes read per second (each row reads its keys and values once per KV head).
+/// (issue 10's shape), with the KV bytes read per second (each row reads its keys and values once
+/// per KV head).
 fn bench_attention(ordinal: usize, r: &mut Report) -> Result<()> {
     let gpu = CudaBackend::new(ordinal)?;
     let (n_heads, n_kv_heads, head_dim) = (40, 10, 128);
@@ -1235,9 +1237,9 @@ fn time_attention(
     Ok((secs, finite))
 }
 
-/// Native bf16 Phi-3-medium (dummy weights, loaded by [`bench`]): time to the first token of a 4,096- and a 32,768-token
-/// prompt (the scheduler's 512-token chunks), against the issue's goals on an H200 (4,096 tokens at
-/// >= 22,000 tok/s; 32k in <= 2.2 s).
+/// Native bf16 Phi-3-medium (dummy weights, loaded by [`bench`]): time to the first token of a
+/// 4,096- and a 32,768-token prompt (the scheduler's 512-token chunks), against the issue's goals
+/// on an H200 (4,096 tokens at >= 22,000 tok/s; 32k in <= 2.2 s); then decode at that 32k context.
 fn long_prompts(model: &Model, r: &mut Report) -> Result<()> {
     for (n, goal) in [(4096usize, "goal >= 22000 tok/s (H200)"), (32768, "goal <= 2.2 s (H200)")] {
         let prompt: Vec<u32> = (0..n).map(|i| 3 + (i % 997) as u32).collect();
