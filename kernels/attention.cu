@@ -11,7 +11,7 @@
 //   layer `layer`;
 //   row_pos [rows] u32: the row's position in its sequence;
 //   row_table [rows] u32: where the row's sequence's block table starts in `tables`;
-//   row_split [rows] u32, part, split_keys, split_slots: split keys (below);
+//   row_split [rows] u32, part, tickets, split_keys, split_slots: split keys (below);
 //   tables [...] u32: block ids, each sequence's in position order (key j of a sequence is token
 //   j % 16 of block table[j / 16]).
 //   A row at position pos sees its own sequence's keys first..pos, first = max(0, pos + 1 - window)
@@ -31,7 +31,9 @@
 // 0..pos cut into slices of split_keys (row_split[row]: its first slot in `part`; ATT_NO_SPLIT
 // or ATT_PREFILL for other rows, whose block covers all their keys). Block z computes slice z
 // alone and writes its unnormalised accumulator, max and sum to `part`
-// ([split_slots][n_heads][head_dim] floats, then [split_slots][n_heads][2]); phi3_attention_combine then merges a row's slices. A long
+// ([split_slots][n_heads][head_dim] floats, then [split_slots][n_heads][2]), and the last of a
+// (row, blockIdx.y)'s slices to finish merges them into `out` (att_merge_slices in common.cuh,
+// counting arrivals in tickets[row * gridDim.y + blockIdx.y], zero before and after). A long
 // context is then spread over pos / split_keys + 1 blocks per KV head instead of one. Which rows
 // split, and where, depends on each row's own position only (the host's batch descriptor,
 // kv.rs), so a row's result does not depend on its batch.
@@ -49,7 +51,8 @@
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 phi3_attention(const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
                    const unsigned int* row_table, const unsigned int* row_split,
-                   const unsigned int* tables, float* out, float* part, int blocks_per_slab,
+                   const unsigned int* tables, float* out, float* part, unsigned int* tickets,
+                   int blocks_per_slab,
                    int block_len, int layer, int n_heads, int n_kv_heads, int head_dim,
                    float scale, int window, int split_keys, int split_slots,
                    int skip) {
@@ -174,35 +177,9 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
             }
         }
     }
-}
-
-// Combines the split slices of each split row: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M),
-// M = max_s m_s, slices added in order (a row's split count depends on its position only, so
-// its result does not depend on its batch). Grid (rows, n_heads), block ATT_THREADS; unsplit rows
-// return at once.
-extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-phi3_attention_combine(const float* part, const unsigned int* row_pos,
-                       const unsigned int* row_split, float* out, int n_heads, int head_dim,
-                       int split_keys, int split_slots) {
-    const int row = blockIdx.x, h = blockIdx.y;
-    const unsigned int slot0 = row_split[row];
-    if (slot0 >= ATT_PREFILL) return;
-    const int n_s = (int)row_pos[row] / split_keys + 1;
-    const float* ml = part + (size_t)split_slots * n_heads * head_dim;
-    float mx = PHI3_NEG_INF;
-    for (int s = 0; s < n_s; ++s) mx = fmaxf(mx, ml[2 * ((size_t)(slot0 + s) * n_heads + h)]);
-    float sum = 0.0f;
-    for (int s = 0; s < n_s; ++s) {
-        const size_t at = (size_t)(slot0 + s) * n_heads + h;
-        sum += ml[2 * at + 1] * expf(ml[2 * at] - mx);  // an empty slice: 0 * e^-inf = 0
-    }
-    float* o = out + (size_t)row * n_heads * head_dim + (size_t)h * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += ATT_THREADS) {
-        float acc = 0.0f;
-        for (int s = 0; s < n_s; ++s) {
-            const size_t at = (size_t)(slot0 + s) * n_heads + h;
-            acc += part[at * head_dim + d] * expf(ml[2 * at] - mx);
-        }
-        o[d] = acc / sum;
+    if (whole) return;
+    const int n_s = pos / split_keys + 1;
+    if (last_arrival(tickets + (size_t)row * gridDim.y + blockIdx.y, (unsigned int)n_s)) {
+        att_merge_slices(part, out, slot0, n_s, row, h0, n_g, n_heads, head_dim, split_slots);
     }
 }

@@ -317,14 +317,16 @@ __device__ __forceinline__ void attention_prefill_impl(
 // through shared memory. Key slices (flash-decoding) as phi3_attention: a row at
 // position pos >= split_keys (row_split[row] its first slot) has keys 0..pos in slices of
 // split_keys, block z computing slice z and writing its unnormalised accumulator, max and sum to
-// `part` (phi3_attention's layout) for phi3_attention_combine; other rows take all their keys in
-// block z = 0 and write `out`.
+// `part` (phi3_attention's layout), the last of a (row, KV head)'s slices to finish merging them
+// into `out` (att_merge_slices, tickets[row * n_kv_heads + kvh]); other rows take all their keys
+// in block z = 0 and write `out`.
 template <bool SPLIT>
 __device__ __forceinline__ void attention_decode_impl(
     const float* q, const unsigned long long* slabs, const unsigned int* row_pos,
     const unsigned int* row_table, const unsigned int* row_split, const unsigned int* tables,
-    float* out, float* part, int blocks_per_slab, int block_len, int layer, int n_heads,
-    int n_kv_heads, int head_dim, float scale, int window, int split_keys, int split_slots) {
+    float* out, float* part, unsigned int* tickets, int blocks_per_slab, int block_len, int layer,
+    int n_heads, int n_kv_heads, int head_dim, float scale, int window, int split_keys,
+    int split_slots) {
     PHI3_DYNAMIC_SMEM(unsigned short, smem);
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -417,6 +419,11 @@ __device__ __forceinline__ void attention_decode_impl(
             }
         }
     }
+    if (slot0 == ATT_NO_SPLIT) return;
+    const int n_s = pos / split_keys + 1;
+    if (last_arrival(tickets + (size_t)row * gridDim.y + kvh, (unsigned int)n_s)) {
+        att_merge_slices(part, out, slot0, n_s, row, h0, group, n_heads, head_dim, split_slots);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(AP_THREADS)
@@ -444,22 +451,23 @@ extern "C" __global__ void __launch_bounds__(AP_THREADS)
     phi3_attention_decode(const float* q, const unsigned long long* slabs,
                           const unsigned int* row_pos, const unsigned int* row_table,
                           const unsigned int* row_split, const unsigned int* tables, float* out,
-                          float* part, int blocks_per_slab, int block_len, int layer, int n_heads,
-                          int n_kv_heads, int head_dim, float scale, int window, int split_keys,
-                          int split_slots) {
+                          float* part, unsigned int* tickets, int blocks_per_slab, int block_len,
+                          int layer, int n_heads, int n_kv_heads, int head_dim, float scale,
+                          int window, int split_keys, int split_slots) {
     attention_decode_impl<true>(q, slabs, row_pos, row_table, row_split, tables, out, part,
-                                blocks_per_slab, block_len, layer, n_heads, n_kv_heads, head_dim,
-                                scale, window, split_keys, split_slots);
+                                tickets, blocks_per_slab, block_len, layer, n_heads, n_kv_heads,
+                                head_dim, scale, window, split_keys, split_slots);
 }
 
 extern "C" __global__ void __launch_bounds__(AP_THREADS)
     phi3_attention_decode_fast(const float* q, const unsigned long long* slabs,
                                const unsigned int* row_pos, const unsigned int* row_table,
                                const unsigned int* row_split, const unsigned int* tables,
-                               float* out, float* part, int blocks_per_slab, int block_len,
-                               int layer, int n_heads, int n_kv_heads, int head_dim, float scale,
-                               int window, int split_keys, int split_slots) {
+                               float* out, float* part, unsigned int* tickets, int blocks_per_slab,
+                               int block_len, int layer, int n_heads, int n_kv_heads,
+                               int head_dim, float scale, int window, int split_keys,
+                               int split_slots) {
     attention_decode_impl<false>(q, slabs, row_pos, row_table, row_split, tables, out, part,
-                                 blocks_per_slab, block_len, layer, n_heads, n_kv_heads, head_dim,
-                                 scale, window, split_keys, split_slots);
+                                 tickets, blocks_per_slab, block_len, layer, n_heads, n_kv_heads,
+                                 head_dim, scale, window, split_keys, split_slots);
 }

@@ -10,6 +10,7 @@
 // Reductions: warp_sum / warp_max with shuffles, block_sum / block_max through 32 floats of shared
 // memory (any blockDim.x that is a multiple of 32, up to 1024).
 // Paged KV cache: kv_block / kv_row find a token's keys or values in the pool (layout below).
+// swiglu_f32: the MLP activation; last_arrival: the last of several blocks reduces their partials.
 #pragma once
 
 // -inf without math.h (NVRTC compiles with no system headers).
@@ -106,6 +107,35 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// silu(g) * u (HF Phi3MLP: up * silu(gate)) with the accurate expf, each operation rounded on
+// its own (no contraction into an fma), so phi3_swiglu and the decode GEMM's fused staging
+// (decode_gemm.cu) compute the same f32 value.
+__device__ __forceinline__ float swiglu_f32(float g, float u) {
+    return __fmul_rn(u, __fdiv_rn(g, __fadd_rn(1.0f, expf(-g))));
+}
+
+// Serial reduction across blocks (split-K partial sums, split-key attention slices): the `n`
+// blocks that write partial results of one output tile each call last_arrival once, after their
+// writes, with the tile's counter (zero before the launch). It returns true in every thread of
+// exactly one of them, the last to arrive, which then reads the others' partials through __ldcg
+// (from L2, never a stale L1 line) and reduces them in a fixed order; it also sets the counter
+// back to zero, so the next launch finds it so. Which block is last varies from run to run, so the
+// reduction order must not depend on it. This replaces a second kernel launch that would only add
+// up the partials. Every thread of the block must call it (it synchronises).
+__device__ __forceinline__ bool last_arrival(unsigned int* counter, unsigned int n) {
+    __shared__ int is_last;
+    __threadfence();  // this thread's partials reach the whole device before the count does
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(counter, 1u) == n - 1u;
+        if (is_last) atomicExch(counter, 0u);
+    }
+    __syncthreads();
+    const bool last = is_last != 0;
+    if (last) __threadfence();
+    return last;
+}
+
 // The paged KV cache (backend/cuda/mod.rs, CudaKvPool; block ids are kv_pool.rs's). A block holds
 // PHI3_KV_BLOCK_TOKENS tokens of every layer: [n_layers][2: keys, values][PHI3_KV_BLOCK_TOKENS]
 // [kv_dim] bf16, block_len = 2 * n_layers * PHI3_KV_BLOCK_TOKENS * kv_dim values. Blocks live in
@@ -138,6 +168,44 @@ __device__ __forceinline__ bool att_block_keys(unsigned int slot0, int split, in
     *lo = max(first, s_lo);
     *hi = min(pos, s_lo + split_keys - 1);
     return s_lo <= pos;
+}
+
+// Split decode rows (see att_block_keys): the block that finishes a row's slices last (blocks
+// (row, y, 0..n_s - 1) call last_arrival on tickets[row * gridDim.y + y]) merges them for the
+// query heads h0..h0 + n_h - 1 (n_h <= 16) that its blocks computed:
+// out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s, slices added in order
+// (a row's slice count depends on its position only, so its result does not depend on its
+// batch). `part` holds [split_slots][n_heads][head_dim] accumulators, then [split_slots][n_heads]
+// (max, sum) pairs; an empty slice (-inf, 0) adds 0 * e^-inf = 0.
+__device__ __forceinline__ void att_merge_slices(const float* part, float* out, unsigned int slot0,
+                                                 int n_s, int row, int h0, int n_h, int n_heads,
+                                                 int head_dim, int split_slots) {
+    __shared__ float merge_m[16], merge_l[16];
+    const float* ml = part + (size_t)split_slots * n_heads * head_dim;
+    if ((int)threadIdx.x < n_h) {
+        const int h = h0 + (int)threadIdx.x;
+        float mx = PHI3_NEG_INF;
+        for (int s = 0; s < n_s; ++s) {
+            mx = fmaxf(mx, __ldcg(ml + 2 * ((size_t)(slot0 + s) * n_heads + h)));
+        }
+        float sum = 0.0f;
+        for (int s = 0; s < n_s; ++s) {
+            const size_t at = (size_t)(slot0 + s) * n_heads + h;
+            sum += __ldcg(ml + 2 * at + 1) * expf(__ldcg(ml + 2 * at) - mx);
+        }
+        merge_m[threadIdx.x] = mx;
+        merge_l[threadIdx.x] = sum;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_h * head_dim; i += blockDim.x) {
+        const int r = i / head_dim, d = i - r * head_dim, h = h0 + r;
+        float acc = 0.0f;
+        for (int s = 0; s < n_s; ++s) {
+            const size_t at = (size_t)(slot0 + s) * n_heads + h;
+            acc += __ldcg(part + at * head_dim + d) * expf(__ldcg(ml + 2 * at) - merge_m[r]);
+        }
+        out[(size_t)row * n_heads * head_dim + (size_t)h * head_dim + d] = acc / merge_l[r];
+    }
 }
 
 __device__ __forceinline__ bf16* kv_block(const unsigned long long* slabs, int blocks_per_slab,

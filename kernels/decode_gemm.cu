@@ -4,6 +4,9 @@
 // phi3_decode_gemm_<bf16|f16>: w [out, in] (row-major, nn.Linear layout), x [ntok, in] f32 (the
 // activations; each block rounds the chunk it stages to the weight's 16-bit type, to nearest
 // even as phi3_f32_to_<type> does, so no conversion kernel runs before it), y [ntok, out] f32.
+// phi3_decode_gemm_swiglu_<bf16|f16>: the same with x = silu(gate) * up of gate_up
+// [ntok, 2 * in] (gate columns first; swiglu_f32 of common.cuh, as phi3_swiglu computes it),
+// taken while staging: down_proj of a decode step without the activation's own launch.
 // Needs in % 32 == 0 and w, x 16-byte aligned (the launcher checks; otherwise it runs one GEMV
 // per row).
 //
@@ -12,9 +15,9 @@
 // order that depends on its batch. Here every output y[t, o] is the same sequence of operations
 // whatever ntok is: the K range is split into `gridDim.y` slices chosen from (out, in) and the
 // device alone, each slice is accumulated chunk by chunk in increasing k by one mma.m16n8k16
-// chain, and the slices are added in order by phi3_sum_splits. Tokens are independent columns of
-// the mma, so the other tokens of the batch (and the zero padding to a multiple of 8) never enter
-// a token's sums. One solo decode step is the ntok = 1 case of the same kernel.
+// chain, and the slices are added in order. Tokens are independent columns of the mma, so the
+// other tokens of the batch (and the zero padding to a multiple of 8) never enter a token's sums.
+// One solo decode step is the ntok = 1 case of the same kernel.
 //
 // Layout: a block of DG_WARPS warps owns DG_ROWS = 16 * DG_WARPS output rows and up to DG_TOK
 // tokens (blockIdx.z picks the token slice, blockIdx.y the K slice). Per chunk of DG_KC columns
@@ -26,8 +29,12 @@
 // second, for A (weights) and B (x) alike, so every product pairs the same column of both.
 // Weights are read once per token slice, so up to DG_TOK tokens cost one pass over the weights.
 //
-// Launch: grid (ceil(out / DG_ROWS), splits, ceil(ntok / DG_TOK)), block 32 * DG_WARPS; with
-// splits > 1, y is a [splits, ntok, out] scratch that phi3_sum_splits adds into [ntok, out].
+// K slices: with splits > 1 each block writes its sums to `part` ([splits, ntok, out] scratch),
+// and the last of a tile's `splits` blocks to finish (last_arrival on tickets[z * gridDim.x + x],
+// zero before the launch and left zero) adds the tile's slices in order 0, 1, .., splits - 1 into
+// y. With splits = 1 blocks write y directly and part and tickets are not read.
+//
+// Launch: grid (ceil(out / DG_ROWS), splits, ceil(ntok / DG_TOK)), block 32 * DG_WARPS.
 // Rust launcher: ops.rs (launch_decode_gemm); constants mirrored there.
 #include "common.cuh"
 
@@ -39,21 +46,45 @@
 // one quarter-warp in different banks.
 #define DG_XS_STRIDE (DG_KC + 32)
 
-// 8 consecutive f32 (16-byte aligned) rounded to bf16 or f16, packed in memory order.
-template <bool F16> __device__ __forceinline__ uint4 round8(const float* p) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+// 8 f32 rounded to bf16 or f16, packed in order.
+template <bool F16> __device__ __forceinline__ uint4 pack8(const float* v) {
     auto pair = [](float lo, float hi) {
         const unsigned short l = F16 ? f32_to_f16(lo).bits : f32_to_bf16(lo).bits;
         const unsigned short h = F16 ? f32_to_f16(hi).bits : f32_to_bf16(hi).bits;
         return (unsigned int)l | ((unsigned int)h << 16);
     };
-    return make_uint4(pair(a.x, a.y), pair(a.z, a.w), pair(b.x, b.y), pair(b.z, b.w));
+    return make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
 }
 
-template <bool F16>
-__device__ void decode_gemm_impl(const unsigned short* w, const float* x, float* y,
-                                 int in, int out, int ntok, int k_per_split) {
+// 8 consecutive f32 at p (16-byte aligned).
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// Columns c..c+7 of token row `tok` of the input, rounded: x [.., in], or silu(gate) * up of
+// gate_up [.., 2 * in] for SWIGLU.
+template <bool F16, bool SWIGLU>
+__device__ __forceinline__ uint4 stage8(const float* x, int tok, int in, int c) {
+    float v[8];
+    if (SWIGLU) {
+        float u[8];
+        const float* gate = x + (size_t)tok * 2 * in + c;
+        load8(gate, v);
+        load8(gate + in, u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = swiglu_f32(v[i], u[i]);
+    } else {
+        load8(x + (size_t)tok * in + c, v);
+    }
+    return pack8<F16>(v);
+}
+
+template <bool F16, bool SWIGLU>
+__device__ void decode_gemm_impl(const unsigned short* w, const float* x, float* y, float* part,
+                                 unsigned int* tickets, int in, int out, int ntok,
+                                 int k_per_split) {
     __shared__ __align__(16) unsigned short xs[DG_TOK * DG_XS_STRIDE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -87,7 +118,7 @@ __device__ void decode_gemm_impl(const unsigned short* w, const float* x, float*
         for (int i = threadIdx.x; i < ntiles * 8 * vecs; i += blockDim.x) {
             const int r = i / vecs, c = (i - r * vecs) * 8;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);  // padding tokens: zero columns of B
-            if (r < nt) v = round8<F16>(x + (size_t)(tok0 + r) * in + k0 + c);
+            if (r < nt) v = stage8<F16, SWIGLU>(x, tok0 + r, in, k0 + c);
             *reinterpret_cast<uint4*>(xs + r * DG_XS_STRIDE + c) = v;
         }
         __syncthreads();
@@ -110,7 +141,8 @@ __device__ void decode_gemm_impl(const unsigned short* w, const float* x, float*
     }
 
     // Accumulator (row g or g + 8 of the warp's 16, token 2t or 2t + 1 of the tile).
-    float* ys = y + (size_t)blockIdx.y * ntok * out;
+    const int splits = (int)gridDim.y;
+    float* ys = splits > 1 ? part + (size_t)blockIdx.y * ntok * out : y;
 #pragma unroll
     for (int j = 0; j < DG_TOK / 8; ++j) {
         if (j >= ntiles) break;
@@ -121,26 +153,40 @@ __device__ void decode_gemm_impl(const unsigned short* w, const float* x, float*
             if (row < out && tok < nt) ys[(size_t)(tok0 + tok) * out + row] = acc[j][e];
         }
     }
-}
-
-extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
-    phi3_decode_gemm_bf16(const unsigned short* w, const float* x, float* y, int in,
-                          int out, int ntok, int k_per_split) {
-    decode_gemm_impl<false>(w, x, y, in, out, ntok, k_per_split);
-}
-
-extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
-    phi3_decode_gemm_f16(const unsigned short* w, const float* x, float* y, int in,
-                         int out, int ntok, int k_per_split) {
-    decode_gemm_impl<true>(w, x, y, in, out, ntok, k_per_split);
-}
-
-// y[i] = sum over s = 0, 1, .., splits - 1 (in that order) of part[s * n + i].
-extern "C" __global__ void phi3_sum_splits(const float* part, float* y, long long n, int splits) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float v = part[i];
-        for (int s = 1; s < splits; ++s) v += part[s * n + i];
-        y[i] = v;
+    if (splits == 1) return;
+    if (!last_arrival(tickets + blockIdx.z * gridDim.x + blockIdx.x, (unsigned int)splits)) return;
+    // The tile's slices in order; consecutive threads take consecutive rows of a token.
+    const size_t stride = (size_t)ntok * out;
+    for (int i = threadIdx.x; i < nt * DG_ROWS; i += blockDim.x) {
+        const int tok = tok0 + i / DG_ROWS, row = blockIdx.x * DG_ROWS + i % DG_ROWS;
+        if (row >= out) continue;
+        const size_t at = (size_t)tok * out + row;
+        float v = __ldcg(part + at);
+        for (int s = 1; s < splits; ++s) v += __ldcg(part + s * stride + at);
+        y[at] = v;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
+    phi3_decode_gemm_bf16(const unsigned short* w, const float* x, float* y, float* part,
+        unsigned int* tickets, int in, int out, int ntok, int k_per_split) {
+    decode_gemm_impl<false, false>(w, x, y, part, tickets, in, out, ntok, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
+    phi3_decode_gemm_f16(const unsigned short* w, const float* x, float* y, float* part,
+        unsigned int* tickets, int in, int out, int ntok, int k_per_split) {
+    decode_gemm_impl<true, false>(w, x, y, part, tickets, in, out, ntok, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
+    phi3_decode_gemm_swiglu_bf16(const unsigned short* w, const float* x, float* y, float* part,
+        unsigned int* tickets, int in, int out, int ntok, int k_per_split) {
+    decode_gemm_impl<false, true>(w, x, y, part, tickets, in, out, ntok, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DG_WARPS)
+    phi3_decode_gemm_swiglu_f16(const unsigned short* w, const float* x, float* y, float* part,
+        unsigned int* tickets, int in, int out, int ntok, int k_per_split) {
+    decode_gemm_impl<true, true>(w, x, y, part, tickets, in, out, ntok, k_per_split);
 }

@@ -1,7 +1,8 @@
 // swiglu.cu: the Phi-3 MLP activation (HF Phi3MLP): out = up * silu(gate).
 //
 // phi3_swiglu: gate_up [rows, 2 * ffn] f32 (gate columns first, then up) -> out [rows, ffn] f32.
-// silu(g) = g / (1 + exp(-g)) with the accurate expf (no fast math).
+// silu(g) = g / (1 + exp(-g)) with the accurate expf (swiglu_f32 of common.cuh, which the decode
+// GEMM's fused staging shares).
 // Launch: grid-stride over rows * ffn elements, block 256. Rust launcher: ops.rs (swiglu).
 #include "common.cuh"
 
@@ -10,8 +11,6 @@ extern "C" __global__ void phi3_swiglu(const float* gate_up, float* out, unsigne
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long r = i / ffn, c = i % ffn;
-        float g = gate_up[r * 2 * ffn + c];
-        float u = gate_up[r * 2 * ffn + ffn + c];
-        out[i] = u * (g / (1.0f + expf(-g)));
+        out[i] = swiglu_f32(gate_up[r * 2 * ffn + c], gate_up[r * 2 * ffn + ffn + c]);
     }
 }

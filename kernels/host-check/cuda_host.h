@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <memory>
 #include <ucontext.h>
 #include <vector>
@@ -46,6 +47,26 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+
+// Atomics, fences and cache-hinted loads: fibers switch only at barriers, so plain memory
+// operations are atomic and ordered here.
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+    const unsigned int o = *p;
+    *p = o + v;
+    return o;
+}
+inline unsigned int atomicExch(unsigned int* p, unsigned int v) {
+    const unsigned int o = *p;
+    *p = v;
+    return o;
+}
+inline void __threadfence() {}
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+// The IEEE operations without contraction (the host compiler is run without -ffast-math and
+// with -ffp-contract=off).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 
 // PRMT default mode: result byte n = byte (s >> 4n) & 7 of the 8 bytes {x, y}.
 inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
@@ -300,16 +321,25 @@ inline const std::function<void()>* phi3_kernel = nullptr;
 }
 
 // Run `kernel` over grid (x, y, z) x block (1-D) with `smem` bytes of dynamic shared memory, one
-// block at a time, its threads as fibers taking turns at barriers.
+// block at a time in a shuffled order, its threads as fibers taking turns at barriers.
 inline void launch(dim3h grid, unsigned int block, size_t smem, const std::function<void()>& kernel) {
     gridDim = grid;
     blockDim = dim3h{block, 1, 1};
     phi3_kernel = &kernel;
     std::vector<Phi3Fiber> fibers(block);
     for (auto& f : fibers) f.stack.reset(new char[PHI3_FIBER_STACK]);
+    // Blocks run in a shuffled order (seeded), as a GPU gives no order: a kernel whose blocks
+    // depend on one another's order (which of several is the last to finish) shows it.
+    std::vector<dim3h> blocks;
     for (unsigned int bz = 0; bz < grid.z; ++bz)
-    for (unsigned int by = 0; by < grid.y; ++by) {
-        for (unsigned int bx = 0; bx < grid.x; ++bx) {
+        for (unsigned int by = 0; by < grid.y; ++by)
+            for (unsigned int bx = 0; bx < grid.x; ++bx) blocks.push_back(dim3h{bx, by, bz});
+    for (size_t i = blocks.size(); i > 1; --i) {
+        std::swap(blocks[i - 1], blocks[phi3_schedule_rng() % i]);
+    }
+    for (const dim3h& b : blocks) {
+        const unsigned int bx = b.x, by = b.y, bz = b.z;
+        {
             phi3_host_smem_buffer.assign(smem, 0xff);
             phi3_host_dynamic_smem = phi3_host_smem_buffer.data();
             std::vector<std::unique_ptr<WarpExchange>> warps;

@@ -20,9 +20,10 @@
 // - decode GEMM (kernels/decode_gemm.cu; mma.m16n8k16 emulated from the PTX fragment layout in
 //   cuda_host.h): y [ntok, out] = x [ntok, in] @ w [out, in]^T in bf16 and f16, with token counts
 //   that do not fill an 8-token tile or that span two 64-token slices, rows that do not fill a
-//   block's 64, chunks shorter than 128 columns and K split into slices added by
-//   phi3_sum_splits; to 1e-5 of sum |x w| against a double reference, and each token's row equal
-//   bit for bit to a launch with that token alone (the batch invariance the kernel exists for).
+//   block's 64, chunks shorter than 128 columns and K split into slices that the last block of
+//   each tile adds (its counters left zero), and the swiglu variant reading gate_up; to 1e-5 of
+//   sum |x w| against a double reference, and each token's row equal bit for bit to a launch with
+//   that token alone (the batch invariance the kernel exists for).
 // - tensor-core prefill attention (kernels/attention_tc.cu; mma, ldmatrix and cp.async
 //   emulated in cuda_host.h) on the same paged batches, for head sizes that are multiples of 16 up
 //   to 128: the prefill rows (sequences of more than 4 rows) against the double-precision softmax
@@ -30,7 +31,8 @@
 //   one), the other rows untouched; the same rows in two other tilings bit for bit (chunking and
 //   batching invariance); phi3_attention with skip_prefill leaving the prefill rows alone and the
 //   others bit for bit as before.
-// Warps run at different speeds in the emulation (cuda_host.h), so a missing barrier shows.
+// Warps run at different speeds and blocks in a shuffled order in the emulation (cuda_host.h),
+// so a missing barrier or a dependence on which block finishes last shows.
 // Build and run: scripts/nvrtc-check (g++ -std=c++20 -pthread). Exit status 1 on any mismatch.
 #include <cstdio>
 #include <random>
@@ -43,6 +45,7 @@
 #include "../attention_tc.cu"
 #include "../kv_blocks.cu"
 #include "../decode_gemm.cu"
+#include "../swiglu.cu"
 
 #include <algorithm>
 
@@ -486,23 +489,23 @@ static void paged_case(const PagedCase& c) {
     const float scale = (float)(1.0 / std::sqrt((double)hd));
     std::vector<float> out((size_t)rows * q_dim, NAN);
     const unsigned chunks = (unsigned)(c.n_heads / c.n_kv_heads + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
-    // Merges the split rows' slices (written to `part` by either row kernel) into `o`.
-    auto combine = [&](std::vector<float>& o) {
-        if (slots > 0) {
-            launch(dim3h{(unsigned)rows, (unsigned)c.n_heads, 1}, ATT_BLOCK, [&] {
-                phi3_attention_combine(part.data(), row_pos.data(), row_split.data(), o.data(),
-                                       c.n_heads, hd, split_keys, (int)slots);
-            });
-        }
+    // Arrival counters of the split rows' slices (one per row and blockIdx.y of either row
+    // kernel): every launch must leave them zero for the next.
+    std::vector<unsigned int> tickets((size_t)rows * c.n_kv_heads * chunks + 1, 0u);
+    auto tickets_left_zero = [&](const char* what) {
+        size_t left = 0;
+        for (unsigned int v : tickets) left += v != 0;
+        std::snprintf(name, sizeof name, "%s tickets left zero %s", what, tag);
+        expect(left == 0, name, (double)left, 0.0);
     };
     auto run_attention = [&](std::vector<float>& o, int skip) {
         launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads * chunks, most_splits}, ATT_BLOCK, [&] {
             phi3_attention(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
-                           row_split.data(), tables.data(), o.data(), part.data(), pool.per_slab,
-                           pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
-                           split_keys, (int)slots, skip);
+                           row_split.data(), tables.data(), o.data(), part.data(), tickets.data(),
+                           pool.per_slab, pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd,
+                           scale, c.window, split_keys, (int)slots, skip);
         });
-        combine(o);
+        tickets_left_zero("attention");
     };
     run_attention(out, 0);
     // phi3_attention with `skip` (bit 0: prefill rows, bit 1: decode rows): the rows marked in
@@ -580,8 +583,8 @@ static void paged_case(const PagedCase& c) {
         check_skip(1, prefill_row, "prefill");
     }
 
-    // The tensor-core decode kernels on the other rows (split ones merged by
-    // phi3_attention_combine), where the head size and a group of at most 16 heads allow; then
+    // The tensor-core decode kernels on the other rows (split ones merged by their last slice),
+    // where the head size and a group of at most 16 heads allow; then
     // phi3_attention leaving those rows alone.
     std::vector<char> decode_row(rows);
     for (int r = 0; r < rows; ++r) decode_row[r] = !prefill_row[r];
@@ -594,11 +597,11 @@ static void paged_case(const PagedCase& c) {
             launch(dim3h{(unsigned)rows, (unsigned)c.n_kv_heads, most_splits}, AP_THREADS,
                    AP_SMEM_BYTES, [&] {
                 kernel(q.data(), pool.addrs.data(), row_pos.data(), row_table.data(),
-                       row_split.data(), tables.data(), got.data(), part.data(), pool.per_slab,
-                       pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd, scale, c.window,
-                       split_keys, (int)slots);
+                       row_split.data(), tables.data(), got.data(), part.data(), tickets.data(),
+                       pool.per_slab, pool.block_len(), c.layer, c.n_heads, c.n_kv_heads, hd,
+                       scale, c.window, split_keys, (int)slots);
             });
-            combine(got);
+            tickets_left_zero("attention_decode");
             std::snprintf(name, sizeof name, "%s %s%s",
                           split ? "attention_decode" : "attention_decode_fast", tag,
                           slots ? " (split)" : "");
@@ -631,22 +634,25 @@ static void paged_case(const PagedCase& c) {
 
 static const int DG_BLOCK = 32 * DG_WARPS;  // ops.rs DECODE_GEMM_THREADS
 
-// y [ntok, out] by phi3_decode_gemm_<type> over `splits` K slices (the launcher's grid).
-static std::vector<float> run_decode_gemm(bool f16, const std::vector<unsigned short>& w,
-                                          const float* x, int in, int out, int ntok,
-                                          int splits) {
+// y [ntok, out] by phi3_decode_gemm_<type> (with swiglu: phi3_decode_gemm_swiglu_<type>, x being
+// gate_up [ntok, 2 * in]) over `splits` K slices (the launcher's grid), the last block of each
+// tile adding the slices. The tickets must be left zero for the next launch.
+static std::vector<float> run_decode_gemm(bool f16, bool swiglu,
+                                          const std::vector<unsigned short>& w, const float* x,
+                                          int in, int out, int ntok, int splits) {
     const int k_per_split = ((in / 32 + splits - 1) / splits) * 32;
     std::vector<float> part((size_t)splits * ntok * out, NAN), y((size_t)ntok * out, NAN);
     const dim3h grid{(unsigned)((out + DG_ROWS - 1) / DG_ROWS), (unsigned)splits,
                      (unsigned)((ntok + DG_TOK - 1) / DG_TOK)};
+    std::vector<unsigned int> tickets(grid.x * grid.z, 0u);
     launch(grid, DG_BLOCK, [&] {
-        float* dst = splits > 1 ? part.data() : y.data();
-        if (f16) phi3_decode_gemm_f16(w.data(), x, dst, in, out, ntok, k_per_split);
-        else phi3_decode_gemm_bf16(w.data(), x, dst, in, out, ntok, k_per_split);
+        auto* kernel = swiglu ? (f16 ? phi3_decode_gemm_swiglu_f16 : phi3_decode_gemm_swiglu_bf16)
+                              : (f16 ? phi3_decode_gemm_f16 : phi3_decode_gemm_bf16);
+        kernel(w.data(), x, y.data(), part.data(), tickets.data(), in, out, ntok, k_per_split);
     });
-    if (splits > 1) {
-        launch(3, 64, [&] { phi3_sum_splits(part.data(), y.data(), (long long)ntok * out, splits); });
-    }
+    size_t left = 0;
+    for (unsigned int v : tickets) left += v != 0;
+    expect(left == 0, "decode gemm tickets left zero", (double)left, 0.0);
     return y;
 }
 
@@ -659,25 +665,32 @@ static unsigned short half_bits(bool f16, float lo, float hi) {
 
 // x is f32, rounded by the kernel as it stages it: for bf16 any f32 (the reference rounds with
 // bf16_bits), for f16 values that f16 holds exactly (the device rounds with the PTX cvt, which
-// the emulation only stands in for).
-static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16) {
+// the emulation only stands in for). With swiglu the kernel reads gate_up [ntok, 2 * in] and
+// multiplies silu(gate) * up (f32, as phi3_swiglu), rounded the same way.
+static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16, bool swiglu = false) {
+    const int x_cols = swiglu ? 2 * in : in;
     std::vector<unsigned short> w((size_t)out * in);
-    std::vector<float> x((size_t)ntok * in);
+    std::vector<float> x((size_t)ntok * x_cols);
     for (auto& v : w) v = half_bits(f16, -1.0f, 1.0f);
     for (auto& v : x) v = f16 ? phi3_host_f16_to_f32(half_bits(true, 0, 0)) : uniform(-3.0f, 3.0f);
     auto val = [f16](unsigned short b) {
         return f16 ? (double)phi3_host_f16_to_f32(b) : (double)bf16_value(b);
     };
-    auto xval = [f16](float v) { return f16 ? (double)v : (double)bf16_value(bf16_bits(v)); };
-    const std::vector<float> y = run_decode_gemm(f16, w, x.data(), in, out, ntok, splits);
+    auto xval = [&](int t, int c) {
+        const float* row = x.data() + (size_t)t * x_cols;
+        const float v = swiglu ? row[in + c] * (row[c] / (1.0f + std::exp(-row[c]))) : row[c];
+        return f16 ? (double)phi3_host_f16_to_f32(phi3_host_f32_to_f16(v))
+                   : (double)bf16_value(bf16_bits(v));
+    };
+    const std::vector<float> y = run_decode_gemm(f16, swiglu, w, x.data(), in, out, ntok, splits);
     char name[128];
-    std::snprintf(name, sizeof name, "decode gemm %s [%d, %d] x %d tokens, %d splits",
-                  f16 ? "f16" : "bf16", out, in, ntok, splits);
+    std::snprintf(name, sizeof name, "decode gemm%s %s [%d, %d] x %d tokens, %d splits",
+                  swiglu ? " swiglu" : "", f16 ? "f16" : "bf16", out, in, ntok, splits);
     for (int t = 0; t < ntok; ++t) {
         for (int o = 0; o < out; ++o) {
             double want = 0, mag = 0;
             for (int c = 0; c < in; ++c) {
-                const double p = val(w[(size_t)o * in + c]) * xval(x[(size_t)t * in + c]);
+                const double p = val(w[(size_t)o * in + c]) * xval(t, c);
                 want += p;
                 mag += std::fabs(p);
             }
@@ -685,10 +698,21 @@ static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16) {
             expect(std::fabs(got - want) <= 1e-5 * mag + 1e-30, name, got, want);
         }
     }
+    if (swiglu) {  // fused staging = phi3_swiglu, then the plain kernel, bit for bit
+        std::vector<float> act((size_t)ntok * in, NAN);
+        launch(3, 64, [&] {
+            phi3_swiglu(x.data(), act.data(), (unsigned long long)ntok * in, in);
+        });
+        const std::vector<float> apart =
+            run_decode_gemm(f16, false, w, act.data(), in, out, ntok, splits);
+        size_t differ = 0;
+        for (size_t i = 0; i < y.size(); ++i) differ += std::memcmp(&y[i], &apart[i], 4) != 0;
+        expect(differ == 0, name, (double)differ, 0.0);
+    }
     // A few tokens alone: the first, the last, and the first of a second token slice.
     for (int t : {0, ntok - 1, ntok > DG_TOK ? DG_TOK : ntok / 2}) {
-        const std::vector<float> solo =
-            run_decode_gemm(f16, w, x.data() + (size_t)t * in, in, out, 1, splits);
+        const std::vector<float> solo = run_decode_gemm(
+            f16, swiglu, w, x.data() + (size_t)t * x_cols, in, out, 1, splits);
         for (int o = 0; o < out; ++o) {
             const float got = y[(size_t)t * out + o];
             expect(std::memcmp(&solo[o], &got, 4) == 0, name, got, solo[o]);
@@ -753,6 +777,10 @@ int main() {
     decode_gemm_case(130, 416, 9, 3, false);   // slices of 160 columns: chunks of 128 and 32
     decode_gemm_case(48, 160, 17, 1, true);    // f16
     decode_gemm_case(64, 512, 40, 1, false);   // four chunks: x restaged while warps drift
+    decode_gemm_case(130, 640, 3, 5, false);   // five slices over 3 row blocks, any arrival order
+    // down_proj of a decode step: silu(gate) * up taken while staging.
+    decode_gemm_case(96, 320, 5, 2, false, true);
+    decode_gemm_case(40, 256, 66, 1, true, true);
     std::printf("kernels/host-check: %s (%d mismatches)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }

@@ -426,7 +426,57 @@ fn check_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> 
             tol,
         );
     }
-    check_linear_batch_invariant(gpu, rng, r)
+    check_linear_batch_invariant(gpu, rng, r)?;
+    check_swiglu_linear(gpu, rng, r)
+}
+
+/// swiglu_linear (down_proj; CUDA fuses silu(gate) * up into the decode GEMM's staging) against
+/// the CPU, and bit for bit against the GPU's own swiglu then linear, for decode rows alone, with
+/// prefill chunks, and chunks alone; dense weights in every dtype (the decode GEMM with and without
+/// a K split, the GEMV fallback) and a quantized one (not fused).
+fn check_swiglu_linear(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
+    let cpu = CpuBackend;
+    let bf16 = (DType::BF16, None);
+    let cases = [
+        (bf16, 5120, 17920),
+        (bf16, 640, 4096),
+        ((DType::F16, None), 300, 1024),
+        (bf16, 70, 100),
+        ((DType::F32, None), 300, 512),
+        ((DType::BF16, Some(QUANT_FORMATS[0])), 300, 1024),
+    ];
+    for ((dt, format), m, k) in cases {
+        let values = rng.vec(m * k, 1.0 / (k as f32).sqrt());
+        let w = tensor("w", dt, vec![m, k], &values)?;
+        let (gw, tag) = match format {
+            Some(f) => (gpu.upload_linear(&w, f)?, format!("{f} [{m},{k}]")),
+            None => (gpu.upload(&w)?, format!("{} [{m},{k}]", dt.name())),
+        };
+        let cw = match format {
+            Some(f) => cpu.upload_linear(&w, f)?,
+            None => cpu.upload(&w)?,
+        };
+        for rows in [
+            LinearRows::decode(1),
+            LinearRows::decode(6),
+            LinearRows::new(3, vec![9]),
+            LinearRows::one_sequence(12),
+        ] {
+            let n = rows.total();
+            let gu = rng.vec(n * 2 * k, 2.0);
+            let want = cpu.swiglu_linear(&cpu_act(n, 2 * k, gu.clone()), &cw, &rows)?.data;
+            let g = gpu.act_from_host(n, 2 * k, &gu)?;
+            let got = gpu.to_host(&gpu.swiglu_linear(&g, &gw, &rows)?)?;
+            let apart = gpu.to_host(&gpu.linear(&gpu.swiglu(&g)?, &gw, &rows)?)?;
+            let what = format!("swiglu_linear {tag}, {} decode rows of {n}", rows.decode_rows());
+            let tol = if dt == DType::F32 && format.is_none() { TOL_F32 } else { TOL_BF16 };
+            r.err(&what, rel_l2(&got, &want), tol);
+            let same = same_bits(&got, &apart);
+            let detail = if same { "bit-identical".into() } else { bits_differ(&got, &apart) };
+            r.flag(&format!("{what} = swiglu then linear"), detail, same);
+        }
+    }
+    Ok(())
 }
 
 /// A pass's rows for [`check_linear_batch_invariant`]: `decode` decode rows, then prefill runs.

@@ -182,7 +182,7 @@ impl<B: Backend> Engine<B> {
                 mlp_out.as_ref(),
                 &mut pool.storage,
                 &ctx,
-                &mut |_, _| Ok(()),
+                None,
             )?;
             mlp_out = Some(out);
         }
@@ -217,6 +217,9 @@ pub(crate) enum ProjInput {
     Down,
 }
 
+/// What [`decoder_layer`] shows each projection's input to (calibration).
+pub(crate) type ProjTap<'a, B> = dyn FnMut(ProjInput, &<B as Backend>::Act) -> Result<()> + 'a;
+
 /// What every layer of one pass shares: the batch, its rotary tables and the model geometry.
 pub(crate) struct LayerCtx<'a, B: Backend> {
     /// The sequences and their block tables.
@@ -231,8 +234,9 @@ pub(crate) struct LayerCtx<'a, B: Backend> {
 /// One Phi3DecoderLayer (HF `Phi3DecoderLayer.forward`). On entry the layer's input hidden state
 /// is `residual + mlp_out` (the previous layer's MLP output, not yet added: the add is fused into
 /// this layer's first RMSNorm); on return `residual` holds the hidden state after attention and
-/// the result is this layer's MLP output, to be added by the next norm. `tap` sees each
-/// projection's input before the projection runs (calibration; a no-op for inference). The
+/// the result is this layer's MLP output, to be added by the next norm. `tap`, when given, sees
+/// each projection's input before the projection runs (calibration); inference passes none, which
+/// lets the backend fuse the activation into down_proj (`Backend::swiglu_linear`). The
 /// sequences' keys and values of `layer` are written into `pool` through `ctx.batch`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decoder_layer<B: Backend>(
@@ -243,21 +247,26 @@ pub(crate) fn decoder_layer<B: Backend>(
     mlp_out: Option<&B::Act>, // [n, hidden]
     pool: &mut B::KvPool,
     ctx: &LayerCtx<'_, B>,
-    tap: &mut dyn FnMut(ProjInput, &B::Act) -> Result<()>,
+    mut tap: Option<&mut ProjTap<'_, B>>,
 ) -> Result<B::Act> {
+    let fuse_down = tap.is_none();
+    let mut show = |which: ProjInput, x: &B::Act| tap.as_mut().map_or(Ok(()), |t| t(which, x));
     let g = ctx.rows;
     let x = be.rms_norm(residual, mlp_out, &lw.input_layernorm, ctx.eps)?;
-    tap(ProjInput::Qkv, &x)?;
+    show(ProjInput::Qkv, &x)?;
     let qkv = be.linear(&x, &lw.qkv_proj, g)?; // [n, q_dim + 2 kv_dim]
     let q = be.rope_store_kv(&qkv, ctx.batch, ctx.rope, pool, layer, ctx.attn)?;
     let attn = be.attention(&q, ctx.batch, pool, layer, ctx.attn)?; // [n, q_dim]
-    tap(ProjInput::O, &attn)?;
+    show(ProjInput::O, &attn)?;
     let attn_out = be.linear(&attn, &lw.o_proj, g)?; // [n, hidden]
     let x = be.rms_norm(residual, Some(&attn_out), &lw.post_attention_layernorm, ctx.eps)?;
-    tap(ProjInput::GateUp, &x)?;
+    show(ProjInput::GateUp, &x)?;
     let gate_up = be.linear(&x, &lw.gate_up_proj, g)?; // [n, 2 ffn]
+    if fuse_down {
+        return be.swiglu_linear(&gate_up, &lw.down_proj, g); // [n, hidden]
+    }
     let act = be.swiglu(&gate_up)?; // [n, ffn]
-    tap(ProjInput::Down, &act)?;
+    show(ProjInput::Down, &act)?;
     be.linear(&act, &lw.down_proj, g) // [n, hidden]
 }
 

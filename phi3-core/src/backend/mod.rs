@@ -319,6 +319,18 @@ pub trait Backend: Send + Sync + 'static {
     /// `silu(gate) * up` of fused gate_up rows `[n, 2 * ffn]` -> `[n, ffn]`.
     fn swiglu(&self, gate_up: &Self::Act) -> Result<Self::Act>;
 
+    /// `linear(&swiglu(gate_up), w, rows)`: the MLP's down_proj, which a backend may fuse with
+    /// the activation (CUDA: decode rows compute silu(gate) * up while the decode GEMM stages
+    /// them). The result must be what the two calls give; the default makes them.
+    fn swiglu_linear(
+        &self,
+        gate_up: &Self::Act,
+        w: &Self::Weight,
+        rows: &LinearRows,
+    ) -> Result<Self::Act> {
+        self.linear(&self.swiglu(gate_up)?, w, rows)
+    }
+
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
 

@@ -214,7 +214,7 @@ pub fn search(
             mlp_out.as_ref(),
             &mut pool,
             &ctx,
-            &mut tap,
+            Some(&mut tap),
         )?;
         mlp_out = Some(out);
         drop(on_cpu);

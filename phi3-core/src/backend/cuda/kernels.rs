@@ -57,7 +57,12 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "decode_gemm.cu",
         source: include_str!("../../../../kernels/decode_gemm.cu"),
-        entries: &["phi3_decode_gemm_bf16", "phi3_decode_gemm_f16", "phi3_sum_splits"],
+        entries: &[
+            "phi3_decode_gemm_bf16",
+            "phi3_decode_gemm_f16",
+            "phi3_decode_gemm_swiglu_bf16",
+            "phi3_decode_gemm_swiglu_f16",
+        ],
     },
     KernelSource {
         name: "gemv_quant.cu",
@@ -84,7 +89,7 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "attention.cu",
         source: include_str!("../../../../kernels/attention.cu"),
-        entries: &["phi3_attention", "phi3_attention_combine"],
+        entries: &["phi3_attention"],
     },
     KernelSource {
         name: "attention_tc.cu",

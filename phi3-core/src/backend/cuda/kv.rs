@@ -28,8 +28,8 @@
 //!
 //! Split keys (flash-decoding, kernels/attention.cu and attention_tc.cu): a decode row (its
 //! sequence adds at most `GEMV_SPAN` tokens) at position `pos` has its keys `0..=pos` cut into
-//! `pos / ATTN_SPLIT_KEYS + 1` slices, each computed by its own block and merged by
-//! phi3_attention_combine, so one long sequence spreads over many SMs. Prefill rows are many
+//! `pos / ATTN_SPLIT_KEYS + 1` slices, each computed by its own block and merged by whichever of
+//! them finishes last, so one long sequence spreads over many SMs. Prefill rows are many
 //! already and stay whole. The split depends on the row's position only, never on the rest of
 //! the batch.
 //!

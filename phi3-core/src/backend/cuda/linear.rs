@@ -4,47 +4,81 @@
 //! algorithm by the row count) sees the shape of the chunk's solo run. A sequence's results then
 //! do not depend on which other sequences were batched with it.
 //!
+//! The MLP's down_proj ([`Backend::swiglu_linear`]) hands the decode GEMM the gate_up rows
+//! themselves: the swiglu variant computes silu(gate) * up as it stages them, so a decode step
+//! runs no activation kernel. Prefill chunks take phi3_swiglu's output to cuBLAS.
+//!
 //! Decode rows the decode GEMM does not take (`in` not a multiple of 32, f32 weights) run one
 //! GEMV per row: slower, and as batch-invariant. Quantized weights: `quant.rs`.
 //!
 //! [`Backend::linear`]: crate::backend::Backend::linear
+//! [`Backend::swiglu_linear`]: crate::backend::Backend::swiglu_linear
 
 use cudarc::driver::CudaSlice;
 
 use super::blas::GemmType;
-use super::ops::DECODE_GEMM_ROWS;
+use super::ops::{DECODE_GEMM_ROWS, DECODE_GEMM_TOKENS};
 use super::{CudaAct, CudaBackend, WeightData};
-use crate::backend::LinearRows;
+use crate::backend::{Backend, LinearRows};
 use crate::error::{Error, Result};
 
 /// Fewest columns per K slice of the decode GEMM (two of its 128-column chunks): shorter slices
 /// would cost more in partial sums than they gain in parallelism.
 const MIN_SPLIT_COLS: usize = 256;
 
+/// What a dense projection multiplies.
+#[derive(Clone, Copy)]
+pub(super) enum DenseInput<'a> {
+    /// Activations `[n, in]`.
+    Rows(&'a CudaAct),
+    /// silu(gate) * up of gate_up rows `[n, 2 in]` (down_proj of the MLP).
+    SwiGlu(&'a CudaAct),
+}
+
 impl CudaBackend {
-    /// `y = x @ w^T` for a 16-bit or f32 weight (`linear` checked the shapes).
+    /// `y = x @ w^T` for a 16-bit or f32 weight, `x` given by `input` (the caller checked the
+    /// shapes).
     pub(super) fn linear_dense(
         &self,
-        x: &CudaAct,
+        input: DenseInput<'_>,
         w: &WeightData,
         rows: &LinearRows,
         y: &mut CudaAct,
     ) -> Result<()> {
-        let (k, m) = (x.cols, y.cols);
+        let (src, swiglu) = match input {
+            DenseInput::Rows(x) => (x, false),
+            DenseInput::SwiGlu(g) => (g, true),
+        };
+        let k = if swiglu { src.cols / 2 } else { src.cols };
+        let m = y.cols;
         let stream = &self.dev.stream;
         let decode = rows.decode_rows();
+        let dense16 = matches!(w, WeightData::Bf16(_) | WeightData::F16(_));
+        let decode_gemm = dense16 && decode > 0 && k > 0 && k.is_multiple_of(32);
+        // The activation rows, for the paths that do not take gate_up (GEMV rows, prefill
+        // chunks): silu(gate) * up of every row, computed only when one of them runs. Where none
+        // does, `x` is never read.
+        let needs_rows = rows.total() > decode || (decode > 0 && !decode_gemm);
+        let owned = if swiglu && needs_rows { Some(self.swiglu(src)?) } else { None };
+        let x = owned.as_ref().unwrap_or(src);
         match w {
             WeightData::Bf16(wb) | WeightData::F16(wb) => {
                 let bf16 = matches!(w, WeightData::Bf16(_));
-                let (ty, convert, gemm, gemv) = if bf16 {
-                    (GemmType::Bf16, "phi3_f32_to_bf16", "phi3_decode_gemm_bf16", "phi3_gemv_bf16")
+                let (ty, convert, gemv) = if bf16 {
+                    (GemmType::Bf16, "phi3_f32_to_bf16", "phi3_gemv_bf16")
                 } else {
-                    (GemmType::F16, "phi3_f32_to_f16", "phi3_decode_gemm_f16", "phi3_gemv_f16")
+                    (GemmType::F16, "phi3_f32_to_f16", "phi3_gemv_f16")
                 };
                 // The decode GEMM rounds the f32 rows itself as it stages them; cuBLAS takes
                 // them converted first.
-                if decode > 0 && k > 0 && k.is_multiple_of(32) {
-                    self.decode_gemm(gemm, wb, &x.buf, &mut y.buf, decode, k, m)?;
+                if decode_gemm {
+                    let gemm = match (swiglu, bf16) {
+                        (false, true) => "phi3_decode_gemm_bf16",
+                        (false, false) => "phi3_decode_gemm_f16",
+                        (true, true) => "phi3_decode_gemm_swiglu_bf16",
+                        (true, false) => "phi3_decode_gemm_swiglu_f16",
+                    };
+                    self.decode_gemm(gemm, wb, &src.buf, &mut y.buf, decode, k, m)?;
                 } else {
                     for r in 0..decode {
                         self.gemv_row(gemv, wb, x, y, r)?;
@@ -74,8 +108,9 @@ impl CudaBackend {
     }
 
     /// Rows `0..ntok` of `y` `[_, m]` = rows `0..ntok` of `x` `[_, k]` (f32, rounded to the
-    /// weight's type by the kernel) @ `w^T`, by the decode GEMM `name`, its K slices added by
-    /// phi3_sum_splits when there are several.
+    /// weight's type by the kernel; for the swiglu kernels gate_up `[_, 2 k]`) @ `w^T`, by the
+    /// decode GEMM `name`, its K slices added by the last block of each tile when there are
+    /// several.
     #[allow(clippy::too_many_arguments)]
     fn decode_gemm(
         &self,
@@ -88,12 +123,15 @@ impl CudaBackend {
         m: usize,
     ) -> Result<()> {
         let split = decode_splits(k, m, self.dev.sm_count);
-        if split.0 == 1 {
-            return self.launch_decode_gemm(name, w, x, y, ntok, (k, m), split);
-        }
-        let mut part = self.alloc::<f32>(split.0 * ntok * m, "decode GEMM partial sums")?;
-        self.launch_decode_gemm(name, w, x, &mut part, ntok, (k, m), split)?;
-        self.launch_sum_splits(&part, y, ntok * m, split.0)
+        let tiles = m.div_ceil(DECODE_GEMM_ROWS) * ntok.div_ceil(DECODE_GEMM_TOKENS);
+        self.with_tickets(tiles, |tickets| {
+            if split.0 == 1 {
+                // One slice: `part` is not touched (x stands in for it).
+                return self.launch_decode_gemm(name, w, x, y, x, tickets, ntok, (k, m), split);
+            }
+            let part = self.alloc::<f32>(split.0 * ntok * m, "decode GEMM partial sums")?;
+            self.launch_decode_gemm(name, w, x, y, &part, tickets, ntok, (k, m), split)
+        })
     }
 
     /// Row `r` of `y` = `w` @ row `r` of `x`, by the GEMV kernel `name`.

@@ -63,6 +63,7 @@ use self::context::DeviceContext;
 use self::error::{guard, DriverResultExt};
 pub use self::kernels::KernelStatus;
 pub use self::kv::{CudaKvBatch, CudaKvPool, KV_SLAB_BYTES};
+use self::linear::DenseInput;
 use self::ops::{RowKernel, SkipRows};
 pub use self::upload::dummy_value;
 use super::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan};
@@ -111,6 +112,10 @@ pub struct CudaBackend {
     workspace: Mutex<Option<CudaSlice<u16>>>,
     /// Bytes held by `workspace`.
     workspace_bytes: AtomicU64,
+    /// Arrival counters of the kernels whose last block per tile reduces the others' partials
+    /// (`last_arrival` in kernels/common.cuh): zero when allocated and left zero by every
+    /// launch, so one array serves all launches on the stream. Grown on demand.
+    tickets: Mutex<Option<CudaSlice<u32>>>,
 }
 
 /// f32 activations on the device, row-major `[rows, cols]`.
@@ -216,6 +221,7 @@ impl CudaBackend {
             memory_need: Mutex::new(None),
             workspace: Mutex::new(None),
             workspace_bytes: AtomicU64::new(0),
+            tickets: Mutex::new(None),
         })
     }
 
@@ -343,6 +349,21 @@ impl CudaBackend {
                 e
             }
         })
+    }
+
+    /// Run `f` with at least `n` arrival counters (see the `tickets` field), all zero.
+    fn with_tickets<R>(&self, n: usize, f: impl FnOnce(&CudaSlice<u32>) -> Result<R>) -> Result<R> {
+        let mut held = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        if held.as_ref().is_none_or(|t| t.len() < n) {
+            // Dropping the old array frees it in stream order, after the launches that use it.
+            let len = n.next_power_of_two().max(1024);
+            let fresh = self.dev.stream.alloc_zeros::<u32>(len).ctx("arrival counters")?;
+            *held = Some(fresh);
+        }
+        match held.as_ref() {
+            Some(tickets) => f(tickets),
+            None => Err(Error::internal("arrival counters missing")),
+        }
     }
 
     fn alloc_f32(&self, n: usize, what: &str) -> Result<CudaSlice<f32>> {
@@ -587,7 +608,7 @@ impl Backend for CudaBackend {
         }
         match &w.data {
             WeightData::Quant(q) => self.linear_quant(x, q, rows, &mut y)?,
-            dense => self.linear_dense(x, dense, rows, &mut y)?,
+            dense => self.linear_dense(DenseInput::Rows(x), dense, rows, &mut y)?,
         }
         Ok(y)
     }
@@ -665,15 +686,18 @@ impl Backend for CudaBackend {
         let (scale, window) = (params.scale, params.sliding_window);
         let (rows, buf) = (q.rows, &mut out.buf);
         let plan = AttnPlan::new(self.attention_kernel(), params, rows, batch.prefill_rows());
-        for kernel in plan.row_kernels {
-            let part = part.as_mut();
-            self.launch_attention(
-                kernel, &q.buf, &kv, buf, part, rows, heads, scale, window, splits,
-            )?;
-        }
-        if let Some(part) = &part {
-            self.launch_attention_combine(part, &kv, buf, rows, (n_heads, head_dim), splits.0)?;
-        }
+        // With split rows, one arrival counter per row and block column of either row kernel
+        // (at most n_heads of them).
+        let counters = if part.is_some() { rows * n_heads } else { 0 };
+        self.with_tickets(counters, |tickets| {
+            for kernel in plan.row_kernels {
+                let split = part.as_mut().map(|p| (p, tickets));
+                self.launch_attention(
+                    kernel, &q.buf, &kv, buf, split, rows, heads, scale, window, splits,
+                )?;
+            }
+            Ok(())
+        })?;
         if let Some(fast) = plan.prefill_tensor_cores {
             let tiles = batch.prefill_tiles();
             self.launch_attention_prefill(fast, &q.buf, &kv, buf, tiles, heads, scale, window)?;
@@ -691,6 +715,33 @@ impl Backend for CudaBackend {
             self.launch_swiglu(&gate_up.buf, &mut out.buf, gate_up.rows, ffn)?;
         }
         Ok(out)
+    }
+
+    fn swiglu_linear(
+        &self,
+        gate_up: &CudaAct,
+        w: &CudaWeight,
+        rows: &LinearRows,
+    ) -> Result<CudaAct> {
+        // Only the 16-bit dense weights have a fused decode path.
+        if !matches!(w.data, WeightData::Bf16(_) | WeightData::F16(_)) {
+            return self.linear(&self.swiglu(gate_up)?, w, rows);
+        }
+        if gate_up.cols != 2 * w.cols || rows.total() != gate_up.rows {
+            return Err(Error::internal(format!(
+                "swiglu_linear: gate_up [{}, {}] ({} rows described) vs weight [{}, {}]",
+                gate_up.rows,
+                gate_up.cols,
+                rows.total(),
+                w.rows,
+                w.cols
+            )));
+        }
+        let mut y = self.act(gate_up.rows, w.rows, "linear output")?;
+        if gate_up.rows > 0 && w.rows > 0 {
+            self.linear_dense(DenseInput::SwiGlu(gate_up), &w.data, rows, &mut y)?;
+        }
+        Ok(y)
     }
 
     fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {

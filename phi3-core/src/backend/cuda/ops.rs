@@ -36,7 +36,7 @@ const DECODE_GEMM_THREADS: u32 = 128;
 /// Output rows per block of phi3_decode_gemm (DG_ROWS).
 pub(crate) const DECODE_GEMM_ROWS: usize = 64;
 /// Tokens per block of phi3_decode_gemm (DG_TOK): more take more blocks along z.
-const DECODE_GEMM_TOKENS: usize = 64;
+pub(crate) const DECODE_GEMM_TOKENS: usize = 64;
 /// Most blocks of threads that copy one KV block (phi3_copy_kv_blocks).
 const KV_COPY_CHUNKS: usize = 64;
 
@@ -191,10 +191,13 @@ impl CudaBackend {
         launch!(self, name, cfg, w, x, y, &k, &m)
     }
 
-    /// `y[t, :] = w @ x[t, :]` for tokens `t < ntok` (phi3_decode_gemm_<bf16|f16>, `name`):
-    /// `x` `[ntok.., k]` 16-bit, `y` `[ntok.., m]` f32 when `splits` is 1, else a
-    /// `[splits, ntok, m]` scratch for [`launch_sum_splits`](Self::launch_sum_splits). K slice
-    /// `s` covers columns `s * k_per_split ..` (a multiple of 32).
+    /// `y[t, :] = w @ x[t, :]` for tokens `t < ntok` (phi3_decode_gemm_[swiglu_]<bf16|f16>,
+    /// `name`): `x` `[ntok.., k]` f32 (for the swiglu kernels gate_up `[ntok.., 2 k]`), `y`
+    /// `[ntok.., m]` f32. K slice `s` covers columns `s * k_per_split ..` (a multiple of 32); with
+    /// `splits > 1` the slices' sums go to `part` (`[splits, ntok, m]`) and the last block of each
+    /// tile adds them into `y`, counting arrivals in `tickets` (at least as many as the grid has
+    /// tiles: `m / DECODE_GEMM_ROWS` by `ntok / DECODE_GEMM_TOKENS`, rounded up; zero before and
+    /// after). With one slice `part` is not touched.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_decode_gemm(
         &self,
@@ -202,6 +205,8 @@ impl CudaBackend {
         w: &CudaSlice<u16>,
         x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
+        part: &CudaSlice<f32>,
+        tickets: &CudaSlice<u32>,
         ntok: usize,
         (k, m): (usize, usize),
         (splits, k_per_split): (usize, usize),
@@ -217,19 +222,7 @@ impl CudaBackend {
         };
         let (k, m) = (i32_of(k, "in")?, i32_of(m, "out")?);
         let (nt, kps) = (i32_of(ntok, "tokens")?, i32_of(k_per_split, "columns per split")?);
-        launch!(self, name, cfg, w, x, y, &k, &m, &nt, &kps)
-    }
-
-    /// `y[i] = part[0 * n + i] + part[1 * n + i] + ..` over `splits`, in order, for `i < n`.
-    pub(crate) fn launch_sum_splits(
-        &self,
-        part: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        n: usize,
-        splits: usize,
-    ) -> Result<()> {
-        let (n64, s) = (n as i64, i32_of(splits, "splits")?);
-        launch!(self, "phi3_sum_splits", grid_stride(n), part, y, &n64, &s)
+        launch!(self, name, cfg, w, x, y, part, tickets, &k, &m, &nt, &kps)
     }
 
     fn qgemv_config(m: usize) -> Result<LaunchConfig> {
@@ -407,7 +400,9 @@ impl CudaBackend {
     /// block 128, [`ATTN_TC_SMEM_BYTES`] of dynamic shared memory; group of at most 16 query
     /// heads per KV head and head size as for prefill, checked by the caller).
     /// `splits` = (scratch slots, most slices of a row) of the batch (`CudaKvBatch::splits`);
-    /// `part` the scratch when there are slots (`[slots, n_heads, head_dim + 2]` f32).
+    /// when there are slots, `split` holds the scratch (`[slots, n_heads, head_dim + 2]` f32) and
+    /// the arrival counters (at least `rows` x the grid's y), by which the last slice of each
+    /// split row and KV head merges them.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_attention(
         &self,
@@ -415,7 +410,7 @@ impl CudaBackend {
         q: &CudaSlice<f32>,
         kv: &KvArgs<'_>,
         out: &mut CudaSlice<f32>,
-        part: Option<&mut CudaSlice<f32>>,
+        split: Option<(&mut CudaSlice<f32>, &CudaSlice<u32>)>,
         rows: usize,
         heads: (usize, usize, usize), // (n_heads, n_kv_heads, head_dim)
         scale: f32,
@@ -448,9 +443,9 @@ impl CudaBackend {
         let (bps, bl, layer) = kv_ints(kv)?;
         let (nh, nkv, hd) = head_ints(heads)?;
         let window = window_arg(window);
-        let null = 0u64; // no split scratch: a NULL `float*` the kernel never reads
+        let null = 0u64; // no split rows: NULL pointers the kernel never reads
         macro_rules! attention_with {
-            ($part:expr $(, $skip:expr)?) => {
+            ($part:expr, $tickets:expr $(, $skip:expr)?) => {
                 launch!(
                     self,
                     name,
@@ -463,6 +458,7 @@ impl CudaBackend {
                     &kv.tables,
                     out,
                     $part,
+                    $tickets,
                     &bps,
                     &bl,
                     &layer,
@@ -477,16 +473,18 @@ impl CudaBackend {
                 )
             };
         }
-        match (kernel, part) {
-            (RowKernel::Scalar(skip), part) => {
+        match (kernel, split) {
+            (RowKernel::Scalar(skip), split) => {
                 let skip = i32::from(skip.prefill) | (i32::from(skip.decode) << 1);
-                match part {
-                    Some(part) => attention_with!(part, &skip),
-                    None => attention_with!(&null, &skip),
+                match split {
+                    Some((part, tickets)) => attention_with!(part, tickets, &skip),
+                    None => attention_with!(&null, &null, &skip),
                 }
             }
-            (RowKernel::TensorCores { .. }, Some(part)) => attention_with!(part),
-            (RowKernel::TensorCores { .. }, None) => attention_with!(&null),
+            (RowKernel::TensorCores { .. }, Some((part, tickets))) => {
+                attention_with!(part, tickets)
+            }
+            (RowKernel::TensorCores { .. }, None) => attention_with!(&null, &null),
         }
     }
 
@@ -533,39 +531,6 @@ impl CudaBackend {
             &hd,
             &scale,
             &window
-        )
-    }
-
-    /// Merges the key slices of the batch's split rows into `out` (phi3_attention_combine).
-    pub(crate) fn launch_attention_combine(
-        &self,
-        part: &CudaSlice<f32>,
-        kv: &KvArgs<'_>,
-        out: &mut CudaSlice<f32>,
-        rows: usize,
-        (n_heads, head_dim): (usize, usize),
-        slots: usize,
-    ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (u32_of(rows, "rows")?, u32_of(n_heads, "heads")?, 1),
-            block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (nh, hd) = (i32_of(n_heads, "n_heads")?, i32_of(head_dim, "hd")?);
-        let (split_keys, slots) =
-            (i32_of(ATTN_SPLIT_KEYS, "keys per slice")?, i32_of(slots, "split slots")?);
-        launch!(
-            self,
-            "phi3_attention_combine",
-            cfg,
-            part,
-            &kv.row_pos,
-            &kv.row_split,
-            out,
-            &nh,
-            &hd,
-            &split_keys,
-            &slots
         )
     }
 
