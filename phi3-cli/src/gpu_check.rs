@@ -720,14 +720,16 @@ fn attention_case(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report, c: &AttnCase
         layer,
         &params,
     )?;
-    let gq = gpu.rope_store_kv(
-        &gpu.act_from_host(rows, cols, &qkv)?,
-        &gbatch,
-        &batch,
-        &mut gpool,
-        layer,
-        &params,
-    )?;
+    // The batch keeps its rotary tables on the device after the first call: a call with other
+    // tables first (cosines halved) must not leave them for the call that counts.
+    let halved = RopeBatch {
+        half: batch.half,
+        cos: batch.cos.iter().map(|c| 0.5 * c).collect(),
+        sin: batch.sin.clone(),
+    };
+    let gqkv = gpu.act_from_host(rows, cols, &qkv)?;
+    gpu.rope_store_kv(&gqkv, &gbatch, &halved, &mut gpool, layer, &params)?;
+    let gq = gpu.rope_store_kv(&gqkv, &gbatch, &batch, &mut gpool, layer, &params)?;
     let seqs_tag: Vec<String> = c.seqs.iter().map(|(p, l)| format!("{p}+{l}")).collect();
     let tag = format!(
         "h{nh}/kv{nkv} hd{hd} rot{} win{} pos{}",

@@ -188,8 +188,16 @@ impl<B: Backend> Engine<B> {
         }
 
         let last_rows: Vec<usize> = spans.iter().map(|s| s.row + s.len - 1).collect();
-        let mut last = be.gather_rows(&residual, &last_rows)?;
-        let last_mlp = mlp_out.map(|m| be.gather_rows(&m, &last_rows)).transpose()?;
+        // A pass of decode steps only (one row per sequence) needs no gather: its rows are the
+        // last rows already.
+        let every_row =
+            last_rows.len() == tokens.len() && last_rows.iter().enumerate().all(|(i, &r)| i == r);
+        let (mut last, last_mlp) = if every_row {
+            (residual, mlp_out)
+        } else {
+            let last_mlp = mlp_out.map(|m| be.gather_rows(&m, &last_rows)).transpose()?;
+            (be.gather_rows(&residual, &last_rows)?, last_mlp)
+        };
         let x = be.rms_norm(&mut last, last_mlp.as_ref(), &w.norm, self.eps)?;
         // One row per sequence: every row is a "decode row", as in a pass of one sequence.
         let logits =

@@ -20,7 +20,8 @@
 //! `tiles [n_tiles][2]` (the prefill rows in tiles of at most [`ATTN_PREFILL_ROWS`] consecutive
 //! rows of one sequence: first row, rows), then `tables` (each sequence's block ids covering
 //! `0..pos0 + len`, in position order). `rope_store_kv` and `attention` each take the whole batch
-//! in one launch through it.
+//! in one launch through it. The batch also keeps the pass's rotary tables on the device once the
+//! first layer has uploaded them (`rope_on_device`), so the other layers copy nothing.
 //!
 //! Prefill rows (kernels/attention_tc.cu): attention of the `tiles` on tensor cores, where the
 //! head size allows (the rest of the batch, or all of it, by kernels/attention.cu). A row's result
@@ -44,7 +45,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::bf16;
@@ -53,6 +54,7 @@ use super::error::DriverResultExt;
 use super::CudaBackend;
 use crate::backend::{KvLayout, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS};
 use crate::error::{Error, ErrorKind, Result};
+use crate::rope::RopeBatch;
 
 /// Bytes of one slab (at least one block).
 pub const KV_SLAB_BYTES: usize = 64 << 20;
@@ -99,6 +101,23 @@ pub struct CudaKvBatch {
     prefill_rows: usize,
     /// [3 * rows + 2 * prefill_tiles + ids]: row_pos, row_table, row_split [rows], tiles, tables
     buf: CudaSlice<u32>,
+    /// The rotary tables of the pass on the device, uploaded by the first layer's
+    /// `rope_store_kv` and reused by the others (every layer rotates with the same tables).
+    rope: Mutex<Option<RopeUpload>>,
+}
+
+/// A `RopeBatch` on the device, with the host values it was made from: a later call is served
+/// from it only when its tables are equal, so the cache can never hand out stale angles.
+struct RopeUpload {
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
+    tables: Arc<RopeOnDevice>,
+}
+
+/// Cosines and sines `[rows, half]` on the device.
+pub(crate) struct RopeOnDevice {
+    pub cos: CudaSlice<f32>,
+    pub sin: CudaSlice<f32>,
 }
 
 /// Keys per slice of a split decode row (the kernels' split_keys): 4 key tiles of
@@ -462,7 +481,34 @@ impl CudaBackend {
             prefill_tiles: p.prefill_tiles,
             prefill_rows: p.prefill_rows,
             buf,
+            rope: Mutex::new(None),
         })
+    }
+
+    /// `rope`'s tables on the device: uploaded once per batch (a pass's 40 layers of
+    /// Phi-3-medium rotate with the same tables, which would otherwise be 80 host copies in the
+    /// stream per decode step), again only when a call brings different tables.
+    pub(super) fn rope_on_device(
+        &self,
+        batch: &CudaKvBatch,
+        rope: &RopeBatch,
+    ) -> Result<Arc<RopeOnDevice>> {
+        let mut cached = batch.rope.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(up) = cached.as_ref() {
+            if up.cos_host == rope.cos && up.sin_host == rope.sin {
+                return Ok(up.tables.clone());
+            }
+        }
+        let tables = Arc::new(RopeOnDevice {
+            cos: self.htod(&rope.cos, "rope cos")?,
+            sin: self.htod(&rope.sin, "rope sin")?,
+        });
+        *cached = Some(RopeUpload {
+            cos_host: rope.cos.clone(),
+            sin_host: rope.sin.clone(),
+            tables: tables.clone(),
+        });
+        Ok(tables)
     }
 }
 

@@ -645,10 +645,10 @@ impl Backend for CudaBackend {
             return Ok(q);
         }
         let kv = pool.args(batch, layer, kv_dim, "rope_store_kv")?;
-        let cos = self.htod(&rope.cos, "rope cos")?;
-        let sin = self.htod(&rope.sin, "rope sin")?;
+        let tables = self.rope_on_device(batch, rope)?;
+        let (cos, sin) = (&tables.cos, &tables.sin);
         let heads = (params.n_heads, params.n_kv_heads, hd, half);
-        self.launch_rope_store_kv(&qkv.buf, &cos, &sin, &mut q.buf, &kv, qkv.rows, heads)?;
+        self.launch_rope_store_kv(&qkv.buf, cos, sin, &mut q.buf, &kv, qkv.rows, heads)?;
         Ok(q)
     }
 
