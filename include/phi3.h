@@ -228,6 +228,15 @@ typedef struct phi3_model_options {
    * A struct_size that ends before this field means 0.
    */
   int32_t kv_wait;
+  /**
+   * Most prompt tokens of one session in one forward pass (a longer prompt runs in chunks of
+   * this many, each a cancellation point), and most prefill tokens of one batched pass of
+   * several sessions; 0 means 512. Larger chunks keep a GPU busier on long prompts and take
+   * more activation memory (about 0.42 GiB per 512 tokens of Phi-3-medium on CUDA, counted
+   * when the model loads); smaller ones let other sessions' decode steps in more often. Above
+   * 65536 is PHI3_ERR_INVALID_ARGUMENT. A struct_size that ends before this field means 0.
+   */
+  size_t prefill_chunk;
 } phi3_model_options;
 
 /**
@@ -404,7 +413,7 @@ phi3_status phi3_session_generate(struct phi3_session *s,
 
 /**
  * Fill `*o` with the defaults (device "auto", model's max context, "native" weights, the
- * backend's KV memory, no waiting for KV memory). NULL is ignored.
+ * backend's KV memory, no waiting for KV memory, 512-token prefill chunks). NULL is ignored.
  * Thread-safe; cannot fail.
  *
  * # Safety

@@ -119,6 +119,9 @@ struct ModelOptions {
     /// (free, truncate, reset) instead of throwing Error(PHI3_ERR_OUT_OF_MEMORY). Only for hosts
     /// that run sessions on several threads: with one thread it would wait forever.
     bool kv_wait = false;
+    /// Most prompt tokens of one session per forward pass (and prefill tokens of one batched
+    /// pass); 0: 512. Larger chunks keep a GPU busier on long prompts and take more memory.
+    size_t prefill_chunk = 0;
 };
 
 /// Options for a new session (phi3_session_options).
@@ -305,6 +308,7 @@ private:
         o.weights = options.weights.c_str();
         o.kv_memory_bytes = options.kv_memory;
         o.kv_wait = options.kv_wait ? 1 : 0;
+        o.prefill_chunk = options.prefill_chunk;
         return o;
     }
 

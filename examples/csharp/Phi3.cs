@@ -114,6 +114,11 @@ namespace Phi3
         /// free blocks (Dispose, Truncate, Reset) instead of throwing OutOfMemory. Only for hosts
         /// that run sessions on several threads: with one thread it would wait forever.</summary>
         public bool KvWait = false;
+
+        /// <summary>Most prompt tokens of one session per forward pass (and prefill tokens of one
+        /// batched pass); 0: 512. Larger chunks keep a GPU busier on long prompts and take more
+        /// memory.</summary>
+        public long PrefillChunk = 0;
     }
 
     /// <summary>Options for a new session (phi3_session_options).</summary>
@@ -240,6 +245,7 @@ namespace Phi3
             o.max_context = checked((UIntPtr)(ulong)options.MaxContext);
             o.kv_memory_bytes = options.KvMemory;
             o.kv_wait = options.KvWait ? 1 : 0;
+            o.prefill_chunk = checked((UIntPtr)(ulong)options.PrefillChunk);
             IntPtr device = IntPtr.Zero;
             IntPtr weights = IntPtr.Zero;
             try
@@ -679,6 +685,7 @@ namespace Phi3
             public IntPtr weights;         // const char *
             public ulong kv_memory_bytes;
             public int kv_wait;
+            public UIntPtr prefill_chunk;  // size_t
         }
 
         [StructLayout(LayoutKind.Sequential)]

@@ -125,7 +125,7 @@ pub struct GpuCheckArgs {
 }
 
 /// Which model to load and where.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct ModelArgs {
     /// Model folder, or Hugging Face repo id (org/name) looked up in the local HF cache
     /// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub) and downloaded when
@@ -158,6 +158,13 @@ pub struct ModelArgs {
     /// (useful only with several sessions on different threads, e.g. bench --sessions).
     #[arg(long)]
     pub kv_wait: bool,
+
+    /// Most prompt tokens of one session per forward pass, and most prefill tokens of a batched
+    /// pass (default 512). Larger chunks keep a GPU busier on long prompts and take more
+    /// activation memory; smaller ones let other sessions' decode steps in more often.
+    #[arg(long, value_name = "TOKENS",
+          value_parser = clap::value_parser!(u64).range(1..=phi3_core::MAX_PREFILL_CHUNK as u64))]
+    pub prefill_chunk: Option<u64>,
 }
 
 /// Sampling and stopping flags shared by `generate` and `chat`.
@@ -564,6 +571,14 @@ mod kv_flag_tests {
                 .unwrap();
         let Command::Generate(g) = cli.command else { panic!("not generate") };
         assert_eq!((g.model.kv_memory, g.model.kv_wait), (Some(2 << 30), true));
+        let cli =
+            Cli::try_parse_from(["phi3", "generate", "--prefill-chunk", "2048", "x"]).unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        assert_eq!(g.model.prefill_chunk, Some(2048));
+        for bad in ["0", "65537", "x"] {
+            let e = Cli::try_parse_from(["phi3", "generate", "--prefill-chunk", bad, "x"]);
+            assert_eq!(e.unwrap_err().exit_code(), 2, "{bad}");
+        }
         assert_eq!(
             Cli::try_parse_from(["phi3", "info", "--kv-memory", "x"]).unwrap_err().exit_code(),
             2

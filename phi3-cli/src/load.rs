@@ -29,6 +29,7 @@ pub fn load_model(args: &ModelArgs, dummy: Option<DummyWeights>) -> Result<Loade
         weights: args.weights,
         kv_memory: args.kv_memory,
         kv_wait: args.kv_wait,
+        prefill_chunk: args.prefill_chunk.map(|n| n as usize),
         ..Default::default()
     };
     let Some(spec) = &args.model else {

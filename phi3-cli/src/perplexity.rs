@@ -195,14 +195,7 @@ impl Outcome {
 
 /// `args` with another weight format.
 fn with_weights(args: &ModelArgs, weights: WeightFormat) -> ModelArgs {
-    ModelArgs {
-        model: args.model.clone(),
-        device: args.device,
-        max_context: args.max_context,
-        weights,
-        kv_memory: args.kv_memory,
-        kv_wait: args.kv_wait,
-    }
+    ModelArgs { weights, ..args.clone() }
 }
 
 /// The folder of `--compare-to SPEC`. A bare word that is neither a folder nor a repo id is most

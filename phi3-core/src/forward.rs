@@ -36,17 +36,21 @@ pub(crate) struct Engine<B: Backend> {
     /// scheduler's leader runs one) and briefly by forks, truncations and session drops.
     pool: Mutex<KvPool<B>>,
     pub(crate) scheduler: Scheduler,
+    /// Most prompt tokens of one session per pass (`LoadOptions::prefill_chunk`).
+    pub(crate) prefill_chunk: usize,
     eps: f32,
     vocab_size: usize,
 }
 
-/// How a model's KV memory is limited.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct KvPolicy {
-    /// Bytes the pool may grow to; `None`: the backend's default.
-    pub(crate) budget: Option<u64>,
+/// How a model's KV memory and forward passes are limited.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EngineLimits {
+    /// Bytes the KV pool may grow to; `None`: the backend's default.
+    pub(crate) kv_budget: Option<u64>,
     /// When the pool is exhausted, wait for blocks instead of failing.
-    pub(crate) wait: bool,
+    pub(crate) kv_wait: bool,
+    /// Most prompt tokens of one session per pass, and most prefill tokens of a batched pass.
+    pub(crate) prefill_chunk: usize,
 }
 
 /// One sequence's part of a forward: new tokens appended to its cache.
@@ -68,7 +72,7 @@ impl<B: Backend> Engine<B> {
         weights: &ModelWeights<WeightSource>,
         format: WeightFormat,
         progress: Option<&ProgressFn>,
-        kv: KvPolicy,
+        limits: EngineLimits,
     ) -> Result<Self> {
         let (mut tensors, mut bytes) = (0, 0u64);
         let _ = weights.try_map(|t| {
@@ -97,27 +101,28 @@ impl<B: Backend> Engine<B> {
             report.tensor_done(source.name(), source.file_bytes());
             Ok(w)
         })?;
-        Self::with_weights(backend, config, weights, kv)
+        Self::with_weights(backend, config, weights, limits)
     }
 
     /// An engine over weights already on `backend` (e.g. generated there), with an empty KV
-    /// pool limited by `kv`.
+    /// pool and passes limited by `limits`.
     pub(crate) fn with_weights(
         backend: B,
         config: &ModelConfig,
         weights: ModelWeights<B::Weight>,
-        kv: KvPolicy,
+        limits: EngineLimits,
     ) -> Result<Self> {
         let kv_layout = KvLayout {
             n_layers: config.num_hidden_layers,
             n_kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
         };
-        let budget = kv.budget.or_else(|| backend.default_kv_budget());
+        let budget = limits.kv_budget.or_else(|| backend.default_kv_budget());
         let pool = KvPool::new(&backend, &kv_layout, budget)?;
         Ok(Engine {
             pool: Mutex::new(pool),
-            scheduler: Scheduler::new(kv.wait),
+            scheduler: Scheduler::new(limits.kv_wait, limits.prefill_chunk),
+            prefill_chunk: limits.prefill_chunk,
             backend,
             weights,
             rope: Rope::new(&config.rope),

@@ -48,7 +48,9 @@ pub use error::{Error, ErrorKind, Result};
 pub use generate::{CancelToken, FinishReason, GenerateOptions, GenerationResult, GenerationStats};
 pub use loader::WeightFormat;
 pub use model::DummyWeights;
-pub use model::{Device, DeviceStats, KvUsage, LoadOptions, LoadProgress, Model, ProgressFn};
+pub use model::{
+    Device, DeviceStats, KvUsage, LoadOptions, LoadProgress, Model, ProgressFn, MAX_PREFILL_CHUNK,
+};
 pub use scheduler::SchedulerStats;
 pub use session::{Session, SessionOptions, PREFILL_CHUNK};
 pub use stream::{StreamChunk, TokenStream};

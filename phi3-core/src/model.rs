@@ -14,7 +14,7 @@ pub use crate::backend::Device;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::forward::{Engine, KvPolicy};
+use crate::forward::{Engine, EngineLimits};
 use crate::generate::CancelToken;
 use crate::kv_cache::SeqKv;
 pub use crate::kv_pool::KvUsage;
@@ -24,7 +24,7 @@ use crate::loader::{
 };
 use crate::rope::RopeRegime;
 use crate::scheduler::{Job, SchedulerStats};
-use crate::session::{Session, SessionOptions};
+use crate::session::{Session, SessionOptions, PREFILL_CHUNK};
 use crate::tokenizer::Tokenizer;
 
 /// How to load a model.
@@ -56,7 +56,19 @@ pub struct LoadOptions {
     /// blocks (dropped, truncated or reset), or until it is cancelled. Waiting needs another
     /// thread to free blocks: a single-threaded host should keep the error.
     pub kv_wait: bool,
+    /// Most prompt tokens of one session in one forward pass (a longer prompt runs in chunks of
+    /// this many, each a cancellation point), and most prefill tokens of one batched pass of
+    /// several sessions. `None`: [`PREFILL_CHUNK`] (512). Larger chunks keep a GPU busier on
+    /// long prompts and take more activation memory (CUDA counts it in the memory check:
+    /// about 0.42 GiB per 512 tokens of Phi-3-medium); smaller ones let other sessions' decode
+    /// steps in more often. The logits may differ in the last bits between chunk sizes (the
+    /// GEMMs take other shapes), never between runs with the same one. From 1 to
+    /// [`MAX_PREFILL_CHUNK`].
+    pub prefill_chunk: Option<usize>,
 }
+
+/// Largest [`LoadOptions::prefill_chunk`].
+pub const MAX_PREFILL_CHUNK: usize = 65_536;
 
 /// A load progress callback (see [`LoadOptions::progress`]).
 pub type ProgressFn = Arc<dyn Fn(&LoadProgress) + Send + Sync>;
@@ -86,6 +98,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("weights", &self.weights)
             .field("kv_memory", &self.kv_memory)
             .field("kv_wait", &self.kv_wait)
+            .field("prefill_chunk", &self.prefill_chunk)
             .finish()
     }
 }
@@ -242,7 +255,7 @@ impl Model {
         }
         let config = ModelConfig::from_dir(dir)?;
         config.validate()?;
-        check_max_context(options)?;
+        check_options(options)?;
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(Tokenizer::from_dir(dir)?)
         } else {
@@ -281,7 +294,7 @@ impl Model {
         path: Option<PathBuf>,
     ) -> Result<Model> {
         config.validate()?;
-        check_max_context(options)?;
+        check_options(options)?;
         let target = Target::choose(options.device, options.weights)?;
         Self::build(config, &dense(weights)?, target, options.weights, tokenizer, options, path)
     }
@@ -306,11 +319,11 @@ impl Model {
             Ok(())
         });
         let at_load = if stored_quantized { WeightFormat::Native } else { format };
-        let kv = options.kv_policy();
+        let limits = options.limits();
         let engine = match target {
-            Target::Cpu => {
-                AnyEngine::Cpu(Engine::new(CpuBackend, &config, weights, at_load, progress, kv)?)
-            }
+            Target::Cpu => AnyEngine::Cpu(Engine::new(
+                CpuBackend, &config, weights, at_load, progress, limits,
+            )?),
             Target::Cuda(be) => {
                 // (shape, dtype, role, device format) of every tensor: a projection quantized at
                 // load takes `at_load`, one read quantized keeps its checkpoint's format.
@@ -327,9 +340,10 @@ impl Model {
                     &config,
                     tensors.iter().map(|(s, d, r, f)| (s.as_slice(), *d, *r, *f)),
                     0,
+                    limits.prefill_chunk,
                 ))?;
                 AnyEngine::Cuda(Box::new(Engine::new(
-                    *be, &config, weights, at_load, progress, kv,
+                    *be, &config, weights, at_load, progress, limits,
                 )?))
             }
         };
@@ -376,7 +390,8 @@ impl Model {
             Ok(())
         });
         let tensors = shapes.iter().map(|(s, r)| (s.as_slice(), d.dtype, *r, format));
-        be.check_memory(&cuda::memory::estimate_for(&config, tensors, 0))?;
+        let chunk = options.limits().prefill_chunk;
+        be.check_memory(&cuda::memory::estimate_for(&config, tensors, 0, chunk))?;
         let bytes_of = |s: &[usize], role| cuda::memory::tensor_bytes(s, d.dtype, role, format);
         let total: u64 = shapes.iter().map(|(s, r)| bytes_of(s, *r)).sum();
         let progress = options.progress.as_ref();
@@ -405,8 +420,8 @@ impl Model {
             }
             h.finalize().into()
         };
-        let kv = options.kv_policy();
-        let engine = AnyEngine::Cuda(Box::new(Engine::with_weights(be, &config, weights, kv)?));
+        let limits = options.limits();
+        let engine = AnyEngine::Cuda(Box::new(Engine::with_weights(be, &config, weights, limits)?));
         let sums =
             WeightSummary { fingerprint, bytes: weight_bytes, dtypes: vec![d.dtype], format };
         Self::finish(config, engine, tokenizer, options, path, sums)
@@ -546,6 +561,11 @@ impl Model {
     /// The most tokens any session of this model may hold.
     pub fn max_context(&self) -> usize {
         self.inner.max_context
+    }
+
+    /// Most prompt tokens of one session per forward pass ([`LoadOptions::prefill_chunk`]).
+    pub fn prefill_chunk(&self) -> usize {
+        on_engine!(self, e => e.prefill_chunk)
     }
 
     /// Token ids the model may emit: ids at or past the tokenizer's size (padding rows of the
@@ -754,15 +774,25 @@ fn resolve_format(dir: &Path, asked: WeightFormat, stored: WeightFormat) -> Resu
 }
 
 impl LoadOptions {
-    /// The KV pool's limits.
-    fn kv_policy(&self) -> KvPolicy {
-        KvPolicy { budget: self.kv_memory, wait: self.kv_wait }
+    /// The engine's limits: KV pool and prefill chunk.
+    fn limits(&self) -> EngineLimits {
+        EngineLimits {
+            kv_budget: self.kv_memory,
+            kv_wait: self.kv_wait,
+            prefill_chunk: self.prefill_chunk.unwrap_or(PREFILL_CHUNK),
+        }
     }
 }
 
-fn check_max_context(options: &LoadOptions) -> Result<()> {
-    match options.max_context {
-        Some(0) => Err(Error::invalid_argument("max_context must be > 0")),
+/// The options checked before anything is read: `max_context` and `prefill_chunk`.
+fn check_options(options: &LoadOptions) -> Result<()> {
+    if options.max_context == Some(0) {
+        return Err(Error::invalid_argument("max_context must be > 0"));
+    }
+    match options.prefill_chunk {
+        Some(n) if !(1..=MAX_PREFILL_CHUNK).contains(&n) => Err(Error::invalid_argument(format!(
+            "prefill_chunk {n} is not between 1 and {MAX_PREFILL_CHUNK} tokens"
+        ))),
         _ => Ok(()),
     }
 }

@@ -1,7 +1,7 @@
 //! `Scheduler`: continuous batching of one model's sessions.
 //!
 //! A session never runs the model itself: each forward pass it needs (a decode step, or a prefill
-//! chunk of at most `PREFILL_CHUNK` tokens) is a [`Job`] handed to its model's scheduler, and the
+//! chunk of at most `LoadOptions::prefill_chunk` tokens) is a [`Job`] handed to its model's scheduler, and the
 //! calling thread blocks until the job's logits are back. Whichever waiting thread finds no step
 //! running becomes the leader: it takes a batch of queued jobs from all sessions, runs them as one
 //! forward pass (`Engine::forward`), posts every job's result and steps down; the next waiting
@@ -10,7 +10,7 @@
 //! their own threads, and sessions stay single-owner objects: batching shows only in speed.
 //!
 //! Batches (`State::take_batch`): every queued decode step (up to [`MAX_BATCH_SEQS`]) plus prefill
-//! chunks up to [`PREFILL_BUDGET`] tokens, higher session priority first, then arrival order. A
+//! chunks up to the model's prefill chunk in tokens, higher session priority first, then arrival order. A
 //! long prompt therefore advances one chunk per step alongside everyone's decode steps instead of
 //! stalling them (chunked prefill). Jobs are never split: a sequence's pass is the one it would
 //! run alone, and with the backends computing each row independently of the others
@@ -40,12 +40,9 @@ use crate::forward::{Engine, SeqInput};
 use crate::generate::CancelToken;
 use crate::kv_cache::SeqKv;
 use crate::rope::RopeRegime;
-use crate::session::PREFILL_CHUNK;
 
 /// Most decode steps in one pass.
 pub const MAX_BATCH_SEQS: usize = 256;
-/// Most prefill tokens in one pass (one chunk always runs, whatever its size).
-pub const PREFILL_BUDGET: usize = PREFILL_CHUNK;
 /// A leader waits for the sessions expected back at most a tenth of the last pass's time, and
 /// at least this long...
 pub const BATCH_WAIT_MIN: Duration = Duration::from_millis(2);
@@ -124,6 +121,8 @@ struct State {
     last_step: Duration,
     /// Bumped whenever sessions give blocks back.
     kv_epoch: u64,
+    /// Most prefill tokens in one pass (the model's prefill chunk).
+    prefill_budget: usize,
     stats: SchedulerStats,
 }
 
@@ -150,7 +149,7 @@ impl State {
                     decodes += 1;
                     chosen.push(i);
                 }
-            } else if prefill_tokens == 0 || prefill_tokens + n <= PREFILL_BUDGET {
+            } else if prefill_tokens == 0 || prefill_tokens + n <= self.prefill_budget {
                 prefill_tokens += n;
                 chosen.push(i);
             }
@@ -164,8 +163,11 @@ impl State {
 }
 
 impl Scheduler {
-    pub(crate) fn new(wait_for_kv: bool) -> Self {
-        Scheduler { state: Mutex::new(State::default()), wake: Condvar::new(), wait_for_kv }
+    /// `prefill_budget`: most prefill tokens in one pass (one chunk always runs, whatever its
+    /// size).
+    pub(crate) fn new(wait_for_kv: bool, prefill_budget: usize) -> Self {
+        let state = State { prefill_budget, ..State::default() };
+        Scheduler { state: Mutex::new(state), wake: Condvar::new(), wait_for_kv }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -386,26 +388,31 @@ mod tests {
 
     #[test]
     fn a_batch_takes_every_decode_step_and_prefill_up_to_the_budget() {
-        let queue = vec![
-            queued(0, 300, 0),
-            queued(1, 1, 0),
-            queued(2, 300, 0), // would pass the budget: next step
-            queued(3, 4, 0),
-            queued(4, 200, 0), // fits beside job 0
-        ];
-        let mut st = State { queue, ..Default::default() };
+        let queue = || {
+            vec![
+                queued(0, 300, 0),
+                queued(1, 1, 0),
+                queued(2, 300, 0), // would pass the budget: next step
+                queued(3, 4, 0),
+                queued(4, 200, 0), // fits beside job 0
+            ]
+        };
+        let mut st = State { queue: queue(), prefill_budget: 512, ..Default::default() };
         assert_eq!(ids(&st.take_batch()), [0, 1, 3, 4]);
         assert_eq!(ids(&st.take_batch()), [2]);
         assert!(st.take_batch().is_empty());
         // One chunk always runs, however long.
-        st.queue = vec![queued(5, 2 * PREFILL_BUDGET, 0), queued(6, 10, 0)];
+        st.queue = vec![queued(5, 2 * 512, 0), queued(6, 10, 0)];
         assert_eq!(ids(&st.take_batch()), [5]);
+        // A model loaded with a larger prefill chunk takes all three prompts at once.
+        let mut st = State { queue: queue(), prefill_budget: 1024, ..Default::default() };
+        assert_eq!(ids(&st.take_batch()), [0, 1, 2, 3, 4]);
     }
 
     #[test]
     fn priority_orders_prefill_and_blocked_jobs_wait_for_freed_blocks() {
         let queue = vec![queued(0, 400, 0), queued(1, 400, 5), queued(2, 1, -1)];
-        let mut st = State { queue, ..Default::default() };
+        let mut st = State { queue, prefill_budget: 512, ..Default::default() };
         assert_eq!(ids(&st.take_batch()), [1, 2]);
         let mut blocked = queued(3, 1, 0);
         blocked.blocked_at = Some(st.kv_epoch);

@@ -26,7 +26,8 @@ use crate::sampler::{self, Rng, SamplerOptions};
 use crate::session_file::{self, SessionState};
 use crate::stream::TokenStream;
 
-/// Tokens per forward pass when running a long input.
+/// Tokens per forward pass when running a long input, unless the model was loaded with another
+/// `LoadOptions::prefill_chunk`.
 pub const PREFILL_CHUNK: usize = 512;
 
 /// Options for a new session.
@@ -470,7 +471,7 @@ impl Session {
                 return Err(Error::new(ErrorKind::Cancelled, "cancelled during prefill"));
             }
             let start = self.kv.len();
-            let end = (start + PREFILL_CHUNK).min(self.tokens.len());
+            let end = (start + self.model.prefill_chunk()).min(self.tokens.len());
             let logits = self.model.forward_one(
                 &self.tokens[start..end],
                 &mut self.kv,

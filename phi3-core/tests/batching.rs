@@ -233,3 +233,27 @@ fn with_kv_wait_a_pass_waits_for_blocks_and_can_be_cancelled() {
     drop(c);
     assert_eq!(model.kv_usage().blocks_in_use, 0);
 }
+
+#[test]
+fn the_prefill_chunk_sets_the_passes_of_a_prompt_and_not_its_results() {
+    let default = demo::demo_model(&cpu()).unwrap();
+    assert_eq!(default.prefill_chunk(), phi3_core::PREFILL_CHUNK);
+    let small = demo::demo_model(&LoadOptions { prefill_chunk: Some(37), ..cpu() }).unwrap();
+    assert_eq!(small.prefill_chunk(), 37);
+    let p = prompt(&default, 9, 200);
+    let case = [(p.clone(), options(5, Some(7)))];
+    let before = small.scheduler_stats();
+    let chunked = solo(&small, &case);
+    // 200 prompt tokens in passes of at most 37 (6 passes), then one pass per generated token.
+    assert_eq!(small.scheduler_stats().steps - before.steps, 200usize.div_ceil(37) as u64 + 5);
+    // Bit for bit: the CPU computes each prefill row on its own, and every chunk here (37 and
+    // 15 rows) is longer than GEMV_SPAN, so no row changes path. (A chunk of up to 4 rows would
+    // run as decode rows and differ in the last bits; on CUDA, cuBLAS picks its algorithm by the
+    // chunk's rows.)
+    assert_same(&solo(&default, &case), &chunked);
+    for bad in [0, phi3_core::MAX_PREFILL_CHUNK + 1] {
+        let e = demo::demo_model(&LoadOptions { prefill_chunk: Some(bad), ..cpu() }).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad}");
+        assert!(e.to_string().contains("prefill_chunk"), "{e}");
+    }
+}

@@ -20,7 +20,7 @@ use crate::tokenizer::PyTokenizer;
 /// tokenizer.json). Thread-safe: share one Model between threads, one Session per conversation.
 ///
 /// Model(path, device="auto", weights="native", max_context=None, *, kv_memory=None,
-/// kv_wait=False)
+/// kv_wait=False, prefill_chunk=None)
 ///
 /// - device: "auto" (the CPU until the CUDA backend is verified on a GPU), "cpu", "cuda" or
 ///   "cuda:N".
@@ -35,6 +35,10 @@ use crate::tokenizer::PyTokenizer;
 /// - kv_wait: instead of raising, such a pass waits until sessions in other threads free blocks
 ///   (deleted, truncated, reset) or its session is cancelled. Only for programs that run
 ///   sessions in several threads: a single thread would wait forever.
+/// - prefill_chunk: most prompt tokens of one session per forward pass, and most prefill tokens
+///   of one batched pass (default 512, at most 65536). Larger chunks keep a GPU busier on long
+///   prompts and take more activation memory; smaller ones let other sessions' decode steps in
+///   more often.
 ///
 /// Sessions used from several Python threads at once are batched: their forward passes run
 /// together (the GIL is released meanwhile), with the same results as one at a time.
@@ -42,7 +46,8 @@ use crate::tokenizer::PyTokenizer;
 /// Raises IoError (missing folder or file), ModelFormatError (bad config, tensor name/shape/dtype,
 /// tokenizer files), UnsupportedError (model or rope type, device, a quantization config it cannot read),
 /// InvalidArgumentError (bad device or weights string, an int4 group that does not divide a
-/// row, max_context <= 0, kv_memory <= 0 or less than one KV block). Loading releases the GIL.
+/// row, max_context <= 0, kv_memory <= 0 or less than one KV block, prefill_chunk <= 0 or above
+/// 65536). Loading releases the GIL.
 #[pyclass(name = "Model", module = "phi3", frozen)]
 pub(crate) struct PyModel {
     pub(crate) model: Model,
@@ -69,6 +74,7 @@ struct LoadArgs<'a> {
     max_context: Option<i64>,
     kv_memory: Option<i64>,
     kv_wait: bool,
+    prefill_chunk: Option<i64>,
 }
 
 impl LoadArgs<'_> {
@@ -77,12 +83,14 @@ impl LoadArgs<'_> {
         let weights: WeightFormat = self.weights.parse().map_err(|e| to_py_err(py, e))?;
         let max_context = convert::positive(py, self.max_context, "max_context")?;
         let kv_memory = convert::positive(py, self.kv_memory, "kv_memory")?.map(|b| b as u64);
+        let prefill_chunk = convert::positive(py, self.prefill_chunk, "prefill_chunk")?;
         Ok(LoadOptions {
             device,
             max_context,
             weights,
             kv_memory,
             kv_wait: self.kv_wait,
+            prefill_chunk,
             ..Default::default()
         })
     }
@@ -91,9 +99,10 @@ impl LoadArgs<'_> {
 #[pymethods]
 impl PyModel {
     #[new]
+    #[allow(clippy::too_many_arguments)] // the Python signature's keyword arguments
     #[pyo3(signature = (
         path, device = "auto", weights = "native", max_context = None, *, kv_memory = None,
-        kv_wait = false
+        kv_wait = false, prefill_chunk = None
     ))]
     fn new(
         py: Python<'_>,
@@ -103,8 +112,9 @@ impl PyModel {
         max_context: Option<i64>,
         kv_memory: Option<i64>,
         kv_wait: bool,
+        prefill_chunk: Option<i64>,
     ) -> PyResult<Self> {
-        let args = LoadArgs { device, weights, max_context, kv_memory, kv_wait };
+        let args = LoadArgs { device, weights, max_context, kv_memory, kv_wait, prefill_chunk };
         let options = args.check(py)?;
         let model = run_detached(py, || Model::load(&path, &options))?;
         Self::wrap(py, model)
@@ -117,7 +127,7 @@ impl PyModel {
     #[staticmethod]
     #[pyo3(signature = (
         device = "auto", max_context = None, weights = "native", *, kv_memory = None,
-        kv_wait = false
+        kv_wait = false, prefill_chunk = None
     ))]
     fn demo(
         py: Python<'_>,
@@ -126,8 +136,9 @@ impl PyModel {
         weights: &str,
         kv_memory: Option<i64>,
         kv_wait: bool,
+        prefill_chunk: Option<i64>,
     ) -> PyResult<Self> {
-        let args = LoadArgs { device, weights, max_context, kv_memory, kv_wait };
+        let args = LoadArgs { device, weights, max_context, kv_memory, kv_wait, prefill_chunk };
         let options = args.check(py)?;
         let model = run_detached(py, || phi3_core::demo::demo_model(&options))?;
         Self::wrap(py, model)
@@ -176,6 +187,13 @@ impl PyModel {
     #[getter]
     fn max_context(&self) -> usize {
         self.model.max_context()
+    }
+
+    /// Most prompt tokens of one session per forward pass (the `prefill_chunk` it was loaded
+    /// with, 512 by default).
+    #[getter]
+    fn prefill_chunk(&self) -> usize {
+        self.model.prefill_chunk()
     }
 
     /// Rows of the embedding table: token ids are in [0, vocab_size); the logits have this length.

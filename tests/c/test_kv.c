@@ -7,7 +7,9 @@
  * - kv_wait: a pass short of blocks waits until another thread frees some, and
  *   phi3_session_cancel ends such a wait;
  * - phi3_model_kv_usage: sane numbers, older struct sizes, bad arguments;
- * - structs of the previous version (before kv_memory_bytes / kv_wait / priority) still work;
+ * - structs of the previous versions (before kv_memory_bytes / kv_wait / priority, before
+ *   prefill_chunk) still work;
+ * - phi3_model_options.prefill_chunk: read when present, out of range is an error;
  * - phi3_session_set_priority / phi3_session_priority.
  * Uses the built-in demo model (CPU). Every wait is bounded. */
 #define _POSIX_C_SOURCE 200809L
@@ -112,6 +114,7 @@ static void test_option_defaults(void)
     CHECK(mo.struct_size == sizeof mo);
     CHECK(mo.kv_memory_bytes == 0);
     CHECK(mo.kv_wait == 0);
+    CHECK(mo.prefill_chunk == 0);
     memset(&so, 0xAB, sizeof so);
     phi3_session_options_init(&so);
     CHECK(so.struct_size == sizeof so);
@@ -144,6 +147,17 @@ static void test_previous_struct_versions(void)
         o.struct_size = (uint32_t)offsetof(phi3_model_options, kv_memory_bytes) + 4;
         CHECK_ERR(phi3_model_load_demo(&o, &bad), PHI3_ERR_INVALID_ARGUMENT, "struct_size");
         CHECK(bad == (phi3_model *)POISON_PTR);
+    }
+    /* The version before prefill_chunk: garbage there (an invalid chunk) is not read. */
+    {
+        phi3_model *m2 = NULL;
+        o.struct_size = (uint32_t)offsetof(phi3_model_options, prefill_chunk);
+        o.kv_memory_bytes = 0;
+        o.kv_wait = 0;
+        o.prefill_chunk = (size_t)1 << 40;
+        CHECK_OK(phi3_model_load_demo(&o, &m2));
+        phi3_model_free(m2);
+        o.prefill_chunk = 0;
     }
     /* The version with kv_memory_bytes but before kv_wait. */
     {
@@ -451,6 +465,28 @@ static void test_priority(void)
     phi3_model_free(m);
 }
 
+/* prefill_chunk: a small chunk loads and prefills a prompt of several chunks; above 65536 is
+ * PHI3_ERR_INVALID_ARGUMENT naming the field. */
+static void test_prefill_chunk(void)
+{
+    phi3_model_options o;
+    phi3_model *m = NULL, *bad = (phi3_model *)POISON_PTR;
+    phi3_session *s = NULL;
+    int32_t prompt[40];
+    phi3_model_options_init(&o);
+    o.device = "cpu";
+    o.prefill_chunk = 65537;
+    CHECK_ERR(phi3_model_load_demo(&o, &bad), PHI3_ERR_INVALID_ARGUMENT, "prefill_chunk");
+    CHECK(bad == (phi3_model *)POISON_PTR);
+    o.prefill_chunk = 7;
+    CHECK_OK(phi3_model_load_demo(&o, &m));
+    CHECK_OK(phi3_session_new(m, NULL, &s));
+    for (int32_t i = 0; i < 40; i++) prompt[i] = 10 + i;
+    CHECK_OK(phi3_session_append_tokens(s, prompt, 40));
+    phi3_session_free(s);
+    phi3_model_free(m);
+}
+
 int main(void)
 {
     printf("test_kv\n");
@@ -461,6 +497,7 @@ int main(void)
     RUN_TEST(test_kv_wait);
     RUN_TEST(test_kv_usage_args);
     RUN_TEST(test_priority);
+    RUN_TEST(test_prefill_chunk);
     printf("test_kv: all tests passed\n");
     return 0;
 }

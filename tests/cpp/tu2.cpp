@@ -193,4 +193,15 @@ void test_kv_memory_and_priority(phi3::Model &model) {
 
     options.kv_memory = 1;
     CHECK_STATUS(PHI3_ERR_INVALID_ARGUMENT, phi3::Model::demo(options));
+
+    // A prompt of several prefill chunks; a chunk above 65536 tokens is refused.
+    phi3::ModelOptions chunked;
+    chunked.device = "cpu";
+    chunked.prefill_chunk = 5;
+    phi3::Model by_fives = phi3::Model::demo(chunked);
+    phi3::Session s = by_fives.session();
+    s.append_tokens({3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14});
+    CHECK(s.tokens().size() == 12);
+    chunked.prefill_chunk = 65537;
+    CHECK_STATUS(PHI3_ERR_INVALID_ARGUMENT, phi3::Model::demo(chunked));
 }

@@ -418,6 +418,14 @@ public static class Tests
             }
         }
         ExpectStatus(Phi3Status.InvalidArgument, () => Phi3Model.LoadDemo(new ModelOptions { KvMemory = 1 }));
+        // A prompt of several prefill chunks; a chunk above 65536 tokens is refused.
+        using (Phi3Model byFives = Phi3Model.LoadDemo(new ModelOptions { Device = "cpu", PrefillChunk = 5 }))
+        using (Phi3Session s = byFives.NewSession())
+        {
+            s.AppendTokens(new int[] { 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14 });
+            Check(s.Tokens().Length == 12, "a prompt of three chunks is all in the session");
+        }
+        ExpectStatus(Phi3Status.InvalidArgument, () => Phi3Model.LoadDemo(new ModelOptions { PrefillChunk = 65537 }));
     }
 
     private static void TokenizeAndLogits(Phi3Model model)

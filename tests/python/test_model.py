@@ -201,3 +201,22 @@ def test_kv_usage_and_memory_budget():
         phi3.Model.demo(device="cpu", kv_memory=0)
     with pytest.raises(TypeError):
         phi3.Model.demo("cpu", None, "native", 1 << 20)  # keyword-only
+
+
+def test_prefill_chunk_sets_the_passes_of_a_prompt_not_its_logits():
+    default = phi3.Model.demo(device="cpu")
+    assert default.prefill_chunk == 512
+    small = phi3.Model.demo(device="cpu", prefill_chunk=9)
+    assert small.prefill_chunk == 9
+    prompt = list(range(5, 5 + 40))
+    steps = small.kv_usage().steps
+    a, b = default.session(), small.session()
+    a.append_tokens(prompt)
+    b.append_tokens(prompt)
+    assert small.kv_usage().steps - steps == 5  # 40 tokens in passes of at most 9
+    # The last pass holds 4 tokens, which run as decode rows (a dot product each) instead of the
+    # prefill GEMM: the same values to rounding, not bit for bit.
+    np.testing.assert_allclose(a.logits(), b.logits(), rtol=1e-5, atol=1e-5)
+    for bad in (0, -3, 65537):
+        with pytest.raises(phi3.InvalidArgumentError, match="prefill_chunk"):
+            phi3.Model.demo(device="cpu", prefill_chunk=bad)

@@ -4,10 +4,11 @@
 //! Weights: matrices in their dtype, vectors in f32 (see `upload.rs`); with a quantized
 //! [`WeightFormat`], the decoder projections take `WeightFormat::stored_bytes` (values, scales and
 //! zero points: exactly what `quant.rs` allocates) and the prefill path adds its dequantization
-//! workspace ([`DEQUANT_WORKSPACE_BYTES`](super::quant::DEQUANT_WORKSPACE_BYTES) at most). Working memory: the
-//! activations of one forward pass of [`crate::PREFILL_CHUNK`] tokens (residual, normed input,
-//! qkv, q, attention output, gate_up, SwiGLU output, MLP output, plus their 16-bit GEMM copies),
-//! doubled for the stream-ordered allocator's slack, plus a fixed allowance for cuBLAS's
+//! workspace ([`DEQUANT_WORKSPACE_BYTES`](super::quant::DEQUANT_WORKSPACE_BYTES) at most).
+//! Working memory: the activations of one forward pass of a prefill chunk
+//! (`LoadOptions::prefill_chunk` tokens, by default [`crate::PREFILL_CHUNK`]: residual, normed
+//! input, qkv, q, attention output, gate_up, SwiGLU output, MLP output, plus their 16-bit GEMM
+//! copies), doubled for the stream-ordered allocator's slack, plus a fixed allowance for cuBLAS's
 //! workspace and the kernel modules. KV memory is the model's paged pool (bf16 blocks of
 //! [`KV_BLOCK_TOKENS`] tokens, see `kv.rs`), which grows up to a budget: by default
 //! [`kv_budget`], what is free once the weights are loaded less the working memory above and
@@ -88,24 +89,28 @@ pub fn kv_budget(free: u64, need: Option<&MemoryEstimate>, workspace_held: u64) 
 }
 
 /// The estimate for `config` whose tensors (shape, dtype) are `tensors`, native weights, no KV
-/// cache: [`estimate_for`] with every tensor stored as `WeightFormat::Native` and `kv_tokens = 0`.
+/// cache, the default prefill chunk: [`estimate_for`] with every tensor stored as
+/// `WeightFormat::Native`, `kv_tokens = 0` and [`crate::PREFILL_CHUNK`].
 pub fn estimate<'a>(
     config: &ModelConfig,
     tensors: impl IntoIterator<Item = (&'a [usize], DType)>,
 ) -> MemoryEstimate {
     let tensors =
         tensors.into_iter().map(|(s, d)| (s, d, TensorRole::Embedding, WeightFormat::Native));
-    estimate_for(config, tensors, 0)
+    estimate_for(config, tensors, 0, crate::PREFILL_CHUNK)
 }
 
 /// The estimate for `config` whose tensors are `tensors`, each given as (shape, file dtype, role,
 /// the format it is stored in on the device: `Native`, or the projection's quantized format,
 /// whether quantized at load or read from a quantized checkpoint), with room for KV blocks of
-/// one sequence of `kv_tokens` tokens. The dequantization workspace is counted when any projection is quantized.
+/// one sequence of `kv_tokens` tokens and the activations of passes of `prefill_chunk` tokens
+/// (`LoadOptions::prefill_chunk`). The dequantization workspace is counted when any projection
+/// is quantized.
 pub fn estimate_for<'a>(
     config: &ModelConfig,
     tensors: impl IntoIterator<Item = (&'a [usize], DType, TensorRole, WeightFormat)>,
     kv_tokens: usize,
+    prefill_chunk: usize,
 ) -> MemoryEstimate {
     let mut weights = 0;
     let mut workspace = 0;
@@ -126,7 +131,7 @@ pub fn estimate_for<'a>(
     let per_row_floats = 4 * h + (q + 2 * kv) + 2 * q + 3 * ffn;
     // 16-bit GEMM inputs: the normed input twice (qkv, gate_up), the attention output, SwiGLU's.
     let per_row_halves = 2 * h + q + ffn;
-    let rows = crate::PREFILL_CHUNK as u64;
+    let rows = prefill_chunk as u64;
     let activations = rows * (4 * per_row_floats + 2 * per_row_halves);
     let logits = 4 * config.vocab_size as u64 * 4;
     MemoryEstimate {
@@ -200,7 +205,8 @@ mod tests {
         let c = medium();
         let t = tensors(&c);
         let all = |f| t.iter().map(move |(s, r)| (s.as_slice(), DType::BF16, *r, f));
-        let e = estimate_for(&c, all(WeightFormat::Int4 { group: 128 }), 16384);
+        let e =
+            estimate_for(&c, all(WeightFormat::Int4 { group: 128 }), 16384, crate::PREFILL_CHUNK);
         let g = |b: u64| b as f64 / GIB;
         println!(
             "Phi-3-medium-128k int4-g128, 16k context: weights {:.3} GiB, working {:.3} GiB, \
@@ -218,9 +224,9 @@ mod tests {
         assert_eq!(e.workspace, DEQUANT_WORKSPACE_BYTES as u64 - 8192); // 3276 rows of 5120
         assert!(g(e.total()) < 11.6, "{e:?}");
         // The same with int8 does not fit; native bf16 weights alone do not.
-        let e8 = estimate_for(&c, all(WeightFormat::Int8), 16384);
+        let e8 = estimate_for(&c, all(WeightFormat::Int8), 16384, crate::PREFILL_CHUNK);
         assert!(g(e8.total()) > 16.0, "{e8:?}");
-        let native = estimate_for(&c, all(WeightFormat::Native), 0);
+        let native = estimate_for(&c, all(WeightFormat::Native), 0, crate::PREFILL_CHUNK);
         assert_eq!(native.workspace, 0);
         assert_eq!(native, estimate(&c, t.iter().map(|(s, _)| (s.as_slice(), DType::BF16))));
     }
@@ -266,6 +272,7 @@ mod tests {
             &c,
             t.iter().map(|(s, r)| (s.as_slice(), DType::BF16, *r, WeightFormat::Int8)),
             0,
+            crate::PREFILL_CHUNK,
         );
         assert!(e.workspace > 0);
         let free = 40u64 << 30;
@@ -277,5 +284,25 @@ mod tests {
         assert_eq!(kv_budget(1 << 30, Some(&e), 0), 0);
         // The working memory of a Phi-3-medium chunk is below the no-estimate allowance.
         assert!(e.working < UNKNOWN_WORKING_BYTES, "{e:?}");
+    }
+
+    #[test]
+    fn working_memory_follows_the_prefill_chunk() {
+        let c = medium();
+        let t = tensors(&c);
+        let at = |chunk| {
+            let all = t.iter().map(|(s, r)| (s.as_slice(), DType::BF16, *r, WeightFormat::Native));
+            estimate_for(&c, all, 0, chunk)
+        };
+        let (small, large) = (at(512), at(2048));
+        assert_eq!(small.weights, large.weights);
+        // Activations scale with the rows; logits and the fixed allowance do not.
+        let rows_part = |e: MemoryEstimate| e.working - FIXED_BYTES - 4 * c.vocab_size as u64 * 4;
+        assert_eq!(rows_part(large), 4 * rows_part(small));
+        // 0.42 GiB of activations per 512 tokens of Phi-3-medium (allocator slack included):
+        // a 2,048-token chunk needs about 2.2 GiB of working memory in all.
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        assert!((0.41..0.42).contains(&gib(rows_part(small))), "{small:?}");
+        assert!((2.1..2.2).contains(&gib(large.working)), "{large:?}");
     }
 }
