@@ -1129,7 +1129,13 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     let logits = s.append_tokens(&prompt)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let gen = 32;
+    let counts =
+        |m: &Model| m.device_stats().cuda.map_or((0, 0), |c| (c.kernel_launches, c.host_copies));
+    let before = counts(&model);
     let (decode_s, logits) = greedy_decode(&model, &mut s, logits, gen)?;
+    let after = counts(&model);
+    let per_step = |a: u64, b: u64| (a - b) as f64 / gen as f64;
+    let (launches, copies) = (per_step(after.0, before.0), per_step(after.1, before.1));
     let stats = model.device_stats();
     let cuda = stats.cuda.as_ref();
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -1162,6 +1168,11 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
         None => r.flag(&format!("bench {tag}: decode tok/s"), format!("{tok_s:.1}"), finite),
     }
     r.flag(&format!("bench {tag}: weights GiB"), format!("{:.2}", gib(stats.weight_bytes)), true);
+    r.flag(
+        &format!("bench {tag}: per decode step"),
+        format!("{launches:.1} kernel launches, {copies:.1} host copies"),
+        true,
+    );
     if !finite {
         bail!("non-finite logits from dummy weights");
     }

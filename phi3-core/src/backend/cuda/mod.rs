@@ -116,6 +116,11 @@ pub struct CudaBackend {
     /// (`last_arrival` in kernels/common.cuh): zero when allocated and left zero by every
     /// launch, so one array serves all launches on the stream. Grown on demand.
     tickets: Mutex<Option<CudaSlice<u32>>>,
+    /// Kernels launched and host-to-device copies made through `htod` so far (benchmarks
+    /// report them per decode step: every one is a gap in the stream that a fused kernel or a
+    /// CUDA graph would close).
+    launches: AtomicU64,
+    uploads: AtomicU64,
 }
 
 /// f32 activations on the device, row-major `[rows, cols]`.
@@ -196,6 +201,11 @@ pub struct CudaStats {
     pub workspace_bytes: u64,
     /// How the kernels were obtained.
     pub kernels: KernelStatus,
+    /// Kernels launched since the backend was created.
+    pub kernel_launches: u64,
+    /// Host-to-device copies of per-pass data (token ids, batch descriptors, rotary tables,
+    /// row lists) since the backend was created; weight uploads are not counted.
+    pub host_copies: u64,
 }
 
 impl CudaBackend {
@@ -222,6 +232,8 @@ impl CudaBackend {
             workspace: Mutex::new(None),
             workspace_bytes: AtomicU64::new(0),
             tickets: Mutex::new(None),
+            launches: AtomicU64::new(0),
+            uploads: AtomicU64::new(0),
         })
     }
 
@@ -235,6 +247,8 @@ impl CudaBackend {
             kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
             workspace_bytes: self.workspace_bytes.load(Ordering::Relaxed),
             kernels: self.kernels.status.clone(),
+            kernel_launches: self.launches.load(Ordering::Relaxed),
+            host_copies: self.uploads.load(Ordering::Relaxed),
         }
     }
 
@@ -389,6 +403,7 @@ impl CudaBackend {
     fn htod<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
         let mut buf = self.alloc::<T>(data.len(), what)?;
         if !data.is_empty() {
+            self.uploads.fetch_add(1, Ordering::Relaxed);
             self.dev.stream.memcpy_htod(data, &mut buf).ctx(what)?;
         }
         Ok(buf)

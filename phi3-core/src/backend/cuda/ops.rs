@@ -114,6 +114,7 @@ fn check_dequant(w: &CudaSlice<u16>, rows: usize, k: usize) -> Result<()> {
 macro_rules! launch {
     ($be:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let f = $be.kernels.get($name)?;
+        $be.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut b = $be.dev.stream.launch_builder(f);
         $( b.arg($arg); )+
         // SAFETY: the arguments match the kernel's parameter list in type and order (see the
