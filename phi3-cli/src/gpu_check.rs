@@ -45,12 +45,14 @@
 //!
 //! Batch invariance, bit for bit: `linear` on a batch of decode rows and prefill chunks against
 //! each row and chunk alone, attention with each long sequence cut into two chunks of one batch
-//! against the uncut batch, and 12 concurrent sessions' logits against their solo runs.
+//! against the uncut batch, and 12 concurrent sessions' logits against their solo runs. Also bit
+//! for bit: `swiglu_linear` (down_proj fused with the activation) against `swiglu` then `linear`.
 //!
 //! Benchmarks: the attention kernels alone (f32, tensor cores in two and in one bf16 term; a
 //! 512-row prefill chunk at 4k and 32k context, decode of one session at 512, 4k and 32k and of 64
-//! at 2k), the native Phi-3-medium prefill of 4k and 32k tokens and decode at 32k against the
-//! issue's goals, the native Phi-3-medium decode/prefill, the same with int8 and int4-g128
+//! at 2k), the native Phi-3-medium prefill of 4k and 32k tokens (in prefill chunks of 512 and of
+//! 2,048) and decode at 32k against the goals, the native Phi-3-medium decode/prefill
+//! (with the kernel launches and host copies per decode step), the same with int8 and int4-g128
 //! projections (device-generated random quantized weights: speed does not depend on values), and
 //! the projections alone (40 layers x qkv, o, gate_up, down per token) per format with the bytes
 //! read per second. Decode rows show the goals (int4 >= 450 tok/s, int8 >= 250 tok/s on an
