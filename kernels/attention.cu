@@ -108,7 +108,7 @@ phi3_attention(const float* q, const unsigned long long* slabs, const unsigned i
                 // The key row in 16-byte loads (8 per row of 128), summed in the same d order.
                 for (int d = 0; d < head_dim; d += 8) {
                     float k8[8];
-                    bf16x8_to_f32(*reinterpret_cast<const uint4*>(kr + d), k8);
+                    bf16x8_to_f32(vec_load<uint4>(kr + d), k8);
 #pragma unroll
                     for (int e = 0; e < 8; ++e) {
 #pragma unroll

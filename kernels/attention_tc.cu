@@ -80,7 +80,7 @@ __device__ __forceinline__ void ap_load_tile(unsigned short* stage, int kt, int 
             cp_async16(dst, kv_row(blk, layer, which, j % PHI3_KV_BLOCK_TOKENS, kv_dim) +
                                 head_off + c);
         } else {
-            *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+            vec_store(dst, make_uint4(0u, 0u, 0u, 0u));
         }
     }
     cp_async_commit();
@@ -105,7 +105,7 @@ __device__ __forceinline__ void ap_q_fragments(unsigned short* stage, const floa
     for (int i = threadIdx.x; i < rows * quads; i += AP_THREADS) {
         const int r = i / quads, c = (i - r * quads) * 4;
         float4 v = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (r < n_rows) v = *reinterpret_cast<const float4*>(src + r * stride + c);
+        if (r < n_rows) v = vec_load<float4>(src + r * stride + c);
         const float x[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {

@@ -60,6 +60,22 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return f32_to_bf16(x); }
 template <> __device__ __forceinline__ f16 from_f32<f16>(float x) { return f32_to_f16(x); }
 
+// Vector loads and stores (8 or 16 bytes): the address must be aligned to the vector's size or
+// the GPU faults, a sticky error that ends the context. The host check aborts on a misaligned one
+// (x86 would accept it silently).
+template <typename T> __device__ __forceinline__ T vec_load(const void* p) {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_require_aligned(p, sizeof(T), "vector load");
+#endif
+    return *reinterpret_cast<const T*>(p);
+}
+template <typename T> __device__ __forceinline__ void vec_store(void* p, const T& v) {
+#ifdef PHI3_HOST_EMULATION
+    phi3_host_require_aligned(p, sizeof(T), "vector store");
+#endif
+    *reinterpret_cast<T*>(p) = v;
+}
+
 // Whether both pointers are 16-byte aligned (16-byte vector loads need it).
 __device__ __forceinline__ bool aligned16(const void* a, const void* b) {
     return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) &

@@ -58,8 +58,8 @@ template <bool F16> __device__ __forceinline__ uint4 pack8(const float* v) {
 
 // 8 consecutive f32 at p (16-byte aligned).
 __device__ __forceinline__ void load8(const float* p, float* v) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    const float4 a = vec_load<float4>(p);
+    const float4 b = vec_load<float4>(p + 4);
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
@@ -109,8 +109,8 @@ __device__ void decode_gemm_impl(const unsigned short* w, const float* x, float*
 #pragma unroll
         for (int s = 0; s < DG_KC / 32; ++s) {
             if (32 * s < kc) {
-                wl[s] = *reinterpret_cast<const uint4*>(w_lo + k0 + 32 * s);
-                wh[s] = *reinterpret_cast<const uint4*>(w_hi + k0 + 32 * s);
+                wl[s] = vec_load<uint4>(w_lo + k0 + 32 * s);
+                wh[s] = vec_load<uint4>(w_hi + k0 + 32 * s);
             }
         }
         __syncthreads();  // the previous chunk's x is no longer read
@@ -119,7 +119,7 @@ __device__ void decode_gemm_impl(const unsigned short* w, const float* x, float*
             const int r = i / vecs, c = (i - r * vecs) * 8;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);  // padding tokens: zero columns of B
             if (r < nt) v = stage8<F16, SWIGLU>(x, tok0 + r, in, k0 + c);
-            *reinterpret_cast<uint4*>(xs + r * DG_XS_STRIDE + c) = v;
+            vec_store(xs + r * DG_XS_STRIDE + c, v);
         }
         __syncthreads();
 #pragma unroll
@@ -130,8 +130,7 @@ __device__ void decode_gemm_impl(const unsigned short* w, const float* x, float*
 #pragma unroll
             for (int j = 0; j < DG_TOK / 8; ++j) {
                 if (j >= ntiles) break;
-                const uint4 xb =
-                    *reinterpret_cast<const uint4*>(xs + (8 * j + g) * DG_XS_STRIDE + 32 * s + 8 * t);
+                const uint4 xb = vec_load<uint4>(xs + (8 * j + g) * DG_XS_STRIDE + 32 * s + 8 * t);
                 const unsigned int b0[2] = {xb.x, xb.y};
                 const unsigned int b1[2] = {xb.z, xb.w};
                 mma_16816<F16>(acc[j], a0, b0);

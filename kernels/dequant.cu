@@ -31,7 +31,7 @@ extern "C" __global__ void phi3_dequant_int8(const signed char* __restrict__ q,
         GRID_STRIDE(i, n) {
             const int r = (int)((unsigned int)i / (unsigned int)oct);  // n < 2^31 (launcher)
             const float sr = s[r];
-            const uint2 v = *reinterpret_cast<const uint2*>(src + i * 8);
+            const uint2 v = vec_load<uint2>(src + i * 8);
             const unsigned int words[2] = {v.x, v.y};
             unsigned int outw[4];
 #pragma unroll
@@ -45,7 +45,7 @@ extern "C" __global__ void phi3_dequant_int8(const signed char* __restrict__ q,
                 outw[2 * h] = pack_bf16x2(sr * q0, sr * q1);
                 outw[2 * h + 1] = pack_bf16x2(sr * q2, sr * q3);
             }
-            *reinterpret_cast<uint4*>(w + i * 8) = make_uint4(outw[0], outw[1], outw[2], outw[3]);
+            vec_store(w + i * 8, make_uint4(outw[0], outw[1], outw[2], outw[3]));
         }
     } else {
         const unsigned long long n = (unsigned long long)rows * in;
@@ -77,7 +77,7 @@ __device__ __forceinline__ void dequant_int4_impl(const unsigned char* packed, c
             const float hi = (float)((b >> (8 * k + 4)) & 15u) - zc;
             outw[k] = pack_bf16x2(sc * lo, sc * hi);
         }
-        *reinterpret_cast<uint4*>(w + i * 8) = make_uint4(outw[0], outw[1], outw[2], outw[3]);
+        vec_store(w + i * 8, make_uint4(outw[0], outw[1], outw[2], outw[3]));
     }
 }
 

@@ -32,9 +32,9 @@ __device__ void gemv16_impl(const W* w, const float* x, float* y, int in, int ou
     if ((in & 7) == 0 && aligned16(w, x)) {
         for (int i = lane * 8; i < in; i += 32 * 8) {
             float f[8];
-            unpack8(*reinterpret_cast<const uint4*>(wr + i), wr, f);
-            float4 x0 = *reinterpret_cast<const float4*>(x + i);
-            float4 x1 = *reinterpret_cast<const float4*>(x + i + 4);
+            unpack8(vec_load<uint4>(wr + i), wr, f);
+            float4 x0 = vec_load<float4>(x + i);
+            float4 x1 = vec_load<float4>(x + i + 4);
             acc += f[0] * x0.x + f[1] * x0.y + f[2] * x0.z + f[3] * x0.w;
             acc += f[4] * x1.x + f[5] * x1.y + f[6] * x1.z + f[7] * x1.w;
         }
@@ -63,8 +63,8 @@ extern "C" __global__ void phi3_gemv_f32(const float* w, const float* x, float* 
     float acc = 0.0f;
     if ((in & 3) == 0 && aligned16(w, x)) {
         for (int i = lane * 4; i < in; i += 32 * 4) {
-            float4 a = *reinterpret_cast<const float4*>(wr + i);
-            float4 b = *reinterpret_cast<const float4*>(x + i);
+            float4 a = vec_load<float4>(wr + i);
+            float4 b = vec_load<float4>(x + i);
             acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
         }
     } else {

@@ -55,7 +55,7 @@
 // 16 bytes of weights, read once: not cached in L1 (keeps x there).
 __device__ __forceinline__ uint4 load_stream16(const void* p) {
 #ifdef PHI3_HOST_EMULATION  // kernels/host-check
-    return *reinterpret_cast<const uint4*>(p);
+    return vec_load<uint4>(p);
 #else
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -112,7 +112,7 @@ __device__ __forceinline__ void gemv_int8_lane(const signed char* q, const float
                 const float4* xp = reinterpret_cast<const float4*>(x + (size_t)t * in + c * 16);
                 float4 xv[4];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) xv[i] = xp[i];
+                for (int i = 0; i < 4; ++i) xv[i] = vec_load<float4>(xp + i);
 #pragma unroll
                 for (int r = 0; r < QROWS; ++r) acc[t][r] += int8_chunk_dot(v[r], xv);
             }
@@ -245,7 +245,7 @@ __device__ __forceinline__ void gemv_int4_lane(const unsigned char* packed, cons
                 float xe = 0.0f, xo = 0.0f;
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
-                    xv[i] = xp[i];
+                    xv[i] = vec_load<float4>(xp + i);
                     xe += xv[i].x + xv[i].z;
                     xo += xv[i].y + xv[i].w;
                 }

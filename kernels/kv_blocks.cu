@@ -21,6 +21,6 @@ extern "C" __global__ void phi3_copy_kv_blocks(const unsigned long long* slabs,
     uint4* d = reinterpret_cast<uint4*>(kv_block(slabs, blocks_per_slab, block_len, dst));
     const int units = block_len / 8;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < units; i += gridDim.y * blockDim.x) {
-        d[i] = s[i];
+        vec_store(d + i, vec_load<uint4>(s + i));
     }
 }

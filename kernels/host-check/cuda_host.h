@@ -7,8 +7,10 @@
 // in __shfl_xor_sync, mma and ldmatrix, the threads of a block at one in __syncthreads; a barrier
 // that can never complete aborts. `__shared__` variables are function statics (blocks run one at a
 // time, so a static is the one block's shared memory). Used by kernels/host-check/main.cpp (run by scripts/nvrtc-check).
-// This checks indexing and arithmetic of the kernels on a machine without a GPU; it says nothing
-// about speed, memory ordering beyond the barriers, or the PTX paths.
+// This checks indexing and arithmetic of the kernels on a machine without a GPU, and the alignment
+// of their vector accesses (vec_load / vec_store, cp.async, ldmatrix: a misaligned one aborts, as
+// it would fault on a GPU); it says nothing about speed, memory ordering beyond the barriers, or
+// the PTX paths.
 #pragma once
 #define PHI3_HOST_EMULATION 1
 
@@ -158,6 +160,15 @@ struct Phi3Barrier {
     void arrive_and_wait();
 };
 
+// A misaligned vector access faults on a GPU (a sticky error that ends the context) and passes
+// silently on x86, so the emulated PTX accesses check their alignment and abort.
+inline void phi3_host_require_aligned(const void* p, size_t bytes, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "host-check: %s %p is not %zu-byte aligned\n", what, p, bytes);
+        std::abort();
+    }
+}
+
 // What the lanes of a warp exchange in one shuffle, mma or ldmatrix.
 struct WarpSlots {
     float slot[32];                           // each lane's shuffled value
@@ -262,6 +273,7 @@ inline void phi3_host_mma_16816(bool f16, float* d, const unsigned int* a, const
 // receives, in r[j], matrix j's row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (the first in the low
 // half), or with trans column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1.
 inline void phi3_host_ldmatrix_x4(bool trans, unsigned int* r, const unsigned short* row) {
+    phi3_host_require_aligned(row, 16, "ldmatrix row address");
     const int lane = threadIdx.x & 31;
     WarpSlots& x = phi3_next_slots();
     x.rows[lane] = row;
@@ -275,8 +287,10 @@ inline void phi3_host_ldmatrix_x4(bool trans, unsigned int* r, const unsigned sh
     }
 }
 
-// cp.async (see Phi3HostCopy).
+// cp.async (see Phi3HostCopy). Both addresses must be 16-byte aligned.
 inline void phi3_host_copy16(void* dst, const void* src) {
+    phi3_host_require_aligned(dst, 16, "cp.async shared address");
+    phi3_host_require_aligned(src, 16, "cp.async global address");
     phi3_fiber->open_copies.push_back({dst, src});
 }
 inline void phi3_host_cp_async_commit() {

@@ -32,7 +32,8 @@
 //   batching invariance); phi3_attention with skip_prefill leaving the prefill rows alone and the
 //   others bit for bit as before.
 // Warps run at different speeds and blocks in a shuffled order in the emulation (cuda_host.h),
-// so a missing barrier or a dependence on which block finishes last shows.
+// so a missing barrier or a dependence on which block finishes last shows; a misaligned vector
+// access aborts the run.
 // Build and run: scripts/nvrtc-check (g++ -std=c++20 -pthread). Exit status 1 on any mismatch.
 #include <cstdio>
 #include <random>
