@@ -122,6 +122,14 @@ pub struct GpuCheckArgs {
     /// into two commands under a per-command time limit.
     #[arg(long, conflicts_with = "skip_bench")]
     pub bench_only: bool,
+    /// Run only this section (repeatable; names as --list-sections prints them), appending to
+    /// gpu-check.txt instead of starting it afresh: scripts/gpu-check runs each section in its
+    /// own process, so a fault that ends one CUDA context cannot fail the sections after it.
+    #[arg(long = "section", value_name = "NAME")]
+    pub sections: Vec<String>,
+    /// Print the names of the sections that would run, one per line, and exit (no GPU needed).
+    #[arg(long)]
+    pub list_sections: bool,
 }
 
 /// Which model to load and where.

@@ -6,8 +6,10 @@
 //! `--bench-only` the benchmarks only, so a run can be split in two under a time limit. Exits
 //! non-zero when any check fails. Without a CUDA driver or device it fails with that error. A
 //! section that returns an error (a failed launch, say) becomes one FAIL line and the next section
-//! still runs; after an illegal-address fault every later section on the same backend fails too, so
-//! read the FIRST failure first.
+//! still runs; after an illegal-address fault every later section in the same process fails too,
+//! so read the FIRST failure first. `--section NAME` runs only the sections named and appends to
+//! gpu-check.txt (`--list-sections` prints the names): scripts/gpu-check runs every section in a
+//! process of its own that way, so one fault costs one section.
 //!
 //! Op checks run with poisoning on: every activation and KV block the GPU allocates starts as
 //! NaN, so an output element a kernel fails to write makes its check fail (NaN is never "ok").
@@ -236,7 +238,68 @@ fn cpu_act(rows: usize, cols: usize, data: Vec<f32>) -> CpuAct {
     CpuAct { rows, cols, data }
 }
 
+/// The check sections in run order. The first [`OP_SECTIONS`] test ops on one backend with
+/// poisoning on; the others load models on backends of their own.
+const CHECK_SECTIONS: [&str; 13] = [
+    "embed",
+    "rms_norm/gather/swiglu",
+    "linear",
+    "rope/kv/attention",
+    "dummy weights",
+    "quantized linear",
+    "device errors",
+    "gqa-longrope-bf16",
+    "mha-f32-tied",
+    "partial-rotary-f16",
+    "sliding-window-f32",
+    "quantized models vs CPU",
+    "batched sessions vs solo",
+];
+/// How many of [`CHECK_SECTIONS`] are op checks.
+const OP_SECTIONS: usize = 7;
+/// The benchmark sections in run order.
+const BENCH_SECTIONS: [&str; 6] = [
+    "bench phi3-medium dummy",
+    "bench phi3-medium projections",
+    "bench attention kernels",
+    "bench phi3-medium dummy int4-g128",
+    "bench phi3-medium dummy int8",
+    "bench phi3-medium sessions",
+];
+
+/// The sections `args` asks for, in run order: all checks and benchmarks less those
+/// `--skip-bench` / `--bench-only` leave out, or the `--section`s named (each must be one).
+fn selected_sections(args: &GpuCheckArgs) -> Result<Vec<&'static str>> {
+    let all = CHECK_SECTIONS.iter().chain(&BENCH_SECTIONS);
+    if let Some(bad) = args.sections.iter().find(|s| !all.clone().any(|a| a == s)) {
+        bail!(
+            "no section named {bad:?}; the sections are:\n{}",
+            all.copied().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let wanted = |name: &&str| {
+        let bench = BENCH_SECTIONS.contains(name);
+        if args.sections.is_empty() {
+            if bench {
+                !args.skip_bench
+            } else {
+                !args.bench_only
+            }
+        } else {
+            args.sections.iter().any(|s| s == name)
+        }
+    };
+    Ok(all.copied().filter(wanted).collect())
+}
+
 pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
+    let sections = selected_sections(args)?;
+    if args.list_sections {
+        for name in &sections {
+            println!("{name}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let started = Instant::now();
     let gpu =
         CudaBackend::new(args.ordinal).map_err(|e| anyhow!("no usable CUDA driver/device: {e}"))?;
@@ -247,7 +310,13 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
     });
     std::fs::create_dir_all(&args.out)?;
     let details_path = args.out.join("gpu-check.txt");
-    let file = std::fs::File::create(&details_path)
+    // One section of a run split into processes appends to the run's file.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(!args.sections.is_empty())
+        .truncate(args.sections.is_empty())
+        .open(&details_path)
         .with_context(|| format!("cannot write {}", details_path.display()))?;
     let mut r = Report::new(Some(file));
     let head = format!(
@@ -257,25 +326,21 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
     );
     println!("{head}");
     let _ = writeln!(r.details, "{head}");
-    if !args.bench_only {
-        checks(&gpu, args, seed, &mut r);
-    }
-    drop(gpu);
-    if !args.skip_bench {
-        r.section("bench phi3-medium dummy", |r| {
-            bench(&args.fixtures, args.ordinal, WeightFormat::Native, r)
-        });
-        r.section("bench phi3-medium projections", |r| {
-            bench_projections(&args.fixtures, args.ordinal, r)
-        });
-        r.section("bench attention kernels", |r| bench_attention(args.ordinal, r));
-        for format in [WeightFormat::Int4 { group: 128 }, WeightFormat::Int8] {
-            r.section(&format!("bench phi3-medium dummy {format}"), |r| {
-                bench(&args.fixtures, args.ordinal, format, r)
-            });
+    let mut rng = Rng(seed);
+    let mut gpu = Some(gpu);
+    for name in sections {
+        let ops = CHECK_SECTIONS[..OP_SECTIONS].contains(&name);
+        if !ops {
+            gpu = None; // the model checks and benchmarks make their own; free this one's memory
         }
-        r.section("bench phi3-medium sessions", |r| {
-            bench_sessions(&args.fixtures, args.ordinal, &args.out, r)
+        r.section(name, |r| match &gpu {
+            Some(gpu) if ops => {
+                gpu.set_poison(true);
+                let result = op_section(name, gpu, &mut rng, r);
+                gpu.set_poison(false);
+                result
+            }
+            _ => model_section(name, args, r),
         });
     }
 
@@ -303,28 +368,43 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// Every check before the benchmarks: the ops against the CPU backend on `gpu` (poisoned), then
-/// the fixture models, the quantized models and the batched sessions on fresh backends.
-fn checks(gpu: &CudaBackend, args: &GpuCheckArgs, seed: u64, r: &mut Report) {
-    gpu.set_poison(true);
-    let mut rng = Rng(seed);
-    r.section("embed", |r| check_embed(gpu, &mut rng, r));
-    r.section("rms_norm/gather/swiglu", |r| check_rows(gpu, &mut rng, r));
-    r.section("linear", |r| check_linear(gpu, &mut rng, r));
-    r.section("rope/kv/attention", |r| check_attention(gpu, &mut rng, r));
-    r.section("dummy weights", |r| check_dummy(gpu, r));
-    r.section("quantized linear", |r| check_quant_linear(gpu, &mut rng, r));
-    r.section("device errors", |_| Ok(gpu.synchronize()?));
-    gpu.set_poison(false);
-
-    for name in ["gqa-longrope-bf16", "mha-f32-tied", "partial-rotary-f16", "sliding-window-f32"] {
-        r.section(name, |r| model_check(&args.fixtures.join(name), name, args.ordinal, r));
+/// One of the first [`OP_SECTIONS`] of [`CHECK_SECTIONS`]: ops against the CPU backend on `gpu`
+/// (poisoned by the caller).
+fn op_section(name: &str, gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
+    match name {
+        "embed" => check_embed(gpu, rng, r),
+        "rms_norm/gather/swiglu" => check_rows(gpu, rng, r),
+        "linear" => check_linear(gpu, rng, r),
+        "rope/kv/attention" => check_attention(gpu, rng, r),
+        "dummy weights" => check_dummy(gpu, r),
+        "quantized linear" => check_quant_linear(gpu, rng, r),
+        "device errors" => Ok(gpu.synchronize()?),
+        _ => bail!("{name} is not an op section"),
     }
-    r.section("quantized models vs CPU", |r| check_quant_models(&args.fixtures, args.ordinal, r));
-    r.section("batched sessions vs solo", |r| {
-        let dir = args.fixtures.join("gqa-longrope-bf16");
-        check_batched_sessions(&dir, Device::Cuda(args.ordinal), r)
-    });
+}
+
+/// A section of [`CHECK_SECTIONS`] past the op checks, or of [`BENCH_SECTIONS`]: each loads its
+/// models on backends of its own.
+fn model_section(name: &str, args: &GpuCheckArgs, r: &mut Report) -> Result<()> {
+    let (fixtures, ordinal) = (&args.fixtures, args.ordinal);
+    match name {
+        "quantized models vs CPU" => check_quant_models(fixtures, ordinal, r),
+        "batched sessions vs solo" => {
+            check_batched_sessions(&fixtures.join("gqa-longrope-bf16"), Device::Cuda(ordinal), r)
+        }
+        "bench phi3-medium dummy" => bench(fixtures, ordinal, WeightFormat::Native, r),
+        "bench phi3-medium projections" => bench_projections(fixtures, ordinal, r),
+        "bench attention kernels" => bench_attention(ordinal, r),
+        "bench phi3-medium dummy int4-g128" => {
+            bench(fixtures, ordinal, WeightFormat::Int4 { group: 128 }, r)
+        }
+        "bench phi3-medium dummy int8" => bench(fixtures, ordinal, WeightFormat::Int8, r),
+        "bench phi3-medium sessions" => bench_sessions(fixtures, ordinal, &args.out, r),
+        fixture if CHECK_SECTIONS[OP_SECTIONS..].contains(&fixture) => {
+            model_check(&fixtures.join(fixture), fixture, ordinal, r)
+        }
+        _ => bail!("{name} is not a model or benchmark section"),
+    }
 }
 
 /// embed in every dtype, odd widths, ids at both ends of the vocabulary.
@@ -1755,6 +1835,34 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(flags: &[&str]) -> GpuCheckArgs {
+        use clap::Parser as _;
+        let argv = ["phi3", "gpu-check"].iter().chain(flags);
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::GpuCheck(a) => a,
+            _ => panic!("not gpu-check"),
+        }
+    }
+
+    #[test]
+    fn sections_follow_the_flags_in_run_order() {
+        let all = selected_sections(&args(&[])).unwrap();
+        assert_eq!(all.len(), CHECK_SECTIONS.len() + BENCH_SECTIONS.len());
+        let unique: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len(), "section names repeat");
+        assert_eq!(selected_sections(&args(&["--skip-bench"])).unwrap(), CHECK_SECTIONS);
+        assert_eq!(selected_sections(&args(&["--bench-only"])).unwrap(), BENCH_SECTIONS);
+        // Named sections run in the table's order, whatever the order of the flags.
+        let two = args(&["--section", "bench attention kernels", "--section", "linear"]);
+        assert_eq!(selected_sections(&two).unwrap(), ["linear", "bench attention kernels"]);
+        let e = selected_sections(&args(&["--section", "lineer"])).unwrap_err().to_string();
+        assert!(e.contains("\"lineer\"") && e.contains("rope/kv/attention"), "{e}");
+        // The bench sections' names are the ones `bench` gives its formats.
+        for format in [WeightFormat::Int4 { group: 128 }, WeightFormat::Int8] {
+            assert!(BENCH_SECTIONS.contains(&format!("bench phi3-medium dummy {format}").as_str()));
+        }
+    }
 
     /// The GPU's batched-sessions check, run on the CPU backend: every row must pass.
     #[test]
