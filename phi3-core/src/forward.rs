@@ -174,39 +174,44 @@ impl<B: Backend> Engine<B> {
         let batch = be.kv_batch(&spans, &tables)?;
 
         let w = &self.weights;
-        let ctx =
-            LayerCtx { batch: &batch, rows: &rows, rope: &rope, attn: &self.attn, eps: self.eps };
-        let mut residual = be.embed(&w.embed_tokens, &tokens)?; // [n, hidden]
-        let mut mlp_out: Option<B::Act> = None; // [n, hidden], previous layer's MLP output
-        for (layer, lw) in w.layers.iter().enumerate() {
-            let out = decoder_layer(
-                be,
-                lw,
-                layer,
-                &mut residual,
-                mlp_out.as_ref(),
-                &mut pool.storage,
-                &ctx,
-                None,
-            )?;
-            mlp_out = Some(out);
-        }
-
-        let last_rows: Vec<usize> = spans.iter().map(|s| s.row + s.len - 1).collect();
-        // A pass of decode steps only (one row per sequence) needs no gather: its rows are the
-        // last rows already.
-        let every_row =
-            last_rows.len() == tokens.len() && last_rows.iter().enumerate().all(|(i, &r)| i == r);
-        let (mut last, last_mlp) = if every_row {
-            (residual, mlp_out)
-        } else {
-            let last_mlp = mlp_out.map(|m| be.gather_rows(&m, &last_rows)).transpose()?;
-            (be.gather_rows(&residual, &last_rows)?, last_mlp)
+        let storage = &mut pool.storage;
+        // The pass proper, from the embedding to lm_head: what a backend may capture once and
+        // replay for later passes of the same shape (`Backend::run_pass`), so it reads every
+        // per-pass input through `batch` (the one `run_pass` hands it).
+        let mut pass = |batch: &B::KvBatch| -> Result<B::Act> {
+            let ctx =
+                LayerCtx { batch, rows: &rows, rope: &rope, attn: &self.attn, eps: self.eps };
+            let mut residual = be.embed_pass(&w.embed_tokens, &tokens, batch)?; // [n, hidden]
+            let mut mlp_out: Option<B::Act> = None; // [n, hidden], the last layer's MLP output
+            for (layer, lw) in w.layers.iter().enumerate() {
+                let out = decoder_layer(
+                    be,
+                    lw,
+                    layer,
+                    &mut residual,
+                    mlp_out.as_ref(),
+                    storage,
+                    &ctx,
+                    None,
+                )?;
+                mlp_out = Some(out);
+            }
+            let last_rows: Vec<usize> = spans.iter().map(|s| s.row + s.len - 1).collect();
+            // A pass of decode steps only (one row per sequence) needs no gather: its rows are
+            // the last rows already.
+            let every_row = last_rows.len() == tokens.len()
+                && last_rows.iter().enumerate().all(|(i, &r)| i == r);
+            let (mut last, last_mlp) = if every_row {
+                (residual, mlp_out)
+            } else {
+                let last_mlp = mlp_out.map(|m| be.gather_rows(&m, &last_rows)).transpose()?;
+                (be.gather_rows(&residual, &last_rows)?, last_mlp)
+            };
+            let x = be.rms_norm(&mut last, last_mlp.as_ref(), &w.norm, self.eps)?;
+            // One row per sequence: every row is a "decode row", as in a pass of one sequence.
+            be.linear(&x, w.output_matrix(), &LinearRows::decode(spans.len())) // [n, vocab]
         };
-        let x = be.rms_norm(&mut last, last_mlp.as_ref(), &w.norm, self.eps)?;
-        // One row per sequence: every row is a "decode row", as in a pass of one sequence.
-        let logits =
-            be.to_host(&be.linear(&x, w.output_matrix(), &LinearRows::decode(spans.len()))?)?; // [n, vocab]
+        let logits = be.run_pass(&batch, &tokens, &rope, &mut pass)?;
 
         let mut out = vec![Vec::new(); seqs.len()];
         for ((&i, span), row) in order.iter().zip(&spans).zip(logits.chunks(self.vocab_size)) {

@@ -270,6 +270,36 @@ pub trait Backend: Send + Sync + 'static {
     /// Rows of the embedding table: `[tokens.len(), hidden]`. Ids were range-checked by the caller.
     fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;
 
+    /// [`Backend::embed`] of a forward pass's tokens, inside [`Backend::run_pass`]'s `pass`:
+    /// `batch` is the one `run_pass` handed it (CUDA reads the ids staged with it when the pass
+    /// is captured as a graph). The default is `embed`.
+    fn embed_pass(
+        &self,
+        table: &Self::Weight,
+        tokens: &[u32],
+        batch: &Self::KvBatch,
+    ) -> Result<Self::Act> {
+        let _ = batch;
+        self.embed(table, tokens)
+    }
+
+    /// One forward pass: `pass(batch)` computes its output rows (the embedding through lm_head,
+    /// reading the pass's tokens and rotary tables through the batch it is given:
+    /// [`Backend::embed_pass`], [`Backend::rope_store_kv`]), and this returns them on the host.
+    /// The default calls `pass` once with `batch`. CUDA may instead capture `pass` as a graph
+    /// (with `tokens` and `rope`, the pass's inputs, staged on the device) and replay it for
+    /// later passes of the same shape without calling `pass` at all; the results are the same.
+    fn run_pass(
+        &self,
+        batch: &Self::KvBatch,
+        tokens: &[u32],
+        rope: &RopeBatch,
+        pass: &mut dyn FnMut(&Self::KvBatch) -> Result<Self::Act>,
+    ) -> Result<Vec<f32>> {
+        let _ = (tokens, rope);
+        self.to_host(&pass(batch)?)
+    }
+
     /// `residual += delta` (when given), then return `rms_norm(residual) * weight` (HF Phi3RMSNorm).
     fn rms_norm(
         &self,
