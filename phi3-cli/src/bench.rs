@@ -50,6 +50,9 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let dummy = args.dummy_weights.map(|d| DummyWeights { dtype: d.into(), seed: DUMMY_SEED });
     let loaded = load_model(&args.model, dummy)?;
     let model = &loaded.model;
+    if args.cuda_graphs && !model.set_cuda_graphs(true) {
+        eprintln!("--cuda-graphs: the model runs on the CPU, which has no graphs");
+    }
     let prompt_tokens = to_usize(args.prompt_tokens);
     let gen_tokens = to_usize(args.gen_tokens);
     let total = prompt_tokens.saturating_add(gen_tokens);

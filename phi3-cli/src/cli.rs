@@ -304,6 +304,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DTYPE")]
     pub dummy_weights: Option<WeightType>,
 
+    /// On CUDA, run decode steps as CUDA graphs (captured once per shape, then replayed; not yet
+    /// the default: not verified on a GPU). Ignored on the CPU.
+    #[arg(long)]
+    pub cuda_graphs: bool,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -240,7 +240,7 @@ fn cpu_act(rows: usize, cols: usize, data: Vec<f32>) -> CpuAct {
 
 /// The check sections in run order. The first [`OP_SECTIONS`] test ops on one backend with
 /// poisoning on; the others load models on backends of their own.
-const CHECK_SECTIONS: [&str; 13] = [
+const CHECK_SECTIONS: [&str; 14] = [
     "embed",
     "rms_norm/gather/swiglu",
     "linear",
@@ -254,6 +254,7 @@ const CHECK_SECTIONS: [&str; 13] = [
     "sliding-window-f32",
     "quantized models vs CPU",
     "batched sessions vs solo",
+    "cuda graphs",
 ];
 /// How many of [`CHECK_SECTIONS`] are op checks.
 const OP_SECTIONS: usize = 7;
@@ -392,6 +393,7 @@ fn model_section(name: &str, args: &GpuCheckArgs, r: &mut Report) -> Result<()> 
         "batched sessions vs solo" => {
             check_batched_sessions(&fixtures.join("gqa-longrope-bf16"), Device::Cuda(ordinal), r)
         }
+        "cuda graphs" => check_graphs(fixtures, ordinal, r),
         "bench phi3-medium dummy" => bench(fixtures, ordinal, WeightFormat::Native, r),
         "bench phi3-medium projections" => bench_projections(fixtures, ordinal, r),
         "bench attention kernels" => bench_attention(ordinal, r),
@@ -1138,6 +1140,11 @@ fn run_case(model: &Model, c: &BatchedCase, steps: usize) -> Result<Decoded> {
 /// (`device` is the CPU in this file's tests, where the same check holds bit for bit.)
 fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<()> {
     let model = Model::load(dir, &LoadOptions { device, ..Default::default() })?;
+    batched_sessions(&model, "", r)
+}
+
+/// [`check_batched_sessions`] on `model`; `tag` marks its rows.
+fn batched_sessions(model: &Model, tag: &str, r: &mut Report) -> Result<()> {
     let vocab = model.config().vocab_size as u64;
     let mut rng = Rng(0xba7c4);
     let cases: Vec<BatchedCase> = (0..12)
@@ -1151,7 +1158,7 @@ fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<
         .collect();
     let batched: Vec<Result<Decoded>> = std::thread::scope(|scope| {
         let handles: Vec<_> =
-            cases.iter().map(|c| scope.spawn(|| run_case(&model, c, c.steps))).collect();
+            cases.iter().map(|c| scope.spawn(|| run_case(model, c, c.steps))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked")))).collect()
     });
     let stats = model.scheduler_stats();
@@ -1165,7 +1172,7 @@ fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<
             cancel_after_ms: None,
             drop_after: None,
         };
-        let (want_tokens, want_logits) = run_case(&model, &solo, tokens.len())?;
+        let (want_tokens, want_logits) = run_case(model, &solo, tokens.len())?;
         for (g, w) in logits.iter().zip(&want_logits) {
             worst = worse(worst, rel_l2(g, w));
         }
@@ -1178,7 +1185,7 @@ fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<
             first_diff = Some(format!("session {i}: {tokens:?} vs solo {want_tokens:?}"));
         }
     }
-    r.err("batched sessions: logits vs solo, worst", worst, TOL_MODEL);
+    r.err(&format!("batched sessions{tag}: logits vs solo, worst"), worst, TOL_MODEL);
     let summary = format!(
         "{equal} of {} equal; {} passes, {} sequences, largest batch {}{}",
         cases.len(),
@@ -1187,18 +1194,68 @@ fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<
         stats.max_batch,
         first_diff.map(|d| format!("; {d}")).unwrap_or_default()
     );
-    r.flag("batched sessions: greedy tokens vs solo", summary, equal == cases.len());
+    r.flag(&format!("batched sessions{tag}: greedy tokens vs solo"), summary, equal == cases.len());
     r.flag(
-        "batched sessions: logits bit-identical to solo",
+        &format!("batched sessions{tag}: logits bit-identical to solo"),
         format!("{identical} of {}", cases.len()),
         identical == cases.len(),
     );
     r.flag(
-        "batched sessions: blocks returned",
+        &format!("batched sessions{tag}: blocks returned"),
         format!("{} in use after all sessions ended", model.kv_usage().blocks_in_use),
         model.kv_usage().blocks_in_use == 0,
     );
     Ok(())
+}
+
+/// CUDA graphs (`Model::set_cuda_graphs`): the demo model (4 layers, head size 32) decoding 24
+/// greedy tokens after a 250-token prompt, crossing the 256-key split boundary (a new graph
+/// shape), with graphs and without: every step's logits bit for bit the same, and the passes
+/// replayed as graphs (no capture failure). Then the batched-sessions check with graphs on, whose
+/// sessions join, leave and are cancelled at random (batch sizes come and go, so graphs are
+/// captured, replayed and evicted).
+fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
+    let cuda = LoadOptions { device: Device::Cuda(ordinal), ..Default::default() };
+    let model = phi3_core::demo::demo_model(&cuda)?;
+    let vocab = model.emittable_vocab() as u32;
+    let prompt: Vec<u32> = (0..250u32).map(|i| 3 + (i * 7) % (vocab - 3)).collect();
+    let steps = 24;
+    let run = |graphs: bool| -> Result<Vec<Vec<f32>>> {
+        model.set_cuda_graphs(graphs);
+        let mut s = model.session(SessionOptions::default())?;
+        let mut logits = s.append_tokens(&prompt)?;
+        let mut all = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let tok = sampler::greedy(&logits, vocab as usize).unwrap_or(3);
+            logits = s.append_tokens(&[tok])?;
+            all.push(logits.clone());
+        }
+        Ok(all)
+    };
+    let eager = run(false)?;
+    let graphed = run(true)?;
+    let g = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
+    let differ = eager.iter().zip(&graphed).filter(|(a, b)| !same_bits(a, b)).count();
+    r.flag(
+        "cuda graphs: 24 decode steps vs eager",
+        if differ == 0 { "bit-identical".into() } else { format!("{differ} steps differ") },
+        differ == 0 && graphed.len() == steps,
+    );
+    r.flag(
+        "cuda graphs: captured / replayed / failed",
+        format!(
+            "{} / {} / {}{}",
+            g.captures,
+            g.replays,
+            g.fallbacks,
+            g.last_failure.as_ref().map(|f| format!(" ({f})")).unwrap_or_default()
+        ),
+        g.fallbacks == 0 && g.captures >= 2 && g.captures + g.replays == steps as u64,
+    );
+    let dir = fixtures.join("gqa-longrope-bf16");
+    let fixture = Model::load(&dir, &cuda)?;
+    fixture.set_cuda_graphs(true);
+    batched_sessions(&fixture, " (cuda graphs)", r)
 }
 
 /// Load Phi-3-medium-128k shapes with dummy bf16 weights on the device (projections in `format`),
@@ -1258,6 +1315,23 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     if !finite {
         bail!("non-finite logits from dummy weights");
     }
+    // The same decode as CUDA graphs (one capture, then replays; the context goes on from 544).
+    model.set_cuda_graphs(true);
+    let (graph_s, graph_logits) = greedy_decode(&model, &mut s, logits, gen)?;
+    model.set_cuda_graphs(false);
+    let g = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
+    let graph_tok_s = gen as f64 / graph_s;
+    r.flag(
+        &format!("bench {tag}: decode tok/s with CUDA graphs"),
+        format!(
+            "{graph_tok_s:.1} ({:+.1}%; {} captured, {} replayed, {} failed)",
+            100.0 * (graph_tok_s / tok_s - 1.0),
+            g.captures,
+            g.replays,
+            g.fallbacks
+        ),
+        graph_logits.iter().all(|x| x.is_finite()),
+    );
     if format == WeightFormat::Native {
         long_prompts(&model, true, r)?; // on the model already loaded
         drop(model);

@@ -179,8 +179,7 @@ impl<B: Backend> Engine<B> {
         // replay for later passes of the same shape (`Backend::run_pass`), so it reads every
         // per-pass input through `batch` (the one `run_pass` hands it).
         let mut pass = |batch: &B::KvBatch| -> Result<B::Act> {
-            let ctx =
-                LayerCtx { batch, rows: &rows, rope: &rope, attn: &self.attn, eps: self.eps };
+            let ctx = LayerCtx { batch, rows: &rows, rope: &rope, attn: &self.attn, eps: self.eps };
             let mut residual = be.embed_pass(&w.embed_tokens, &tokens, batch)?; // [n, hidden]
             let mut mlp_out: Option<B::Act> = None; // [n, hidden], the last layer's MLP output
             for (layer, lw) in w.layers.iter().enumerate() {

@@ -537,6 +537,20 @@ impl Model {
         }
     }
 
+    /// On CUDA, whether decode passes (every sequence adding one token) run as CUDA graphs from
+    /// now on: captured once per shape and replayed. Off by default until verified on a GPU
+    /// (`phi3 gpu-check` compares both ways; `DeviceStats::cuda` counts captures and replays).
+    /// Returns `false`, and does nothing, on the CPU.
+    pub fn set_cuda_graphs(&self, on: bool) -> bool {
+        match &self.inner.engine {
+            AnyEngine::Cpu(_) => false,
+            AnyEngine::Cuda(e) => {
+                e.backend.set_cuda_graphs(on);
+                true
+            }
+        }
+    }
+
     /// A hash of the config and of every tensor's name, dtype, shape and sampled bytes: equal
     /// for the same model, different for different weights (used by session files).
     pub fn fingerprint(&self) -> [u8; 32] {

@@ -104,14 +104,25 @@ pub struct CudaKvBatch {
     /// The rotary tables of the pass on the device, uploaded by the first layer's
     /// `rope_store_kv` and reused by the others (every layer rotates with the same tables).
     rope: Mutex<Option<RopeUpload>>,
+    /// Sequences of the batch.
+    seqs: usize,
+    /// For a batch staged for a CUDA graph (`graph.rs`): the token ids already on the device.
+    staged: Option<Staged>,
+}
+
+/// The inputs a staged batch carries besides its descriptor (graph.rs).
+pub(crate) struct Staged {
+    /// Token ids (at least `rows`).
+    pub ids: CudaSlice<u32>,
+    pub rows: usize,
 }
 
 /// A `RopeBatch` on the device, with the host values it was made from: a later call is served
 /// from it only when its tables are equal, so the cache can never hand out stale angles.
-struct RopeUpload {
-    cos_host: Vec<f32>,
-    sin_host: Vec<f32>,
-    tables: Arc<RopeOnDevice>,
+pub(crate) struct RopeUpload {
+    pub cos_host: Vec<f32>,
+    pub sin_host: Vec<f32>,
+    pub tables: Arc<RopeOnDevice>,
 }
 
 /// Cosines and sines `[rows, half]` on the device.
@@ -250,6 +261,62 @@ impl CudaKvBatch {
     pub(crate) fn prefill_rows(&self) -> usize {
         self.prefill_rows
     }
+
+    /// Whether every sequence adds exactly one row (a pass of decode steps).
+    pub(crate) fn decode_only(&self) -> bool {
+        self.seqs == self.rows && self.prefill_tiles == 0
+    }
+
+    /// The descriptor's words on the device.
+    pub(crate) fn words(&self) -> &CudaSlice<u32> {
+        &self.buf
+    }
+
+    /// Words of the descriptor.
+    pub(crate) fn words_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The token ids staged with the batch (graph.rs), if it is a staged one.
+    pub(crate) fn staged_ids(&self) -> Option<(&CudaSlice<u32>, usize)> {
+        self.staged.as_ref().map(|s| (&s.ids, s.rows))
+    }
+
+    /// This batch reading its descriptor from `words` (a copy of its own, at least as long),
+    /// with `staged` ids and its rotary tables already on the device (`rope`).
+    pub(crate) fn staged_copy(
+        &self,
+        words: CudaSlice<u32>,
+        staged: Staged,
+        rope: RopeUpload,
+    ) -> CudaKvBatch {
+        CudaKvBatch {
+            rows: self.rows,
+            blocks_needed: self.blocks_needed,
+            split_slots: self.split_slots,
+            most_splits: self.most_splits,
+            prefill_tiles: self.prefill_tiles,
+            prefill_rows: self.prefill_rows,
+            buf: words,
+            rope: Mutex::new(Some(rope)),
+            seqs: self.seqs,
+            staged: Some(staged),
+        }
+    }
+
+    /// The buffers of a staged batch, back as an arena (`None` when the batch was not staged or
+    /// its rotary tables are still shared).
+    pub(super) fn into_arena(self) -> Option<super::graph::Arena> {
+        let staged = self.staged?;
+        let rope = self.rope.into_inner().unwrap_or_else(|e| e.into_inner())?;
+        let tables = Arc::try_unwrap(rope.tables).ok()?;
+        Some(super::graph::Arena {
+            words: self.buf,
+            ids: staged.ids,
+            cos: tables.cos,
+            sin: tables.sin,
+        })
+    }
 }
 
 impl CudaBackend {
@@ -264,6 +331,7 @@ impl CudaBackend {
             0 => by_size,
             n => n,
         };
+        self.kv_epoch.fetch_add(1, Ordering::Relaxed); // a new pool: new slab tables (graph.rs)
         Ok(CudaKvPool {
             layout: *layout,
             block_len,
@@ -337,6 +405,8 @@ impl CudaBackend {
         }
         pool.slabs.extend(added);
         pool.slab_addrs = Some(table);
+        // Graphs captured over the old slab table must not be replayed (graph.rs).
+        self.kv_epoch.fetch_add(1, Ordering::Relaxed);
         pool.n_blocks = target;
         let bytes: u64 = pool.slabs.iter().map(|s| 2 * s.len() as u64).sum();
         pool.counter.fetch_add(bytes, Ordering::Relaxed);
@@ -482,6 +552,8 @@ impl CudaBackend {
             prefill_rows: p.prefill_rows,
             buf,
             rope: Mutex::new(None),
+            seqs: seqs.len(),
+            staged: None,
         })
     }
 

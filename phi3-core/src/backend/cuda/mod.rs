@@ -24,7 +24,8 @@
 //!
 //! Files: `context.rs` (device, stream), `error.rs` (error mapping, panic guard), `nvrtc.rs` and
 //! `kernels.rs` (compile, cache, load), `memory.rs` (estimate, default KV budget), `upload.rs`
-//! (staging, dummy weights), `quant.rs` (quantized weights and their `linear`), `kv.rs` (the KV
+//! (staging, dummy weights), `graph.rs` (CUDA graphs of decode passes), `quant.rs` (quantized
+//! weights and their `linear`), `kv.rs` (the KV
 //! pool, its host transfers and the per-pass batch descriptor), `linear.rs` (the projections'
 //! row kinds apart), `blas.rs` (cuBLAS GEMM), `ops.rs`
 //! (kernel launchers); this file holds the activation and weight types and the trait methods,
@@ -38,11 +39,13 @@
 //! keys split into slices of `ATTN_SPLIT_KEYS` past that many (flash-decoding; `kv.rs`), so one
 //! long sequence uses many SMs.
 //!
-//! Not here: CUDA graphs (a later issue).
+//! CUDA graphs (`graph.rs`): `Backend::run_pass` can capture a pass of decode steps once per shape
+//! and replay it as one graph launch; off by default (`set_cuda_graphs`) until verified on a GPU.
 
 mod blas;
 mod context;
 mod error;
+mod graph;
 pub mod kernels;
 mod kv;
 mod linear;
@@ -61,6 +64,7 @@ use half::bf16;
 pub use self::context::device_count;
 use self::context::DeviceContext;
 use self::error::{guard, DriverResultExt};
+pub use self::graph::GraphStats;
 pub use self::kernels::KernelStatus;
 pub use self::kv::{CudaKvBatch, CudaKvPool, KV_SLAB_BYTES};
 use self::linear::DenseInput;
@@ -121,6 +125,15 @@ pub struct CudaBackend {
     /// CUDA graph would close).
     launches: AtomicU64,
     uploads: AtomicU64,
+    /// CUDA graphs of decode passes (`graph.rs`): whether to use them, whether one is being
+    /// captured now, the graphs and their input buffers, and the generations of the buffers
+    /// their kernels read (bumped when a KV pool's slab table or the arrival counters are
+    /// reallocated).
+    use_graphs: AtomicBool,
+    capturing: AtomicBool,
+    graphs: Mutex<graph::Graphs>,
+    kv_epoch: AtomicU64,
+    tickets_epoch: AtomicU64,
 }
 
 /// f32 activations on the device, row-major `[rows, cols]`.
@@ -206,6 +219,9 @@ pub struct CudaStats {
     /// Host-to-device copies of per-pass data (token ids, batch descriptors, rotary tables,
     /// row lists) since the backend was created; weight uploads are not counted.
     pub host_copies: u64,
+    /// Decode passes run as CUDA graphs (kernels replayed by a graph are not in
+    /// `kernel_launches`).
+    pub graphs: GraphStats,
 }
 
 impl CudaBackend {
@@ -234,6 +250,11 @@ impl CudaBackend {
             tickets: Mutex::new(None),
             launches: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
+            use_graphs: AtomicBool::new(false),
+            capturing: AtomicBool::new(false),
+            graphs: Mutex::new(graph::Graphs::default()),
+            kv_epoch: AtomicU64::new(0),
+            tickets_epoch: AtomicU64::new(0),
         })
     }
 
@@ -249,6 +270,7 @@ impl CudaBackend {
             kernels: self.kernels.status.clone(),
             kernel_launches: self.launches.load(Ordering::Relaxed),
             host_copies: self.uploads.load(Ordering::Relaxed),
+            graphs: self.graph_stats(),
         }
     }
 
@@ -337,6 +359,23 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// `out` = the rows of `table` named by the first `out.rows` of `ids` (on the device).
+    fn embed_ids(&self, table: &CudaWeight, ids: &CudaSlice<u32>, out: &mut CudaAct) -> Result<()> {
+        let (n, cols) = (out.rows, table.cols);
+        match &table.data {
+            WeightData::Bf16(t) => {
+                self.launch_gather("phi3_embed_bf16", t, ids, &mut out.buf, n, cols)
+            }
+            WeightData::F16(t) => {
+                self.launch_gather("phi3_embed_f16", t, ids, &mut out.buf, n, cols)
+            }
+            WeightData::F32(t) => {
+                self.launch_gather("phi3_embed_f32", t, ids, &mut out.buf, n, cols)
+            }
+            WeightData::Quant(_) => Err(Error::internal("embed: the embedding table is quantized")),
+        }
+    }
+
     fn add_weight_bytes(&self, w: &CudaWeight) {
         self.weight_bytes.fetch_add(w.bytes(), Ordering::Relaxed);
     }
@@ -369,6 +408,8 @@ impl CudaBackend {
     fn with_tickets<R>(&self, n: usize, f: impl FnOnce(&CudaSlice<u32>) -> Result<R>) -> Result<R> {
         let mut held = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
         if held.as_ref().is_none_or(|t| t.len() < n) {
+            self.refuse_in_capture("growing the arrival counters")?;
+            self.tickets_epoch.fetch_add(1, Ordering::Relaxed);
             // Dropping the old array frees it in stream order, after the launches that use it.
             let len = n.next_power_of_two().max(1024);
             let fresh = self.dev.stream.alloc_zeros::<u32>(len).ctx("arrival counters")?;
@@ -401,6 +442,7 @@ impl CudaBackend {
     }
 
     fn htod<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
+        self.refuse_in_capture(what)?;
         let mut buf = self.alloc::<T>(data.len(), what)?;
         if !data.is_empty() {
             self.uploads.fetch_add(1, Ordering::Relaxed);
@@ -557,21 +599,40 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let ids = self.htod(tokens, "token ids")?;
-        match &table.data {
-            WeightData::Bf16(t) => {
-                self.launch_gather("phi3_embed_bf16", t, &ids, &mut out.buf, n, table.cols)?
-            }
-            WeightData::F16(t) => {
-                self.launch_gather("phi3_embed_f16", t, &ids, &mut out.buf, n, table.cols)?
-            }
-            WeightData::F32(t) => {
-                self.launch_gather("phi3_embed_f32", t, &ids, &mut out.buf, n, table.cols)?
-            }
-            WeightData::Quant(_) => {
-                return Err(Error::internal("embed: the embedding table is quantized"))
-            }
+        self.embed_ids(table, &ids, &mut out)?;
+        Ok(out)
+    }
+
+    fn embed_pass(
+        &self,
+        table: &CudaWeight,
+        tokens: &[u32],
+        batch: &CudaKvBatch,
+    ) -> Result<CudaAct> {
+        let Some((ids, rows)) = batch.staged_ids() else {
+            return self.embed(table, tokens);
+        };
+        if rows != tokens.len() {
+            return Err(Error::internal(format!(
+                "embed_pass: {} tokens, {rows} staged with the batch",
+                tokens.len()
+            )));
+        }
+        let mut out = self.act(rows, table.cols, "embeddings")?;
+        if rows > 0 {
+            self.embed_ids(table, ids, &mut out)?;
         }
         Ok(out)
+    }
+
+    fn run_pass(
+        &self,
+        batch: &CudaKvBatch,
+        tokens: &[u32],
+        rope: &RopeBatch,
+        pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
+    ) -> Result<Vec<f32>> {
+        self.run_pass_cuda(batch, tokens, rope, pass)
     }
 
     fn rms_norm(
