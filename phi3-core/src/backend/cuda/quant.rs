@@ -324,6 +324,8 @@ impl CudaBackend {
             .lock()
             .map_err(|_| Error::internal("dequantization workspace poisoned"))?;
         if guard.as_ref().is_none_or(|ws| ws.len() < block * k) {
+            // A buffer allocated inside a CUDA graph capture would belong to the graph.
+            self.refuse_in_capture("growing the dequantization workspace")?;
             // Drop the old buffer first, so the two never coexist.
             *guard = None;
             let ws = self.alloc::<u16>(block * k, "the dequantization workspace")?;
