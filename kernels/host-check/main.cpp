@@ -24,6 +24,8 @@
 //   each tile adds (its counters left zero), and the swiglu variant reading gate_up; to 1e-5 of
 //   sum |x w| against a double reference, and each token's row equal bit for bit to a launch with
 //   that token alone (the batch invariance the kernel exists for).
+// - the GEMV (kernels/gemv.cu: f32 weights, odd widths; both load paths), RMSNorm with and without
+//   the residual add (kernels/rms_norm.cu), the embedding and row gathers (kernels/embed.cu).
 // - tensor-core prefill attention (kernels/attention_tc.cu; mma, ldmatrix and cp.async
 //   emulated in cuda_host.h) on the same paged batches, for head sizes that are multiples of 16 up
 //   to 128: the prefill rows (sequences of more than 4 rows) against the double-precision softmax
@@ -47,6 +49,9 @@
 #include "../kv_blocks.cu"
 #include "../decode_gemm.cu"
 #include "../swiglu.cu"
+#include "../gemv.cu"
+#include "../rms_norm.cu"
+#include "../embed.cu"
 
 #include <algorithm>
 
@@ -721,6 +726,105 @@ static void decode_gemm_case(int out, int in, int ntok, int splits, bool f16, bo
     }
 }
 
+// phi3_gemv_<type> (the decode rows of f32 weights and of `in` not a multiple of 32): y = W x to
+// 1e-5 of sum |w x| against a double reference, on the 16-byte path (`in` a multiple of 8, or of
+// 4 for f32) and the scalar one, with rows that do not fill a block's 8 warps.
+static void gemv_case(int dtype, int out, int in) {  // dtype: 0 bf16, 1 f16, 2 f32
+    std::vector<unsigned short> w16((size_t)out * in);
+    std::vector<float> w32((size_t)out * in), x(in), y(out, NAN);
+    for (size_t i = 0; i < w32.size(); ++i) {
+        if (dtype == 2) {
+            w32[i] = uniform(-1.0f, 1.0f);
+        } else {
+            w16[i] = half_bits(dtype == 1, -1.0f, 1.0f);
+            w32[i] = dtype == 1 ? phi3_host_f16_to_f32(w16[i]) : bf16_value(w16[i]);
+        }
+    }
+    for (auto& v : x) v = uniform(-2.0f, 2.0f);
+    const auto* wb = reinterpret_cast<const bf16*>(w16.data());
+    const auto* wh = reinterpret_cast<const f16*>(w16.data());
+    launch((unsigned)((out + 7) / 8), 256, [&] {
+        if (dtype == 0) phi3_gemv_bf16(wb, x.data(), y.data(), in, out);
+        if (dtype == 1) phi3_gemv_f16(wh, x.data(), y.data(), in, out);
+        if (dtype == 2) phi3_gemv_f32(w32.data(), x.data(), y.data(), in, out);
+    });
+    const char* type = dtype == 0 ? "bf16" : dtype == 1 ? "f16" : "f32";
+    char name[96];
+    std::snprintf(name, sizeof name, "gemv %s [%d, %d]", type, out, in);
+    for (int o = 0; o < out; ++o) {
+        double want = 0, mag = 0;
+        for (int c = 0; c < in; ++c) {
+            const double p = (double)w32[(size_t)o * in + c] * x[c];
+            want += p;
+            mag += std::fabs(p);
+        }
+        expect(std::fabs(y[o] - want) <= 1e-5 * mag + 1e-30, name, y[o], want);
+    }
+}
+
+// phi3_rms_norm: residual += delta (when given), out = weight * residual / rms, per row, to 1e-5
+// relative; the residual updated exactly (one f32 add per element).
+static void rms_norm_case(int rows, int cols, bool with_delta) {
+    std::vector<float> res((size_t)rows * cols), delta((size_t)rows * cols), w(cols);
+    std::vector<float> out((size_t)rows * cols, NAN);
+    for (auto& v : res) v = uniform(-2.0f, 2.0f);
+    for (auto& v : delta) v = uniform(-1.0f, 1.0f);
+    for (auto& v : w) v = uniform(0.5f, 1.5f);
+    const std::vector<float> before = res;
+    const float eps = 1e-5f;
+    launch((unsigned)rows, 256, [&] {
+        const float* d = with_delta ? delta.data() : nullptr;
+        phi3_rms_norm(res.data(), d, w.data(), out.data(), cols, eps);
+    });
+    char name[96];
+    const char* tag = with_delta ? " + delta" : "";
+    std::snprintf(name, sizeof name, "rms_norm [%d, %d]%s", rows, cols, tag);
+    for (int r = 0; r < rows; ++r) {
+        double ss = 0;
+        for (int c = 0; c < cols; ++c) {
+            const size_t i = (size_t)r * cols + c;
+            const float v = with_delta ? before[i] + delta[i] : before[i];
+            expect(__float_as_uint(res[i]) == __float_as_uint(v), name, res[i], v);
+            ss += (double)v * v;
+        }
+        const double inv = 1.0 / std::sqrt(ss / cols + eps);
+        for (int c = 0; c < cols; ++c) {
+            const size_t i = (size_t)r * cols + c;
+            const double want = w[c] * (double)res[i] * inv;
+            expect(std::fabs(out[i] - want) <= 1e-5 * std::fabs(want) + 1e-6, name, out[i], want);
+        }
+    }
+}
+
+// phi3_embed_bf16 and phi3_gather_rows_f32: rows copied (widened) exactly, in the order given,
+// repeats included.
+static void gather_case() {
+    const int vocab = 37, hidden = 300;
+    std::vector<unsigned short> table((size_t)vocab * hidden);
+    for (auto& v : table) v = bf16_bits(uniform(-1.0f, 1.0f));
+    const std::vector<unsigned> ids = {5, 0, 36, 5, 17};
+    const int n = (int)ids.size();
+    std::vector<float> out((size_t)n * hidden, NAN), again((size_t)n * hidden, NAN);
+    launch((unsigned)n, 256, [&] {
+        const auto* t = reinterpret_cast<const bf16*>(table.data());
+        phi3_embed_bf16(t, ids.data(), out.data(), hidden);
+    });
+    const std::vector<unsigned> rows = {4, 4, 0, 2, 1};
+    launch((unsigned)n, 256, [&] {
+        phi3_gather_rows_f32(out.data(), rows.data(), again.data(), hidden);
+    });
+    size_t differ = 0;
+    for (int r = 0; r < n; ++r) {
+        for (int c = 0; c < hidden; ++c) {
+            const float want = bf16_value(table[(size_t)ids[r] * hidden + c]);
+            differ += __float_as_uint(out[(size_t)r * hidden + c]) != __float_as_uint(want);
+            const float moved = out[(size_t)rows[r] * hidden + c];
+            differ += __float_as_uint(again[(size_t)r * hidden + c]) != __float_as_uint(moved);
+        }
+    }
+    expect(differ == 0, "embed bf16 and gather_rows", (double)differ, 0.0);
+}
+
 // phi3_host_f32_to_f16 (the emulation's stand-in for cvt.rn.f16.f32): every finite f16 comes
 // back unchanged, and the midpoint of two neighbours rounds to the one with an even mantissa.
 static void f16_rounding_case() {
@@ -782,6 +886,15 @@ int main() {
     // down_proj of a decode step: silu(gate) * up taken while staging.
     decode_gemm_case(96, 320, 5, 2, false, true);
     decode_gemm_case(40, 256, 66, 1, true, true);
+    // The GEMV of f32 weights and odd widths, RMSNorm, the embedding and row gathers.
+    for (int dtype : {0, 1, 2}) {
+        gemv_case(dtype, 13, 264);  // 16-byte path
+        gemv_case(dtype, 9, 100);   // scalar for 16-bit (100 % 8 != 0), 16-byte for f32
+        gemv_case(dtype, 3, 7);     // scalar
+    }
+    rms_norm_case(3, 300, true);
+    rms_norm_case(2, 5120, false);
+    gather_case();
     std::printf("kernels/host-check: %s (%d mismatches)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }
