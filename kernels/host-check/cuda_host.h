@@ -1,6 +1,7 @@
 // cuda_host.h: just enough of CUDA for a host C++ compiler to run kernels/gemv_quant.cu,
 // kernels/dequant.cu, kernels/rope_kv.cu, kernels/attention.cu, kernels/attention_tc.cu,
-// kernels/kv_blocks.cu and kernels/decode_gemm.cu unchanged
+// kernels/kv_blocks.cu, kernels/decode_gemm.cu, kernels/swiglu.cu, kernels/gemv.cu,
+// kernels/rms_norm.cu and kernels/embed.cu unchanged
 // (with PHI3_HOST_EMULATION, which swaps the PTX asm statements of common.cuh and the quantized
 // kernels for plain C++). Each CUDA thread of a block is a fiber (ucontext) on the one host
 // thread, run until it waits at a barrier, then the next: the 32 lanes of a warp meet at a barrier
