@@ -19,9 +19,9 @@
 //!   which the graph keeps ([`CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH`] frees them at
 //!   the next launch) and the host reads after each launch.
 //!
-//! While a capture runs, anything that would copy from the host or grow a buffer (`htod`,
-//! `with_tickets`) fails instead, which ends the capture; the pass then runs as usual and the
-//! failure is kept in the stats. Graphs are off by default (`CudaBackend::set_cuda_graphs`) until
+//! While a capture runs, anything that would copy from the host or grow a persistent buffer
+//! (`htod`, `with_tickets`, the dequantization workspace) fails instead, which ends the capture;
+//! the pass then runs as usual and the failure is kept in the stats. Graphs are off by default (`CudaBackend::set_cuda_graphs`) until
 //! `phi3 gpu-check` has compared replayed passes with eager ones on a GPU.
 //!
 //! [`CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH`]: sys::CUgraphInstantiate_flags
