@@ -317,8 +317,9 @@ fn pretty(v: &Value) -> String {
 /// tokenizer. `options.dummy_weights`, when set, picks another dtype and seed. Loads in a few
 /// milliseconds; nothing is read from disk.
 ///
-/// Errors: those of [`Model::from_parts`] for `options`: `Unsupported` for a CUDA device,
-/// `InvalidArgument` for `max_context = Some(0)`.
+/// Errors: those of [`Model::from_parts`] for `options`: `Unsupported` for a CUDA device on a
+/// machine without one, `InvalidArgument` for `max_context = Some(0)` or a `prefill_chunk` out
+/// of range.
 pub fn demo_model(options: &LoadOptions) -> Result<Model> {
     let config = ModelConfig::from_json(&demo_config_json())?;
     let DummyWeights { dtype, seed } =
