@@ -174,6 +174,13 @@ fn with_model_fields(
         "device_free_bytes": cuda.and_then(|c| c.free_memory),
         "device_total_bytes": cuda.map(|c| c.total_memory),
         "kernels": cuda.map(|c| c.kernels.to_string()),
+        "kernel_launches": cuda.map(|c| c.kernel_launches),
+        "cuda_graphs": cuda.map(|c| serde_json::json!({
+            "captures": c.graphs.captures,
+            "replays": c.graphs.replays,
+            "fallbacks": c.graphs.fallbacks,
+            "last_failure": c.graphs.last_failure,
+        })),
     });
     if let (Some(out), serde_json::Value::Object(fields)) = (report.as_object_mut(), fields) {
         out.extend(fields);
@@ -287,6 +294,16 @@ fn aligned(cells: &[(&str, String)], stats: &phi3_core::DeviceStats) -> String {
     let mut out = row(&|(h, _)| h.to_string()) + &row(&|(_, v)| v.clone());
     if let Some(cuda) = &stats.cuda {
         out += &format!("kernels: {}\n", cuda.kernels);
+        let g = &cuda.graphs;
+        if g.captures + g.replays + g.fallbacks > 0 {
+            out += &format!(
+                "cuda graphs: {} captured, {} replayed, {} fell back{}\n",
+                g.captures,
+                g.replays,
+                g.fallbacks,
+                g.last_failure.as_ref().map(|f| format!(" (last: {f})")).unwrap_or_default()
+            );
+        }
     }
     out
 }
