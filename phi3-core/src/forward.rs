@@ -36,7 +36,8 @@ pub(crate) struct Engine<B: Backend> {
     /// scheduler's leader runs one) and briefly by forks, truncations and session drops.
     pool: Mutex<KvPool<B>>,
     pub(crate) scheduler: Scheduler,
-    /// Most prompt tokens of one session per pass (`LoadOptions::prefill_chunk`).
+    /// Most prompt tokens of one session per pass (`LoadOptions::prefill_chunk`), and the
+    /// scheduler's prefill budget of a batched pass.
     pub(crate) prefill_chunk: usize,
     eps: f32,
     vocab_size: usize,
@@ -121,7 +122,7 @@ impl<B: Backend> Engine<B> {
         let pool = KvPool::new(&backend, &kv_layout, budget)?;
         Ok(Engine {
             pool: Mutex::new(pool),
-            scheduler: Scheduler::new(limits.kv_wait, limits.prefill_chunk),
+            scheduler: Scheduler::new(limits.kv_wait),
             prefill_chunk: limits.prefill_chunk,
             backend,
             weights,

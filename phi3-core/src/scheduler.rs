@@ -121,8 +121,6 @@ struct State {
     last_step: Duration,
     /// Bumped whenever sessions give blocks back.
     kv_epoch: u64,
-    /// Most prefill tokens in one pass (the model's prefill chunk).
-    prefill_budget: usize,
     stats: SchedulerStats,
 }
 
@@ -135,8 +133,9 @@ impl State {
         self.queue.iter().filter(|q| self.runnable(q)).count()
     }
 
-    /// Remove and return the next batch (see the module docs), in priority then arrival order.
-    fn take_batch(&mut self) -> Vec<Queued> {
+    /// Remove and return the next batch (see the module docs), in priority then arrival order,
+    /// with at most `prefill_budget` prefill tokens (one chunk always runs, whatever its size).
+    fn take_batch(&mut self, prefill_budget: usize) -> Vec<Queued> {
         let mut order: Vec<usize> =
             (0..self.queue.len()).filter(|&i| self.runnable(&self.queue[i])).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(self.queue[i].job.priority), self.queue[i].id));
@@ -149,7 +148,7 @@ impl State {
                     decodes += 1;
                     chosen.push(i);
                 }
-            } else if prefill_tokens == 0 || prefill_tokens + n <= self.prefill_budget {
+            } else if prefill_tokens == 0 || prefill_tokens + n <= prefill_budget {
                 prefill_tokens += n;
                 chosen.push(i);
             }
@@ -163,11 +162,8 @@ impl State {
 }
 
 impl Scheduler {
-    /// `prefill_budget`: most prefill tokens in one pass (one chunk always runs, whatever its
-    /// size).
-    pub(crate) fn new(wait_for_kv: bool, prefill_budget: usize) -> Self {
-        let state = State { prefill_budget, ..State::default() };
-        Scheduler { state: Mutex::new(state), wake: Condvar::new(), wait_for_kv }
+    pub(crate) fn new(wait_for_kv: bool) -> Self {
+        Scheduler { state: Mutex::new(State::default()), wake: Condvar::new(), wait_for_kv }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -237,7 +233,8 @@ impl Scheduler {
                 st.leading = true;
                 st = self.gather(st);
                 let epoch = st.kv_epoch;
-                let batch = st.take_batch();
+                // The prefill budget of a pass is one session's prefill chunk.
+                let batch = st.take_batch(engine.prefill_chunk);
                 drop(st);
                 let decoders: Vec<u64> = batch
                     .iter()
@@ -397,29 +394,29 @@ mod tests {
                 queued(4, 200, 0), // fits beside job 0
             ]
         };
-        let mut st = State { queue: queue(), prefill_budget: 512, ..Default::default() };
-        assert_eq!(ids(&st.take_batch()), [0, 1, 3, 4]);
-        assert_eq!(ids(&st.take_batch()), [2]);
-        assert!(st.take_batch().is_empty());
+        let mut st = State { queue: queue(), ..Default::default() };
+        assert_eq!(ids(&st.take_batch(512)), [0, 1, 3, 4]);
+        assert_eq!(ids(&st.take_batch(512)), [2]);
+        assert!(st.take_batch(512).is_empty());
         // One chunk always runs, however long.
         st.queue = vec![queued(5, 2 * 512, 0), queued(6, 10, 0)];
-        assert_eq!(ids(&st.take_batch()), [5]);
+        assert_eq!(ids(&st.take_batch(512)), [5]);
         // A model loaded with a larger prefill chunk takes all three prompts at once.
-        let mut st = State { queue: queue(), prefill_budget: 1024, ..Default::default() };
-        assert_eq!(ids(&st.take_batch()), [0, 1, 2, 3, 4]);
+        let mut st = State { queue: queue(), ..Default::default() };
+        assert_eq!(ids(&st.take_batch(1024)), [0, 1, 2, 3, 4]);
     }
 
     #[test]
     fn priority_orders_prefill_and_blocked_jobs_wait_for_freed_blocks() {
         let queue = vec![queued(0, 400, 0), queued(1, 400, 5), queued(2, 1, -1)];
-        let mut st = State { queue, prefill_budget: 512, ..Default::default() };
-        assert_eq!(ids(&st.take_batch()), [1, 2]);
+        let mut st = State { queue, ..Default::default() };
+        assert_eq!(ids(&st.take_batch(512)), [1, 2]);
         let mut blocked = queued(3, 1, 0);
         blocked.blocked_at = Some(st.kv_epoch);
         st.queue.push(blocked);
-        assert_eq!(ids(&st.take_batch()), [0]);
+        assert_eq!(ids(&st.take_batch(512)), [0]);
         assert_eq!(st.runnable_count(), 0);
         st.kv_epoch += 1;
-        assert_eq!(ids(&st.take_batch()), [3]);
+        assert_eq!(ids(&st.take_batch(512)), [3]);
     }
 }
