@@ -7,7 +7,7 @@
 //! - the pass's inputs (batch descriptor, token ids, rotary tables) live in the [`Arena`],
 //!   buffers whose addresses stay fixed; before each capture or replay they are copied there
 //!   (stream-ordered, so after the previous pass's kernels), and a staged batch
-//!   ([`CudaKvBatch::staged`]) hands the pass views of them: `embed_pass` reads its ids there
+//!   (`CudaKvBatch::staged_copy`) hands the pass views of them: `embed_pass` reads its ids there
 //!   and `rope_store_kv` its tables, neither copying anything while the stream is captured;
 //! - everything else a pass's kernels take that can change between passes of the same rows is
 //!   in the [`GraphKey`]: the attention grid and split scratch (which grow with the context),
@@ -27,12 +27,11 @@
 //! [`CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH`]: sys::CUgraphInstantiate_flags
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
 use super::error::DriverResultExt;
-use super::kv::{RopeOnDevice, RopeUpload, Staged};
+use super::kv::{RopeOnDevice, RopeUpload};
 use super::{CudaAct, CudaBackend, CudaKvBatch};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -221,12 +220,8 @@ impl CudaBackend {
         let t = rope.cos.len();
         stream.memcpy_htod(&rope.cos, &mut arena.cos.slice_mut(0..t)).ctx("graph cos")?;
         stream.memcpy_htod(&rope.sin, &mut arena.sin.slice_mut(0..t)).ctx("graph sin")?;
-        let rope_dev = RopeUpload {
-            cos_host: rope.cos.clone(),
-            sin_host: rope.sin.clone(),
-            tables: Arc::new(RopeOnDevice { cos: arena.cos, sin: arena.sin }),
-        };
-        Ok(batch.staged_copy(arena.words, Staged { ids: arena.ids, rows: tokens.len() }, rope_dev))
+        let rope_dev = RopeUpload::new(rope, RopeOnDevice { cos: arena.cos, sin: arena.sin });
+        Ok(batch.staged_copy(arena.words, arena.ids, rope_dev))
     }
 
     /// `pass` captured as a graph (nothing runs yet).

@@ -106,15 +106,9 @@ pub struct CudaKvBatch {
     rope: Mutex<Option<RopeUpload>>,
     /// Sequences of the batch.
     seqs: usize,
-    /// For a batch staged for a CUDA graph (`graph.rs`): the token ids already on the device.
-    staged: Option<Staged>,
-}
-
-/// The inputs a staged batch carries besides its descriptor (graph.rs).
-pub(crate) struct Staged {
-    /// Token ids (at least `rows`).
-    pub ids: CudaSlice<u32>,
-    pub rows: usize,
+    /// For a batch staged for a CUDA graph (`graph.rs`): its rows' token ids already on the
+    /// device (at least `rows` of them).
+    staged_ids: Option<CudaSlice<u32>>,
 }
 
 /// A `RopeBatch` on the device, with the host values it was made from: a later call is served
@@ -123,6 +117,17 @@ pub(crate) struct RopeUpload {
     pub cos_host: Vec<f32>,
     pub sin_host: Vec<f32>,
     pub tables: Arc<RopeOnDevice>,
+}
+
+impl RopeUpload {
+    /// `tables` on the device, remembered as holding `rope`'s values.
+    pub(crate) fn new(rope: &RopeBatch, tables: RopeOnDevice) -> RopeUpload {
+        RopeUpload {
+            cos_host: rope.cos.clone(),
+            sin_host: rope.sin.clone(),
+            tables: Arc::new(tables),
+        }
+    }
 }
 
 /// Cosines and sines `[rows, half]` on the device.
@@ -278,16 +283,16 @@ impl CudaKvBatch {
     }
 
     /// The token ids staged with the batch (graph.rs), if it is a staged one.
-    pub(crate) fn staged_ids(&self) -> Option<(&CudaSlice<u32>, usize)> {
-        self.staged.as_ref().map(|s| (&s.ids, s.rows))
+    pub(crate) fn staged_ids(&self) -> Option<&CudaSlice<u32>> {
+        self.staged_ids.as_ref()
     }
 
     /// This batch reading its descriptor from `words` (a copy of its own, at least as long),
-    /// with `staged` ids and its rotary tables already on the device (`rope`).
+    /// with its rows' token `ids` and its rotary tables already on the device (`rope`).
     pub(crate) fn staged_copy(
         &self,
         words: CudaSlice<u32>,
-        staged: Staged,
+        ids: CudaSlice<u32>,
         rope: RopeUpload,
     ) -> CudaKvBatch {
         CudaKvBatch {
@@ -300,22 +305,17 @@ impl CudaKvBatch {
             buf: words,
             rope: Mutex::new(Some(rope)),
             seqs: self.seqs,
-            staged: Some(staged),
+            staged_ids: Some(ids),
         }
     }
 
     /// The buffers of a staged batch, back as an arena (`None` when the batch was not staged or
     /// its rotary tables are still shared).
     pub(super) fn into_arena(self) -> Option<super::graph::Arena> {
-        let staged = self.staged?;
+        let ids = self.staged_ids?;
         let rope = self.rope.into_inner().unwrap_or_else(|e| e.into_inner())?;
         let tables = Arc::try_unwrap(rope.tables).ok()?;
-        Some(super::graph::Arena {
-            words: self.buf,
-            ids: staged.ids,
-            cos: tables.cos,
-            sin: tables.sin,
-        })
+        Some(super::graph::Arena { words: self.buf, ids, cos: tables.cos, sin: tables.sin })
     }
 }
 
@@ -553,7 +553,7 @@ impl CudaBackend {
             buf,
             rope: Mutex::new(None),
             seqs: seqs.len(),
-            staged: None,
+            staged_ids: None,
         })
     }
 
@@ -571,16 +571,14 @@ impl CudaBackend {
                 return Ok(up.tables.clone());
             }
         }
-        let tables = Arc::new(RopeOnDevice {
+        let tables = RopeOnDevice {
             cos: self.htod(&rope.cos, "rope cos")?,
             sin: self.htod(&rope.sin, "rope sin")?,
-        });
-        *cached = Some(RopeUpload {
-            cos_host: rope.cos.clone(),
-            sin_host: rope.sin.clone(),
-            tables: tables.clone(),
-        });
-        Ok(tables)
+        };
+        let upload = RopeUpload::new(rope, tables);
+        let shared = upload.tables.clone();
+        *cached = Some(upload);
+        Ok(shared)
     }
 }
 

@@ -609,12 +609,13 @@ impl Backend for CudaBackend {
         tokens: &[u32],
         batch: &CudaKvBatch,
     ) -> Result<CudaAct> {
-        let Some((ids, rows)) = batch.staged_ids() else {
+        let Some(ids) = batch.staged_ids() else {
             return self.embed(table, tokens);
         };
+        let rows = batch.rows();
         if rows != tokens.len() {
             return Err(Error::internal(format!(
-                "embed_pass: {} tokens, {rows} staged with the batch",
+                "embed_pass: {} tokens for a staged batch of {rows} rows",
                 tokens.len()
             )));
         }
