@@ -180,6 +180,9 @@ fn with_model_fields(
             "replays": c.graphs.replays,
             "fallbacks": c.graphs.fallbacks,
             "last_failure": c.graphs.last_failure,
+            "cached": c.graphs.cached,
+            "pool_reserved_bytes": c.graphs.pool_reserved,
+            "pool_used_high_bytes": c.graphs.pool_used_high,
         })),
     });
     if let (Some(out), serde_json::Value::Object(fields)) = (report.as_object_mut(), fields) {
@@ -297,11 +300,13 @@ fn aligned(cells: &[(&str, String)], stats: &phi3_core::DeviceStats) -> String {
         let g = &cuda.graphs;
         if g.captures + g.replays + g.fallbacks > 0 {
             out += &format!(
-                "cuda graphs: {} captured, {} replayed, {} fell back{}\n",
+                "cuda graphs: {} captured, {} replayed, {} fell back{}; {} kept, graph pool {}\n",
                 g.captures,
                 g.replays,
                 g.fallbacks,
-                g.last_failure.as_ref().map(|f| format!(" (last: {f})")).unwrap_or_default()
+                g.last_failure.as_ref().map(|f| format!(" (last: {f})")).unwrap_or_default(),
+                g.cached,
+                graph_pool(g)
             );
         }
     }
@@ -712,6 +717,13 @@ impl SessionsReport {
         ];
         aligned(&cells, &self.stats)
     }
+}
+
+/// The graph pool's memory as the driver reports it.
+pub(crate) fn graph_pool(g: &phi3_core::backend::cuda::GraphStats) -> String {
+    let mib =
+        |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+    format!("{} reserved, {} used at most", mib(g.pool_reserved), mib(g.pool_used_high))
 }
 
 #[cfg(test)]

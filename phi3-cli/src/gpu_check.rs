@@ -1235,6 +1235,8 @@ fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
     let eager = run(false)?;
     let graphed = run(true)?;
     let g = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
+    model.set_cuda_graphs(false); // drops the graphs and trims the pool
+    let off = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
     let differ = eager.iter().zip(&graphed).filter(|(a, b)| !same_bits(a, b)).count();
     r.flag(
         "cuda graphs: 24 decode steps vs eager",
@@ -1251,6 +1253,19 @@ fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
             g.last_failure.as_ref().map(|f| format!(" ({f})")).unwrap_or_default()
         ),
         g.fallbacks == 0 && g.captures >= 2 && g.captures + g.replays == steps as u64,
+    );
+    // Every graph frees what it allocates (graph.rs), so the pool holds about one pass's
+    // activations whatever the number of graphs, and nothing once they are dropped.
+    r.flag(
+        "cuda graphs: graph pool",
+        format!(
+            "{} graphs: {}; graphs off: {} graphs, {}",
+            g.cached,
+            crate::bench::graph_pool(&g),
+            off.cached,
+            crate::bench::graph_pool(&off)
+        ),
+        off.cached == 0,
     );
     let dir = fixtures.join("gqa-longrope-bf16");
     let fixture = Model::load(&dir, &cuda)?;
@@ -1318,17 +1333,18 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     // The same decode as CUDA graphs (one capture, then replays; the context goes on from 544).
     model.set_cuda_graphs(true);
     let (graph_s, graph_logits) = greedy_decode(&model, &mut s, logits, gen)?;
-    model.set_cuda_graphs(false);
     let g = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
+    model.set_cuda_graphs(false);
     let graph_tok_s = gen as f64 / graph_s;
     r.flag(
         &format!("bench {tag}: decode tok/s with CUDA graphs"),
         format!(
-            "{graph_tok_s:.1} ({:+.1}%; {} captured, {} replayed, {} failed)",
+            "{graph_tok_s:.1} ({:+.1}%; {} captured, {} replayed, {} failed; pool {})",
             100.0 * (graph_tok_s / tok_s - 1.0),
             g.captures,
             g.replays,
-            g.fallbacks
+            g.fallbacks,
+            crate::bench::graph_pool(&g)
         ),
         graph_logits.iter().all(|x| x.is_finite()),
     );

@@ -211,7 +211,7 @@ impl<B: Backend> Engine<B> {
             // One row per sequence: every row is a "decode row", as in a pass of one sequence.
             be.linear(&x, w.output_matrix(), &LinearRows::decode(spans.len())) // [n, vocab]
         };
-        let logits = be.run_pass(&batch, &tokens, &rope, &mut pass)?;
+        let logits = be.run_pass(&batch, &tokens, &rope, self.vocab_size, &mut pass)?;
 
         let mut out = vec![Vec::new(); seqs.len()];
         for ((&i, span), row) in order.iter().zip(&spans).zip(logits.chunks(self.vocab_size)) {

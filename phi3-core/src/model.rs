@@ -539,8 +539,9 @@ impl Model {
 
     /// On CUDA, whether decode passes (every sequence adding one token) run as CUDA graphs from
     /// now on: captured once per shape and replayed. Off by default until verified on a GPU
-    /// (`phi3 gpu-check` compares both ways; `DeviceStats::cuda` counts captures and replays).
-    /// Returns `false`, and does nothing, on the CPU.
+    /// (`phi3 gpu-check` compares both ways; `DeviceStats::cuda` counts captures and replays
+    /// and reports the graph pool's memory). Turning them off drops the graphs and gives their
+    /// memory back. Returns `false`, and does nothing, on the CPU.
     pub fn set_cuda_graphs(&self, on: bool) -> bool {
         match &self.inner.engine {
             AnyEngine::Cpu(_) => false,

@@ -283,9 +283,10 @@ pub trait Backend: Send + Sync + 'static {
         self.embed(table, tokens)
     }
 
-    /// One forward pass: `pass(batch)` computes its output rows (the embedding through lm_head,
-    /// reading the pass's tokens and rotary tables through the batch it is given:
-    /// [`Backend::embed_pass`], [`Backend::rope_store_kv`]), and this returns them on the host.
+    /// One forward pass: `pass(batch)` computes its output rows, `out_cols` values each (the
+    /// embedding through lm_head, reading the pass's tokens and rotary tables through the batch
+    /// it is given: [`Backend::embed_pass`], [`Backend::rope_store_kv`]), and this returns them
+    /// on the host.
     /// The default calls `pass` once with `batch`. CUDA may instead capture `pass` as a graph
     /// (with `tokens` and `rope`, the pass's inputs, staged on the device) and replay it for
     /// later passes of the same shape without calling `pass` at all; the results are the same.
@@ -294,9 +295,10 @@ pub trait Backend: Send + Sync + 'static {
         batch: &Self::KvBatch,
         tokens: &[u32],
         rope: &RopeBatch,
+        out_cols: usize,
         pass: &mut dyn FnMut(&Self::KvBatch) -> Result<Self::Act>,
     ) -> Result<Vec<f32>> {
-        let _ = (tokens, rope);
+        let _ = (tokens, rope, out_cols);
         self.to_host(&pass(batch)?)
     }
 

@@ -13,18 +13,25 @@
 //!   in the [`GraphKey`]: the attention grid and split scratch (which grow with the context),
 //!   the generation of the KV pool's slab table, of the arrival counters and of the arena (each
 //!   bumped when reallocated), the attention kernel choice and poisoning. A pass whose key has
-//!   no graph yet is captured; at most [`MAX_GRAPHS`] graphs are kept, the oldest dropped first;
+//!   no graph yet is captured. The split scratch is sized in powers of two
+//!   (`kv::split_capacity`), so rows stepping over slice boundaries do not change the key at
+//!   every step of a batch;
 //! - activations are allocated inside the capture (stream-ordered allocations become the graph's
-//!   own memory, at the same addresses on every replay) and freed there, but for the logits,
-//!   which the graph keeps ([`CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH`] frees them at
-//!   the next launch) and the host reads after each launch.
+//!   own memory, at the same addresses on every replay) and freed there; the logits too, once
+//!   the pass has copied them into the output buffer beside the arena, where the host reads them
+//!   after each launch. So a cached graph holds no memory between launches, and CUDA may back
+//!   all graphs of the stream (which never run at once) with the same physical memory: the
+//!   graph pool holds about one pass's activations (`memory::graph_bytes`), whatever the number
+//!   of graphs. [`GraphStats`] reports what the pool holds; it is trimmed when graphs are
+//!   dropped;
+//! - graphs are kept most recently used first, at most [`MAX_GRAPHS`]: a batch whose size
+//!   changes back and forth finds its graphs again.
 //!
 //! While a capture runs, anything that would copy from the host or grow a persistent buffer
 //! (`htod`, `with_tickets`, the dequantization workspace) fails instead, which ends the capture;
-//! the pass then runs as usual and the failure is kept in the stats. Graphs are off by default (`CudaBackend::set_cuda_graphs`) until
-//! `phi3 gpu-check` has compared replayed passes with eager ones on a GPU.
-//!
-//! [`CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH`]: sys::CUgraphInstantiate_flags
+//! the pass then runs as usual and the failure is kept in the stats. Graphs are off by default
+//! (`CudaBackend::set_cuda_graphs`) until `phi3 gpu-check` has compared replayed passes with
+//! eager ones on a GPU.
 
 use std::sync::atomic::Ordering;
 
@@ -38,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::rope::RopeBatch;
 
 /// Most rows of a pass run as a graph (the scheduler's `MAX_BATCH_SEQS`).
-pub(super) const MAX_GRAPH_ROWS: usize = 256;
+pub(crate) const MAX_GRAPH_ROWS: usize = 256;
 /// Most graphs kept at once.
 pub(super) const MAX_GRAPHS: usize = 8;
 
@@ -63,13 +70,6 @@ pub(super) struct Arena {
     pub sin: CudaSlice<f32>,
 }
 
-/// A captured pass and the logits it writes.
-struct Captured {
-    key: GraphKey,
-    graph: OwnedGraph,
-    logits: CudaAct,
-}
-
 /// A graph moved between threads: cudarc's `CudaGraph` holds raw driver handles and so is not
 /// `Send`.
 struct OwnedGraph(CudaGraph);
@@ -80,15 +80,67 @@ struct OwnedGraph(CudaGraph);
 // once.
 unsafe impl Send for OwnedGraph {}
 
+/// Values by key, most recently used last, at most `cap` of them.
+struct Recent<K, V> {
+    entries: Vec<(K, V)>,
+    cap: usize,
+}
+
+impl<K: PartialEq, V> Recent<K, V> {
+    fn new(cap: usize) -> Self {
+        Recent { entries: Vec::new(), cap: cap.max(1) }
+    }
+
+    /// The value of `key`, now the most recently used.
+    fn get(&mut self, key: &K) -> Option<&V> {
+        let i = self.entries.iter().position(|(k, _)| k == key)?;
+        let entry = self.entries.remove(i);
+        self.entries.push(entry);
+        self.entries.last().map(|(_, v)| v)
+    }
+
+    /// Add `value` as the most recently used, first dropping the least recently used when full;
+    /// returns the value added.
+    fn insert(&mut self, key: K, value: V) -> &V {
+        if self.entries.len() == self.cap {
+            self.entries.remove(0);
+        }
+        self.entries.push((key, value));
+        &self.entries[self.entries.len() - 1].1
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// The backend's graphs (behind one mutex: a graph must not be launched from two threads at
 /// once).
-#[derive(Default)]
 pub(super) struct Graphs {
     /// `None` before the first graph-run pass and while one holds it.
     arena: Option<Arena>,
+    /// Where graph-run passes leave their logits (`[rows, out_cols]` at the start), at least
+    /// `rows` rows of them, rounded up to a power of two.
+    output: Option<CudaSlice<f32>>,
     arena_epoch: u64,
-    cache: Vec<Captured>,
+    cache: Recent<GraphKey, OwnedGraph>,
     stats: GraphStats,
+}
+
+impl Default for Graphs {
+    fn default() -> Self {
+        Graphs {
+            arena: None,
+            output: None,
+            arena_epoch: 0,
+            cache: Recent::new(MAX_GRAPHS),
+            stats: GraphStats::default(),
+        }
+    }
 }
 
 /// How passes ran, for benchmarks and checks.
@@ -102,18 +154,72 @@ pub struct GraphStats {
     pub fallbacks: u64,
     /// The last capture failure.
     pub last_failure: Option<String>,
+    /// Graphs kept now.
+    pub cached: usize,
+    /// Device memory the driver holds for graphs now (`CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT`);
+    /// `None` when the driver does not say.
+    pub pool_reserved: Option<u64>,
+    /// The most graph memory in use at once so far (`CU_GRAPH_MEM_ATTR_USED_MEM_HIGH`).
+    pub pool_used_high: Option<u64>,
 }
 
 impl CudaBackend {
     /// Whether `run_pass` captures and replays decode passes as CUDA graphs from now on (off
-    /// by default until verified on a GPU; `phi3 gpu-check` compares both).
+    /// by default until verified on a GPU; `phi3 gpu-check` compares both). Turning them off
+    /// drops the graphs and their buffers and returns the graph pool's memory to the device.
     pub fn set_cuda_graphs(&self, on: bool) {
         self.use_graphs.store(on, Ordering::Relaxed);
+        if !on {
+            let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+            graphs.arena = None;
+            graphs.output = None;
+            self.drop_graphs(&mut graphs);
+        }
     }
 
-    /// How passes ran as graphs so far.
+    /// How passes ran as graphs so far, and the graph pool's memory.
     pub fn graph_stats(&self) -> GraphStats {
-        self.graphs.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
+        let mut stats = {
+            let graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stats = graphs.stats.clone();
+            stats.cached = graphs.cache.entries.len();
+            stats
+        };
+        use sys::CUgraphMem_attribute as Attr;
+        stats.pool_reserved = self.graph_mem(Attr::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT);
+        stats.pool_used_high = self.graph_mem(Attr::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH);
+        stats
+    }
+
+    /// One of the device's graph memory attributes (bytes).
+    fn graph_mem(&self, attr: sys::CUgraphMem_attribute) -> Option<u64> {
+        self.dev.ctx.bind_to_thread().ok()?;
+        let mut value: u64 = 0;
+        // SAFETY: the attributes asked for are all `cuuint64_t` (CUDA driver API,
+        // cuDeviceGetGraphMemAttribute), so `value` is the size the driver writes; the device
+        // handle comes from the live context.
+        let r = unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                self.dev.ctx.cu_device(),
+                attr,
+                (&mut value as *mut u64).cast(),
+            )
+        };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(value)
+    }
+
+    /// Drop every cached graph and give the graph pool's unused memory back to the device.
+    fn drop_graphs(&self, graphs: &mut Graphs) {
+        if graphs.cache.is_empty() {
+            return;
+        }
+        graphs.cache.clear();
+        // Stream order: no graph of ours is still running when the pool is trimmed.
+        if self.dev.stream.synchronize().is_ok() && self.dev.ctx.bind_to_thread().is_ok() {
+            // SAFETY: a device-wide call on the live context's device; it frees only graph
+            // memory no executing or scheduled graph uses (cuDeviceGraphMemTrim).
+            let _ = unsafe { sys::cuDeviceGraphMemTrim(self.dev.ctx.cu_device()) };
+        }
     }
 
     /// `Internal` while a pass is being captured: `what` would copy from the host or allocate
@@ -127,32 +233,40 @@ impl CudaBackend {
     }
 
     /// `Backend::run_pass` on CUDA: as a graph when graphs are on and every sequence adds one
-    /// token, else `pass(batch)` once.
+    /// token, else `pass(batch)` once. The pass returns `[rows, out_cols]`.
     pub(super) fn run_pass_cuda(
         &self,
         batch: &CudaKvBatch,
         tokens: &[u32],
         rope: &RopeBatch,
+        out_cols: usize,
         pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
     ) -> Result<Vec<f32>> {
         let eligible = self.use_graphs.load(Ordering::Relaxed)
             && batch.decode_only()
             && tokens.len() == batch.rows()
-            && (1..=MAX_GRAPH_ROWS).contains(&batch.rows());
+            && (1..=MAX_GRAPH_ROWS).contains(&batch.rows())
+            && out_cols > 0;
         // One pass at a time holds the graphs; a second one (another model thread on this
         // backend) runs as usual.
         let held = if eligible { self.graphs.try_lock().ok() } else { None };
         let Some(mut graphs) = held else {
             return self.to_host(&pass(batch)?);
         };
-        let arena = match graphs.arena.take() {
-            Some(a) if arena_fits(&a, batch, tokens, rope) => a,
+        let out_len = batch.rows() * out_cols;
+        let buffers = match (graphs.arena.take(), graphs.output.take()) {
+            (Some(a), Some(o)) if arena_fits(&a, batch, tokens, rope) && o.len() >= out_len => {
+                (a, o)
+            }
             _ => {
-                graphs.cache.clear(); // their arena is gone
+                self.drop_graphs(&mut graphs); // their buffers are gone
                 graphs.arena_epoch += 1;
-                self.new_arena(batch, rope)?
+                let rows = batch.rows().next_power_of_two();
+                let output = self.alloc::<f32>(rows * out_cols, "graph outputs: logits")?;
+                (self.new_arena(batch, rope)?, output)
             }
         };
+        let (arena, mut output) = buffers;
         let staged = self.stage(batch, tokens, rope, arena)?;
         let key = GraphKey {
             rows: batch.rows(),
@@ -163,30 +277,30 @@ impl CudaBackend {
             attention: self.attention_kernel.load(Ordering::Relaxed),
             poison: self.poison.load(Ordering::Relaxed),
         };
-        let result = match graphs.cache.iter().position(|c| c.key == key) {
-            Some(i) => {
+        let launched = match graphs.cache.get(&key) {
+            Some(graph) => {
+                let r = graph.0.launch().ctx("graph launch");
                 graphs.stats.replays += 1;
-                self.replay(&graphs.cache[i])
+                r
             }
-            None => match self.capture(&staged, key, pass) {
-                Ok(captured) => {
+            None => match self.capture(&staged, &mut output, out_len, pass) {
+                Ok(graph) => {
                     graphs.stats.captures += 1;
-                    if graphs.cache.len() == MAX_GRAPHS {
-                        graphs.cache.remove(0);
-                    }
-                    graphs.cache.push(captured);
-                    let last = graphs.cache.len() - 1;
-                    self.replay(&graphs.cache[last])
+                    graphs.cache.insert(key, graph).0.launch().ctx("graph launch")
                 }
                 Err(e) => {
                     graphs.stats.fallbacks += 1;
                     graphs.stats.last_failure = Some(e.to_string());
                     log::warn!("CUDA graph capture failed, running the pass as usual: {e}");
-                    self.to_host(&pass(batch)?)
+                    graphs.arena = staged.into_arena();
+                    graphs.output = Some(output);
+                    return self.to_host(&pass(batch)?);
                 }
             },
         };
+        let result = launched.and_then(|()| self.dtoh_prefix(&output, out_len));
         graphs.arena = staged.into_arena();
+        graphs.output = Some(output);
         result
     }
 
@@ -224,32 +338,52 @@ impl CudaBackend {
         Ok(batch.staged_copy(arena.words, arena.ids, rope_dev))
     }
 
-    /// `pass` captured as a graph (nothing runs yet).
+    /// `pass` captured as a graph that ends by copying its `out_len` logits into `output`
+    /// (nothing runs yet).
     fn capture(
         &self,
         staged: &CudaKvBatch,
-        key: GraphKey,
+        output: &mut CudaSlice<f32>,
+        out_len: usize,
         pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
-    ) -> Result<Captured> {
+    ) -> Result<OwnedGraph> {
         let stream = &self.dev.stream;
         // Thread-local: other threads' CUDA calls (a session saved meanwhile) are not affected.
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         stream.begin_capture(mode).ctx("begin graph capture")?;
         let mut guard = CaptureGuard { be: self, ended: false };
         self.capturing.store(true, Ordering::Relaxed);
-        let logits = pass(staged);
+        // The logits are freed inside the graph once copied (the drop at the end of the
+        // closure), so the graph keeps no allocation between launches.
+        let copied = pass(staged).and_then(|logits| {
+            if logits.rows * logits.cols != out_len || output.len() < out_len {
+                return Err(Error::internal(format!(
+                    "graph pass: logits [{}, {}] for {out_len} values ({} held)",
+                    logits.rows,
+                    logits.cols,
+                    output.len()
+                )));
+            }
+            stream
+                .memcpy_dtod(&logits.buf.slice(0..out_len), &mut output.slice_mut(0..out_len))
+                .ctx("graph outputs: logits")
+        });
         let graph = guard.end();
-        let logits = logits?;
+        copied?;
         match graph.ctx("end graph capture")? {
-            Some(graph) => Ok(Captured { key, graph: OwnedGraph(graph), logits }),
+            Some(graph) => Ok(OwnedGraph(graph)),
             None => Err(Error::internal("graph capture recorded nothing")),
         }
     }
 
-    /// Launch `c` and read its logits.
-    fn replay(&self, c: &Captured) -> Result<Vec<f32>> {
-        c.graph.0.launch().ctx("graph launch")?;
-        self.to_host(&c.logits)
+    /// The first `n` values of `buf` on the host, once all earlier work is done.
+    fn dtoh_prefix(&self, buf: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; n];
+        if n > 0 {
+            self.dev.stream.memcpy_dtoh(&buf.slice(0..n), &mut out).ctx("copy to the host")?;
+        }
+        self.synchronize()?;
+        Ok(out)
     }
 }
 
@@ -264,6 +398,8 @@ impl CaptureGuard<'_> {
     fn end(&mut self) -> std::result::Result<Option<CudaGraph>, cudarc::driver::DriverError> {
         self.ended = true;
         self.be.capturing.store(false, Ordering::Relaxed);
+        // The graph frees every allocation it makes before it ends; should one ever escape, it
+        // is freed at the next launch instead of failing that launch.
         let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
         self.be.dev.stream.end_capture(flags)
     }
@@ -283,4 +419,28 @@ fn arena_fits(arena: &Arena, batch: &CudaKvBatch, tokens: &[u32], rope: &RopeBat
         && arena.ids.len() >= tokens.len()
         && arena.cos.len() >= rope.cos.len()
         && arena.sin.len() >= rope.sin.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_keeps_the_most_recently_used() {
+        let mut r = Recent::new(3);
+        for k in 1..=3 {
+            assert_eq!(*r.insert(k, 10 * k), 10 * k);
+        }
+        assert_eq!(r.get(&1), Some(&10)); // 1 is now the most recent: 2 goes first
+        r.insert(4, 40);
+        assert_eq!(r.get(&2), None);
+        for (k, v) in [(3, 30), (1, 10), (4, 40)] {
+            assert_eq!(r.get(&k), Some(&v));
+        }
+        r.insert(5, 50); // 3 was used least recently
+        assert_eq!(r.get(&3), None);
+        assert_eq!(r.entries.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 4, 5]);
+        r.clear();
+        assert!(r.is_empty() && r.get(&5).is_none());
+    }
 }

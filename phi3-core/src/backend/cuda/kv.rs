@@ -252,9 +252,12 @@ impl CudaKvBatch {
         self.rows
     }
 
-    /// (scratch slots, most slices of one row) of the batch's split decode rows.
+    /// (scratch slots, most slices of one row) of the batch's split decode rows. The slots are
+    /// [`split_capacity`] of the slices the rows take: the scratch's layout (and so a CUDA
+    /// graph's key, `graph.rs`) then changes when the total passes a power of two, not whenever
+    /// one row of a batch crosses a slice boundary.
     pub(crate) fn splits(&self) -> (usize, usize) {
-        (self.split_slots, self.most_splits)
+        (split_capacity(self.split_slots), self.most_splits)
     }
 
     /// Tiles of prefill rows (0 when no sequence adds more than `GEMV_SPAN` rows).
@@ -582,6 +585,16 @@ impl CudaBackend {
     }
 }
 
+/// Scratch slots for `slices` key slices in all: 0 for none, else the next power of two. The
+/// kernels take the slot count only as the scratch's layout (each row's first slot is in the
+/// batch descriptor), so any count of at least `slices` gives the same results.
+pub(crate) fn split_capacity(slices: usize) -> usize {
+    match slices {
+        0 => 0,
+        n => n.next_power_of_two(),
+    }
+}
+
 /// The slabs that grow a pool of `n` blocks to `target` (> `n`) blocks in slabs of `bps`, whose
 /// last slab holds `last` blocks: the new size of that slab when it is short (it is replaced by a
 /// fuller copy), and the sizes of the slabs to add, in blocks. Only the last slab ends up short.
@@ -785,6 +798,35 @@ mod tests {
             block_to_host(&block, row, n, index, &mut back);
         }
         assert_eq!(back, data);
+    }
+
+    /// A CUDA graph of a batch's decode passes stays valid while its rows step through slice
+    /// boundaries one by one: the scratch slots change only at powers of two, and every row's
+    /// slices stay inside them.
+    #[test]
+    fn split_scratch_grows_in_powers_of_two() {
+        assert_eq!([0, 1, 2, 3, 4, 5, 9, 129].map(split_capacity), [0, 1, 2, 4, 4, 8, 16, 256]);
+        let k = ATTN_SPLIT_KEYS;
+        let table: Vec<u32> = (0..(40 * k as u32) / 16).collect();
+        // 8 sequences at positions spread over a few slice boundaries, each stepping on.
+        let (mut layouts, mut totals) = (std::collections::BTreeSet::new(), Vec::new());
+        for step in 0..2 * k {
+            let spans: Vec<SeqSpan> =
+                (0..8).map(|i| SeqSpan { row: i, len: 1, pos0: 3 * k + i * 97 + step }).collect();
+            let p = pack_batch(&spans, &[table.as_slice(); 8]).unwrap();
+            let slots = split_capacity(p.split_slots);
+            let row_split = &p.words[2 * p.rows..3 * p.rows];
+            for (span, &first) in spans.iter().zip(row_split) {
+                assert!(first as usize + span.pos0 / k < slots, "{span:?} past {slots} slots");
+            }
+            layouts.insert(slots);
+            totals.push(p.split_slots);
+        }
+        // 8 rows of 4 to 8 slices each: 39 to 54 slices in all, changing 15 times (each row
+        // crosses two boundaries but the first, which starts on one), and one scratch layout.
+        totals.dedup();
+        assert_eq!((totals.len(), totals[0], totals[totals.len() - 1]), (16, 39, 54));
+        assert_eq!(layouts.into_iter().collect::<Vec<_>>(), [64]);
     }
 
     #[test]

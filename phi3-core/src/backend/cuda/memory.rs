@@ -122,6 +122,18 @@ pub fn estimate_for<'a>(
             workspace = workspace.max(block);
         }
     }
+    let activations = activation_bytes(config, prefill_chunk);
+    let logits = 4 * config.vocab_size as u64 * 4;
+    MemoryEstimate {
+        weights,
+        working: 2 * activations + logits + FIXED_BYTES,
+        workspace,
+        kv: kv_bytes(config, kv_tokens),
+    }
+}
+
+/// Bytes of the activations of one forward pass of `rows` rows, before the logits.
+fn activation_bytes(config: &ModelConfig, rows: usize) -> u64 {
     let (h, q, kv, ffn) = (
         config.hidden_size as u64,
         config.q_dim() as u64,
@@ -131,15 +143,28 @@ pub fn estimate_for<'a>(
     let per_row_floats = 4 * h + (q + 2 * kv) + 2 * q + 3 * ffn;
     // 16-bit GEMM inputs: the normed input twice (qkv, gate_up), the attention output, SwiGLU's.
     let per_row_halves = 2 * h + q + ffn;
-    let rows = prefill_chunk as u64;
-    let activations = rows * (4 * per_row_floats + 2 * per_row_halves);
-    let logits = 4 * config.vocab_size as u64 * 4;
-    MemoryEstimate {
-        weights,
-        working: 2 * activations + logits + FIXED_BYTES,
-        workspace,
-        kv: kv_bytes(config, kv_tokens),
-    }
+    rows as u64 * (4 * per_row_floats + 2 * per_row_halves)
+}
+
+/// Device memory of CUDA graphs of decode passes (`graph.rs`) of up to `rows` rows whose
+/// sequences hold `kv_tokens` tokens in all: the graph pool (one pass's activations, logits and
+/// split-attention scratch: every graph frees what it allocates, and graphs of one stream never
+/// run at once) plus the buffers graphs read and write (the logits output, rounded up to a power
+/// of two of rows, and the inputs). Not part of [`MemoryEstimate`]: graphs are off by default,
+/// and this fits in the [`KV_HEADROOM_BYTES`] that the default KV budget leaves free (tested
+/// for Phi-3-medium at 256 rows and a full H200).
+pub fn graph_bytes(config: &ModelConfig, rows: usize, kv_tokens: usize) -> u64 {
+    let logits = rows as u64 * config.vocab_size as u64 * 4;
+    let output = rows.next_power_of_two() as u64 * config.vocab_size as u64 * 4;
+    // Split-key attention: at most one slice per ATTN_SPLIT_KEYS keys of each row, plus one
+    // per row; slots of a power of two (`kv::split_capacity`), each n_heads x (head_dim + 2).
+    let slices = kv_tokens / super::kv::ATTN_SPLIT_KEYS + rows;
+    let slot = config.num_attention_heads as u64 * (config.head_dim as u64 + 2) * 4;
+    let scratch = super::kv::split_capacity(slices) as u64 * slot;
+    // Batch descriptor (two copies of a generous bound), token ids, cos and sin.
+    let inputs = 2 * 4 * (3 * rows as u64 + kv_tokens as u64 / KV_BLOCK_TOKENS as u64)
+        + 4 * super::graph::MAX_GRAPH_ROWS as u64 * (1 + config.head_dim as u64);
+    activation_bytes(config, rows) + logits + scratch + output + inputs
 }
 
 fn gib(b: u64) -> String {
@@ -284,6 +309,20 @@ mod tests {
         assert_eq!(kv_budget(1 << 30, Some(&e), 0), 0);
         // The working memory of a Phi-3-medium chunk is below the no-estimate allowance.
         assert!(e.working < UNKNOWN_WORKING_BYTES, "{e:?}");
+    }
+
+    /// CUDA graphs of the largest decode batch, with a full H200's KV pool, fit in the headroom
+    /// the default KV budget keeps free.
+    #[test]
+    fn cuda_graphs_fit_in_the_kv_headroom() {
+        let c = medium();
+        let kv_tokens = (141u64 << 30) / kv_bytes(&c, KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS as u64;
+        let rows = super::super::graph::MAX_GRAPH_ROWS;
+        let need = graph_bytes(&c, rows, kv_tokens as usize);
+        assert!(need < KV_HEADROOM_BYTES / 2, "{} MiB", need >> 20);
+        // Each part counted: more rows or more context need more.
+        assert!(graph_bytes(&c, rows / 2, kv_tokens as usize) < need);
+        assert!(graph_bytes(&c, rows, 1 << 20) > need);
     }
 
     #[test]

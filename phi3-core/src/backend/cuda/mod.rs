@@ -631,9 +631,10 @@ impl Backend for CudaBackend {
         batch: &CudaKvBatch,
         tokens: &[u32],
         rope: &RopeBatch,
+        out_cols: usize,
         pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
     ) -> Result<Vec<f32>> {
-        self.run_pass_cuda(batch, tokens, rope, pass)
+        self.run_pass_cuda(batch, tokens, rope, out_cols, pass)
     }
 
     fn rms_norm(
