@@ -4,8 +4,9 @@
 // phi3_fill_dummy_<dtype>: out[i] = center + half_width * u(seed, tensor, i), u uniform in
 //   [-1, 1) from a SplitMix64 hash of (seed, tensor index, element index); out [n] in the
 //   weight's dtype. The same function is written in Rust (backend/cuda/upload.rs,
-//   `dummy_value`) so checks can compare. Values differ from the CPU backend's dummy weights
-//   (loader::dummy draws one sequential stream), which cannot be generated in parallel.
+//   `dummy_value`), with the same roundings (no contraction to FMA), so checks can compare
+//   bit for bit. Values differ from the CPU backend's dummy weights (loader::dummy draws one
+//   sequential stream), which cannot be generated in parallel.
 // phi3_fill_random_u8: out[i] = 8 bits of the same hash (r >> 56); the values of dummy int8 and
 //   int4 weights (benchmarks only: every bit pattern is a valid int8 or pair of int4 levels).
 // Launch: grid-stride loop, block 256. Rust launcher: ops.rs (fill_dummy).
@@ -25,8 +26,11 @@ __device__ void fill_dummy_impl(W* out, unsigned long long n, unsigned long long
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         const unsigned long long r = splitmix64(key + i);
-        const float u = (float)(r >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
-        out[i] = from_f32<W>(center + half_width * u);
+        // Rounded as the Rust twin rounds it (no FMA contraction), so the values match bit for
+        // bit (kernels/host-check and gpu-check compare them).
+        const float u = __fadd_rn(__fmul_rn(__fmul_rn((float)(r >> 40), 1.0f / 16777216.0f), 2.0f),
+                                  -1.0f);
+        out[i] = from_f32<W>(__fadd_rn(center, __fmul_rn(half_width, u)));
     }
 }
 

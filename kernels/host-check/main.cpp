@@ -25,7 +25,11 @@
 //   sum |x w| against a double reference, and each token's row equal bit for bit to a launch with
 //   that token alone (the batch invariance the kernel exists for).
 // - the GEMV (kernels/gemv.cu: f32 weights, odd widths; both load paths), RMSNorm with and without
-//   the residual add (kernels/rms_norm.cu), the embedding and row gathers (kernels/embed.cu).
+//   the residual add (kernels/rms_norm.cu), the embedding from every table dtype and row gathers
+//   (kernels/embed.cu).
+// - conversions to bf16/f16 against exact rounding and the fills (kernels/convert.cu); dummy
+//   weights (kernels/dummy.cu) against values pinned in the Rust twin's unit test
+//   (backend/cuda/upload.rs).
 // - tensor-core prefill attention (kernels/attention_tc.cu; mma, ldmatrix and cp.async
 //   emulated in cuda_host.h) on the same paged batches, for head sizes that are multiples of 16 up
 //   to 128: the prefill rows (sequences of more than 4 rows) against the double-precision softmax
@@ -52,6 +56,8 @@
 #include "../gemv.cu"
 #include "../rms_norm.cu"
 #include "../embed.cu"
+#include "../convert.cu"
+#include "../dummy.cu"
 
 #include <algorithm>
 
@@ -842,6 +848,125 @@ static void f16_rounding_case() {
     expect(phi3_host_f32_to_f16(65519.0f) == 0x7bffu, "f32 -> f16 largest", 65519.0, 0x7bff);
 }
 
+// phi3_embed_f16 / phi3_embed_f32: the same row copy from the other table dtypes.
+static void embed_dtypes_case() {
+    const int vocab = 11, hidden = 37;
+    const std::vector<unsigned> ids = {10, 0, 3, 3};
+    const int n = (int)ids.size();
+    std::vector<float> table32((size_t)vocab * hidden);
+    std::vector<unsigned short> table16((size_t)vocab * hidden);
+    for (size_t i = 0; i < table32.size(); ++i) {
+        table32[i] = uniform(-2.0f, 2.0f);
+        table16[i] = phi3_host_f32_to_f16(table32[i]);
+    }
+    std::vector<float> out32((size_t)n * hidden, NAN), out16((size_t)n * hidden, NAN);
+    launch((unsigned)n, 256, [&] { phi3_embed_f32(table32.data(), ids.data(), out32.data(), hidden); });
+    launch((unsigned)n, 256, [&] {
+        const auto* t = reinterpret_cast<const f16*>(table16.data());
+        phi3_embed_f16(t, ids.data(), out16.data(), hidden);
+    });
+    size_t differ = 0;
+    for (int r = 0; r < n; ++r) {
+        for (int c = 0; c < hidden; ++c) {
+            const size_t src = (size_t)ids[r] * hidden + c, dst = (size_t)r * hidden + c;
+            differ += __float_as_uint(out32[dst]) != __float_as_uint(table32[src]);
+            const float want16 = phi3_host_f16_to_f32(table16[src]);
+            differ += __float_as_uint(out16[dst]) != __float_as_uint(want16);
+        }
+    }
+    expect(differ == 0, "embed f16 and f32", (double)differ, 0.0);
+}
+
+// The bf16 a float rounds to (nearest, ties to even; NaN stays NaN), from exact arithmetic:
+// an independent reference for f32_to_bf16's bit trick.
+static unsigned short bf16_reference(float f) {
+    const unsigned u = __float_as_uint(f);
+    if (std::isnan(f)) return 0x7fc0;
+    if (std::isinf(f)) return (unsigned short)(u >> 16);
+    const unsigned short lo = (unsigned short)(u >> 16);  // truncated: toward zero
+    const double below = std::fabs((double)bf16_value(lo));
+    const double above = (lo & 0x7fffu) == 0x7f7fu
+                             ? std::ldexp(1.0, 128)  // past the largest finite bf16: infinity
+                             : std::fabs((double)bf16_value((unsigned short)(lo + 1)));
+    const double x = std::fabs((double)f);
+    if (x - below < above - x) return lo;
+    if (x - below > above - x) return (unsigned short)(lo + 1);
+    return (lo & 1u) ? (unsigned short)(lo + 1) : lo;
+}
+
+// phi3_f32_to_bf16 / phi3_f32_to_f16 (the activations cuBLAS reads) over special values,
+// halfway cases and random floats, with fewer threads than values (the grid-stride loop), and the
+// fills that poison buffers.
+static void convert_case() {
+    std::vector<float> x = {0.0f, -0.0f, 1.0f, -1.0f, INFINITY, -INFINITY, NAN, -NAN,
+                            3.3895314e38f, 3.3961775e38f, 3.4028235e38f, 1e-45f, -1e-40f,
+                            65504.0f, 65520.0f, 6e-8f, 1.00390625f, 1.01171875f, -1.00390625f};
+    for (int i = 0; i < 3000; ++i) {
+        x.push_back(__uint_as_float((unsigned)rng()));  // any bits: every exponent, NaNs too
+        x.push_back(uniform(-100.0f, 100.0f));
+    }
+    const unsigned long long n = x.size();
+    std::vector<unsigned short> b(n, 0xdead), h(n, 0xdead);
+    launch(7, 256, [&] { phi3_f32_to_bf16(x.data(), reinterpret_cast<bf16*>(b.data()), n); });
+    launch(5, 256, [&] { phi3_f32_to_f16(x.data(), reinterpret_cast<f16*>(h.data()), n); });
+    size_t bad_bf16 = 0, bad_f16 = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const unsigned short want = bf16_reference(x[i]);
+        const bool both_nan = std::isnan(x[i]) && (b[i] & 0x7fffu) > 0x7f80u;
+        bad_bf16 += b[i] != want && !both_nan;
+        bad_f16 += h[i] != phi3_host_f32_to_f16(x[i]);
+    }
+    expect(bad_bf16 == 0, "f32 -> bf16 kernel vs exact rounding", (double)bad_bf16, 0.0);
+    expect(bad_f16 == 0, "f32 -> f16 kernel", (double)bad_f16, 0.0);
+    std::vector<float> f(1000, 0.0f);
+    std::vector<unsigned short> u16(1001, 0);
+    std::vector<unsigned char> u8(999, 0);
+    launch(3, 256, [&] { phi3_fill_f32(f.data(), f.size(), NAN); });
+    launch(2, 256, [&] { phi3_fill_u16(u16.data(), u16.size(), 0x7fc0); });
+    launch(1, 256, [&] { phi3_fill_u8(u8.data(), u8.size(), 8); });
+    size_t unfilled = std::count_if(f.begin(), f.end(), [](float v) { return !std::isnan(v); });
+    unfilled += std::count_if(u16.begin(), u16.end(), [](unsigned short v) { return v != 0x7fc0; });
+    unfilled += std::count_if(u8.begin(), u8.end(), [](unsigned char v) { return v != 8; });
+    expect(unfilled == 0, "fill f32/u16/u8", (double)unfilled, 0.0);
+}
+
+// phi3_fill_dummy_*: the values backend/cuda/upload.rs's `dummy_value` gives, bit for bit (the
+// same four values are pinned in its unit test), and the 16-bit kernels their rounding.
+static void dummy_case() {
+    const float h = 1.0f / std::sqrt(77.0f);
+    struct Pinned { unsigned long long seed, tensor, i; float center, half; unsigned bits; };
+    const Pinned pinned[] = {{7, 5, 0, 0.0f, h, 0xbd5c9c80u}, {7, 5, 2540, 0.0f, h, 0xbdc169afu},
+                             {1, 0, 100, 1.0f, 0.1f, 0x3f823301u},
+                             {42, 3, 17, -0.5f, 2.0f, 0xbf82a7d2u}};
+    for (const Pinned& p : pinned) {
+        const unsigned long long n = p.i + 1;
+        std::vector<float> f(n, NAN);
+        std::vector<unsigned short> b(n, 0), e(n, 0);
+        launch(4, 256, [&] { phi3_fill_dummy_f32(f.data(), n, p.seed, p.tensor, p.center, p.half); });
+        launch(3, 256, [&] {
+            phi3_fill_dummy_bf16(reinterpret_cast<bf16*>(b.data()), n, p.seed, p.tensor, p.center, p.half);
+        });
+        launch(2, 256, [&] {
+            phi3_fill_dummy_f16(reinterpret_cast<f16*>(e.data()), n, p.seed, p.tensor, p.center, p.half);
+        });
+        expect(__float_as_uint(f[p.i]) == p.bits, "dummy f32 vs the Rust twin", f[p.i],
+               __uint_as_float(p.bits));
+        size_t bad = 0;
+        for (unsigned long long i = 0; i < n; ++i) {
+            bad += !(f[i] >= p.center - p.half && f[i] < p.center + p.half);
+            bad += b[i] != bf16_reference(f[i]);
+            bad += e[i] != phi3_host_f32_to_f16(f[i]);
+        }
+        expect(bad == 0, "dummy values in range, 16-bit kernels round them", (double)bad, 0.0);
+    }
+    std::vector<unsigned char> r(5000, 0);
+    launch(3, 256, [&] { phi3_fill_random_u8(r.data(), r.size(), 9, 4); });
+    std::vector<int> seen(256, 0);
+    for (unsigned char v : r) seen[v]++;
+    const int empty = (int)std::count(seen.begin(), seen.end(), 0);
+    expect(empty == 0, "random u8 covers every byte value", empty, 0);
+}
+
 int main() {
     f16_rounding_case();
     for (int group : {32, 64, 128}) {
@@ -895,6 +1020,9 @@ int main() {
     rms_norm_case(3, 300, true);
     rms_norm_case(2, 5120, false);
     gather_case();
+    embed_dtypes_case();
+    convert_case();
+    dummy_case();
     std::printf("kernels/host-check: %s (%d mismatches)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }

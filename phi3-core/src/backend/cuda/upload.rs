@@ -154,3 +154,25 @@ impl CudaBackend {
         Ok(w)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values pinned bit for bit; kernels/host-check asserts the same bits from
+    /// `phi3_fill_dummy_f32` (`dummy_case`), which ties the kernel to this twin.
+    #[test]
+    fn dummy_values_are_pinned() {
+        let h = 1.0 / 77f32.sqrt();
+        let cases = [
+            (7, 5, 0, 0.0, h, 0xbd5c9c80u32),
+            (7, 5, 2540, 0.0, h, 0xbdc169af),
+            (1, 0, 100, 1.0, 0.1, 0x3f823301),
+            (42, 3, 17, -0.5, 2.0, 0xbf82a7d2),
+        ];
+        for (seed, tensor, i, center, half_width, bits) in cases {
+            let v = dummy_value(seed, tensor, i, center, half_width);
+            assert_eq!(v.to_bits(), bits, "seed {seed} tensor {tensor} element {i}: {v}");
+        }
+    }
+}
