@@ -26,10 +26,9 @@ __device__ void fill_dummy_impl(W* out, unsigned long long n, unsigned long long
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         const unsigned long long r = splitmix64(key + i);
+        const float u = (float)(r >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;  // exact
         // Rounded as the Rust twin rounds it (no FMA contraction), so the values match bit for
         // bit (kernels/host-check and gpu-check compare them).
-        const float u = __fadd_rn(__fmul_rn(__fmul_rn((float)(r >> 40), 1.0f / 16777216.0f), 2.0f),
-                                  -1.0f);
         out[i] = from_f32<W>(__fadd_rn(center, __fmul_rn(half_width, u)));
     }
 }

@@ -277,29 +277,32 @@ impl CudaBackend {
             attention: self.attention_kernel.load(Ordering::Relaxed),
             poison: self.poison.load(Ordering::Relaxed),
         };
+        // Ok(true): a graph ran; Ok(false): the capture failed and the pass runs as usual.
         let launched = match graphs.cache.get(&key) {
             Some(graph) => {
                 let r = graph.0.launch().ctx("graph launch");
                 graphs.stats.replays += 1;
-                r
+                r.map(|()| true)
             }
             None => match self.capture(&staged, &mut output, out_len, pass) {
                 Ok(graph) => {
                     graphs.stats.captures += 1;
-                    graphs.cache.insert(key, graph).0.launch().ctx("graph launch")
+                    graphs.cache.insert(key, graph).0.launch().ctx("graph launch").map(|()| true)
                 }
                 Err(e) => {
                     graphs.stats.fallbacks += 1;
                     graphs.stats.last_failure = Some(e.to_string());
                     log::warn!("CUDA graph capture failed, running the pass as usual: {e}");
-                    graphs.arena = staged.into_arena();
-                    graphs.output = Some(output);
-                    return self.to_host(&pass(batch)?);
+                    Ok(false)
                 }
             },
         };
-        let result = launched.and_then(|()| self.dtoh_prefix(&output, out_len));
         graphs.arena = staged.into_arena();
+        let result = match launched {
+            Ok(true) => self.dtoh_prefix(&output, out_len),
+            Ok(false) => pass(batch).and_then(|logits| self.to_host(&logits)),
+            Err(e) => Err(e),
+        };
         graphs.output = Some(output);
         result
     }
