@@ -7,7 +7,8 @@
 // thread, run until it waits at a barrier, then the next: the 32 lanes of a warp meet at a barrier
 // in __shfl_xor_sync, mma and ldmatrix, the threads of a block at one in __syncthreads; a barrier
 // that can never complete aborts. `__shared__` variables are function statics (blocks run one at a
-// time, so a static is the one block's shared memory). Used by kernels/host-check/main.cpp (run by scripts/nvrtc-check).
+// time, so a static is the one block's shared memory). Used by kernels/host-check/main.cpp (run by
+// scripts/nvrtc-check) and by emulated_driver.cpp (scripts/emulated-gpu-check).
 // This checks indexing and arithmetic of the kernels on a machine without a GPU, and the alignment
 // of their vector accesses (vec_load / vec_store, cp.async, ldmatrix: a misaligned one aborts, as
 // it would fault on a GPU); it says nothing about speed, memory ordering beyond the barriers, or
@@ -23,7 +24,9 @@
 #include <functional>
 #include <utility>
 #include <memory>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 #include <vector>
 
 #define __global__
@@ -175,6 +178,9 @@ struct WarpSlots {
     float slot[32];                           // each lane's shuffled value
     unsigned int mma_a[32][4], mma_b[32][2];  // each lane's mma.m16n8k16 operands
     const unsigned short* rows[32];           // each lane's ldmatrix row address
+    // The mma's operands as numbers, decoded once by the first lane past the barrier.
+    bool mma_decoded;
+    double mma_a_val[16][16], mma_b_val[16][8];
 };
 
 // The exchange of one warp: each lane writes its part, all meet at the barrier, each reads what it
@@ -246,24 +252,27 @@ inline void phi3_host_mma_16816(bool f16, float* d, const unsigned int* a, const
     WarpSlots& x = phi3_next_slots();
     for (int i = 0; i < 4; ++i) x.mma_a[lane][i] = a[i];
     for (int i = 0; i < 2; ++i) x.mma_b[lane][i] = b[i];
+    x.mma_decoded = false;
     phi3_warp_barrier();
-    auto value = [f16](unsigned int reg, int half) {
-        const unsigned short bits = (unsigned short)(half ? reg >> 16 : reg & 0xffffu);
-        return f16 ? (double)phi3_host_f16_to_f32(bits) : (double)__uint_as_float((unsigned int)bits << 16);
-    };
-    auto a_at = [&](int r, int k) {
-        const int reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-        return value(x.mma_a[4 * (r & 7) + ((k & 7) >> 1)][reg], k & 1);
-    };
-    auto b_at = [&](int k, int n) {
-        return value(x.mma_b[4 * n + ((k & 7) >> 1)][k >= 8 ? 1 : 0], k & 1);
-    };
+    if (!x.mma_decoded) {
+        auto value = [f16](unsigned int reg, int half) {
+            const unsigned short bits = (unsigned short)(half ? reg >> 16 : reg & 0xffffu);
+            return f16 ? (double)phi3_host_f16_to_f32(bits) : (double)__uint_as_float((unsigned int)bits << 16);
+        };
+        for (int r = 0; r < 16; ++r)
+            for (int k = 0; k < 16; ++k)
+                x.mma_a_val[r][k] = value(x.mma_a[4 * (r & 7) + ((k & 7) >> 1)][(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k & 1);
+        for (int k = 0; k < 16; ++k)
+            for (int n = 0; n < 8; ++n)
+                x.mma_b_val[k][n] = value(x.mma_b[4 * n + ((k & 7) >> 1)][k >= 8 ? 1 : 0], k & 1);
+        x.mma_decoded = true;
+    }
     const int g = lane >> 2, t = lane & 3;
     float out[4];
     for (int e = 0; e < 4; ++e) {
         const int r = g + (e >= 2 ? 8 : 0), n = 2 * t + (e & 1);
         double sum = d[e];
-        for (int k = 0; k < 16; ++k) sum += a_at(r, k) * b_at(k, n);
+        for (int k = 0; k < 16; ++k) sum += x.mma_a_val[r][k] * x.mma_b_val[k][n];
         out[e] = (float)sum;
     }
     for (int e = 0; e < 4; ++e) d[e] = out[e];
@@ -307,9 +316,28 @@ inline void phi3_host_cp_async_wait(int n) {
 }
 
 // The dynamic shared memory of the block being run (see launch), filled with 0xff bytes (bf16 and
-// f32 NaN) before each block, so a read of what the block never wrote shows.
-inline std::vector<unsigned char> phi3_host_smem_buffer;
+// f32 NaN) before each block, so a read of what the block never wrote shows. It ends (rounded up
+// to 16 bytes) at an inaccessible page, so an access past the launch's size faults.
 inline unsigned char* phi3_host_dynamic_smem = nullptr;
+inline unsigned char* phi3_host_smem_for(size_t smem) {
+    static unsigned char* map = nullptr;
+    static size_t map_len = 0, page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t body = (smem + 15) / 16 * 16, body_pages = (body + page - 1) / page * page;
+    if (map_len != body_pages + page) {
+        if (map) munmap(map, map_len);
+        map_len = body_pages + page;
+        void* m = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            std::fprintf(stderr, "host-check: no memory for %zu bytes of shared memory\n", smem);
+            std::abort();
+        }
+        map = static_cast<unsigned char*>(m);
+        mprotect(map + body_pages, page, PROT_NONE);
+    }
+    unsigned char* p = map + body_pages - body;
+    std::memset(p, 0xff, body);
+    return p;
+}
 
 // The barrier of the block being run.
 inline Phi3Barrier* phi3_block_barrier = nullptr;
@@ -355,8 +383,7 @@ inline void launch(dim3h grid, unsigned int block, size_t smem, const std::funct
     for (const dim3h& b : blocks) {
         const unsigned int bx = b.x, by = b.y, bz = b.z;
         {
-            phi3_host_smem_buffer.assign(smem, 0xff);
-            phi3_host_dynamic_smem = phi3_host_smem_buffer.data();
+            phi3_host_dynamic_smem = phi3_host_smem_for(smem);
             std::vector<std::unique_ptr<WarpExchange>> warps;
             for (unsigned int w = 0; w < (block + 31) / 32; ++w) warps.emplace_back(new WarpExchange);
             Phi3Barrier block_bar{(int)block};

@@ -15,9 +15,11 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::backend::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan, GEMV_SPAN};
+use crate::backend::{
+    AttnParams, Backend, KvLayout, LinearRows, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS,
+};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::kv_cache::SeqKv;
 use crate::kv_pool::KvPool;
 use crate::loader::{LayerWeights, ModelWeights, TensorRole, WeightFormat, WeightSource};
@@ -118,7 +120,10 @@ impl<B: Backend> Engine<B> {
             n_kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
         };
-        let budget = limits.kv_budget.or_else(|| backend.default_kv_budget());
+        let budget = match limits.kv_budget {
+            Some(bytes) => Some(bytes),
+            None => default_kv_budget(&backend, &kv_layout)?,
+        };
         let pool = KvPool::new(&backend, &kv_layout, budget)?;
         Ok(Engine {
             pool: Mutex::new(pool),
@@ -317,5 +322,26 @@ impl<'a> Progress<'a> {
             self.state.tensor = name.to_string();
             cb(&self.state);
         }
+    }
+}
+
+/// The backend's KV budget when the host sets none. Below one block it is an `OutOfMemory` error
+/// that says where the memory went, rather than the pool's "budget less than one block", which
+/// names a budget the host never gave.
+fn default_kv_budget<B: Backend>(backend: &B, layout: &KvLayout) -> Result<Option<u64>> {
+    let budget = backend.default_kv_budget();
+    let block = backend.kv_block_bytes(layout);
+    match budget {
+        Some(bytes) if bytes < block => Err(Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "no device memory is left for the KV cache: the free memory after the weights, \
+                 less the reserve kept for activations and headroom, is {bytes} bytes, less than \
+                 one KV block ({block} bytes: {KV_BLOCK_TOKENS} tokens); set a KV memory budget \
+                 explicitly (LoadOptions::kv_memory: kv_memory_bytes in C, kv_memory= in Python, \
+                 --kv-memory) or use a device with more free memory"
+            ),
+        )),
+        _ => Ok(budget),
     }
 }
