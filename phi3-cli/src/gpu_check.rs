@@ -240,7 +240,7 @@ fn cpu_act(rows: usize, cols: usize, data: Vec<f32>) -> CpuAct {
 
 /// The check sections in run order. The first [`OP_SECTIONS`] test ops on one backend with
 /// poisoning on; the others load models on backends of their own.
-const CHECK_SECTIONS: [&str; 14] = [
+const CHECK_SECTIONS: [&str; 15] = [
     "embed",
     "rms_norm/gather/swiglu",
     "linear",
@@ -254,6 +254,7 @@ const CHECK_SECTIONS: [&str; 14] = [
     "sliding-window-f32",
     "quantized models vs CPU",
     "batched sessions vs solo",
+    "session fork, truncate, save",
     "cuda graphs",
 ];
 /// How many of [`CHECK_SECTIONS`] are op checks.
@@ -392,6 +393,9 @@ fn model_section(name: &str, args: &GpuCheckArgs, r: &mut Report) -> Result<()> 
         "quantized models vs CPU" => check_quant_models(fixtures, ordinal, r),
         "batched sessions vs solo" => {
             check_batched_sessions(&fixtures.join("gqa-longrope-bf16"), Device::Cuda(ordinal), r)
+        }
+        "session fork, truncate, save" => {
+            check_session_ops(&fixtures.join("gqa-longrope-bf16"), Device::Cuda(ordinal), r)
         }
         "cuda graphs" => check_graphs(fixtures, ordinal, r),
         "bench phi3-medium dummy" => bench(fixtures, ordinal, WeightFormat::Native, r),
@@ -1212,6 +1216,69 @@ fn batched_sessions(model: &Model, tag: &str, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// Session operations that move KV blocks on the device, each against the same computation done
+/// without them, bit for bit (the passes have the same shapes, so nothing else may differ):
+/// - a fork shares the prompt's blocks: parent and child appending the same token give the same
+///   logits;
+/// - copy-on-write: the child then writes into the shared last block (the prompt ends inside a
+///   block), and the parent's next logits still equal a session that never forked;
+/// - truncate then re-append the same token gives the logits it gave the first time;
+/// - save then load gives a session whose next logits equal the original's;
+/// - every block is back in the pool once the sessions are dropped.
+fn check_session_ops(dir: &Path, device: Device, r: &mut Report) -> Result<()> {
+    let model = Model::load(dir, &LoadOptions { device, ..Default::default() })?;
+    let vocab = model.config().vocab_size as u64;
+    let mut rng = Rng(0x5e55);
+    // 37 tokens: two full blocks of 16 and a shared, partly filled third.
+    let prompt: Vec<u32> = (0..37).map(|_| (rng.next() % vocab) as u32).collect();
+    let [t1, t2, t3, t4, t5] = [0; 5].map(|_| (rng.next() % vocab) as u32);
+    let same = |a: &[f32], b: &[f32]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    let verdict = |ok: bool| if ok { "bit-identical" } else { "differ" }.to_string();
+
+    let mut parent = model.session(SessionOptions::default())?;
+    parent.append_tokens(&prompt)?;
+    let mut child = parent.fork()?;
+    let from_parent = parent.append_tokens(&[t1])?;
+    let from_child = child.append_tokens(&[t1])?;
+    let ok = same(&from_parent, &from_child);
+    r.flag("session ops: fork = parent on the same token", verdict(ok), ok);
+
+    // Both now write position 38 of the block they shared, the child last.
+    parent.append_tokens(&[t3])?;
+    child.append_tokens(&[t2])?;
+    let after_child_wrote = parent.append_tokens(&[t4])?;
+    let mut never_forked = model.session(SessionOptions::default())?;
+    never_forked.append_tokens(&prompt)?;
+    for t in [t1, t3] {
+        never_forked.append_tokens(&[t])?;
+    }
+    let want = never_forked.append_tokens(&[t4])?;
+    let ok = same(&after_child_wrote, &want);
+    r.flag("session ops: copy-on-write keeps the parent's cache", verdict(ok), ok);
+
+    parent.truncate(prompt.len() + 2)?;
+    let again = parent.append_tokens(&[t4])?;
+    let ok = same(&again, &want);
+    r.flag("session ops: truncate, then the same token again", verdict(ok), ok);
+
+    let path = std::env::temp_dir().join(format!("phi3-gpu-check-{}.session", std::process::id()));
+    parent.save(&path)?;
+    let loaded = phi3_core::Session::load(&model, &path);
+    let _ = std::fs::remove_file(&path);
+    let mut loaded = loaded?;
+    let from_loaded = loaded.append_tokens(&[t5])?;
+    let from_original = parent.append_tokens(&[t5])?;
+    let ok = same(&from_loaded, &from_original);
+    r.flag("session ops: save, load, next token", verdict(ok), ok);
+
+    drop((parent, child, never_forked, loaded));
+    let in_use = model.kv_usage().blocks_in_use;
+    r.flag("session ops: blocks returned", format!("{in_use} in use after"), in_use == 0);
+    Ok(())
+}
+
 /// CUDA graphs (`Model::set_cuda_graphs`): the demo model (4 layers, head size 32) decoding 24
 /// greedy tokens after a 250-token prompt, crossing the 256-key split boundary (a new graph
 /// shape), with graphs and without: every step's logits bit for bit the same, and the passes
@@ -1969,6 +2036,17 @@ mod tests {
             assert!(row.ok, "{}: {}", row.check, row.value);
         }
         assert!(r.rows[0].value == "0.00e0", "CPU batched logits differ: {}", r.rows[0].value);
+    }
+
+    #[test]
+    fn session_ops_check_passes_on_the_cpu() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gqa-longrope-bf16");
+        let mut r = Report::new(None);
+        check_session_ops(&dir, Device::Cpu, &mut r).unwrap();
+        assert_eq!(r.rows.len(), 5);
+        for row in &r.rows {
+            assert!(row.ok, "{}: {}", row.check, row.value);
+        }
     }
 
     #[test]
