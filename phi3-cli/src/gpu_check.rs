@@ -326,6 +326,13 @@ pub fn run(args: &GpuCheckArgs) -> Result<ExitCode> {
         gpu.name(),
         gpu.stats().kernels
     );
+    let smoke = if bench_scale().smoke {
+        "\nPHI3_GPU_CHECK_SMOKE=1: benchmarks at smoke sizes on the demo config; their figures mean \
+         nothing"
+    } else {
+        ""
+    };
+    let head = format!("{head}{smoke}");
     println!("{head}");
     let _ = writeln!(r.details, "{head}");
     let mut rng = Rng(seed);
@@ -1345,15 +1352,17 @@ fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
 }
 
 /// Load Phi-3-medium-128k shapes with dummy bf16 weights on the device (projections in `format`),
-/// prefill 512 tokens and decode 32.
+/// prefill 512 tokens and decode 32 ([`BenchScale`]).
 fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) -> Result<()> {
     let (model, load_s) = load_medium(fixtures, ordinal, format, false, None)?;
     let mut s = model.session(SessionOptions::default())?;
-    let prompt: Vec<u32> = (0..512).map(|i| 3 + (i % 997) as u32).collect();
+    let scale = bench_scale();
+    let n_prompt = scale.prompt;
+    let prompt: Vec<u32> = (0..n_prompt).map(|i| 3 + (i % 997) as u32).collect();
     let t = Instant::now();
     let logits = s.append_tokens(&prompt)?;
     let prefill_s = t.elapsed().as_secs_f64();
-    let gen = 32;
+    let gen = scale.gen;
     let counts =
         |m: &Model| m.device_stats().cuda.map_or((0, 0), |c| (c.kernel_launches, c.host_copies));
     let before = counts(&model);
@@ -1366,8 +1375,8 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let tag = if format.is_quantized() { format!("medium {format}") } else { "medium".into() };
     let summary = format!(
-        "bench {tag}: load {load_s:.2} s, prefill 512 tok {prefill_s:.3} s ({:.1} tok/s), decode {gen} tok {decode_s:.3} s ({:.2} ms/token), weights {:.2} GiB, kv {:.2} GiB, free {:?}",
-        512.0 / prefill_s,
+        "bench {tag}: load {load_s:.2} s, prefill {n_prompt} tok {prefill_s:.3} s ({:.1} tok/s), decode {gen} tok {decode_s:.3} s ({:.2} ms/token), weights {:.2} GiB, kv {:.2} GiB, free {:?}",
+        n_prompt as f64 / prefill_s,
         decode_s * 1000.0 / gen as f64,
         gib(stats.weight_bytes),
         gib(cuda.map_or(0, |c| c.kv_bytes)),
@@ -1376,7 +1385,8 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     println!("{summary}");
     let _ = writeln!(r.details, "{summary}");
     let finite = logits.iter().all(|x| x.is_finite());
-    r.flag(&format!("bench {tag}: prefill tok/s"), format!("{:.1}", 512.0 / prefill_s), finite);
+    let prefill_tok_s = n_prompt as f64 / prefill_s;
+    r.flag(&format!("bench {tag}: prefill tok/s"), format!("{prefill_tok_s:.1}"), finite);
     r.flag(
         &format!("bench {tag}: decode ms/token"),
         format!("{:.2}", decode_s * 1000.0 / gen as f64),
@@ -1469,13 +1479,16 @@ fn bench_attention(ordinal: usize, r: &mut Report) -> Result<()> {
     let layout = KvLayout { n_layers: 1, n_kv_heads, head_dim };
     let mut rng = Rng(7);
     // (sessions, rows each, context after the rows)
+    let [c0, c1, c2, c3, c4] = bench_scale().attention;
+    let (decode_sessions, decode_context) = bench_scale().sessions[1];
+    let chunk = phi3_core::PREFILL_CHUNK.min(c0);
     let shapes = [
-        (1usize, 512usize, 4096usize),
-        (1, 512, 32768),
-        (1, 1, 512),
-        (1, 1, 4096),
-        (1, 1, 32768),
-        (64, 1, 2048),
+        (1usize, chunk, c0),
+        (1, chunk, c1),
+        (1, 1, c2),
+        (1, 1, c3),
+        (1, 1, c4),
+        (decode_sessions, 1, decode_context),
     ];
     for (sessions, rows_each, context) in shapes {
         let blocks = context / KV_BLOCK_TOKENS;
@@ -1558,7 +1571,11 @@ fn time_attention(
 /// that 32k context.
 fn long_prompts(model: &Model, with_decode: bool, r: &mut Report) -> Result<()> {
     let chunk = model.prefill_chunk();
-    for (n, goal) in [(4096usize, "goal >= 22000 tok/s (H200)"), (32768, "goal <= 2.2 s (H200)")] {
+    let scale = bench_scale();
+    let [short, long] = scale.long;
+    for (n, goal) in
+        [(short, "goal >= 22000 tok/s at 4096 (H200)"), (long, "goal <= 2.2 s at 32768 (H200)")]
+    {
         let prompt: Vec<u32> = (0..n).map(|i| 3 + (i % 997) as u32).collect();
         let mut s = model.session(SessionOptions::default())?;
         let t = Instant::now();
@@ -1578,10 +1595,10 @@ fn long_prompts(model: &Model, with_decode: bool, r: &mut Report) -> Result<()> 
             limit: goal.into(),
             ok: finite,
         });
-        if n == 32768 && with_decode {
+        if n == long && with_decode {
             // Decode at a 32k context: each step reads the weights and 200 KiB of cache per
             // token (27.6 + 6.7 GB; at 4.08 TB/s about 119 tok/s, goal 85% of that).
-            let gen = 16;
+            let gen = scale.long_gen;
             let (secs, logits) = greedy_decode(model, &mut s, logits, gen)?;
             let tok_s = gen as f64 / secs;
             let finite = logits.iter().all(|x| x.is_finite());
@@ -1607,11 +1624,10 @@ fn load_medium(
     tokenizer: bool,
     prefill_chunk: Option<usize>,
 ) -> Result<(Model, f64)> {
-    let config = fixtures.join("configs/Phi-3-medium-128k-instruct.config.json");
+    let config = bench_config_text(fixtures)?;
     let dir: PathBuf = std::env::temp_dir().join(format!("phi3-gpu-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    std::fs::copy(&config, dir.join("config.json"))
-        .with_context(|| config.display().to_string())?;
+    std::fs::write(dir.join("config.json"), config)?;
     if tokenizer {
         let (tokenizer_json, tokenizer_config) = phi3_core::demo::demo_tokenizer_files();
         std::fs::write(dir.join("tokenizer.json"), tokenizer_json)?;
@@ -1645,8 +1661,66 @@ fn load_medium(
 /// tok/s and for the time per output token over the batch-1 time (Phi-3-medium bf16, H200).
 const SESSION_SHAPES: [(usize, usize, f64, Option<f64>); 2] =
     [(32, 1024, 3000.0, Some(2.0)), (64, 2048, 3800.0, None)];
-/// Tokens each session decodes in the sessions benchmark.
-const SESSION_GEN: usize = 32;
+
+/// The sizes the benchmark sections run at. By default the issues' (Phi-3-medium-128k shapes,
+/// 512-token prompts, 4k and 32k long prompts, 32 x 1k and 64 x 2k sessions). With
+/// `PHI3_GPU_CHECK_SMOKE=1`, the demo model's config and small sizes that still cross its LongRoPE
+/// threshold: every benchmark's code runs end to end in seconds (scripts/emulated-gpu-check runs
+/// them on the emulated device), and its figures mean nothing.
+struct BenchScale {
+    smoke: bool,
+    /// Prompt and decode tokens of `bench`.
+    prompt: usize,
+    gen: usize,
+    /// The long prompts' lengths; decode runs at the second.
+    long: [usize; 2],
+    /// Contexts of `bench_attention`: the two prefill chunks' and the three batch-1 decodes'.
+    attention: [usize; 5],
+    /// (sessions, context) of `bench_sessions`, and the tokens each decodes.
+    sessions: [(usize, usize); 2],
+    session_gen: usize,
+    /// The longest decode at a long context, in tokens.
+    long_gen: usize,
+}
+
+fn bench_scale() -> BenchScale {
+    if std::env::var("PHI3_GPU_CHECK_SMOKE").is_ok_and(|v| v == "1") {
+        BenchScale {
+            smoke: true,
+            prompt: 40,
+            gen: 4,
+            long: [96, 200],
+            attention: [64, 208, 32, 64, 208],
+            sessions: [(4, 48), (6, 80)],
+            session_gen: 3,
+            long_gen: 2,
+        }
+    } else {
+        BenchScale {
+            smoke: false,
+            prompt: 512,
+            gen: 32,
+            long: [4096, 32768],
+            attention: [4096, 32768, 512, 4096, 32768],
+            sessions: [
+                (SESSION_SHAPES[0].0, SESSION_SHAPES[0].1),
+                (SESSION_SHAPES[1].0, SESSION_SHAPES[1].1),
+            ],
+            session_gen: 32,
+            long_gen: 16,
+        }
+    }
+}
+
+/// The config the benchmarks load: Phi-3-medium-128k's (the committed config.json alone), or the
+/// demo model's in smoke mode ([`BenchScale`]).
+fn bench_config_text(fixtures: &Path) -> Result<String> {
+    if bench_scale().smoke {
+        return Ok(phi3_core::demo::demo_config_json());
+    }
+    let path = fixtures.join("configs/Phi-3-medium-128k-instruct.config.json");
+    std::fs::read_to_string(&path).with_context(|| path.display().to_string())
+}
 
 /// Native bf16 Phi-3-medium, N sessions of `context` prompt tokens decoding 32 tokens at once
 /// through `generate` (`phi3 bench --sessions N`'s measurement) for each of [`SESSION_SHAPES`];
@@ -1654,11 +1728,14 @@ const SESSION_GEN: usize = 32;
 fn bench_sessions(fixtures: &Path, ordinal: usize, out: &Path, r: &mut Report) -> Result<()> {
     let (model, load_s) = load_medium(fixtures, ordinal, WeightFormat::Native, true, None)?;
     std::fs::create_dir_all(out)?;
-    for (sessions, context, goal, ratio_goal) in SESSION_SHAPES {
+    let scale = bench_scale();
+    for ((sessions, context), (_, _, goal, ratio_goal)) in
+        scale.sessions.into_iter().zip(SESSION_SHAPES)
+    {
         let tag = format!("bench medium {sessions} sessions x {context}");
         r.section(&tag, |r| {
             let never = phi3_core::CancelToken::new();
-            let run = crate::bench::sessions_run(&model, sessions, context, SESSION_GEN, &never)?
+            let run = crate::bench::sessions_run(&model, sessions, context, scale.session_gen, &never)?
                 .ok_or_else(|| anyhow!("stopped"))?;
             let report = crate::bench::SessionsReport::new(
                 &model,
@@ -1903,9 +1980,7 @@ fn layer_projections(c: &ModelConfig) -> [(usize, usize); 4] {
 /// bytes that bound decode), per storage format, on weights generated on the device. Prints the
 /// bytes read per second of the one-row path.
 fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
-    let text =
-        std::fs::read_to_string(fixtures.join("configs/Phi-3-medium-128k-instruct.config.json"))?;
-    let config = ModelConfig::from_json(&text)?;
+    let config = ModelConfig::from_json(&bench_config_text(fixtures)?)?;
     let gpu = CudaBackend::new(ordinal)?;
     let shapes = layer_projections(&config);
     let formats = [
@@ -1919,7 +1994,8 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
         let mut rng = Rng(rows as u64);
         widths.iter().map(|&k| Ok(gpu.act_from_host(rows, k, &rng.vec(rows * k, 1.0))?)).collect()
     };
-    let (x1, x512) = (inputs(1)?, inputs(512)?);
+    let rows = bench_scale().prompt;
+    let (x1, x_chunk) = (inputs(1)?, inputs(rows)?);
     for format in formats {
         let mut weights: Vec<CudaWeight> = Vec::new();
         let mut bytes = 0u64;
@@ -1940,7 +2016,7 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
                 weights.push(w);
             }
         }
-        // `rows`: the rows of every input in `x` (1 for a decode step, 512 for a prefill chunk).
+        // `rows`: the rows of every input in `x` (1 for a decode step, `rows` for a prefill chunk).
         let pass = |x: &[CudaAct], rows: usize| -> Result<f64> {
             let t = Instant::now();
             let mut last = None;
@@ -1963,18 +2039,18 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
             decode_s += pass(&x1, 1)?;
         }
         decode_s /= reps as f64;
-        pass(&x512, 512)?; // warm-up (cuBLAS heuristics, workspace)
-        let prefill_s = pass(&x512, 512)?;
+        pass(&x_chunk, rows)?; // warm-up (cuBLAS heuristics, workspace)
+        let prefill_s = pass(&x_chunk, rows)?;
         let gbs = bytes as f64 / decode_s / 1e9;
         let tag = if format.is_quantized() { format.to_string() } else { "bf16".into() };
         let summary = format!(
             "bench projections {tag}: {:.2} GiB, decode {:.3} ms/token ({gbs:.0} GB/s, {:.0} tok/s \
-             projections only), prefill 512 {:.1} ms ({:.0} tok/s projections only)",
+             projections only), prefill {rows} {:.1} ms ({:.0} tok/s projections only)",
             bytes as f64 / (1u64 << 30) as f64,
             decode_s * 1e3,
             1.0 / decode_s,
             prefill_s * 1e3,
-            512.0 / prefill_s
+            rows as f64 / prefill_s
         );
         println!("{summary}");
         let _ = writeln!(r.details, "{summary}");
@@ -1986,7 +2062,7 @@ fn bench_projections(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<
         );
         r.flag(
             &format!("bench projections {tag}: prefill tok/s (proj only)"),
-            format!("{:.0}", 512.0 / prefill_s),
+            format!("{:.0}", rows as f64 / prefill_s),
             true,
         );
     }
@@ -2025,28 +2101,28 @@ mod tests {
         }
     }
 
-    /// The GPU's batched-sessions check, run on the CPU backend: every row must pass.
-    #[test]
-    fn batched_sessions_check_passes_on_the_cpu() {
+    /// A GPU section's `check` run on the CPU backend with the GQA fixture: its rows, every one
+    /// of which must pass, and `rows` of them.
+    fn on_the_cpu(check: fn(&Path, Device, &mut Report) -> Result<()>, rows: usize) -> Vec<Row> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gqa-longrope-bf16");
         let mut r = Report::new(None);
-        check_batched_sessions(&dir, Device::Cpu, &mut r).unwrap();
-        assert_eq!(r.rows.len(), 4);
+        check(&dir, Device::Cpu, &mut r).unwrap();
+        assert_eq!(r.rows.len(), rows);
         for row in &r.rows {
             assert!(row.ok, "{}: {}", row.check, row.value);
         }
-        assert!(r.rows[0].value == "0.00e0", "CPU batched logits differ: {}", r.rows[0].value);
+        r.rows
+    }
+
+    #[test]
+    fn batched_sessions_check_passes_on_the_cpu() {
+        let rows = on_the_cpu(check_batched_sessions, 4);
+        assert!(rows[0].value == "0.00e0", "CPU batched logits differ: {}", rows[0].value);
     }
 
     #[test]
     fn session_ops_check_passes_on_the_cpu() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gqa-longrope-bf16");
-        let mut r = Report::new(None);
-        check_session_ops(&dir, Device::Cpu, &mut r).unwrap();
-        assert_eq!(r.rows.len(), 5);
-        for row in &r.rows {
-            assert!(row.ok, "{}: {}", row.check, row.value);
-        }
+        on_the_cpu(check_session_ops, 5);
     }
 
     #[test]
