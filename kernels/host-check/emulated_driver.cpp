@@ -25,7 +25,8 @@
 // It says nothing about speed, memory ordering between blocks, or PTX that only runs on a device.
 //
 // Environment: PHI3_EMULATED_MEMORY_MIB (device memory reported, default 6144),
-// PHI3_EMULATED_TRACE=1 (each launch and copy on stderr).
+// PHI3_EMULATED_DEVICES (devices reported, default 1), PHI3_EMULATED_ARCH (compute capability as
+// major * 10 + minor, default 90), PHI3_EMULATED_TRACE=1 (each launch and copy on stderr).
 #include "cuda_host.h"
 
 #include "../attention.cu"
@@ -135,6 +136,7 @@ struct Emulator {
     std::map<uintptr_t, Allocation> allocations;  // by the address handed out
     size_t used = 0, graph_used = 0, graph_high = 0;
     size_t total = (size_t)6144 << 20;
+    int devices = 1, arch = 90;
     bool trace = false;
     const char* running = nullptr;  // the kernel or copy in progress (named by the fault handler)
     Stream default_stream;
@@ -145,6 +147,8 @@ Emulator& emu() {
         auto* e = new Emulator;
         if (const char* m = std::getenv("PHI3_EMULATED_MEMORY_MIB")) e->total = std::strtoull(m, nullptr, 10) << 20;
         e->trace = std::getenv("PHI3_EMULATED_TRACE") != nullptr;
+        if (const char* d = std::getenv("PHI3_EMULATED_DEVICES")) e->devices = std::atoi(d);
+        if (const char* a = std::getenv("PHI3_EMULATED_ARCH")) e->arch = std::atoi(a);
         return e;
     }();
     return *e;
@@ -304,16 +308,16 @@ EXPORT CUresult cuDriverGetVersion(int* v) {
     return OK;
 }
 EXPORT CUresult cuDeviceGetCount(int* n) {
-    *n = 1;
+    *n = emu().devices;
     return OK;
 }
 EXPORT CUresult cuDeviceGet(int* d, int ordinal) {
-    if (ordinal != 0) return INVALID_VALUE;
+    if (ordinal != 0 || emu().devices < 1) return INVALID_VALUE;
     *d = 0;
     return OK;
 }
 EXPORT CUresult cuDeviceGetName(char* name, int len, int) {
-    std::snprintf(name, (size_t)len, "Emulated CUDA device (host CPU, sm_90)");
+    std::snprintf(name, (size_t)len, "Emulated CUDA device (host CPU, sm_%d)", emu().arch);
     return OK;
 }
 EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
@@ -330,8 +334,8 @@ EXPORT CUresult cuDeviceGetAttribute(int* v, int attr, int) {
         case 8: *v = 48 << 10; break;  // shared memory per block
         case 10: *v = 32; break;       // warp size
         case 16: *v = 132; break;      // multiprocessors
-        case 75: *v = 9; break;        // compute capability major
-        case 76: *v = 0; break;        // minor
+        case 75: *v = emu().arch / 10; break;  // compute capability major
+        case 76: *v = emu().arch % 10; break;  // minor
         case 97: *v = 232448; break;   // shared memory per block, opt-in
         case 115: *v = 1; break;       // memory pools supported
         default: *v = 0;
