@@ -351,7 +351,10 @@ impl CudaBackend {
         pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
     ) -> Result<OwnedGraph> {
         let stream = &self.dev.stream;
-        // Thread-local: other threads' CUDA calls (a session saved meanwhile) are not affected.
+        // Thread-local: only this thread's unsafe calls end the capture; other threads' calls that
+        // do not touch this stream (a memory query) go on. Work on the stream from another thread
+        // (a session save reading KV) cannot come meanwhile: it takes the KV pool lock, which the
+        // scheduler's leader holds for the whole pass.
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         stream.begin_capture(mode).ctx("begin graph capture")?;
         let mut guard = CaptureGuard { be: self, ended: false };
