@@ -42,6 +42,8 @@
 
 use std::cmp::Ordering;
 
+mod exp;
+
 use crate::error::{Error, Result};
 
 /// Sampling settings. The defaults switch everything off and select greedily.
@@ -503,11 +505,9 @@ fn softmax(x: &[f32]) -> Vec<f64> {
         let count = x.iter().filter(|&&v| v == f32::INFINITY).count() as f64;
         return x.iter().map(|&v| if v == f32::INFINITY { 1.0 / count } else { 0.0 }).collect();
     }
-    // Removed ids (-inf) skip the libm call: exp(-inf) is exactly 0.
-    let e: Vec<f64> = x
-        .iter()
-        .map(|&v| if v == f32::NEG_INFINITY { 0.0 } else { f64::from(v - max).exp() })
-        .collect();
+    // Removed ids (-inf) get exactly 0.
+    let mut e = vec![0.0; x.len()];
+    exp::exp_shifted(x, max, &mut e);
     let sum: f64 = e.iter().sum();
     e.into_iter().map(|v| v / sum).collect()
 }
