@@ -40,6 +40,7 @@
 //! same tokens. `tests/sampler_parity.rs` checks [`probabilities`] against HF's own processors
 //! (fixtures from `tests/oracle/make_sampler_fixtures.py`).
 
+use std::cell::Cell;
 use std::cmp::Ordering;
 
 mod exp;
@@ -246,15 +247,18 @@ pub fn probabilities(
     opts: &SamplerOptions,
     limit: usize,
 ) -> Vec<f32> {
-    let x = processed_logits(logits, penalty_history, generated, opts, limit);
-    if opts.temperature == 0.0 {
-        let mut p = vec![0.0; x.len()];
-        if let Some(i) = greedy_finite(&x) {
-            p[i] = 1.0;
+    with_scratch(|s| {
+        processed_logits(logits, penalty_history, generated, opts, limit, s);
+        if opts.temperature == 0.0 {
+            let mut p = vec![0.0; s.logits.len()];
+            if let Some(i) = greedy_finite(&s.logits) {
+                p[i] = 1.0;
+            }
+            return p;
         }
-        return p;
-    }
-    softmax(&x).into_iter().map(|p| p as f32).collect()
+        softmax(&s.logits, &mut s.probs);
+        s.probs.iter().map(|&p| p as f32).collect()
+    })
 }
 
 /// Choose the next token: greedy over the processed logits when the temperature is 0 (penalties
@@ -288,30 +292,76 @@ pub fn sample(
             .map(|i| i as u32)
             .ok_or_else(none);
     }
-    let x = processed_logits(logits, penalty_history, generated, opts, limit);
-    if opts.temperature == 0.0 {
-        return greedy_finite(&x).map(|i| i as u32).ok_or_else(none);
-    }
-    let p = softmax(&x);
-    let total: f64 = p.iter().sum();
-    if total.is_nan() || total <= 0.0 {
-        return Err(none());
-    }
-    // Scale the draw by the actual total rather than assuming the probabilities sum to exactly 1,
-    // so rounding can never push the target past the last id.
-    let target = rng.next_f64() * total;
-    let mut cum = 0.0;
-    let mut last = None;
-    for (i, &pi) in p.iter().enumerate() {
-        if pi > 0.0 {
-            cum += pi;
-            last = Some(i);
-            if cum > target {
-                return Ok(i as u32);
+    with_scratch(|s| {
+        processed_logits(logits, penalty_history, generated, opts, limit, s);
+        if opts.temperature == 0.0 {
+            return greedy_finite(&s.logits).map(|i| i as u32).ok_or_else(none);
+        }
+        let p = &mut s.probs;
+        softmax(&s.logits, p);
+        let total: f64 = p.iter().sum();
+        if total.is_nan() || total <= 0.0 {
+            return Err(none());
+        }
+        // Scale the draw by the actual total rather than assuming the probabilities sum to exactly
+        // 1, so rounding can never push the target past the last id.
+        let target = rng.next_f64() * total;
+        let mut cum = 0.0;
+        let mut last = None;
+        for (i, &pi) in p.iter().enumerate() {
+            if pi > 0.0 {
+                cum += pi;
+                last = Some(i);
+                if cum > target {
+                    return Ok(i as u32);
+                }
             }
         }
-    }
-    last.map(|i| i as u32).ok_or_else(none)
+        last.map(|i| i as u32).ok_or_else(none)
+    })
+}
+
+/// Vocabulary-sized buffers one sampling call works in. Each thread keeps its own between calls:
+/// allocating them afresh (about 1.4 MB for Phi-3 with top-p) cost more than the arithmetic,
+/// because the allocator hands such blocks back to the kernel and every call faulted the pages in
+/// again (docs/PERF.md).
+#[derive(Default)]
+struct Scratch {
+    /// The processed logits (steps 1-7).
+    logits: Vec<f32>,
+    /// A softmax's output.
+    probs: Vec<f64>,
+    /// Top-k's copy to select in; top-p's values in sorted order.
+    values: Vec<f32>,
+    /// Ids seen in the repetition penalty's history.
+    seen: Vec<bool>,
+    /// Top-p's radix sort: (ordered bits, id) pairs and the buffer each pass scatters into.
+    pairs: Vec<(u32, u32)>,
+    spare: Vec<(u32, u32)>,
+}
+
+thread_local! {
+    static SCRATCH: Cell<Scratch> = const {
+        Cell::new(Scratch {
+            logits: Vec::new(),
+            probs: Vec::new(),
+            values: Vec::new(),
+            seen: Vec::new(),
+            pairs: Vec::new(),
+            spare: Vec::new(),
+        })
+    };
+}
+
+/// Run `f` with this thread's scratch buffers. Taken out of the thread-local for the call and put
+/// back after, so nothing can panic here: a call while they are out, or while the thread exits,
+/// gets fresh empty buffers.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    let result = f(&mut scratch);
+    // Ignored error: the thread is exiting and the buffers are simply dropped.
+    let _ = SCRATCH.try_with(|cell| cell.set(scratch));
+    result
 }
 
 /// Greedy over processed logits, where removed ids are -inf: None when nothing is above -inf.
@@ -320,33 +370,40 @@ fn greedy_finite(x: &[f32]) -> Option<usize> {
     (x[i] > f32::NEG_INFINITY).then_some(i)
 }
 
-/// Steps 1-7 of the module docs: the logits with every removed id at -inf. With temperature 0,
-/// only steps 1-3 (HF's greedy search runs no warpers).
+/// Steps 1-7 of the module docs into `s.logits`: the logits with every removed id at -inf. With
+/// temperature 0, only steps 1-3 (HF's greedy search runs no warpers).
 fn processed_logits(
     logits: &[f32],
     penalty_history: &[u32],
     generated: &[u32],
     opts: &SamplerOptions,
     limit: usize,
-) -> Vec<f32> {
+    s: &mut Scratch,
+) {
     let n = logits.len();
     let limit = limit.min(n);
-    let mut x: Vec<f32> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| if i < limit && !v.is_nan() { v } else { f32::NEG_INFINITY })
-        .collect();
+    let x = &mut s.logits;
+    x.clear();
+    x.extend(logits.iter().enumerate().map(|(i, &v)| {
+        if i < limit && !v.is_nan() {
+            v
+        } else {
+            f32::NEG_INFINITY
+        }
+    }));
 
     if opts.repetition_penalty != 1.0 {
         // HF gathers the logit of every id in the history once (duplicates write the same value).
-        let mut seen = vec![false; n];
+        let seen = &mut s.seen;
+        seen.clear();
+        seen.resize(n, false);
         for &id in penalty_history {
             if let Some(s) = seen.get_mut(id as usize) {
                 *s = true;
             }
         }
         let r = opts.repetition_penalty;
-        for (v, _) in x.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+        for (v, _) in x.iter_mut().zip(seen.iter()).filter(|(_, &s)| s) {
             *v = if *v < 0.0 { *v * r } else { *v / r };
         }
     }
@@ -368,17 +425,20 @@ fn processed_logits(
     }
 
     if opts.temperature == 0.0 {
-        return sanitize(x);
+        sanitize(x);
+        return;
     }
     if opts.temperature != 1.0 {
         let t = opts.temperature;
         x.iter_mut().for_each(|v| *v /= t);
     }
     // A NaN here (from options that validate() rejects) must not reach the filters below.
-    let mut x = sanitize(x);
+    sanitize(x);
 
     if opts.top_k > 0 && opts.top_k < n {
-        let mut sorted = x.clone();
+        let sorted = &mut s.values;
+        sorted.clear();
+        sorted.extend_from_slice(x);
         // The k-th largest value: everything strictly below it goes; ties with it stay (HF).
         let (_, kth, _) = sorted.select_nth_unstable_by(opts.top_k - 1, |a, b| b.total_cmp(a));
         let kth = *kth;
@@ -386,89 +446,98 @@ fn processed_logits(
     }
 
     if opts.top_p < 1.0 {
-        top_p_filter(&mut x, opts.top_p);
+        top_p_filter(opts.top_p, s);
     }
 
     if opts.min_p > 0.0 {
-        let p: Vec<f32> = softmax(&x).into_iter().map(|p| p as f32).collect();
-        if let Some(best) = argmax_f32(&p) {
-            let threshold = opts.min_p * p[best];
-            for (i, (v, &pi)) in x.iter_mut().zip(&p).enumerate() {
-                if pi < threshold && i != best {
+        let (x, p) = (&mut s.logits, &mut s.probs);
+        softmax(x, p);
+        // The f32 probabilities, as HF's f32 softmax gives them.
+        let p32 = |i: usize| p[i] as f32;
+        if let Some(best) = argmax_f32((0..p.len()).map(p32)) {
+            let threshold = opts.min_p * p32(best);
+            for (i, v) in x.iter_mut().enumerate() {
+                if p32(i) < threshold && i != best {
                     *v = f32::NEG_INFINITY;
                 }
             }
         }
     }
-    x
 }
 
 /// NaN becomes -inf (never chosen).
-fn sanitize(mut x: Vec<f32>) -> Vec<f32> {
+fn sanitize(x: &mut [f32]) {
     x.iter_mut().filter(|v| v.is_nan()).for_each(|v| *v = f32::NEG_INFINITY);
-    x
 }
 
-/// HF's TopPLogitsWarper with min_tokens_to_keep = 1 (module docs, step 6).
-fn top_p_filter(x: &mut [f32], top_p: f32) {
+/// HF's TopPLogitsWarper with min_tokens_to_keep = 1 (module docs, step 6), on `s.logits`.
+fn top_p_filter(top_p: f32, s: &mut Scratch) {
     // -inf entries have probability 0 and cumulative sum 0 <= 1 - top_p: HF removes them, and
     // they are removed already, so sorting only the live ones changes nothing.
     // Ascending by value; among equal values the higher id first, so it is removed first.
-    let live = live_ascending(x);
+    let x = &mut s.logits;
+    live_ascending(x, &mut s.pairs, &mut s.spare);
+    let live = &s.pairs;
     if live.len() <= 1 {
         return;
     }
-    let sorted: Vec<f32> = live.iter().map(|&i| x[i]).collect();
-    let p = softmax(&sorted);
+    let sorted = &mut s.values;
+    sorted.clear();
+    sorted.extend(live.iter().map(|&(_, i)| x[i as usize]));
+    let p = &mut s.probs;
+    softmax(sorted, p);
     // Python computes 1 - top_p in f64; torch compares the f32 tensor with that scalar cast to f32.
     let threshold = (1.0 - f64::from(top_p)) as f32;
     let mut cum = 0.0f64;
     let last = live.len() - 1;
-    for (k, (&i, &pk)) in live.iter().zip(&p).enumerate() {
+    for (k, (&(_, i), &pk)) in live.iter().zip(p.iter()).enumerate() {
         // torch's CPU cumsum of an f32 tensor accumulates in f64 and rounds each output to f32;
         // the input is the f32 softmax.
         cum += f64::from(pk as f32);
         if k < last && (cum as f32) <= threshold {
-            x[i] = f32::NEG_INFINITY;
+            x[i as usize] = f32::NEG_INFINITY;
         }
     }
 }
 
-/// The ids whose value is above -inf, ascending in `total_cmp` order of their values, equal
-/// values by id descending. A stable LSD radix sort (3 passes of 11 bits) of the values' bits
-/// mapped to unsigned order, over the ids taken highest first, so ties keep that order. For
-/// Phi-3's 32k ids it is several times faster than a comparison sort (docs/PERF.md).
-fn live_ascending(x: &[f32]) -> Vec<usize> {
+/// Into `pairs`: the ids whose value is above -inf with their values' [`ordered_bits`],
+/// ascending in `total_cmp` order of the values, equal values by id descending. A stable LSD
+/// radix sort (3 passes of 11 bits, scattering through `spare`) over the ids taken highest first,
+/// so ties keep that order. For Phi-3's 32k ids it is several times faster than a comparison sort
+/// (docs/PERF.md).
+fn live_ascending(x: &[f32], pairs: &mut Vec<(u32, u32)>, spare: &mut Vec<(u32, u32)>) {
     const DIGIT: u32 = 11;
     const BUCKETS: usize = 1 << DIGIT;
-    let mut items: Vec<(u32, u32)> = (0..x.len())
-        .rev()
-        .filter(|&i| x[i] > f32::NEG_INFINITY)
-        .map(|i| (ordered_bits(x[i]), i as u32))
-        .collect();
-    let mut spare = vec![(0u32, 0u32); items.len()];
+    pairs.clear();
+    pairs.extend(
+        (0..x.len())
+            .rev()
+            .filter(|&i| x[i] > f32::NEG_INFINITY)
+            .map(|i| (ordered_bits(x[i]), i as u32)),
+    );
+    spare.clear();
+    spare.resize(pairs.len(), (0, 0));
     for shift in [0, DIGIT, 2 * DIGIT] {
         let digit = |key: u32| ((key >> shift) as usize) & (BUCKETS - 1);
         let mut starts = [0usize; BUCKETS];
-        for &(key, _) in &items {
+        for &(key, _) in pairs.iter() {
             starts[digit(key)] += 1;
         }
         // All in one bucket: this pass would leave the order as it is.
-        if starts.contains(&items.len()) {
+        if starts.contains(&pairs.len()) {
             continue;
         }
         let mut next = 0;
         for start in starts.iter_mut() {
             (*start, next) = (next, next + *start);
         }
-        for &item in &items {
-            let d = digit(item.0);
-            spare[starts[d]] = item;
+        for &pair in pairs.iter() {
+            let d = digit(pair.0);
+            spare[starts[d]] = pair;
             starts[d] += 1;
         }
-        std::mem::swap(&mut items, &mut spare);
+        std::mem::swap(pairs, spare);
     }
-    items.into_iter().map(|(_, id)| id as usize).collect()
 }
 
 /// `value`'s bits mapped so that their unsigned order is `value.total_cmp`'s: negative numbers
@@ -482,34 +551,38 @@ fn ordered_bits(value: f32) -> u32 {
     }
 }
 
-/// Index of the largest value (lowest index on ties); None for an empty slice.
-fn argmax_f32(p: &[f32]) -> Option<usize> {
-    let mut best: Option<usize> = None;
-    for (i, &v) in p.iter().enumerate() {
-        if best.is_none_or(|b| v.total_cmp(&p[b]) == Ordering::Greater) {
-            best = Some(i);
+/// Index of the largest value (lowest index on ties); None for an empty sequence.
+fn argmax_f32(p: impl IntoIterator<Item = f32>) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, v) in p.into_iter().enumerate() {
+        if best.is_none_or(|(_, b)| v.total_cmp(&b) == Ordering::Greater) {
+            best = Some((i, v));
         }
     }
-    best
+    best.map(|(i, _)| i)
 }
 
-/// Softmax with f64 exp and sum. `x - max` is taken in f32, as torch does, so equal logits give
-/// equal probabilities and the f32 result is within a few ulp of torch's. All -inf gives all
-/// zeros; +inf logits (an f16 overflow upstream) share all the mass equally.
-fn softmax(x: &[f32]) -> Vec<f64> {
+/// Softmax with f64 exp and sum, into `out`. `x - max` is taken in f32, as torch does, so equal
+/// logits give equal probabilities and the f32 result is within a few ulp of torch's. All -inf
+/// gives all zeros; +inf logits (an f16 overflow upstream) share all the mass equally.
+fn softmax(x: &[f32], out: &mut Vec<f64>) {
+    out.clear();
+    out.resize(x.len(), 0.0);
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY || max.is_nan() {
-        return vec![0.0; x.len()];
+        return;
     }
     if max == f32::INFINITY {
         let count = x.iter().filter(|&&v| v == f32::INFINITY).count() as f64;
-        return x.iter().map(|&v| if v == f32::INFINITY { 1.0 / count } else { 0.0 }).collect();
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = if v == f32::INFINITY { 1.0 / count } else { 0.0 };
+        }
+        return;
     }
     // Removed ids (-inf) get exactly 0.
-    let mut e = vec![0.0; x.len()];
-    exp::exp_shifted(x, max, &mut e);
-    let sum: f64 = e.iter().sum();
-    e.into_iter().map(|v| v / sum).collect()
+    exp::exp_shifted(x, max, out);
+    let sum: f64 = out.iter().sum();
+    out.iter_mut().for_each(|v| *v /= sum);
 }
 
 #[cfg(test)]
@@ -519,6 +592,55 @@ mod tests {
 
     fn sampling(temperature: f32) -> SamplerOptions {
         SamplerOptions { temperature, ..SamplerOptions::default() }
+    }
+
+    /// [`processed_logits`] with fresh buffers.
+    fn processed(
+        logits: &[f32],
+        history: &[u32],
+        generated: &[u32],
+        opts: &SamplerOptions,
+        limit: usize,
+    ) -> Vec<f32> {
+        let mut scratch = Scratch::default();
+        processed_logits(logits, history, generated, opts, limit, &mut scratch);
+        scratch.logits
+    }
+
+    /// Buffers left by an earlier call on the thread (another size, other options) change
+    /// nothing: each call gets what fresh buffers give.
+    #[test]
+    fn reused_buffers_change_nothing() {
+        let mut rng = Rng::seeded(11);
+        let big: Vec<f32> = (0..5000).map(|_| rng.next_f64() as f32 * 8.0 - 4.0).collect();
+        let small = [0.5, 2.0, f32::NAN, 1.0, -1.0, 2.0];
+        let heavy = SamplerOptions {
+            temperature: 0.8,
+            top_k: 900,
+            top_p: 0.7,
+            min_p: 0.01,
+            repetition_penalty: 1.3,
+            ..SamplerOptions::default()
+        };
+        let light = SamplerOptions { top_p: 0.95, repetition_penalty: 1.2, ..sampling(1.5) };
+        let history = [1, 3, 4000];
+        let on_fresh_thread = |logits: Vec<f32>, opts: SamplerOptions| {
+            std::thread::spawn(move || probabilities(&logits, &history, &[], &opts, 6))
+                .join()
+                .unwrap()
+        };
+        let fresh = on_fresh_thread(small.to_vec(), light.clone());
+        let _ = probabilities(&big, &[0, 2, 5, 4000], &[], &heavy, big.len());
+        assert_eq!(probabilities(&small, &history, &[], &light, 6), fresh);
+        let _ = probabilities(&big, &[0, 2, 5, 4000], &[], &heavy, big.len());
+        let mut a = Rng::seeded(5);
+        let mut b = Rng::seeded(5);
+        let opts = light.clone();
+        let fresh_token =
+            std::thread::spawn(move || sample(&small, &history, &[], &opts, 6, &mut a))
+                .join()
+                .unwrap();
+        assert_eq!(sample(&small, &history, &[], &light, 6, &mut b).ok(), fresh_token.ok());
     }
 
     /// The radix sort gives exactly the order of the comparison it replaces, special values and
@@ -548,9 +670,16 @@ mod tests {
         x.extend((0..33000).map(|_| 1.0 + rng.next_f64() as f32 / 1024.0));
         let mut by_cmp: Vec<usize> = (0..x.len()).filter(|&i| x[i] > f32::NEG_INFINITY).collect();
         by_cmp.sort_by(|&a, &b| x[a].total_cmp(&x[b]).then(b.cmp(&a)));
-        assert_eq!(live_ascending(&x), by_cmp);
-        assert_eq!(live_ascending(&[f32::NEG_INFINITY, 2.0]), [1]);
-        assert!(live_ascending(&[]).is_empty());
+        // Buffers left dirty by an earlier, larger call, as the thread's scratch ones are.
+        let (mut pairs, mut spare) = (vec![(7, 7); 50_000], vec![(9, 9); 3]);
+        let mut ids = |x: &[f32]| {
+            live_ascending(x, &mut pairs, &mut spare);
+            assert!(pairs.iter().all(|&(key, id)| key == ordered_bits(x[id as usize])));
+            pairs.iter().map(|&(_, id)| id as usize).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&x), by_cmp);
+        assert_eq!(ids(&[f32::NEG_INFINITY, 2.0]), [1]);
+        assert!(ids(&[]).is_empty());
     }
 
     /// The two-pass argmax is the first-largest scan it replaced.
@@ -650,7 +779,7 @@ mod tests {
     fn repetition_penalty_divides_positive_multiplies_negative() {
         let o = SamplerOptions { repetition_penalty: 2.0, ..sampling(1.0) };
         // ids 0 (positive), 1 (negative), 2 (zero) penalised; id 3 not; 99 is outside and ignored.
-        let x = processed_logits(&[4.0, -3.0, 0.0, 1.0], &[0, 1, 1, 2, 99], &[], &o, 4);
+        let x = processed(&[4.0, -3.0, 0.0, 1.0], &[0, 1, 1, 2, 99], &[], &o, 4);
         assert_eq!(x, vec![2.0, -6.0, 0.0, 1.0]);
     }
 
@@ -664,15 +793,15 @@ mod tests {
         };
         // id 0 generated 3 times: 1 - 3 * 0.25 - 0.5 = -0.25; id 1 once: 2 - 0.25 - 0.5 - 1 = 0.25;
         // id 2 never; id 3 biased twice: 0 + 2 + 0.5; id 9 is outside and ignored.
-        let x = processed_logits(&[1.0, 2.0, 3.0, 0.0], &[], &[0, 1, 0, 0, 9], &o, 4);
+        let x = processed(&[1.0, 2.0, 3.0, 0.0], &[], &[0, 1, 0, 0, 9], &o, 4);
         assert_eq!(x, vec![-0.25, 0.25, 3.0, 2.5]);
         // Penalties come after the repetition penalty: (4 / 2) - 0.25 - 0.5.
         let o = SamplerOptions { repetition_penalty: 2.0, ..o };
-        let x = processed_logits(&[4.0, 2.0, 3.0, 0.0], &[0], &[0], &o, 4);
+        let x = processed(&[4.0, 2.0, 3.0, 0.0], &[0], &[0], &o, 4);
         assert_eq!(x[0], 1.25);
         // Negative penalties raise logits (OpenAI allows them).
         let o = SamplerOptions { presence_penalty: -1.0, ..sampling(1.0) };
-        let x = processed_logits(&[1.0, 2.0], &[], &[0], &o, 2);
+        let x = processed(&[1.0, 2.0], &[], &[0], &o, 2);
         assert_eq!(x, vec![2.0, 2.0]);
     }
 
@@ -698,11 +827,11 @@ mod tests {
     #[test]
     fn top_k_keeps_ties_with_the_kth() {
         let o = SamplerOptions { top_k: 2, ..sampling(1.0) };
-        let x = processed_logits(&[1.0, 5.0, 3.0, 3.0, 0.0], &[], &[], &o, 5);
+        let x = processed(&[1.0, 5.0, 3.0, 3.0, 0.0], &[], &[], &o, 5);
         let ninf = f32::NEG_INFINITY;
         assert_eq!(x, vec![ninf, 5.0, 3.0, 3.0, ninf]);
         let o = SamplerOptions { top_k: 100, ..sampling(1.0) };
-        assert_eq!(processed_logits(&[1.0, 2.0], &[], &[], &o, 2), vec![1.0, 2.0]);
+        assert_eq!(processed(&[1.0, 2.0], &[], &[], &o, 2), vec![1.0, 2.0]);
     }
 
     #[test]
