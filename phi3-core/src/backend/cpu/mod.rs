@@ -10,6 +10,7 @@
 //! KV writes).
 
 mod attention;
+mod int4_dot;
 mod matmul;
 mod norm;
 mod rope;
