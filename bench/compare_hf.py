@@ -250,8 +250,9 @@ def main():
                          "phi3 (matched to the cases by sessions, prompt and gen tokens)")
     ap.add_argument("--tokenizer", metavar="TOKENIZER_JSON",
                     help="a tokenizer.json put next to the config for our bench, so that --batched "
-                         "sessions decode through generate (without one: one-token append_tokens "
-                         "steps, which the scheduler does not wait for to fill a batch)")
+                         "sessions decode through generate (without one: one-token "
+                         "append_tokens_greedy steps, which the scheduler does not wait for to fill a "
+                         "batch)")
     ap.add_argument("--repeat", type=int, default=3, help="phi3 bench runs per case (median)")
     ap.add_argument("--attn", choices=["eager", "sdpa"],
                     help="HF attention (default: eager for --cases, sdpa for --batched)")

@@ -29,6 +29,7 @@
 // major * 10 + minor, default 90), PHI3_EMULATED_TRACE=1 (each launch and copy on stderr).
 #include "cuda_host.h"
 
+#include "../argmax.cu"
 #include "../attention.cu"
 #include "../attention_tc.cu"
 #include "../convert.cu"

@@ -26,7 +26,7 @@
 //   that token alone (the batch invariance the kernel exists for).
 // - the GEMV (kernels/gemv.cu: f32 weights, odd widths; both load paths), RMSNorm with and without
 //   the residual add (kernels/rms_norm.cu), the embedding from every table dtype and row gathers
-//   (kernels/embed.cu).
+//   (kernels/embed.cu), the greedy choice per row (kernels/argmax.cu).
 // - conversions to bf16/f16 against exact rounding and the fills (kernels/convert.cu); dummy
 //   weights (kernels/dummy.cu) against values pinned in the Rust twin's unit test
 //   (backend/cuda/upload.rs).
@@ -58,6 +58,7 @@
 #include "../embed.cu"
 #include "../convert.cu"
 #include "../dummy.cu"
+#include "../argmax.cu"
 
 #include <algorithm>
 
@@ -802,6 +803,50 @@ static void rms_norm_case(int rows, int cols, bool with_delta) {
     }
 }
 
+// phi3_argmax_rows: each row's lowest id below its limit holding the largest number, -1 when
+// none is above -inf; the rule of sampler::greedy_choice, checked against a scan written from it.
+// Rows: random logits with a planted tie (the lower id wins), NaN everywhere but one id, all -inf,
+// the maximum at or past the limit (not chosen), limit 0, a limit past cols, -0.0 tied with 0.0
+// as the maximum, and one row of Phi-3's vocabulary width.
+static void argmax_case() {
+    const int cols = 32064, rows = 9;
+    const float inf = __uint_as_float(0x7f800000u);
+    std::vector<float> x((size_t)rows * cols);
+    for (auto& v : x) v = uniform(-8.0f, 8.0f);
+    std::vector<int> limits(rows, 32011);
+    auto row = [&](int r) { return x.data() + (size_t)r * cols; };
+    row(0)[700] = 20.0f, row(0)[90] = 20.0f;                          // tie: 90
+    for (int c = 0; c < cols; ++c) row(1)[c] = NAN;
+    row(1)[31999] = -3.0f;                                            // only number: 31999
+    for (int c = 0; c < cols; ++c) row(2)[c] = -inf;                  // none: -1
+    row(3)[32011] = 50.0f, row(3)[40] = 9.0f;                         // past the limit: 40
+    limits[4] = 0;                                                    // none: -1
+    limits[5] = 1 << 30;                                              // clamped to cols
+    row(5)[cols - 1] = 30.0f;
+    for (int c = 0; c < 100; ++c) row(6)[c] = -1.0f;                  // -0.0 and 0.0 tie: 17
+    limits[6] = 100;
+    row(6)[17] = -0.0f, row(6)[60] = 0.0f;
+    row(7)[5] = inf, row(7)[6] = inf;                                 // +inf is a number: 5
+    limits[8] = 1;                                                    // one id: 0
+    std::vector<int> out(rows, -2);
+    launch((unsigned)rows, ARGMAX_THREADS, [&] {
+        phi3_argmax_rows(x.data(), limits.data(), cols, out.data());
+    });
+    for (int r = 0; r < rows; ++r) {
+        const int limit = std::min(limits[r], cols);
+        int want = -1;
+        for (int c = 0; c < limit; ++c) {
+            const float v = row(r)[c];
+            if (v == v && v > -inf && (want < 0 || v > row(r)[want])) want = c;
+        }
+        char name[64];
+        std::snprintf(name, sizeof name, "argmax row %d", r);
+        expect(out[r] == want, name, out[r], want);
+    }
+    const int planted[rows] = {90, 31999, -1, 40, -1, cols - 1, 17, 5, 0};
+    for (int r = 0; r < rows; ++r) expect(out[r] == planted[r], "argmax planted", out[r], planted[r]);
+}
+
 // phi3_embed_bf16 and phi3_gather_rows_f32: rows copied (widened) exactly, in the order given,
 // repeats included.
 static void gather_case() {
@@ -1017,6 +1062,7 @@ int main() {
         gemv_case(dtype, 9, 100);   // scalar for 16-bit (100 % 8 != 0), 16-byte for f32
         gemv_case(dtype, 3, 7);     // scalar
     }
+    argmax_case();
     rms_norm_case(3, 300, true);
     rms_norm_case(2, 5120, false);
     gather_case();

@@ -1,9 +1,10 @@
 //! `phi3 bench`: load time, prefill and decode speed.
 //!
 //! The prompt is a fixed sequence of token ids (3, 4, ... cycling below min(vocab, 1000)), so runs
-//! are comparable without a tokenizer. Prefill is one `append_tokens` of the whole prompt on a
-//! fresh session; decode is `--gen-tokens` single-token steps, each feeding back the greedy
-//! choice. With `--repeat N` the median of N runs is reported (each phase separately).
+//! are comparable without a tokenizer. Prefill is one `Session::append_tokens_greedy` of the
+//! whole prompt on a fresh session; decode is `--gen-tokens` single-token steps of it, each
+//! feeding back the greedy choice (on CUDA only the chosen id comes back, not the logits). With
+//! `--repeat N` the median of N runs is reported (each phase separately).
 //!
 //! `--sessions N` (N > 1) measures continuous batching: one session alone first (prefill, then
 //! decode: the batch-1 time per output token), then N sessions on N threads, each with its own
@@ -12,7 +13,7 @@
 //! logits), then all decoding `--gen-tokens` tokens at once. Decoding goes through
 //! `Session::generate` (greedy, no stop tokens, so exactly that many tokens), or, for a model
 //! without a tokenizer (dummy weights from a config.json alone), through one-token
-//! `append_tokens` steps as above. The engine decides how the concurrent steps are batched;
+//! `append_tokens_greedy` steps as above. The engine decides how the concurrent steps are batched;
 //! this file only drives sessions from threads. Reported: total decode tok/s (tokens of all
 //! sessions / wall time of the concurrent decode), the mean per-session time per output token,
 //! its ratio to the batch-1 time, and the mean sequences per forward pass of each phase (from
@@ -120,15 +121,13 @@ fn session_prompt(vocab: usize, n: usize, index: usize) -> Vec<u32> {
 fn one_run(model: &Model, prompt: &[u32], gen_tokens: usize) -> phi3_core::Result<Run> {
     let mut session = model.session(SessionOptions::default())?;
     let _interrupt = Interrupt::guard(session.cancel_token());
-    let limit = model.emittable_vocab();
     let started = Instant::now();
-    let mut logits = session.append_tokens(prompt)?;
+    let mut token = session.append_tokens_greedy(prompt)?;
     let prefill_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     for _ in 0..gen_tokens {
         // Random weights can give NaN logits; any valid id times the step just as well.
-        let token = greedy(&logits, limit).unwrap_or(prompt[0]);
-        logits = session.append_tokens(&[token])?;
+        token = session.append_tokens_greedy(&[token.unwrap_or(prompt[0])])?;
     }
     Ok(Run { prefill_s, decode_s: started.elapsed().as_secs_f64() })
 }
@@ -321,7 +320,7 @@ fn kv_cell(stats: &phi3_core::DeviceStats) -> String {
 // ---- --sessions N: concurrent sessions ----
 
 /// How the sessions decode: `generate` needs a tokenizer (its stream detokenizes); a model
-/// loaded from a config.json alone decodes by one-token `append_tokens` steps instead.
+/// loaded from a config.json alone decodes by one-token `append_tokens_greedy` steps instead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeApi {
     Generate,
@@ -340,7 +339,7 @@ impl DecodeApi {
     pub fn as_str(self) -> &'static str {
         match self {
             DecodeApi::Generate => "generate",
-            DecodeApi::AppendTokens => "append_tokens",
+            DecodeApi::AppendTokens => "append_tokens_greedy",
         }
     }
 }
@@ -425,8 +424,8 @@ fn run_sessions(
     let model = &loaded.model;
     if DecodeApi::for_model(model) == DecodeApi::AppendTokens {
         eprintln!(
-            "note: this model has no tokenizer, so the sessions decode by one-token append_tokens \
-             steps instead of generate"
+            "note: this model has no tokenizer, so the sessions decode by one-token \
+             append_tokens_greedy steps instead of generate"
         );
     }
     // Ctrl-C sets `stop`; the decode loops check it at every token.
@@ -563,14 +562,13 @@ fn decode(
         DecodeApi::AppendTokens => {
             let limit = session.model().emittable_vocab();
             let fallback = session.tokens().first().copied().unwrap_or(0);
-            let mut logits = session.last_logits().map(<[f32]>::to_vec).unwrap_or_default();
+            let mut token = session.last_logits().and_then(|logits| greedy(logits, limit));
             for done in 0..gen_tokens {
                 if stop.is_cancelled() {
                     return Ok(done);
                 }
                 // Random weights can give NaN logits; any valid id times the step just as well.
-                let token = greedy(&logits, limit).unwrap_or(fallback);
-                logits = session.append_tokens(&[token])?;
+                token = session.append_tokens_greedy(&[token.unwrap_or(fallback)])?;
             }
             Ok(gen_tokens)
         }

@@ -80,7 +80,8 @@ use phi3_core::backend::cuda::{
     CudaWeight,
 };
 use phi3_core::backend::{
-    AttnParams, Backend, KvLayout, LinearRows, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS,
+    AttnParams, Backend, KvLayout, LinearRows, OutputKind, SeqOutput, SeqSpan, GEMV_SPAN,
+    KV_BLOCK_TOKENS,
 };
 use phi3_core::loader::quant::{Int4Scales, QuantData, QuantizedTensor};
 use phi3_core::loader::{DType, HostTensor};
@@ -470,7 +471,76 @@ fn check_rows(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
         let got = gpu.to_host(&gpu.swiglu(&gpu.act_from_host(rows, 2 * cols, &gu)?)?)?;
         r.err(&format!("swiglu [{rows}, {}]", 2 * cols), rel_l2(&got, &want), TOL_F32);
     }
+    check_pass_outputs(gpu, rng, r)
+}
+
+/// `run_pass`'s outputs: rows of logits at Phi-3's vocabulary width with planted ties, NaN,
+/// -inf, +inf and maxima past the limit, each asking for its logits or its greedy choice (made
+/// on the device by phi3_argmax_rows); every row must equal the host's rule
+/// (`SeqOutput::from_logits`) exactly.
+fn check_pass_outputs(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
+    let (rows, cols, limit) = (11, 32064, 32011);
+    let mut x = rng.vec(rows * cols, 8.0);
+    let row = |x: &mut Vec<f32>, i: usize, c: usize, v: f32| x[i * cols + c] = v;
+    row(&mut x, 0, 700, 20.0);
+    row(&mut x, 0, 90, 20.0); // tie: the lower id
+    for c in 0..cols {
+        row(&mut x, 1, c, if c == 31_999 { -3.0 } else { f32::NAN });
+        row(&mut x, 2, c, f32::NEG_INFINITY); // nothing to choose
+    }
+    row(&mut x, 3, limit, 50.0); // past the limit
+    row(&mut x, 4, 17, -0.0);
+    row(&mut x, 4, 18, 0.0);
+    for c in 0..17 {
+        row(&mut x, 4, c, -1.0);
+    }
+    for c in 19..cols {
+        row(&mut x, 4, c, -1.0); // -0.0 and 0.0 tie as the maximum: 17
+    }
+    row(&mut x, 5, 6, f32::INFINITY);
+    let kinds: Vec<OutputKind> = (0..rows)
+        .map(|i| match i {
+            6 | 9 => OutputKind::Logits,
+            7 => OutputKind::Greedy { limit: 1 },
+            8 => OutputKind::Greedy { limit: usize::MAX },
+            _ => OutputKind::Greedy { limit },
+        })
+        .collect();
+    let spans: Vec<SeqSpan> = (0..rows).map(|i| SeqSpan { row: i, len: 1, pos0: 0 }).collect();
+    let table = [0u32];
+    let tables: Vec<&[u32]> = (0..rows).map(|_| &table[..]).collect();
+    let batch = gpu.kv_batch(&spans, &tables)?;
+    let tokens = vec![0u32; rows];
+    let rope = RopeBatch::new(1);
+    for only_logits in [false, true] {
+        let kinds = if only_logits { vec![OutputKind::Logits; rows] } else { kinds.clone() };
+        let got = gpu.run_pass(&batch, &tokens, &rope, &kinds, cols, &mut |_| {
+            gpu.act_from_host(rows, cols, &x)
+        })?;
+        let want: Vec<SeqOutput> = kinds
+            .iter()
+            .zip(x.chunks(cols))
+            .map(|(&kind, logits)| SeqOutput::from_logits(kind, logits))
+            .collect();
+        let differ: Vec<usize> = (0..rows).filter(|&i| !same_output(&got[i], &want[i])).collect();
+        r.flag(
+            &format!(
+                "pass outputs [{rows}, {cols}]: {}",
+                if only_logits { "all logits" } else { "greedy on the device, 2 rows of logits" }
+            ),
+            if differ.is_empty() { "equal".into() } else { format!("rows {differ:?} differ") },
+            differ.is_empty() && got.len() == rows,
+        );
+    }
     Ok(())
+}
+
+/// Equal outputs, logits bit for bit (NaN included).
+fn same_output(a: &SeqOutput, b: &SeqOutput) -> bool {
+    match (a, b) {
+        (SeqOutput::Logits(a), SeqOutput::Logits(b)) => same_bits(a, b),
+        (a, b) => a == b,
+    }
 }
 
 /// linear: GEMV (one row; `in` a multiple of 8 takes the 16-byte path, others the scalar loop)
@@ -1105,13 +1175,18 @@ struct BatchedCase {
     start_ms: u64,
     cancel_after_ms: Option<u64>,
     drop_after: Option<usize>,
+    /// Decode through `append_tokens_greedy` (the choice made on the device, no logits back)
+    /// instead of `append_tokens`; batches then mix both kinds of rows.
+    device_greedy: bool,
 }
 
-/// Greedy tokens and the logits after each, of one session run by [`run_case`].
+/// Greedy tokens and the logits after each (none for a `device_greedy` case), of one session
+/// run by [`run_case`].
 type Decoded = (Vec<u32>, Vec<Vec<f32>>);
 
-/// Prefill `c.prompt`, then decode greedily through `append_tokens` (no tokenizer needed) until
-/// `steps` tokens, the drop point, or a cancel (which ends the run where it landed).
+/// Prefill `c.prompt`, then decode greedily through `append_tokens` or `append_tokens_greedy`
+/// (no tokenizer needed) until `steps` tokens, the drop point, or a cancel (which ends the run
+/// where it landed).
 fn run_case(model: &Model, c: &BatchedCase, steps: usize) -> Result<Decoded> {
     let mut s = model.session(SessionOptions::default())?;
     let cancel = s.cancel_token();
@@ -1122,23 +1197,35 @@ fn run_case(model: &Model, c: &BatchedCase, steps: usize) -> Result<Decoded> {
             cancel.cancel();
         })
     });
-    let vocab = model.config().vocab_size;
+    let limit = model.emittable_vocab();
     let (mut tokens, mut logits) = (Vec::new(), Vec::new());
-    let mut last = match s.append_tokens(&c.prompt) {
-        Err(e) if e.kind() == phi3_core::ErrorKind::Cancelled => None,
-        other => Some(other?),
+    // The greedy choice after `ids`, and their logits when the case copies them back; None once
+    // cancelled.
+    let mut step = |ids: &[u32], logits: Option<&mut Vec<Vec<f32>>>| -> Result<Option<u32>> {
+        let chosen = if c.device_greedy {
+            s.append_tokens_greedy(ids)
+        } else {
+            s.append_tokens(ids).map(|l| {
+                let t = sampler::greedy_choice(&l, limit);
+                if let Some(all) = logits {
+                    all.push(l);
+                }
+                t
+            })
+        };
+        match chosen {
+            Err(e) if e.kind() == phi3_core::ErrorKind::Cancelled => Ok(None),
+            Err(e) => Err(e.into()),
+            Ok(t) => Ok(Some(t.ok_or_else(|| anyhow!("no finite logit"))?)),
+        }
     };
-    while let Some(l) = last.take() {
+    let mut next = step(&c.prompt, None)?;
+    while let Some(t) = next.take() {
         if tokens.len() >= steps || c.drop_after == Some(tokens.len()) {
             break;
         }
-        let t = sampler::greedy(&l, vocab).ok_or_else(|| anyhow!("no finite logit"))?;
         tokens.push(t);
-        last = match s.append_tokens(&[t]) {
-            Err(e) if e.kind() == phi3_core::ErrorKind::Cancelled => None,
-            other => Some(other?),
-        };
-        logits.extend(last.clone());
+        next = step(&[t], Some(&mut logits))?;
     }
     drop(s); // a dropped session gives its blocks back while the others decode
     if let Some(h) = canceller {
@@ -1148,9 +1235,10 @@ fn run_case(model: &Model, c: &BatchedCase, steps: usize) -> Result<Decoded> {
 }
 
 /// Continuous batching on the GPU: 12 sessions start at random times, decode greedily at once
-/// (the scheduler batches their passes), and some are cancelled or dropped partway; each one's
-/// tokens and logits are then compared with the same session run alone: greedy tokens must be
-/// equal and logits bit-identical (decode rows take the batch-invariant decode GEMM, prefill
+/// (the scheduler batches their passes; a third of them have each token chosen on the device,
+/// so passes mix rows that copy logits back with rows that copy one id), and some are cancelled
+/// or dropped partway; each one's tokens and logits are then compared with the same session run
+/// alone: greedy tokens must be equal and logits bit-identical (decode rows take the batch-invariant decode GEMM, prefill
 /// chunks one cuBLAS call each; the worst relative difference is reported as well).
 /// (`device` is the CPU in this file's tests, where the same check holds bit for bit.)
 fn check_batched_sessions(dir: &Path, device: Device, r: &mut Report) -> Result<()> {
@@ -1169,6 +1257,7 @@ fn batched_sessions(model: &Model, tag: &str, r: &mut Report) -> Result<()> {
             start_ms: rng.below(30) as u64,
             cancel_after_ms: (i % 5 == 4).then(|| 5 + rng.below(40) as u64),
             drop_after: (i % 4 == 1).then(|| 2 + rng.below(5)),
+            device_greedy: i % 3 == 2,
         })
         .collect();
     let batched: Vec<Result<Decoded>> = std::thread::scope(|scope| {
@@ -1186,6 +1275,7 @@ fn batched_sessions(model: &Model, tag: &str, r: &mut Report) -> Result<()> {
             start_ms: 0,
             cancel_after_ms: None,
             drop_after: None,
+            device_greedy: c.device_greedy,
         };
         let (want_tokens, want_logits) = run_case(model, &solo, tokens.len())?;
         for (g, w) in logits.iter().zip(&want_logits) {
@@ -1310,9 +1400,38 @@ fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
         }
         Ok(all)
     };
+    // The same steps choosing each token on the device (`append_tokens_greedy`: in the graph
+    // when graphs are on), against the host's choice from the eager logits.
+    let run_greedy = |graphs: bool| -> Result<Vec<Option<u32>>> {
+        model.set_cuda_graphs(graphs);
+        let mut s = model.session(SessionOptions::default())?;
+        let mut chosen = vec![s.append_tokens_greedy(&prompt)?];
+        for _ in 0..steps {
+            let tok = chosen.last().copied().flatten().unwrap_or(3);
+            chosen.push(s.append_tokens_greedy(&[tok])?);
+        }
+        Ok(chosen)
+    };
     let eager = run(false)?;
+    let greedy_eager = run_greedy(false)?;
+    let greedy_graphed = run_greedy(true)?;
     let graphed = run(true)?;
     let g = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
+    // The host's choices: after the prompt (the eager run's first token), then after each step.
+    let mut first = model.session(SessionOptions::default())?;
+    let limit = model.emittable_vocab();
+    let host: Vec<Option<u32>> =
+        std::iter::once(sampler::greedy_choice(&first.append_tokens(&prompt)?, limit))
+            .chain(eager.iter().map(|l| sampler::greedy_choice(l, limit)))
+            .collect();
+    for (name, got) in [("eager", &greedy_eager), ("cuda graphs", &greedy_graphed)] {
+        let differ = got.iter().zip(&host).filter(|(a, b)| a != b).count();
+        r.flag(
+            &format!("greedy on the device ({name}): 25 choices vs the host's"),
+            if differ == 0 { "equal".into() } else { format!("{differ} differ") },
+            differ == 0 && got.len() == host.len(),
+        );
+    }
     model.set_cuda_graphs(false); // drops the graphs and trims the pool
     let off = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
     let differ = eager.iter().zip(&graphed).filter(|(a, b)| !same_bits(a, b)).count();
@@ -1330,7 +1449,9 @@ fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
             g.fallbacks,
             g.last_failure.as_ref().map(|f| format!(" ({f})")).unwrap_or_default()
         ),
-        g.fallbacks == 0 && g.captures >= 2 && g.captures + g.replays == steps as u64,
+        // Both graph runs' decode steps (the greedy one first; the logits run replays its
+        // graphs, which always end with the greedy choice).
+        g.fallbacks == 0 && g.captures >= 2 && g.captures + g.replays == 2 * steps as u64,
     );
     // Every graph frees what it allocates (graph.rs), so the pool holds about one pass's
     // activations whatever the number of graphs, and nothing once they are dropped.
@@ -1366,8 +1487,9 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     let counts =
         |m: &Model| m.device_stats().cuda.map_or((0, 0), |c| (c.kernel_launches, c.host_copies));
     let before = counts(&model);
-    let (decode_s, logits) = greedy_decode(&model, &mut s, logits, gen)?;
+    let decode_s = greedy_decode(&model, &mut s, &logits, gen)?;
     let after = counts(&model);
+    let logits = s.logits()?.to_vec();
     let per_step = |a: u64, b: u64| (a - b) as f64 / gen as f64;
     let (launches, copies) = (per_step(after.0, before.0), per_step(after.1, before.1));
     let stats = model.device_stats();
@@ -1413,8 +1535,9 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
     }
     // The same decode as CUDA graphs (one capture, then replays; the context goes on from 544).
     model.set_cuda_graphs(true);
-    let (graph_s, graph_logits) = greedy_decode(&model, &mut s, logits, gen)?;
+    let graph_s = greedy_decode(&model, &mut s, &logits, gen)?;
     let g = model.device_stats().cuda.map(|c| c.graphs).unwrap_or_default();
+    let graph_logits = s.logits()?.to_vec();
     model.set_cuda_graphs(false);
     let graph_tok_s = gen as f64 / graph_s;
     r.flag(
@@ -1444,19 +1567,21 @@ fn bench(fixtures: &Path, ordinal: usize, format: WeightFormat, r: &mut Report) 
 /// The larger prefill chunk `bench` measures long prompts with, next to the default.
 const LARGE_PREFILL_CHUNK: usize = 2048;
 
-/// `n` greedy decode steps of `s` after `logits`: the seconds they took and the last logits.
+/// `n` greedy decode steps of `s` after `logits`, each choosing its token where the logits are
+/// (`Session::append_tokens_greedy`: on CUDA one id per step comes back): the seconds they took.
+/// `s.logits()` then runs the last token again for its logits.
 fn greedy_decode(
     model: &Model,
     s: &mut phi3_core::Session,
-    mut logits: Vec<f32>,
+    logits: &[f32],
     n: usize,
-) -> Result<(f64, Vec<f32>)> {
+) -> Result<f64> {
+    let mut token = sampler::greedy_choice(logits, model.emittable_vocab());
     let t = Instant::now();
     for _ in 0..n {
-        let tok = sampler::greedy(&logits, model.config().vocab_size).unwrap_or(3);
-        logits = s.append_tokens(&[tok])?;
+        token = s.append_tokens_greedy(&[token.unwrap_or(3)])?;
     }
-    Ok((t.elapsed().as_secs_f64(), logits))
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// The attention kernels alone at Phi-3-medium's shapes (40 query heads over 10 KV heads of 128),
@@ -1599,7 +1724,8 @@ fn long_prompts(model: &Model, with_decode: bool, r: &mut Report) -> Result<()> 
             // Decode at a 32k context: each step reads the weights and 200 KiB of cache per
             // token (27.6 + 6.7 GB; at 4.08 TB/s about 119 tok/s, goal 85% of that).
             let gen = scale.long_gen;
-            let (secs, logits) = greedy_decode(model, &mut s, logits, gen)?;
+            let secs = greedy_decode(model, &mut s, &logits, gen)?;
+            let logits = s.logits()?;
             let tok_s = gen as f64 / secs;
             let finite = logits.iter().all(|x| x.is_finite());
             r.push(Row {

@@ -246,9 +246,10 @@ const SESSIONS_FIGURES: [&str; 11] = [
 #[test]
 fn bench_sessions_reports_total_and_per_session_speed() {
     // The demo model decodes through `generate`; a fixture without a tokenizer through
-    // one-token `append_tokens` steps.
+    // one-token `append_tokens_greedy` steps.
     let fixture_model = fixture("mha-f32-tied");
-    for (model, api) in [(None, "generate"), (Some(fixture_model.as_str()), "append_tokens")] {
+    for (model, api) in [(None, "generate"), (Some(fixture_model.as_str()), "append_tokens_greedy")]
+    {
         let mut args = vec![
             "bench",
             "--sessions",

@@ -16,7 +16,8 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::backend::{
-    AttnParams, Backend, KvLayout, LinearRows, SeqSpan, GEMV_SPAN, KV_BLOCK_TOKENS,
+    AttnParams, Backend, KvLayout, LinearRows, OutputKind, SeqOutput, SeqSpan, GEMV_SPAN,
+    KV_BLOCK_TOKENS,
 };
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
@@ -63,6 +64,8 @@ pub(crate) struct SeqInput<'a> {
     pub(crate) kv: &'a mut SeqKv,
     /// Rope regime of every position of this sequence in this pass.
     pub(crate) regime: RopeRegime,
+    /// What the pass hands back for it: logits, or only the greedy choice.
+    pub(crate) output: OutputKind,
 }
 
 impl<B: Backend> Engine<B> {
@@ -145,13 +148,14 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Run `seqs` (each non-empty, ids already range-checked, blocks reserved in `pool`) and
-    /// return each sequence's last-position logits `[vocab]`, in the order of `seqs`. Caches
-    /// grow only when the whole pass succeeds; on error their lengths are unchanged.
+    /// return what each asks of its last position (`SeqInput::output`: the logits `[vocab]` or
+    /// the greedy choice), in the order of `seqs`. Caches grow only when the whole pass
+    /// succeeds; on error their lengths are unchanged.
     pub(crate) fn forward(
         &self,
         seqs: &mut [SeqInput<'_>],
         pool: &mut KvPool<B>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<SeqOutput>> {
         let be = &self.backend;
         // Decode steps first (stable, so the batch order is otherwise the scheduler's).
         let mut order: Vec<usize> = (0..seqs.len()).collect();
@@ -216,14 +220,23 @@ impl<B: Backend> Engine<B> {
             // One row per sequence: every row is a "decode row", as in a pass of one sequence.
             be.linear(&x, w.output_matrix(), &LinearRows::decode(spans.len())) // [n, vocab]
         };
-        let logits = be.run_pass(&batch, &tokens, &rope, self.vocab_size, &mut pass)?;
-
-        let mut out = vec![Vec::new(); seqs.len()];
-        for ((&i, span), row) in order.iter().zip(&spans).zip(logits.chunks(self.vocab_size)) {
-            seqs[i].kv.set_len(span.pos0 + span.len);
-            out[i] = row.to_vec();
+        let kinds: Vec<OutputKind> = order.iter().map(|&i| seqs[i].output).collect();
+        let outputs = be.run_pass(&batch, &tokens, &rope, &kinds, self.vocab_size, &mut pass)?;
+        if outputs.len() != seqs.len() {
+            return Err(Error::internal(format!(
+                "a pass of {} sequences returned {} outputs",
+                seqs.len(),
+                outputs.len()
+            )));
         }
-        Ok(out)
+
+        let mut out: Vec<Option<SeqOutput>> = vec![None; seqs.len()];
+        for ((&i, span), output) in order.iter().zip(&spans).zip(outputs) {
+            seqs[i].kv.set_len(span.pos0 + span.len);
+            out[i] = Some(output);
+        }
+        // `order` is a permutation of the sequences, so every slot is filled.
+        Ok(out.into_iter().flatten().collect())
     }
 }
 

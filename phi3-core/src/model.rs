@@ -15,7 +15,6 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::forward::{Engine, EngineLimits};
-use crate::generate::CancelToken;
 use crate::kv_cache::SeqKv;
 pub use crate::kv_pool::KvUsage;
 use crate::loader::{
@@ -23,7 +22,7 @@ use crate::loader::{
     WeightSource,
 };
 use crate::rope::RopeRegime;
-use crate::scheduler::{Job, SchedulerStats};
+use crate::scheduler::{Job, JobOutput, SchedulerStats};
 use crate::session::{Session, SessionOptions, PREFILL_CHUNK};
 use crate::tokenizer::Tokenizer;
 
@@ -625,29 +624,11 @@ impl Model {
         on_engine!(self, e => e.rope.regime_for_len(len))
     }
 
-    /// Append `tokens` to `kv` in one forward pass in `regime` through the model's scheduler
-    /// (batched with other sessions' passes); the last position's logits. On error `kv` holds
-    /// what it held before.
-    pub(crate) fn forward_one(
-        &self,
-        tokens: &[u32],
-        kv: &mut SeqKv,
-        regime: RopeRegime,
-        priority: i32,
-        session: u64,
-        cancel: &CancelToken,
-    ) -> Result<Vec<f32>> {
-        let job = Job {
-            tokens: tokens.to_vec(),
-            kv: std::mem::take(kv),
-            regime,
-            priority,
-            session,
-            cancel: cancel.clone(),
-        };
-        let out = on_engine!(self, e => e.scheduler.run(e, job));
-        *kv = out.kv;
-        out.result
+    /// Run `job` (its tokens appended to its cache in one forward pass) through the model's
+    /// scheduler, batched with other sessions' passes. The output holds the cache (grown, or as
+    /// it was on error) and what the job asked of its last position.
+    pub(crate) fn run_job(&self, job: Job) -> JobOutput {
+        on_engine!(self, e => e.scheduler.run(e, job))
     }
 
     pub(crate) fn kv_to_host(&self, kv: &SeqKv) -> Result<Vec<f32>> {

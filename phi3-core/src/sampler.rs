@@ -232,6 +232,24 @@ pub fn greedy(logits: &[f32], limit: usize) -> Option<u32> {
     x.iter().position(|&v| v == max).map(|i| i as u32)
 }
 
+/// Whether [`sample`] with `opts` takes the argmax of the raw logits: temperature 0 and nothing
+/// that rewrites logits (penalties, bias). Its token is then [`greedy_choice`]'s, which a backend
+/// can compute where the logits are (`backend::OutputKind::Greedy`).
+pub fn is_plain_greedy(opts: &SamplerOptions) -> bool {
+    opts.temperature == 0.0
+        && opts.repetition_penalty == 1.0
+        && opts.presence_penalty == 0.0
+        && opts.frequency_penalty == 0.0
+        && opts.logit_bias.is_empty()
+}
+
+/// The token [`sample`] returns for plain greedy options ([`is_plain_greedy`]): [`greedy`] over
+/// the first `limit` ids, None when no logit there is above -inf (NaN never chosen; ties to the
+/// lowest id).
+pub fn greedy_choice(logits: &[f32], limit: usize) -> Option<u32> {
+    greedy_finite(&logits[..limit.min(logits.len())]).map(|i| i as u32)
+}
+
 /// The final probability distribution over the ids of `logits` after every processor (see the
 /// module docs for the order). Ids `>= limit`, NaN logits and filtered ids get probability 0.
 /// With temperature 0 it is one-hot on the greedy choice, the token [`sample`] returns. When no
@@ -281,16 +299,9 @@ pub fn sample(
             limit.min(logits.len())
         ))
     };
-    let plain_greedy = opts.temperature == 0.0
-        && opts.repetition_penalty == 1.0
-        && opts.presence_penalty == 0.0
-        && opts.frequency_penalty == 0.0
-        && opts.logit_bias.is_empty();
-    if plain_greedy {
+    if is_plain_greedy(opts) {
         // Nothing rewrites the logits: the argmax of the raw ones, without a processed copy.
-        return greedy_finite(&logits[..limit.min(logits.len())])
-            .map(|i| i as u32)
-            .ok_or_else(none);
+        return greedy_choice(logits, limit).ok_or_else(none);
     }
     with_scratch(|s| {
         processed_logits(logits, penalty_history, generated, opts, limit, s);

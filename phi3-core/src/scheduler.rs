@@ -2,7 +2,7 @@
 //!
 //! A session never runs the model itself: each forward pass it needs (a decode step, or a prefill
 //! chunk of at most `LoadOptions::prefill_chunk` tokens) is a [`Job`] handed to its model's scheduler, and the
-//! calling thread blocks until the job's logits are back. Whichever waiting thread finds no step
+//! calling thread blocks until the job's result (logits, or a greedy step's token) is back. Whichever waiting thread finds no step
 //! running becomes the leader: it takes a batch of queued jobs from all sessions, runs them as one
 //! forward pass (`Engine::forward`), posts every job's result and steps down; the next waiting
 //! thread leads the next step (a panic in a step becomes an `Internal` error for its jobs, never a
@@ -34,7 +34,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, GEMV_SPAN};
+use crate::backend::{Backend, OutputKind, SeqOutput, GEMV_SPAN};
 use crate::error::{Error, ErrorKind, Result};
 use crate::forward::{Engine, SeqInput};
 use crate::generate::CancelToken;
@@ -64,13 +64,15 @@ pub(crate) struct Job {
     pub(crate) session: u64,
     /// The session's; a job still queued when it fires is dropped as `Cancelled`.
     pub(crate) cancel: CancelToken,
+    /// What the pass hands back for its last position: logits or the greedy choice.
+    pub(crate) output: OutputKind,
 }
 
-/// What a job gives back: the cache (grown on success, as it was on error) and the logits of
-/// its last position.
+/// What a job gives back: the cache (grown on success, as it was on error) and what it asked
+/// of its last position.
 pub(crate) struct JobOutput {
     pub(crate) kv: SeqKv,
-    pub(crate) result: Result<Vec<f32>>,
+    pub(crate) result: Result<SeqOutput>,
 }
 
 /// Counts of the steps run so far (tests and benchmarks look at batch sizes).
@@ -339,6 +341,7 @@ impl Scheduler {
                     tokens: &q.job.tokens,
                     kv: &mut q.job.kv,
                     regime: q.job.regime,
+                    output: q.job.output,
                 })
                 .collect();
             // A panic here is a bug; it must not leave `leading` set and every session stuck.
@@ -346,9 +349,9 @@ impl Scheduler {
                 .unwrap_or_else(|_| Err(Error::internal("the forward pass panicked")))
         };
         match result {
-            Ok(logits) => {
-                for (q, logits) in ready.into_iter().zip(logits) {
-                    outputs.push((q.id, JobOutput { kv: q.job.kv, result: Ok(logits) }));
+            Ok(results) => {
+                for (q, result) in ready.into_iter().zip(results) {
+                    outputs.push((q.id, JobOutput { kv: q.job.kv, result: Ok(result) }));
                 }
             }
             Err(e) => {
@@ -375,6 +378,7 @@ mod tests {
             priority,
             session: id,
             cancel: CancelToken::new(),
+            output: OutputKind::Logits,
         };
         Queued { id, job, blocked_at: None }
     }

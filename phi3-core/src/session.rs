@@ -17,13 +17,15 @@ use std::ops::ControlFlow;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use crate::backend::{OutputKind, SeqOutput};
 use crate::chat::ChatMessage;
 use crate::error::{Error, ErrorKind, Result};
 use crate::generate::{CancelToken, FinishReason, GenerateOptions, GenerationResult};
 use crate::kv_cache::SeqKv;
 use crate::model::Model;
 use crate::sampler::{self, Rng, SamplerOptions};
-use crate::session_file::{self, SessionState};
+use crate::scheduler::Job;
+use crate::session_file::{self, GreedyChoice, SessionState};
 use crate::stream::TokenStream;
 
 /// Tokens per forward pass when running a long input, unless the model was loaded with another
@@ -40,6 +42,20 @@ pub struct SessionOptions {
     pub priority: i32,
 }
 
+/// What a session holds for its last token once the model has run over it: what the forward
+/// pass was asked for (`OutputKind`). Any change to the tokens resets it to `None`.
+#[derive(Clone, Debug, Default)]
+enum LastOutput {
+    /// Not computed (pending tokens, or dropped by a rewind).
+    #[default]
+    None,
+    /// The logits, `[vocab]`.
+    Logits(Vec<f32>),
+    /// Only the greedy choice among the first `limit` ids (a plain greedy generation step,
+    /// chosen where the logits were computed: on the GPU, one id comes back instead of them).
+    Greedy { limit: usize, token: Option<u32> },
+}
+
 /// A conversation: tokens, their KV cache, and the logits after the last token.
 pub struct Session {
     model: Model,
@@ -50,8 +66,8 @@ pub struct Session {
     priority: i32,
     /// Unique in the process; the scheduler tells sessions apart by it.
     id: u64,
-    /// Logits after the last token, `[vocab]`; empty until computed.
-    last_logits: Vec<f32>,
+    /// What the last forward pass left for the last token (`None` until computed).
+    last: LastOutput,
     /// Messages appended with `append_message` (and replies generated after them), to render
     /// the chat template incrementally.
     messages: Vec<ChatMessage>,
@@ -99,7 +115,7 @@ impl Session {
             max_context,
             priority: options.priority,
             id: next_session_id(),
-            last_logits: Vec::new(),
+            last: LastOutput::None,
             messages: Vec::new(),
             needs_generation_prompt: false,
             cancel: CancelToken::new(),
@@ -119,20 +135,45 @@ impl Session {
     /// naming the first bad id, `ContextFull` past the session's max context, `Cancelled`,
     /// backend errors.
     pub fn append_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.append_and_sync(tokens, OutputKind::Logits)?;
+        Ok(self.synced_logits()?.to_vec())
+    }
+
+    /// Append `tokens`, run the model over everything pending, and return only the greedy
+    /// choice after the last one: the id [`Session::generate`] would pick with greedy options
+    /// (the largest logit among the ids the tokenizer can emit, ties to the lowest id; `None`
+    /// when none of them is above -inf). For hosts that run their own greedy loop: on CUDA the
+    /// choice is made on the device and one id is copied back instead of the logits. A later
+    /// [`Session::logits`] runs the last token again to get them.
+    ///
+    /// Errors (session unchanged): those of [`Session::append_tokens`].
+    pub fn append_tokens_greedy(&mut self, tokens: &[u32]) -> Result<Option<u32>> {
+        let limit = self.model.emittable_vocab();
+        self.append_and_sync(tokens, OutputKind::Greedy { limit })?;
+        match self.last {
+            LastOutput::Greedy { token, .. } => Ok(token),
+            LastOutput::Logits(ref logits) => Ok(sampler::greedy_choice(logits, limit)),
+            LastOutput::None => Err(Error::internal("no output after the forward pass")),
+        }
+    }
+
+    /// Add `tokens` and run the model over everything pending for `wanted`; on error the session
+    /// is as it was.
+    fn append_and_sync(&mut self, tokens: &[u32], wanted: OutputKind) -> Result<()> {
         self.cancel.reset();
         let old_len = self.tokens.len();
-        let old_logits = self.last_logits.clone();
+        let old_last = self.last.clone();
         self.push_tokens(tokens)?;
-        if let Err(e) = self.sync() {
+        if let Err(e) = self.sync_for(wanted) {
             self.tokens.truncate(old_len);
             self.model.truncate_kv(&mut self.kv, old_len);
-            // The logits of the old last token are still right only if its cache entry is.
+            // The old last token's output is still right only if its cache entry is.
             if self.kv.len() == old_len {
-                self.last_logits = old_logits;
+                self.last = old_last;
             }
             return Err(e);
         }
-        Ok(self.last_logits.clone())
+        Ok(())
     }
 
     /// Tokenize `text` and add it to the history (the forward pass runs later). A BOS token is
@@ -181,7 +222,7 @@ impl Session {
     pub fn logits(&mut self) -> Result<&[f32]> {
         self.cancel.reset();
         self.sync()?;
-        Ok(&self.last_logits)
+        self.synced_logits()
     }
 
     /// Generate until a stop token, a stop string, `max_tokens`, a full context, the callback
@@ -273,9 +314,13 @@ impl Session {
         self.max_context
     }
 
-    /// Logits after the last token if they are already computed (no pending tokens).
+    /// Logits after the last token if they are already computed (no pending tokens, and the
+    /// last pass was not a greedy generation step that brought back only its token).
     pub fn last_logits(&self) -> Option<&[f32]> {
-        (!self.last_logits.is_empty()).then_some(&self.last_logits[..])
+        match &self.last {
+            LastOutput::Logits(logits) => Some(logits),
+            _ => None,
+        }
     }
 
     /// Keep the first `n_tokens` tokens (a rewind). Cheap: no KV data moves (whole blocks past
@@ -294,7 +339,7 @@ impl Session {
         if n_tokens < self.tokens.len() {
             self.tokens.truncate(n_tokens);
             self.model.truncate_kv(&mut self.kv, n_tokens);
-            self.last_logits.clear();
+            self.last = LastOutput::None;
             self.messages.clear();
             self.needs_generation_prompt = false;
         }
@@ -305,7 +350,7 @@ impl Session {
     pub fn reset(&mut self) {
         self.tokens.clear();
         self.model.truncate_kv(&mut self.kv, 0);
-        self.last_logits.clear();
+        self.last = LastOutput::None;
         self.messages.clear();
         self.needs_generation_prompt = false;
     }
@@ -323,7 +368,7 @@ impl Session {
             max_context: self.max_context,
             priority: self.priority,
             id: next_session_id(),
-            last_logits: self.last_logits.clone(),
+            last: self.last.clone(),
             messages: self.messages.clone(),
             needs_generation_prompt: self.needs_generation_prompt,
             cancel: CancelToken::new(),
@@ -341,7 +386,11 @@ impl Session {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let state = SessionState {
             tokens: self.tokens.clone(),
-            last_logits: self.last_logits.clone(),
+            last_logits: self.last_logits().map(<[f32]>::to_vec).unwrap_or_default(),
+            greedy: match self.last {
+                LastOutput::Greedy { limit, token } => Some(GreedyChoice { limit, token }),
+                _ => None,
+            },
             kv_tokens: self.kv.len(),
             regime: self.kv.regime(),
             kv: self.model.kv_to_host(&self.kv)?,
@@ -371,12 +420,23 @@ impl Session {
             max_context: state.max_context,
             priority: 0,
             id: next_session_id(),
-            last_logits: state.last_logits,
+            last: match state.greedy {
+                Some(GreedyChoice { limit, token }) => LastOutput::Greedy { limit, token },
+                None if state.last_logits.is_empty() => LastOutput::None,
+                None => LastOutput::Logits(state.last_logits),
+            },
             needs_generation_prompt: state.needs_generation_prompt,
             messages: state.messages,
             cancel: CancelToken::new(),
             rng: state.rng,
         })
+    }
+
+    /// Debug view: whether the model's output for the last token is held (its logits, or a
+    /// greedy generation step's token), so that the next step needs no pass over it.
+    #[doc(hidden)]
+    pub fn has_last_output(&self) -> bool {
+        !matches!(self.last, LastOutput::None)
     }
 
     /// Debug view of the cache: (cached tokens, entries computed with long LongRoPE factors).
@@ -403,7 +463,7 @@ impl Session {
             ));
         }
         self.tokens.extend_from_slice(tokens);
-        self.last_logits.clear();
+        self.last = LastOutput::None;
         Ok(())
     }
 
@@ -425,45 +485,84 @@ impl Session {
         self.messages.push(message);
     }
 
-    /// Sample the next token from the current logits (`sync` must have run) and add it to the
-    /// history; its forward pass runs at the next `sync`.
+    /// Sample the next token from the current output (`sync_for(Self::output_for(..))` must have
+    /// run) and add it to the history; its forward pass runs at the next `sync`.
     pub(crate) fn sample_next(
         &mut self,
         generated: &[u32],
         sampling: &SamplerOptions,
         limit: usize,
     ) -> Result<u32> {
-        if self.last_logits.is_empty() {
-            return Err(Error::internal("sample_next without current logits"));
-        }
-        let token = sampler::sample(
-            &self.last_logits,
-            &self.tokens,
-            generated,
-            sampling,
-            limit,
-            &mut self.rng,
-        )?;
+        let token = match &self.last {
+            LastOutput::Logits(logits) => {
+                sampler::sample(logits, &self.tokens, generated, sampling, limit, &mut self.rng)?
+            }
+            // The same rule `sample` applies to plain greedy options, applied where the logits
+            // were (`SeqOutput::from_logits`); no random draw, as `sample` takes none either.
+            LastOutput::Greedy { limit: chosen_in, token }
+                if *chosen_in == limit && sampler::is_plain_greedy(sampling) =>
+            {
+                token.ok_or_else(|| {
+                    Error::internal(format!(
+                        "no token can be sampled: all {limit} logits in range are NaN or -inf"
+                    ))
+                })?
+            }
+            _ => return Err(Error::internal("sample_next without the output it needs")),
+        };
         self.tokens.push(token);
-        self.last_logits.clear();
+        self.last = LastOutput::None;
         Ok(token)
     }
 
-    /// Run the model over pending tokens so that `last_logits` is current. On error the cache
-    /// keeps what completed (in a consistent regime) and the tokens stay pending.
+    /// What a generation step with `sampling` needs of the model: only the greedy choice for
+    /// plain greedy options (`sampler::is_plain_greedy`), else the logits.
+    pub(crate) fn output_for(sampling: &SamplerOptions, limit: usize) -> OutputKind {
+        if sampler::is_plain_greedy(sampling) {
+            OutputKind::Greedy { limit }
+        } else {
+            OutputKind::Logits
+        }
+    }
+
+    /// The logits after the last token, which `sync` has just computed.
+    fn synced_logits(&self) -> Result<&[f32]> {
+        self.last_logits().ok_or_else(|| Error::internal("no logits after the forward pass"))
+    }
+
+    /// Run the model over pending tokens so that the logits are current.
     pub(crate) fn sync(&mut self) -> Result<()> {
+        self.sync_for(OutputKind::Logits)
+    }
+
+    /// Run the model over pending tokens so that `wanted` of the last token is current (logits
+    /// also serve a greedy step). On error the cache keeps what completed (in a consistent
+    /// regime) and the tokens stay pending.
+    pub(crate) fn sync_for(&mut self, wanted: OutputKind) -> Result<()> {
         if self.tokens.is_empty() {
             return Err(Error::invalid_argument("the session is empty"));
         }
-        if !self.last_logits.is_empty() && self.kv.len() == self.tokens.len() {
+        let current = match (&self.last, wanted) {
+            (LastOutput::None, _) => false,
+            (LastOutput::Logits(_), _) => true,
+            (LastOutput::Greedy { limit, .. }, OutputKind::Greedy { limit: wanted }) => {
+                *limit == wanted
+            }
+            (LastOutput::Greedy { .. }, OutputKind::Logits) => false,
+        };
+        if current && self.kv.len() == self.tokens.len() {
             return Ok(());
         }
+        // Whatever is held is not what is wanted, and the cache may shrink below: drop it, so
+        // that a pass that fails leaves no output of a token the cache no longer holds.
+        self.last = LastOutput::None;
         let regime = self.model.regime_for_len(self.tokens.len());
         if self.kv.len() > 0 && self.kv.regime() != regime {
             self.model.truncate_kv(&mut self.kv, 0);
         }
         if self.kv.len() == self.tokens.len() {
-            // Logits were dropped (truncate): recompute the last position.
+            // The output was dropped (truncate) or is not what is wanted (a greedy step's token
+            // when logits are asked for): recompute the last position.
             self.model.truncate_kv(&mut self.kv, self.tokens.len() - 1);
         }
         while self.kv.len() < self.tokens.len() {
@@ -472,16 +571,31 @@ impl Session {
             }
             let start = self.kv.len();
             let end = (start + self.model.prefill_chunk()).min(self.tokens.len());
-            let logits = self.model.forward_one(
-                &self.tokens[start..end],
-                &mut self.kv,
+            let last_chunk = end == self.tokens.len();
+            // Earlier chunks' outputs are dropped: the cheapest is the greedy choice.
+            let output = if last_chunk { wanted } else { OutputKind::Greedy { limit: 0 } };
+            let job = Job {
+                tokens: self.tokens[start..end].to_vec(),
+                kv: std::mem::take(&mut self.kv),
                 regime,
-                self.priority,
-                self.id,
-                &self.cancel,
-            )?;
-            if end == self.tokens.len() {
-                self.last_logits = logits;
+                priority: self.priority,
+                session: self.id,
+                cancel: self.cancel.clone(),
+                output,
+            };
+            let done = self.model.run_job(job);
+            self.kv = done.kv;
+            let result = done.result?;
+            if last_chunk {
+                self.last = match (result, wanted) {
+                    (SeqOutput::Logits(logits), _) => LastOutput::Logits(logits),
+                    (SeqOutput::Greedy(token), OutputKind::Greedy { limit }) => {
+                        LastOutput::Greedy { limit, token }
+                    }
+                    (SeqOutput::Greedy(_), OutputKind::Logits) => {
+                        return Err(Error::internal("a pass returned a token for logits"))
+                    }
+                };
             }
         }
         Ok(())
@@ -549,7 +663,7 @@ impl Session {
         if self.tokens.len() > len {
             self.tokens.truncate(len);
             self.model.truncate_kv(&mut self.kv, len);
-            self.last_logits.clear();
+            self.last = LastOutput::None;
             self.needs_generation_prompt = true;
         }
     }

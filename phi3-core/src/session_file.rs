@@ -11,6 +11,11 @@
 //! kv         f32 x n_layers x 2 x kv_tokens x kv_dim   (per layer: keys, then values)
 //! checksum   32 bytes SHA-256 of everything above
 //! ```
+//! A session whose last pass was a greedy generation step holds that step's token instead of the
+//! logits (`OutputKind::Greedy`); the header then records it as `greedy` (absent otherwise, so
+//! files of other sessions are as before), and a session loaded from it continues exactly as the
+//! original.
+//!
 //! Loading checks, before allocating anything, that the file's length equals what the header
 //! implies and that every size is within the model's limits (a hostile file cannot make us
 //! allocate more than its own size); then the checksum, the fingerprint (the session must come
@@ -53,14 +58,27 @@ struct SessionHeader {
     kv_dim: usize,
     vocab: usize,
     has_logits: bool,
+    /// The greedy choice of the last token's pass when that is all the session holds of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    greedy: Option<GreedyChoice>,
     messages: Vec<ChatMessage>,
     needs_generation_prompt: bool,
+}
+
+/// A greedy generation step's result for the last token: the choice among the first `limit` ids
+/// (`None`: no logit there was above -inf).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GreedyChoice {
+    pub(crate) limit: usize,
+    pub(crate) token: Option<u32>,
 }
 
 /// What a session file holds, independent of the `Session` type.
 pub(crate) struct SessionState {
     pub(crate) tokens: Vec<u32>,
     pub(crate) last_logits: Vec<f32>,
+    /// Instead of the logits (never both).
+    pub(crate) greedy: Option<GreedyChoice>,
     pub(crate) kv_tokens: usize,
     pub(crate) regime: RopeRegime,
     pub(crate) kv: Vec<f32>,
@@ -92,6 +110,7 @@ pub(crate) fn save(model: &Model, state: &SessionState, path: &Path) -> Result<(
         kv_dim: config.kv_dim(),
         vocab: config.vocab_size,
         has_logits: !state.last_logits.is_empty(),
+        greedy: state.greedy,
         messages: state.messages.clone(),
         needs_generation_prompt: state.needs_generation_prompt,
     };
@@ -198,6 +217,18 @@ pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
     {
         return Err(format_err(path, "session header sizes do not fit this model"));
     }
+    if let Some(g) = header.greedy {
+        // Only ever saved for a fully cached session without logits, with a token below its
+        // limit (which is at most the vocabulary).
+        let consistent = !header.has_logits
+            && header.n_tokens > 0
+            && header.kv_tokens == header.n_tokens
+            && g.limit <= header.vocab
+            && g.token.is_none_or(|t| (t as usize) < g.limit);
+        if !consistent {
+            return Err(format_err(path, format!("session header: inconsistent greedy {g:?}")));
+        }
+    }
     let logits_len = if header.has_logits { header.vocab } else { 0 };
     // Every factor is bounded by the checks above (dims <= 2^20, tokens <= 2^24), yet checked
     // arithmetic keeps a hostile header from wrapping on any platform.
@@ -236,6 +267,7 @@ pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
     Ok(SessionState {
         tokens,
         last_logits,
+        greedy: header.greedy,
         kv_tokens: header.kv_tokens,
         regime: if header.long_rope { RopeRegime::Long } else { RopeRegime::Short },
         kv,

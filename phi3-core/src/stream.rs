@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backend::OutputKind;
 use crate::chat::ChatMessage;
 use crate::detok::IncrementalDecoder;
 use crate::error::{Error, ErrorKind, Result};
@@ -41,6 +42,8 @@ pub struct TokenStream<'s> {
     session: &'s mut Session,
     options: GenerateOptions,
     sampling: SamplerOptions,
+    /// What each step needs of the model: the logits, or only the greedy choice.
+    output: OutputKind,
     stop_ids: Vec<u32>,
     limit: usize,
     detok: IncrementalDecoder,
@@ -81,7 +84,10 @@ impl<'s> TokenStream<'s> {
         let generating = model.generation_guard();
         session.add_generation_prompt()?;
         let prompt_tokens = session.pending();
-        if let Err(e) = session.sync() {
+        let sampling = options.sampler_options();
+        let limit = model.emittable_vocab();
+        let output = Session::output_for(&sampling, limit);
+        if let Err(e) = session.sync_for(output) {
             // The assistant prompt was this call's addition: take it back. (Pending tokens from
             // earlier appends stay pending, as the host appended them.)
             session.undo_generation_prompt(before_prompt);
@@ -94,9 +100,10 @@ impl<'s> TokenStream<'s> {
         );
         Ok(TokenStream {
             options: options.clone(),
-            sampling: options.sampler_options(),
+            sampling,
+            output,
             stop_ids,
-            limit: model.emittable_vocab(),
+            limit,
             detok,
             stop_text: StopText::new(&options.stop),
             text: String::new(),
@@ -188,7 +195,7 @@ impl<'s> TokenStream<'s> {
         } else if s.cancel_token().is_cancelled() {
             self.finish = Some(FinishReason::Cancelled);
         } else if self.generated.len() < self.options.max_tokens {
-            match s.sync() {
+            match s.sync_for(self.output) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Cancelled => {
                     self.finish = Some(FinishReason::Cancelled)

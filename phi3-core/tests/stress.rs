@@ -24,8 +24,8 @@
 //! Cancellation is the one thing a replay cannot reproduce, because where it lands depends on
 //! timing. A cancelled generate that produced `n` tokens replays as:
 //! - `n == 0`: nothing. The session must hold exactly the tokens it held before the call.
-//! - `n > 0` and the original ended with the logits of its last token computed (the cancel was
-//!   seen at the top of the next step): the same generate, cancelled from its own callback after
+//! - `n > 0` and the original ended with the output of its last token computed (its logits, or
+//!   for greedy options only its greedy choice: the cancel was seen at the top of the next step): the same generate, cancelled from its own callback after
 //!   token `n`, which takes exactly that path.
 //! - otherwise (the cancel was seen before token `n`'s forward pass): the same generate limited
 //!   to `max_tokens = n`, which stops at the same place.
@@ -213,6 +213,9 @@ struct View {
     /// `Session::kv_state`: (cached tokens, long LongRoPE factors).
     kv: (usize, bool),
     logits: Option<u64>,
+    /// `Session::has_last_output`: the last token's output is held (logits, or a greedy step's
+    /// token only).
+    output: bool,
 }
 
 type Failure = (ErrorKind, String);
@@ -283,6 +286,7 @@ fn view(slot: &Option<Session>) -> Option<View> {
         max_context: s.max_context(),
         kv: s.kv_state(),
         logits: s.last_logits().map(hash_f32),
+        output: s.has_last_output(),
     })
 }
 
@@ -640,7 +644,7 @@ fn replay(worker_name: &str, subject: &Subject, log: &[Entry], tally: &mut Tally
         let plan = if n == 0 {
             tally.cancels_before_first_token += 1;
             Cancel::Skip
-        } else if want_view.logits.is_some() {
+        } else if want_view.output {
             Cancel::AtToken(n)
         } else {
             Cancel::Limit(n)
@@ -673,7 +677,7 @@ fn replay(worker_name: &str, subject: &Subject, log: &[Entry], tally: &mut Tally
             slots[op.slot()].as_ref().unwrap().save(&mine).unwrap();
             let strip = |path: &Path| {
                 let (mut header, _) = file_parts(path);
-                for key in ["kv_tokens", "long_rope", "has_logits"] {
+                for key in ["kv_tokens", "long_rope", "has_logits", "greedy"] {
                     header.as_object_mut().unwrap().remove(key);
                 }
                 header

@@ -132,6 +132,43 @@ pub struct SeqSpan {
     pub pos0: usize,
 }
 
+/// What a forward pass hands back for one of its sequences (see [`Backend::run_pass`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// The last position's logits, on the host.
+    Logits,
+    /// Only the greedy choice among the first `limit` ids of the last position's logits, by
+    /// [`crate::sampler::greedy_choice`]'s rule (ties to the lowest id, NaN never chosen, none
+    /// when nothing is above -inf): what a plain greedy decode step needs. CUDA computes it on
+    /// the device and copies back one id instead of the vocabulary's logits (issue 7).
+    Greedy {
+        /// Ids at or past it are never chosen (the tokenizer cannot decode them).
+        limit: usize,
+    },
+}
+
+/// One sequence's result of a forward pass, as its [`OutputKind`] asked.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeqOutput {
+    /// `[vocab]` logits of the last position.
+    Logits(Vec<f32>),
+    /// The greedy choice; None when no logit in range is above -inf.
+    Greedy(Option<u32>),
+}
+
+impl SeqOutput {
+    /// The output `kind` asks for, from one sequence's logits on the host (the CPU backend's
+    /// way, and the rule every backend's [`OutputKind::Greedy`] must follow).
+    pub fn from_logits(kind: OutputKind, logits: &[f32]) -> SeqOutput {
+        match kind {
+            OutputKind::Logits => SeqOutput::Logits(logits.to_vec()),
+            OutputKind::Greedy { limit } => {
+                SeqOutput::Greedy(crate::sampler::greedy_choice(logits, limit))
+            }
+        }
+    }
+}
+
 /// Attention geometry, fixed per model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnParams {
@@ -283,23 +320,27 @@ pub trait Backend: Send + Sync + 'static {
         self.embed(table, tokens)
     }
 
-    /// One forward pass: `pass(batch)` computes its output rows, `out_cols` values each (the
-    /// embedding through lm_head, reading the pass's tokens and rotary tables through the batch
-    /// it is given: [`Backend::embed_pass`], [`Backend::rope_store_kv`]), and this returns them
-    /// on the host.
-    /// The default calls `pass` once with `batch`. CUDA may instead capture `pass` as a graph
-    /// (with `tokens` and `rope`, the pass's inputs, staged on the device) and replay it for
-    /// later passes of the same shape without calling `pass` at all; the results are the same.
+    /// One forward pass: `pass(batch)` computes its output rows, one per sequence, `out_cols`
+    /// values each (the embedding through lm_head, reading the pass's tokens and rotary tables
+    /// through the batch it is given: [`Backend::embed_pass`], [`Backend::rope_store_kv`]), and
+    /// this returns what `outputs` (one per row) asks of each row: its logits on the host, or
+    /// only its greedy choice ([`SeqOutput::from_logits`] is the rule).
+    /// The default calls `pass` once with `batch` and works on the host. CUDA may instead
+    /// capture `pass` as a graph (with `tokens` and `rope`, the pass's inputs, staged on the
+    /// device) and replay it for later passes of the same shape without calling `pass` at all,
+    /// and chooses greedy rows' tokens on the device; the results are the same.
     fn run_pass(
         &self,
         batch: &Self::KvBatch,
         tokens: &[u32],
         rope: &RopeBatch,
+        outputs: &[OutputKind],
         out_cols: usize,
         pass: &mut dyn FnMut(&Self::KvBatch) -> Result<Self::Act>,
-    ) -> Result<Vec<f32>> {
-        let _ = (tokens, rope, out_cols);
-        self.to_host(&pass(batch)?)
+    ) -> Result<Vec<SeqOutput>> {
+        let _ = (tokens, rope);
+        let logits = self.to_host(&pass(batch)?)?;
+        host_outputs(&logits, outputs, out_cols)
     }
 
     /// `residual += delta` (when given), then return `rms_norm(residual) * weight` (HF Phi3RMSNorm).
@@ -370,6 +411,27 @@ pub trait Backend: Send + Sync + 'static {
     fn to_host(&self, x: &Self::Act) -> Result<Vec<f32>>;
 }
 
+/// Each row's output from a pass's `[outputs.len(), out_cols]` logits on the host (`Internal`
+/// when there are not that many values).
+pub fn host_outputs(
+    logits: &[f32],
+    outputs: &[OutputKind],
+    out_cols: usize,
+) -> Result<Vec<SeqOutput>> {
+    if out_cols == 0 || logits.len() != outputs.len() * out_cols {
+        return Err(Error::internal(format!(
+            "a pass returned {} logits for {} rows of {out_cols}",
+            logits.len(),
+            outputs.len()
+        )));
+    }
+    Ok(outputs
+        .iter()
+        .zip(logits.chunks(out_cols))
+        .map(|(&kind, row)| SeqOutput::from_logits(kind, row))
+        .collect())
+}
+
 /// Where a model runs, as hosts spell it: "auto", "cpu", "cuda" or "cuda:N". Parsing
 /// (`str::parse`) trims surrounding whitespace and fails with `InvalidArgument` on any other
 /// string.
@@ -430,5 +492,35 @@ mod tests {
             assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
         }
         assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+    }
+
+    #[test]
+    fn host_outputs_follow_each_rows_kind() {
+        let nan = f32::NAN;
+        let logits = [
+            1.0,
+            3.0,
+            3.0,
+            9.0, // greedy below 3: the tie goes to id 1; 9.0 is past the limit
+            nan,
+            nan,
+            -2.0,
+            nan, // logits kept as they are
+            f32::NEG_INFINITY,
+            nan,
+            f32::NEG_INFINITY,
+            nan, // nothing to choose
+        ];
+        let kinds =
+            [OutputKind::Greedy { limit: 3 }, OutputKind::Logits, OutputKind::Greedy { limit: 4 }];
+        let out = host_outputs(&logits, &kinds, 4).unwrap();
+        assert_eq!(out[0], SeqOutput::Greedy(Some(1)));
+        let SeqOutput::Logits(kept) = &out[1] else { panic!("{:?}", out[1]) };
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(kept), bits(&logits[4..8]));
+        assert_eq!(out[2], SeqOutput::Greedy(None));
+        // A pass that returned the wrong number of values is an error, not a short answer.
+        assert!(host_outputs(&logits[..8], &kinds, 4).is_err());
+        assert!(host_outputs(&[], &[], 0).is_err());
     }
 }

@@ -39,8 +39,9 @@ use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
 use super::error::DriverResultExt;
 use super::kv::{RopeOnDevice, RopeUpload};
+use super::outputs::argmax_limits;
 use super::{CudaAct, CudaBackend, CudaKvBatch};
-use crate::backend::Backend;
+use crate::backend::{OutputKind, SeqOutput};
 use crate::error::{Error, Result};
 use crate::rope::RopeBatch;
 
@@ -118,6 +119,14 @@ impl<K: PartialEq, V> Recent<K, V> {
     }
 }
 
+/// A graph-run pass's greedy choices: `phi3_argmax_rows` runs at the end of the graph over its
+/// logits with each row's limit (staged before every launch, as the arena's inputs) and leaves
+/// the ids in `chosen`, so only they come back for greedy rows. [`MAX_GRAPH_ROWS`] each.
+struct GreedyBuffers {
+    limits: CudaSlice<i32>,
+    chosen: CudaSlice<i32>,
+}
+
 /// The backend's graphs (behind one mutex: a graph must not be launched from two threads at
 /// once).
 pub(super) struct Graphs {
@@ -126,6 +135,8 @@ pub(super) struct Graphs {
     /// Where graph-run passes leave their logits (`[rows, out_cols]` at the start), at least
     /// `rows` rows of them, rounded up to a power of two.
     output: Option<CudaSlice<f32>>,
+    /// Where graph-run passes choose greedy rows' tokens (beside `output`, replaced with it).
+    greedy: Option<GreedyBuffers>,
     arena_epoch: u64,
     cache: Recent<GraphKey, OwnedGraph>,
     stats: GraphStats,
@@ -136,6 +147,7 @@ impl Default for Graphs {
         Graphs {
             arena: None,
             output: None,
+            greedy: None,
             arena_epoch: 0,
             cache: Recent::new(MAX_GRAPHS),
             stats: GraphStats::default(),
@@ -173,6 +185,7 @@ impl CudaBackend {
             let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
             graphs.arena = None;
             graphs.output = None;
+            graphs.greedy = None;
             self.drop_graphs(&mut graphs);
         }
     }
@@ -233,41 +246,55 @@ impl CudaBackend {
     }
 
     /// `Backend::run_pass` on CUDA: as a graph when graphs are on and every sequence adds one
-    /// token, else `pass(batch)` once. The pass returns `[rows, out_cols]`.
+    /// token, else `pass(batch)` once. The pass returns `[rows, out_cols]`; `outputs` says what
+    /// each row hands back (`outputs.rs`).
     pub(super) fn run_pass_cuda(
         &self,
         batch: &CudaKvBatch,
         tokens: &[u32],
         rope: &RopeBatch,
+        outputs: &[OutputKind],
         out_cols: usize,
         pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<SeqOutput>> {
         let eligible = self.use_graphs.load(Ordering::Relaxed)
             && batch.decode_only()
             && tokens.len() == batch.rows()
             && (1..=MAX_GRAPH_ROWS).contains(&batch.rows())
+            && outputs.len() == batch.rows()
             && out_cols > 0;
         // One pass at a time holds the graphs; a second one (another model thread on this
         // backend) runs as usual.
         let held = if eligible { self.graphs.try_lock().ok() } else { None };
         let Some(mut graphs) = held else {
-            return self.to_host(&pass(batch)?);
+            return self.eager_pass(batch, outputs, out_cols, pass);
         };
         let out_len = batch.rows() * out_cols;
-        let buffers = match (graphs.arena.take(), graphs.output.take()) {
-            (Some(a), Some(o)) if arena_fits(&a, batch, tokens, rope) && o.len() >= out_len => {
-                (a, o)
+        let buffers = match (graphs.arena.take(), graphs.output.take(), graphs.greedy.take()) {
+            (Some(a), Some(o), Some(g))
+                if arena_fits(&a, batch, tokens, rope) && o.len() >= out_len =>
+            {
+                (a, o, g)
             }
             _ => {
                 self.drop_graphs(&mut graphs); // their buffers are gone
                 graphs.arena_epoch += 1;
                 let rows = batch.rows().next_power_of_two();
                 let output = self.alloc::<f32>(rows * out_cols, "graph outputs: logits")?;
-                (self.new_arena(batch, rope)?, output)
+                let greedy = GreedyBuffers {
+                    limits: self.alloc::<i32>(MAX_GRAPH_ROWS, "graph inputs: greedy limits")?,
+                    chosen: self.alloc::<i32>(MAX_GRAPH_ROWS, "graph outputs: greedy choices")?,
+                };
+                (self.new_arena(batch, rope)?, output, greedy)
             }
         };
-        let (arena, mut output) = buffers;
+        let (arena, mut output, mut greedy) = buffers;
         let staged = self.stage(batch, tokens, rope, arena)?;
+        let limits = argmax_limits(outputs, out_cols);
+        self.dev
+            .stream
+            .memcpy_htod(&limits, &mut greedy.limits.slice_mut(0..limits.len()))
+            .ctx("graph inputs: greedy limits")?;
         let key = GraphKey {
             rows: batch.rows(),
             splits: batch.splits(),
@@ -284,7 +311,7 @@ impl CudaBackend {
                 graphs.stats.replays += 1;
                 r.map(|()| true)
             }
-            None => match self.capture(&staged, &mut output, out_len, pass) {
+            None => match self.capture(&staged, &mut output, &mut greedy, out_cols, pass) {
                 Ok(graph) => {
                     graphs.stats.captures += 1;
                     graphs.cache.insert(key, graph).0.launch().ctx("graph launch").map(|()| true)
@@ -299,12 +326,33 @@ impl CudaBackend {
         };
         graphs.arena = staged.into_arena();
         let result = match launched {
-            Ok(true) => self.dtoh_prefix(&output, out_len),
-            Ok(false) => pass(batch).and_then(|logits| self.to_host(&logits)),
+            Ok(true) => self.collect_outputs(&output, &greedy.chosen, outputs, out_cols),
+            Ok(false) => self.eager_pass(batch, outputs, out_cols, pass),
             Err(e) => Err(e),
         };
         graphs.output = Some(output);
+        graphs.greedy = Some(greedy);
         result
+    }
+
+    /// `pass(batch)` run as usual, and its rows' outputs.
+    fn eager_pass(
+        &self,
+        batch: &CudaKvBatch,
+        outputs: &[OutputKind],
+        out_cols: usize,
+        pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
+    ) -> Result<Vec<SeqOutput>> {
+        let logits = pass(batch)?;
+        if logits.rows != outputs.len() || logits.cols != out_cols {
+            return Err(Error::internal(format!(
+                "a pass returned [{}, {}] for {} rows of {out_cols}",
+                logits.rows,
+                logits.cols,
+                outputs.len()
+            )));
+        }
+        self.pass_outputs(&logits.buf, outputs, out_cols)
     }
 
     /// An arena large enough for this pass (with room to grow: twice its needs).
@@ -341,15 +389,18 @@ impl CudaBackend {
         Ok(batch.staged_copy(arena.words, arena.ids, rope_dev))
     }
 
-    /// `pass` captured as a graph that ends by copying its `out_len` logits into `output`
-    /// (nothing runs yet).
+    /// `pass` captured as a graph that ends by copying its logits (`[rows, out_cols]`) into
+    /// `output` and choosing each row's greedy token into `greedy.chosen` (nothing runs yet).
     fn capture(
         &self,
         staged: &CudaKvBatch,
         output: &mut CudaSlice<f32>,
-        out_len: usize,
+        greedy: &mut GreedyBuffers,
+        out_cols: usize,
         pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
     ) -> Result<OwnedGraph> {
+        let rows = staged.rows();
+        let out_len = rows * out_cols;
         let stream = &self.dev.stream;
         // Thread-local: only this thread's unsafe calls end the capture; other threads' calls that
         // do not touch this stream (a memory query) go on. Work on the stream from another thread
@@ -372,7 +423,9 @@ impl CudaBackend {
             }
             stream
                 .memcpy_dtod(&logits.buf.slice(0..out_len), &mut output.slice_mut(0..out_len))
-                .ctx("graph outputs: logits")
+                .ctx("graph outputs: logits")?;
+            let GreedyBuffers { limits, chosen } = greedy;
+            self.launch_argmax_rows(output, limits, chosen, rows, out_cols)
         });
         let graph = guard.end();
         copied?;
@@ -380,16 +433,6 @@ impl CudaBackend {
             Some(graph) => Ok(OwnedGraph(graph)),
             None => Err(Error::internal("graph capture recorded nothing")),
         }
-    }
-
-    /// The first `n` values of `buf` on the host, once all earlier work is done.
-    fn dtoh_prefix(&self, buf: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; n];
-        if n > 0 {
-            self.dev.stream.memcpy_dtoh(&buf.slice(0..n), &mut out).ctx("copy to the host")?;
-        }
-        self.synchronize()?;
-        Ok(out)
     }
 }
 

@@ -112,6 +112,11 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["phi3_swiglu"],
     },
     KernelSource {
+        name: "argmax.cu",
+        source: include_str!("../../../../kernels/argmax.cu"),
+        entries: &["phi3_argmax_rows"],
+    },
+    KernelSource {
         name: "convert.cu",
         source: include_str!("../../../../kernels/convert.cu"),
         entries: &[

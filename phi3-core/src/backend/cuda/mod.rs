@@ -52,6 +52,7 @@ mod linear;
 pub mod memory;
 mod nvrtc;
 mod ops;
+mod outputs;
 pub mod quant;
 mod upload;
 
@@ -70,7 +71,7 @@ pub use self::kv::{CudaKvBatch, CudaKvPool, KV_SLAB_BYTES};
 use self::linear::DenseInput;
 use self::ops::{RowKernel, SkipRows};
 pub use self::upload::dummy_value;
-use super::{AttnParams, Backend, KvLayout, LinearRows, SeqSpan};
+use super::{AttnParams, Backend, KvLayout, LinearRows, OutputKind, SeqOutput, SeqSpan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::{DType, HostTensor, QuantizedTensor, WeightFormat};
 use crate::rope::RopeBatch;
@@ -631,10 +632,11 @@ impl Backend for CudaBackend {
         batch: &CudaKvBatch,
         tokens: &[u32],
         rope: &RopeBatch,
+        outputs: &[OutputKind],
         out_cols: usize,
         pass: &mut dyn FnMut(&CudaKvBatch) -> Result<CudaAct>,
-    ) -> Result<Vec<f32>> {
-        self.run_pass_cuda(batch, tokens, rope, out_cols, pass)
+    ) -> Result<Vec<SeqOutput>> {
+        self.run_pass_cuda(batch, tokens, rope, outputs, out_cols, pass)
     }
 
     fn rms_norm(

@@ -37,6 +37,8 @@ const DECODE_GEMM_THREADS: u32 = 128;
 pub(crate) const DECODE_GEMM_ROWS: usize = 64;
 /// Tokens per block of phi3_decode_gemm (DG_TOK): more take more blocks along z.
 pub(crate) const DECODE_GEMM_TOKENS: usize = 64;
+/// Threads per block of phi3_argmax_rows (ARGMAX_THREADS in argmax.cu).
+const ARGMAX_THREADS: u32 = 1024;
 /// Most blocks of threads that copy one KV block (phi3_copy_kv_blocks).
 const KV_COPY_CHUNKS: usize = 64;
 
@@ -171,6 +173,21 @@ impl CudaBackend {
                 launch!(self, "phi3_rms_norm", cfg, residual, &null, weight, out, &cols, &eps)
             }
         }
+    }
+
+    /// `chosen[r]` = the greedy choice among the first `limits[r]` ids of row `r` of `logits`
+    /// (`[rows, cols]`), -1 for none (phi3_argmax_rows).
+    pub(crate) fn launch_argmax_rows(
+        &self,
+        logits: &CudaSlice<f32>,
+        limits: &CudaSlice<i32>,
+        chosen: &mut CudaSlice<i32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let cfg = per_row(rows, ARGMAX_THREADS)?;
+        let cols = i32_of(cols, "cols")?;
+        launch!(self, "phi3_argmax_rows", cfg, logits, limits, &cols, chosen)
     }
 
     /// `name` is phi3_gemv_<dtype>; y[out] = w[out, in] x[in].
