@@ -552,6 +552,25 @@ phi3_status phi3_session_append_text(struct phi3_session *s, const char *utf8, s
 phi3_status phi3_session_append_tokens(struct phi3_session *s, const int32_t *tokens, size_t n);
 
 /**
+ * Append token ids, run the model over everything pending, and store only the greedy choice
+ * after the last token in `*out_token`: the id phi3_session_generate picks with temperature 0
+ * (the largest logit among the ids the tokenizer can emit, ties to the lowest id), or -1 when
+ * no logit there is above -inf. For hosts running their own greedy loop: on CUDA the choice is
+ * made on the device and one id is copied back instead of the logits (phi3_session_logits
+ * afterwards runs the last token again).
+ *
+ * Errors: those of phi3_session_append_tokens, and PHI3_ERR_INVALID_ARGUMENT for a NULL
+ * `out_token`. Unchanged on error (`*out_token` too).
+ *
+ * # Safety
+ * `s` NULL or live; `tokens` NULL or `n` readable ids; `out_token` NULL or writable.
+ */
+phi3_status phi3_session_append_tokens_greedy(struct phi3_session *s,
+                                              const int32_t *tokens,
+                                              size_t n,
+                                              int32_t *out_token);
+
+/**
  * Add a chat message ("system", "user" or "assistant") through the model's chat template.
  * The next phi3_session_generate adds the assistant prompt first.
  *

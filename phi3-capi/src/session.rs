@@ -203,20 +203,68 @@ pub unsafe extern "C" fn phi3_session_append_tokens(
         // SAFETY: forwarded contracts.
         let s = unsafe { arg_ref(s, "session") }?;
         s.with(|session| {
-            // Checked before the ids are read or copied: a count of 2^40 is an error, not a
-            // multi-terabyte allocation.
-            let room = session.max_context().saturating_sub(session.len());
-            if n > room {
-                return Err(Error::new(
-                    ErrorKind::ContextFull,
-                    format!("{n} tokens do not fit: the session has room for {room} more"),
-                ));
-            }
             // SAFETY: forwarded contract.
-            let ids = token_ids(unsafe { arg_slice(tokens, n, "tokens") }?, "tokens")?;
+            let ids = unsafe { tokens_that_fit(session, tokens, n) }?;
             session.append_tokens(ids).map(drop)
         })
     })
+}
+
+/// Append token ids, run the model over everything pending, and store only the greedy choice
+/// after the last token in `*out_token`: the id phi3_session_generate picks with temperature 0
+/// (the largest logit among the ids the tokenizer can emit, ties to the lowest id), or -1 when
+/// no logit there is above -inf. For hosts running their own greedy loop: on CUDA the choice is
+/// made on the device and one id is copied back instead of the logits (phi3_session_logits
+/// afterwards runs the last token again).
+///
+/// Errors: those of phi3_session_append_tokens, and PHI3_ERR_INVALID_ARGUMENT for a NULL
+/// `out_token`. Unchanged on error (`*out_token` too).
+///
+/// # Safety
+/// `s` NULL or live; `tokens` NULL or `n` readable ids; `out_token` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn phi3_session_append_tokens_greedy(
+    s: *mut phi3_session,
+    tokens: *const i32,
+    n: usize,
+    out_token: *mut i32,
+) -> phi3_status {
+    boundary(|| {
+        // SAFETY: forwarded contracts.
+        let s = unsafe { arg_ref(s, "session") }?;
+        let out = arg_out(out_token, "out_token")?;
+        let chosen = s.with(|session| {
+            // SAFETY: forwarded contract.
+            let ids = unsafe { tokens_that_fit(session, tokens, n) }?;
+            session.append_tokens_greedy(ids)
+        })?;
+        // Ids are below the vocabulary size, which fits an i32 (the model checked it).
+        let id = chosen.map_or(-1, |t| i32::try_from(t).unwrap_or(-1));
+        // SAFETY: checked by arg_out; writable by the caller's contract.
+        unsafe { out.write(id) };
+        Ok(())
+    })
+}
+
+/// `n` token ids at `tokens` that fit in `session`: the room is checked before the ids are read
+/// or copied (a count of 2^40 is an error, not a multi-terabyte allocation), then each id's sign.
+///
+/// # Safety
+/// `tokens` NULL or `n` readable ids.
+unsafe fn tokens_that_fit<'a>(
+    session: &Session,
+    tokens: *const i32,
+    n: usize,
+) -> phi3_core::Result<&'a [u32]> {
+    let room = session.max_context().saturating_sub(session.len());
+    if n > room {
+        return Err(Error::new(
+            ErrorKind::ContextFull,
+            format!("{n} tokens do not fit: the session has room for {room} more"),
+        ));
+    }
+    // SAFETY: forwarded contract.
+    token_ids(unsafe { arg_slice(tokens, n, "tokens") }?, "tokens")
 }
 
 /// Add a chat message ("system", "user" or "assistant") through the model's chat template.

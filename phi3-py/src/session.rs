@@ -94,6 +94,24 @@ impl PySession {
         convert::numpy_f32(py, &logits)
     }
 
+    /// Append token ids and run the model over everything pending; returns only the greedy
+    /// choice after the last token (the id `generate` picks with temperature 0: the largest
+    /// logit among the ids the tokenizer can emit, ties to the lowest id), or None when no logit
+    /// there is above -inf. On CUDA the choice is made on the device and one id is copied back
+    /// instead of the logits; a later `logits()` runs the last token again.
+    ///
+    /// Raises as append_tokens; the session is then unchanged.
+    fn append_tokens_greedy(
+        &self,
+        py: Python<'_>,
+        ids: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<u32>> {
+        let ids = convert::token_ids(py, ids, self.vocab(), "tokens")?;
+        let mut guard = lock(py, &self.inner)?;
+        let session = &mut *guard;
+        run_cancellable(py, &self.cancel, None, |_| session.append_tokens_greedy(&ids))
+    }
+
     /// Tokenize `text` and append it (a BOS token first when the session is empty, as
     /// `tokenizer(text)` adds it). The model runs over it at the next generate/logits call.
     fn append_text(&self, py: Python<'_>, text: &str) -> PyResult<()> {

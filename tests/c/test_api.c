@@ -738,6 +738,50 @@ static void test_token_out_of_range(void)
     phi3_model_free(m);
 }
 
+/* The greedy choice without the logits: equal to the argmax (lowest id on ties) of the logits
+ * another session computes for the same tokens; the logits asked for afterwards are the same
+ * bits; bad arguments leave the session and *out_token as they were. */
+static void test_append_tokens_greedy(void)
+{
+    phi3_model *m = load_fixture();
+    phi3_session *by_logits = new_session(m), *by_choice = new_session(m);
+    int32_t prompt[3] = {1, 17, 42}, tok = 0, chosen = -7, bad = FIXTURE_VOCAB;
+    float *l = NULL, *a, *b;
+    size_t i;
+    int step;
+
+    CHECK_OK(phi3_session_append_tokens(by_logits, prompt, 3));
+    CHECK_OK(phi3_session_append_tokens_greedy(by_choice, prompt, 3, &chosen));
+    for (step = 0; step < 5; step++) {
+        l = session_logits(by_logits, FIXTURE_VOCAB);
+        tok = 0;
+        for (i = 1; i < FIXTURE_VOCAB; i++)
+            if (l[i] > l[tok]) tok = (int32_t)i;
+        free(l);
+        CHECK(chosen == tok);
+        CHECK_OK(phi3_session_append_tokens(by_logits, &tok, 1));
+        CHECK_OK(phi3_session_append_tokens_greedy(by_choice, &tok, 1, &chosen));
+    }
+    a = session_logits(by_logits, FIXTURE_VOCAB);
+    b = session_logits(by_choice, FIXTURE_VOCAB);
+    CHECK(memcmp(a, b, FIXTURE_VOCAB * sizeof(float)) == 0);
+    free(a);
+    free(b);
+
+    CHECK_BAD_ARG(phi3_session_append_tokens_greedy(NULL, &tok, 1, &chosen), "s");
+    CHECK_BAD_ARG(phi3_session_append_tokens_greedy(by_choice, NULL, 1, &chosen), "tokens");
+    CHECK_BAD_ARG(phi3_session_append_tokens_greedy(by_choice, &tok, 1, NULL), "out_token");
+    chosen = -7;
+    CHECK_ERR(phi3_session_append_tokens_greedy(by_choice, &bad, 1, &chosen),
+              PHI3_ERR_TOKEN_OUT_OF_RANGE, "tokens[0]");
+    CHECK(chosen == -7);
+    CHECK_EQ_SIZE(phi3_session_len(by_choice), 8);
+
+    phi3_session_free(by_logits);
+    phi3_session_free(by_choice);
+    phi3_model_free(m);
+}
+
 static void test_context_full(void)
 {
     phi3_model *m = load_fixture();
@@ -1684,6 +1728,7 @@ int main(void)
     RUN_TEST(test_session_new_errors);
     RUN_TEST(test_append_errors);
     RUN_TEST(test_token_out_of_range);
+    RUN_TEST(test_append_tokens_greedy);
     RUN_TEST(test_context_full);
     RUN_TEST(test_logits_and_tokens_buffers);
     RUN_TEST(test_last_error_cleared);

@@ -24,6 +24,23 @@ def test_append_tokens_returns_float32_logits(demo):
     np.testing.assert_allclose(last, s.logits(), rtol=1e-4, atol=1e-4)
 
 
+def test_append_tokens_greedy_returns_the_greedy_id(demo):
+    ids = demo.tokenizer.encode("the people of the world")
+    by_logits, by_choice = demo.session(), demo.session()
+    emittable = demo.tokenizer.vocab_size  # padding rows past it are never chosen
+    token = int(np.argmax(by_logits.append_tokens(ids)[:emittable]))
+    assert by_choice.append_tokens_greedy(ids) == token
+    for _ in range(4):
+        nxt = by_choice.append_tokens_greedy([token])
+        token = int(np.argmax(by_logits.append_tokens([token])[:emittable]))
+        assert isinstance(nxt, int) and nxt == token
+    # Logits asked for afterwards: the last token runs again, to the same values.
+    np.testing.assert_array_equal(by_choice.logits(), by_logits.logits())
+    with pytest.raises(phi3.TokenOutOfRangeError):
+        by_choice.append_tokens_greedy([demo.vocab_size])
+    assert by_choice.tokens == by_logits.tokens
+
+
 def test_append_text_and_message(demo):
     s = demo.session()
     s.append_text("the people")
