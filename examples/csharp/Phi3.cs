@@ -392,6 +392,19 @@ namespace Phi3
             Phi3Exception.Check(Native.phi3_session_append_tokens(this, ids, (UIntPtr)tokens.Length));
         }
 
+        /// <summary>Appends token ids, runs the model over them and returns only the greedy
+        /// choice after the last one (-1 when no logit is above -inf); on CUDA one id is copied
+        /// back instead of the logits.</summary>
+        public int AppendTokensGreedy(int[] tokens)
+        {
+            if (tokens == null) throw new ArgumentNullException("tokens");
+            int[] ids = tokens.Length > 0 ? tokens : new int[1];
+            int chosen;
+            Phi3Exception.Check(Native.phi3_session_append_tokens_greedy(
+                this, ids, (UIntPtr)tokens.Length, out chosen));
+            return chosen;
+        }
+
         /// <summary>Appends a chat message ("system", "user", "assistant").</summary>
         public void AppendMessage(string role, string content)
         {
@@ -783,6 +796,9 @@ namespace Phi3
         internal static extern int phi3_session_append_text(Phi3Session session, byte[] utf8, UIntPtr len);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern int phi3_session_append_tokens(Phi3Session session, int[] tokens, UIntPtr n);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern int phi3_session_append_tokens_greedy(
+            Phi3Session session, int[] tokens, UIntPtr n, out int outToken);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern int phi3_session_append_message(Phi3Session session, byte[] role, byte[] content);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]

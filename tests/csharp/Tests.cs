@@ -450,6 +450,29 @@ public static class Tests
             Check(session.Logits().SequenceEqual(logits), "same history, same logits");
             session.Reset();
             Check(session.Length == 0 && session.Tokens().Length == 0, "reset");
+
+            // The greedy choice alone: the token greedy generation picks next (its stop token
+            // included), then the same logits on request.
+            session.AppendTokens(tokens);
+            float[] full = session.Logits();
+            int want;
+            using (Phi3Session generating = session.Fork())
+            {
+                want = generating.Generate(new GenerateOptions { MaxTokens = 1 }).Tokens[0];
+            }
+            using (Phi3Session greedy = model.NewSession())
+            {
+                Check(greedy.AppendTokensGreedy(tokens) == want, "greedy choice is generate's");
+                // Run again over the last token alone, which may round differently from a pass
+                // over the whole prompt: equal to a few ulps.
+                float[] again = greedy.Logits();
+                float scale = full.Max(x => Math.Abs(x));
+                Check(again.Length == full.Length, "logits after a greedy step: length");
+                Check(again.Zip(full, (a, b) => Math.Abs(a - b)).Max() <= 1e-4f * scale,
+                      "logits after a greedy step");
+                ExpectStatus(Phi3Status.TokenOutOfRange, () => greedy.AppendTokensGreedy(new[] { -1 }));
+                Check(greedy.Length == tokens.Length, "unchanged after an error");
+            }
         }
     }
 
