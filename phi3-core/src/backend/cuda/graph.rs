@@ -21,8 +21,8 @@
 //!   the pass has copied them into the output buffer beside the arena and `phi3_argmax_rows`
 //!   has left each row's greedy choice beside them (with the rows' limits staged like the
 //!   inputs), where the host reads what each row asked for after each launch (`outputs.rs`:
-//!   one id for a greedy row). So a cached graph holds no memory between launches, and CUDA may back
-//!   all graphs of the stream (which never run at once) with the same physical memory: the
+//!   one id for a greedy row). So a cached graph holds no memory between launches, and CUDA
+//!   may back all graphs of the stream (which never run at once) with the same physical memory: the
 //!   graph pool holds about one pass's activations (`memory::graph_bytes`), whatever the number
 //!   of graphs. [`GraphStats`] reports what the pool holds; it is trimmed when graphs are
 //!   dropped;
@@ -328,7 +328,7 @@ impl CudaBackend {
         };
         graphs.arena = staged.into_arena();
         let result = match launched {
-            Ok(true) => self.collect_outputs(&output, &greedy.chosen, outputs, out_cols),
+            Ok(true) => self.collect_outputs(&output, Some(&greedy.chosen), outputs, out_cols),
             Ok(false) => self.eager_pass(batch, outputs, out_cols, pass),
             Err(e) => Err(e),
         };

@@ -454,8 +454,19 @@ impl CudaBackend {
 
     /// Copy a whole buffer to the host and wait for it (and for all earlier work).
     fn dtoh<T: DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
-        let mut out = vec![T::default(); buf.len()];
-        self.dev.stream.memcpy_dtoh(buf, &mut out).ctx("copy to the host")?;
+        self.dtoh_prefix(buf, buf.len())
+    }
+
+    /// The first `n` values of `buf` on the host, once all earlier work is done.
+    fn dtoh_prefix<T: DeviceRepr + Default + Clone>(
+        &self,
+        buf: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); n];
+        if n > 0 {
+            self.dev.stream.memcpy_dtoh(&buf.slice(0..n), &mut out).ctx("copy to the host")?;
+        }
         self.synchronize()?;
         Ok(out)
     }
@@ -845,9 +856,8 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, x: &CudaAct) -> Result<Vec<f32>> {
-        let mut v = self.dtoh(&x.buf)?;
-        v.truncate(x.rows * x.cols);
-        Ok(v)
+        // Only the activation's values: its buffer holds at least one element.
+        self.dtoh_prefix(&x.buf, x.rows * x.cols)
     }
 }
 

@@ -4,7 +4,7 @@
 //! copied back"). A greedy decode step of Phi-3 so moves 4 bytes instead of 128 KiB per
 //! sequence, and the host does not scan the vocabulary.
 
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::CudaSlice;
 
 use super::error::DriverResultExt;
 use super::CudaBackend;
@@ -33,27 +33,32 @@ impl CudaBackend {
         out_cols: usize,
     ) -> Result<Vec<SeqOutput>> {
         check_rows(logits, outputs, out_cols)?;
-        if outputs.iter().all(|k| *k == OutputKind::Logits) {
-            let all = self.dtoh_prefix(logits, outputs.len() * out_cols)?;
-            return host_outputs(&all, outputs, out_cols);
+        if only_logits(outputs) {
+            return self.collect_outputs(logits, None, outputs, out_cols);
         }
         let limits = self.htod(&argmax_limits(outputs, out_cols), "greedy limits")?;
         let mut chosen = self.alloc::<i32>(outputs.len(), "greedy choices")?;
         self.launch_argmax_rows(logits, &limits, &mut chosen, outputs.len(), out_cols)?;
-        self.collect_outputs(logits, &chosen, outputs, out_cols)
+        self.collect_outputs(logits, Some(&chosen), outputs, out_cols)
     }
 
-    /// The rows' outputs when `chosen` already holds `phi3_argmax_rows`'s choices for them (a
-    /// graph ran it): the logits of the rows that want them and every greedy row's id, copied
-    /// once all earlier work is done.
+    /// The rows' outputs once `chosen` holds `phi3_argmax_rows`'s choices for them (a graph ran
+    /// it, or `pass_outputs`; `None` only when every row wants its logits): the logits of the
+    /// rows that want them, in one copy when all do, and every greedy row's id, copied once all
+    /// earlier work is done.
     pub(super) fn collect_outputs(
         &self,
         logits: &CudaSlice<f32>,
-        chosen: &CudaSlice<i32>,
+        chosen: Option<&CudaSlice<i32>>,
         outputs: &[OutputKind],
         out_cols: usize,
     ) -> Result<Vec<SeqOutput>> {
         check_rows(logits, outputs, out_cols)?;
+        if only_logits(outputs) {
+            let all = self.dtoh_prefix(logits, outputs.len() * out_cols)?;
+            return host_outputs(&all, outputs, out_cols);
+        }
+        let chosen = chosen.ok_or_else(|| Error::internal("greedy rows without their choices"))?;
         let stream = &self.dev.stream;
         let mut rows_logits = Vec::new();
         for (row, kind) in outputs.iter().enumerate() {
@@ -80,20 +85,11 @@ impl CudaBackend {
             })
             .collect()
     }
+}
 
-    /// The first `n` values of `buf` on the host, once all earlier work is done.
-    pub(super) fn dtoh_prefix<T: DeviceRepr + Default + Clone>(
-        &self,
-        buf: &CudaSlice<T>,
-        n: usize,
-    ) -> Result<Vec<T>> {
-        let mut out = vec![T::default(); n];
-        if n > 0 {
-            self.dev.stream.memcpy_dtoh(&buf.slice(0..n), &mut out).ctx("copy to the host")?;
-        }
-        self.synchronize()?;
-        Ok(out)
-    }
+/// Whether every row wants its logits (no greedy choice to make).
+fn only_logits(outputs: &[OutputKind]) -> bool {
+    outputs.iter().all(|k| *k == OutputKind::Logits)
 }
 
 /// `Internal` unless `logits` holds `outputs.len()` rows of `out_cols > 0` values.
