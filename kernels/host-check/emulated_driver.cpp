@@ -30,6 +30,7 @@
 #include "cuda_host.h"
 
 #include "../argmax.cu"
+#include "../top_candidates.cu"
 #include "../attention.cu"
 #include "../attention_tc.cu"
 #include "../convert.cu"

@@ -26,7 +26,8 @@
 //   that token alone (the batch invariance the kernel exists for).
 // - the GEMV (kernels/gemv.cu: f32 weights, odd widths; both load paths), RMSNorm with and without
 //   the residual add (kernels/rms_norm.cu), the embedding from every table dtype and row gathers
-//   (kernels/embed.cu), the greedy choice per row (kernels/argmax.cu).
+//   (kernels/embed.cu), the greedy choice per row (kernels/argmax.cu), a top-k step's candidates
+//   per row (kernels/top_candidates.cu).
 // - conversions to bf16/f16 against exact rounding and the fills (kernels/convert.cu); dummy
 //   weights (kernels/dummy.cu) against values pinned in the Rust twin's unit test
 //   (backend/cuda/upload.rs).
@@ -59,6 +60,7 @@
 #include "../convert.cu"
 #include "../dummy.cu"
 #include "../argmax.cu"
+#include "../top_candidates.cu"
 
 #include <algorithm>
 
@@ -847,6 +849,79 @@ static void argmax_case() {
     for (int r = 0; r < rows; ++r) expect(out[r] == planted[r], "argmax planted", out[r], planted[r]);
 }
 
+// phi3_top_candidates: each row's min(count, stride) largest logits below its limit that are
+// above -inf, by f32 total order then the lower id (sampler::top_candidates), against a full sort.
+// Rows: Phi-3's width at random; few distinct values (the count-th falls inside a tie: the id
+// bytes decide); fewer ids above -inf than asked; NaN, +inf, -0.0 next to 0.0; count 0; limit 0;
+// count past the stride; a limit past cols; one value everywhere (every id byte needed); exactly
+// as many live ids as asked.
+static void top_candidates_case() {
+    const int cols = 32064, rows = 10, stride = 120;
+    const float inf = __uint_as_float(0x7f800000u);
+    std::vector<float> x((size_t)rows * cols);
+    for (auto& v : x) v = uniform(-12.0f, 12.0f);
+    auto row = [&](int r) { return x.data() + (size_t)r * cols; };
+    std::vector<int> wanted(2 * rows);
+    for (int r = 0; r < rows; ++r) wanted[2 * r] = 32011, wanted[2 * r + 1] = 114;
+    for (int c = 0; c < cols; ++c) row(1)[c] = (float)(int)uniform(-3.0f, 3.0f);
+    for (int c = 0; c < cols; ++c) row(2)[c] = c % 641 == 0 ? uniform(-1.0f, 1.0f) : -inf;
+    for (int c = 0; c < 400; ++c) row(3)[c] = c % 3 == 0 ? NAN : -1.0f;
+    wanted[6] = 400, wanted[7] = 10;
+    row(3)[7] = inf, row(3)[8] = -0.0f, row(3)[9] = 0.0f, row(3)[300] = -0.0f, row(3)[11] = 5.0f;
+    wanted[9] = 0;
+    wanted[10] = 0;
+    wanted[13] = 1000;
+    wanted[14] = 1 << 30;
+    row(7)[cols - 1] = 99.0f;
+    for (int c = 0; c < cols; ++c) row(8)[c] = 0.25f;
+    for (int c = 0; c < cols; ++c) row(9)[c] = c < 5000 && c % 50 == 7 ? uniform(-1.0f, 1.0f) : -inf;
+    wanted[19] = 100;  // ids 7, 57, ..., 4957: exactly 100 above -inf
+    const int words = 1 + 2 * stride;
+    std::vector<int> out((size_t)rows * words, -7);
+    launch((unsigned)rows, TOPC_THREADS, [&] {
+        phi3_top_candidates(x.data(), wanted.data(), cols, stride, out.data());
+    });
+    auto key = [](float v) { return candidate_key(v); };
+    for (int r = 0; r < rows; ++r) {
+        const int limit = std::min(wanted[2 * r], cols), count = std::min(wanted[2 * r + 1], stride);
+        std::vector<std::pair<unsigned, int>> live;  // (key, id)
+        for (int c = 0; c < std::max(limit, 0); ++c) {
+            if (key(row(r)[c]) != 0u) live.push_back({key(row(r)[c]), c});
+        }
+        std::sort(live.begin(), live.end(), [](auto a, auto b) {
+            return a.first != b.first ? a.first > b.first : a.second < b.second;
+        });
+        const size_t n = count <= 0 ? 0 : std::min(live.size(), (size_t)count);
+        std::vector<int> want;
+        for (size_t i = 0; i < n; ++i) want.push_back(live[i].second);
+        std::sort(want.begin(), want.end());
+        const int* o = out.data() + (size_t)r * words;
+        char name[64];
+        std::snprintf(name, sizeof name, "top candidates row %d: n", r);
+        expect(o[0] == (int)n, name, o[0], (double)n);
+        if (o[0] != (int)n) continue;
+        std::vector<std::pair<int, unsigned>> got;  // (id, bits)
+        for (size_t i = 0; i < n; ++i) got.push_back({o[1 + i], (unsigned)o[1 + stride + i]});
+        std::sort(got.begin(), got.end());
+        std::snprintf(name, sizeof name, "top candidates row %d", r);
+        for (size_t i = 0; i < n; ++i) {
+            expect(got[i].first == want[i], name, got[i].first, want[i]);
+            const unsigned bits = __float_as_uint(row(r)[want[i]]);
+            expect(got[i].second == bits, name, got[i].second, bits);
+        }
+    }
+    // The planted rows' answers, written out.
+    const int* o3 = out.data() + 3 * (size_t)words;
+    std::vector<int> ids3(o3 + 1, o3 + 1 + std::max(o3[0], 0));
+    std::sort(ids3.begin(), ids3.end());
+    // +inf, 5.0, 0.0, the two -0.0 (300 above every -1.0), then the lowest -1.0 ids.
+    const std::vector<int> planted3 = {1, 2, 4, 5, 7, 8, 9, 10, 11, 300};
+    expect(ids3 == planted3, "top candidates planted row 3", ids3.empty() ? -1 : ids3[0], 1);
+    const int* o8 = out.data() + 8 * (size_t)words;
+    expect(o8[0] == 114 && *std::max_element(o8 + 1, o8 + 115) == 113,
+           "top candidates: one value everywhere takes ids 0..113", o8[0], 114);
+}
+
 // phi3_embed_bf16 and phi3_gather_rows_f32: rows copied (widened) exactly, in the order given,
 // repeats included.
 static void gather_case() {
@@ -1063,6 +1138,7 @@ int main() {
         gemv_case(dtype, 3, 7);     // scalar
     }
     argmax_case();
+    top_candidates_case();
     rms_norm_case(3, 300, true);
     rms_norm_case(2, 5120, false);
     gather_case();

@@ -87,7 +87,8 @@ use phi3_core::loader::quant::{Int4Scales, QuantData, QuantizedTensor};
 use phi3_core::loader::{DType, HostTensor};
 use phi3_core::rope::{Rope, RopeBatch, RopeRegime};
 use phi3_core::{
-    sampler, Device, DummyWeights, LoadOptions, Model, ModelConfig, SessionOptions, WeightFormat,
+    sampler, Device, DummyWeights, GenerateOptions, LoadOptions, Model, ModelConfig,
+    SessionOptions, WeightFormat,
 };
 
 use crate::cli::GpuCheckArgs;
@@ -475,9 +476,10 @@ fn check_rows(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
 }
 
 /// `run_pass`'s outputs: rows of logits at Phi-3's vocabulary width with planted ties, NaN,
-/// -inf, +inf and maxima past the limit, each asking for its logits or its greedy choice (made
-/// on the device by phi3_argmax_rows); every row must equal the host's rule
-/// (`SeqOutput::from_logits`) exactly.
+/// -inf, +inf and maxima past the limit, each asking for its logits, its greedy choice (made on
+/// the device by phi3_argmax_rows) or a top-k step's candidates (phi3_top_candidates); every row
+/// must equal the host's rule (`SeqOutput::from_logits`) exactly. Three passes: the kinds mixed,
+/// all logits, all candidates (the planted rows then test the candidates' ties and specials).
 fn check_pass_outputs(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Result<()> {
     let (rows, cols, limit) = (11, 32064, 32011);
     let mut x = rng.vec(rows * cols, 8.0);
@@ -500,7 +502,9 @@ fn check_pass_outputs(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Resul
     row(&mut x, 5, 6, f32::INFINITY);
     let kinds: Vec<OutputKind> = (0..rows)
         .map(|i| match i {
-            6 | 9 => OutputKind::Logits,
+            6 => OutputKind::Logits,
+            9 => OutputKind::Candidates { limit, count: 114 },
+            10 => OutputKind::Candidates { limit: 300, count: sampler::MAX_CANDIDATES },
             7 => OutputKind::Greedy { limit: 1 },
             8 => OutputKind::Greedy { limit: usize::MAX },
             _ => OutputKind::Greedy { limit },
@@ -512,8 +516,13 @@ fn check_pass_outputs(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Resul
     let batch = gpu.kv_batch(&spans, &tables)?;
     let tokens = vec![0u32; rows];
     let rope = RopeBatch::new(1);
-    for only_logits in [false, true] {
-        let kinds = if only_logits { vec![OutputKind::Logits; rows] } else { kinds.clone() };
+    let every = |kind| vec![kind; rows];
+    let passes = [
+        ("greedy and candidates on the device, 1 row of logits", kinds),
+        ("all logits", every(OutputKind::Logits)),
+        ("all top-114 candidates", every(OutputKind::Candidates { limit, count: 114 })),
+    ];
+    for (name, kinds) in passes {
         let got = gpu.run_pass(&batch, &tokens, &rope, &kinds, cols, &mut |_| {
             gpu.act_from_host(rows, cols, &x)
         })?;
@@ -524,10 +533,7 @@ fn check_pass_outputs(gpu: &CudaBackend, rng: &mut Rng, r: &mut Report) -> Resul
             .collect();
         let differ: Vec<usize> = (0..rows).filter(|&i| !same_output(&got[i], &want[i])).collect();
         r.flag(
-            &format!(
-                "pass outputs [{rows}, {cols}]: {}",
-                if only_logits { "all logits" } else { "greedy on the device, 2 rows of logits" }
-            ),
+            &format!("pass outputs [{rows}, {cols}]: {name}"),
             if differ.is_empty() { "equal".into() } else { format!("rows {differ:?} differ") },
             differ.is_empty() && got.len() == rows,
         );
@@ -1466,6 +1472,37 @@ fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
         ),
         off.cached == 0,
     );
+    // Top-k sampling: each step's candidates selected on the device (after the graph when
+    // graphs are on) and drawn from on the host, against the same seed drawing from all the
+    // logits (a zero logit bias changes no logit but makes the steps ask for them).
+    let sampled = |graphs: bool, via_logits: bool| -> Result<Vec<u32>> {
+        model.set_cuda_graphs(graphs);
+        let mut s = model.session(SessionOptions::default())?;
+        s.append_tokens(&prompt)?;
+        let options = GenerateOptions {
+            max_tokens: steps,
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            seed: Some(7),
+            stop_token_ids: Some(vec![]),
+            logit_bias: if via_logits { vec![(0, 0.0)] } else { vec![] },
+            ..Default::default()
+        };
+        Ok(s.generate(&options, |_, _| std::ops::ControlFlow::Continue(()))?.tokens)
+    };
+    let want = sampled(false, true)?;
+    for (name, graphs) in [("eager", false), ("cuda graphs", true)] {
+        let got = sampled(graphs, false)?;
+        r.flag(
+            &format!(
+                "top-k candidates on the device ({name}): {steps} drawn tokens vs all logits'"
+            ),
+            if got == want { "equal".into() } else { format!("{got:?} vs {want:?}") },
+            got == want && got.len() == steps,
+        );
+    }
+    model.set_cuda_graphs(false);
     let dir = fixtures.join("gqa-longrope-bf16");
     let fixture = Model::load(&dir, &cuda)?;
     fixture.set_cuda_graphs(true);

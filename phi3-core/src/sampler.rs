@@ -39,6 +39,11 @@
 //! running probability sum exceeds `u * total`. The same seed, logits and options always give the
 //! same tokens. `tests/sampler_parity.rs` checks [`probabilities`] against HF's own processors
 //! (fixtures from `tests/oracle/make_sampler_fixtures.py`).
+//!
+//! A top-k draw depends only on the row's largest logits: [`candidate_count`] says how many,
+//! [`top_candidates`] is the rule a backend selects them by (CUDA does it on the device, so a
+//! step copies back about k pairs instead of the vocabulary), and [`sample_candidates`] draws
+//! from them exactly as [`sample`] draws from the whole row, or declines when they cannot decide.
 
 use std::cell::Cell;
 use std::cmp::Ordering;
@@ -308,28 +313,146 @@ pub fn sample(
         if opts.temperature == 0.0 {
             return greedy_finite(&s.logits).map(|i| i as u32).ok_or_else(none);
         }
-        let p = &mut s.probs;
-        softmax(&s.logits, p);
-        let total: f64 = p.iter().sum();
-        if total.is_nan() || total <= 0.0 {
-            return Err(none());
+        draw(s, rng).map(|i| i as u32).ok_or_else(none)
+    })
+}
+
+/// Most candidates one row may ask for ([`candidate_count`]): 8 KiB to copy back per row.
+pub const MAX_CANDIDATES: usize = 1024;
+
+/// Candidates asked for beyond top-k's `k`, so that the one just below the k-th can show that
+/// nothing left out could have survived (see [`sample_candidates`]).
+const CANDIDATE_MARGIN: usize = 64;
+
+/// How many of a row's largest logits decide a draw with `opts` over a vocabulary of `vocab`
+/// ids, so that a backend can hand back just those ([`top_candidates`];
+/// `backend::OutputKind::Candidates`). `Some` when top-k is on (below `vocab`, the k-th largest
+/// logit then bounds every survivor), the temperature is above 0, and nothing rewrites single
+/// logits (penalties, bias: each processed logit is then its raw logit over the temperature,
+/// which keeps their order); None otherwise: the draw needs every logit.
+pub fn candidate_count(opts: &SamplerOptions, vocab: usize) -> Option<usize> {
+    let count = opts.top_k.checked_add(CANDIDATE_MARGIN)?;
+    let eligible = opts.temperature > 0.0
+        && opts.top_k > 0
+        && opts.top_k < vocab
+        && count <= MAX_CANDIDATES
+        && opts.repetition_penalty == 1.0
+        && opts.presence_penalty == 0.0
+        && opts.frequency_penalty == 0.0
+        && opts.logit_bias.is_empty();
+    eligible.then_some(count)
+}
+
+/// The `count` largest logits among the first `limit` ids that are above -inf (NaN never taken),
+/// as `(id, logit)` in ascending id order. Ranked by [`f32::total_cmp`] (so 0.0 above -0.0), ties
+/// to the lower id: the set is defined for any input, and a device computes the same one
+/// (`kernels/top_candidates.cu`). Fewer than `count` when fewer ids are above -inf.
+pub fn top_candidates(logits: &[f32], limit: usize, count: usize) -> Vec<(u32, f32)> {
+    let x = &logits[..limit.min(logits.len())];
+    // (ordered bits, id): larger bits rank higher; among equal ones the lower id.
+    let mut live: Vec<(u32, u32)> = (0..x.len())
+        .filter(|&i| x[i] > f32::NEG_INFINITY)
+        .map(|i| (ordered_bits(x[i]), i as u32))
+        .collect();
+    let rank = |a: &(u32, u32), b: &(u32, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+    if count == 0 {
+        live.clear();
+    } else if live.len() > count {
+        live.select_nth_unstable_by(count - 1, rank);
+        live.truncate(count);
+    }
+    let mut out: Vec<(u32, f32)> = live.iter().map(|&(_, id)| (id, x[id as usize])).collect();
+    out.sort_unstable_by_key(|&(id, _)| id);
+    out
+}
+
+/// [`sample`]'s draw for options that [`candidate_count`] accepts, from only the row's
+/// `count = candidate_count(..)` largest logits as [`top_candidates`] gives them (`candidates`,
+/// ascending ids below `limit`). The same token and the same use of `rng` as [`sample`] over the
+/// whole row: every step of the module docs gives the same bits on this subset, because the ids
+/// left out would be removed by top-k and add only zeros to the sums.
+///
+/// That holds when the subset provably holds every survivor of top-k: it holds all ids above
+/// -inf (fewer than `count` came back), or the smallest of them over the temperature is strictly
+/// below the k-th largest processed logit (so is every id left out). Otherwise (ties or rounding
+/// around the k-th) Ok(None), with `rng` untouched: the caller samples from the whole row.
+/// Errors: Internal for candidates that break the contract, or when no token is possible.
+pub fn sample_candidates(
+    candidates: &[(u32, f32)],
+    count: usize,
+    opts: &SamplerOptions,
+    limit: usize,
+    rng: &mut Rng,
+) -> Result<Option<u32>> {
+    let sorted = candidates.windows(2).all(|w| w[0].0 < w[1].0);
+    let in_range = candidates.iter().all(|&(id, v)| (id as usize) < limit && v > f32::NEG_INFINITY);
+    if !sorted || !in_range || candidates.len() > count || opts.top_k == 0 {
+        return Err(Error::internal(format!(
+            "{} sampling candidates (ids ascending: {sorted}, below {limit} and above -inf:              {in_range}) for {count} asked with top_k {}",
+            candidates.len(),
+            opts.top_k
+        )));
+    }
+    let t = opts.temperature;
+    let scale = |v: f32| if t != 1.0 { v / t } else { v };
+    with_scratch(|s| {
+        // Steps 1-4 (only the temperature applies to options candidate_count accepts).
+        let x = &mut s.logits;
+        x.clear();
+        x.extend(candidates.iter().map(|&(_, v)| scale(v)));
+        sanitize(x);
+        // Step 5, with the proof that nothing left out survives it.
+        let k = opts.top_k;
+        let everything = candidates.len() < count;
+        if x.len() >= k {
+            let values = &mut s.values;
+            values.clear();
+            values.extend_from_slice(x);
+            let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let kth = *kth;
+            let smallest = candidates.iter().map(|&(_, v)| v).min_by(f32::total_cmp);
+            if !everything && smallest.is_none_or(|v| scale(v) >= kth) {
+                return Ok(None);
+            }
+            x.iter_mut().filter(|v| **v < kth).for_each(|v| *v = f32::NEG_INFINITY);
+        } else if !everything {
+            return Ok(None);
         }
-        // Scale the draw by the actual total rather than assuming the probabilities sum to exactly
-        // 1, so rounding can never push the target past the last id.
-        let target = rng.next_f64() * total;
-        let mut cum = 0.0;
-        let mut last = None;
-        for (i, &pi) in p.iter().enumerate() {
-            if pi > 0.0 {
-                cum += pi;
-                last = Some(i);
-                if cum > target {
-                    return Ok(i as u32);
-                }
+        probability_filters(opts, s);
+        let Some(i) = draw(s, rng) else {
+            return Err(Error::internal(format!(
+                "no token can be sampled: all {} candidate logits are -inf after processing",
+                candidates.len()
+            )));
+        };
+        Ok(Some(candidates[i].0))
+    })
+}
+
+/// Step 8 and the draw: the softmax of `s.logits` and the index it picks with one
+/// [`Rng::next_f64`]; None when nothing is above -inf (no draw taken then).
+fn draw(s: &mut Scratch, rng: &mut Rng) -> Option<usize> {
+    let p = &mut s.probs;
+    softmax(&s.logits, p);
+    let total: f64 = p.iter().sum();
+    if total.is_nan() || total <= 0.0 {
+        return None;
+    }
+    // Scale the draw by the actual total rather than assuming the probabilities sum to exactly
+    // 1, so rounding can never push the target past the last id.
+    let target = rng.next_f64() * total;
+    let mut cum = 0.0;
+    let mut last = None;
+    for (i, &pi) in p.iter().enumerate() {
+        if pi > 0.0 {
+            cum += pi;
+            last = Some(i);
+            if cum > target {
+                return Some(i);
             }
         }
-        last.map(|i| i as u32).ok_or_else(none)
-    })
+    }
+    last
 }
 
 /// Vocabulary-sized buffers one sampling call works in. Each thread keeps its own between calls:
@@ -456,6 +579,11 @@ fn processed_logits(
         x.iter_mut().filter(|v| **v < kth).for_each(|v| *v = f32::NEG_INFINITY);
     }
 
+    probability_filters(opts, s);
+}
+
+/// Steps 6-7 of the module docs (top-p, min-p) on `s.logits`, whose removed ids are -inf.
+fn probability_filters(opts: &SamplerOptions, s: &mut Scratch) {
     if opts.top_p < 1.0 {
         top_p_filter(opts.top_p, s);
     }
@@ -652,6 +780,124 @@ mod tests {
                 .join()
                 .unwrap();
         assert_eq!(sample(&small, &history, &[], &light, 6, &mut b).ok(), fresh_token.ok());
+    }
+
+    /// `top_candidates` is the first `count` of a full sort by (value desc in total order, id).
+    #[test]
+    fn top_candidates_are_the_largest_by_total_order_then_id() {
+        let x = [1.0, f32::NAN, 3.0, -0.0, 0.0, 3.0, f32::NEG_INFINITY, 2.0, 9.0];
+        assert_eq!(top_candidates(&x, 8, 2), [(2, 3.0), (5, 3.0)]);
+        assert_eq!(top_candidates(&x, 8, 1), [(2, 3.0)]);
+        let ids = |c: Vec<(u32, f32)>| c.iter().map(|&(id, _)| id).collect::<Vec<_>>();
+        // 0.0 ranks above -0.0; NaN, -inf and ids past the limit are never taken.
+        assert_eq!(ids(top_candidates(&x, 8, 5)), [0, 2, 4, 5, 7]);
+        assert_eq!(ids(top_candidates(&x, 8, 100)), [0, 2, 3, 4, 5, 7]);
+        assert!(top_candidates(&x, 8, 0).is_empty());
+        assert!(top_candidates(&x, 0, 3).is_empty());
+        let mut rng = Rng::seeded(4);
+        let y: Vec<f32> = (0..3000).map(|_| ((rng.next_f64() * 50.0) as i32) as f32).collect();
+        let mut order: Vec<u32> = (0..y.len() as u32).collect();
+        order.sort_by(|&a, &b| y[b as usize].total_cmp(&y[a as usize]).then(a.cmp(&b)));
+        for count in [1, 7, 64, 999] {
+            let mut want = order[..count].to_vec();
+            want.sort_unstable();
+            assert_eq!(ids(top_candidates(&y, y.len(), count)), want, "count {count}");
+        }
+    }
+
+    /// From the row's candidates, `sample_candidates` draws what `sample` draws from the whole
+    /// row with the same generator, or declines (None) without touching the generator; it
+    /// declines only when ties or rounding reach the k-th value.
+    #[test]
+    fn candidates_draw_what_the_whole_row_draws() {
+        let mut rng = Rng::seeded(21);
+        let (mut decided, mut declined) = (0, 0);
+        for case in 0..3000 {
+            let n = 50 + (rng.next_u64() % 3000) as usize;
+            let limit = n - (rng.next_u64() % 40) as usize;
+            let coarse = case % 5 == 0; // few distinct values: ties at the k-th are common
+            let mut logits: Vec<f32> = (0..n)
+                .map(|_| {
+                    let v = rng.next_f64() as f32 * 30.0 - 15.0;
+                    if coarse {
+                        v.round()
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            for _ in 0..(rng.next_u64() % 30) {
+                let i = (rng.next_u64() as usize) % n;
+                logits[i] = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0][i % 5];
+            }
+            let opts = SamplerOptions {
+                temperature: [0.3, 0.7, 1.0, 1.3, 1e-3][case % 5],
+                top_k: 1 + (rng.next_u64() % 200) as usize,
+                top_p: if case % 3 == 0 { 1.0 } else { 0.5 + rng.next_f64() as f32 * 0.5 },
+                min_p: if case % 4 == 0 { rng.next_f64() as f32 * 0.2 } else { 0.0 },
+                ..SamplerOptions::default()
+            };
+            let Some(count) = candidate_count(&opts, n) else {
+                assert!(opts.top_k >= n, "{opts:?}");
+                continue;
+            };
+            let seed = rng.next_u64();
+            let (mut whole, mut part) = (Rng::seeded(seed), Rng::seeded(seed));
+            let want = sample(&logits, &[], &[], &opts, limit, &mut whole);
+            let candidates = top_candidates(&logits, limit, count);
+            match sample_candidates(&candidates, count, &opts, limit, &mut part) {
+                Ok(Some(token)) => {
+                    decided += 1;
+                    assert_eq!(Some(token), want.ok(), "case {case}: {opts:?}");
+                    assert_eq!(part, whole, "case {case}: the generator moved differently");
+                }
+                Ok(None) => {
+                    declined += 1;
+                    assert_eq!(part, Rng::seeded(seed), "case {case}: declined after a draw");
+                }
+                Err(e) => assert!(want.is_err(), "case {case}: {e} but sample gave {want:?}"),
+            }
+        }
+        // Declines come only from the coarse fifth of the cases, and not all of them.
+        assert!(decided > 2000 && declined < 600, "decided {decided}, declined {declined}");
+    }
+
+    /// Ties across the k-th value, or candidates that break the contract: declined, or Internal.
+    #[test]
+    fn candidates_decline_ties_and_reject_bad_input() {
+        let opts = SamplerOptions { temperature: 0.5, top_k: 2, ..SamplerOptions::default() };
+        let count = candidate_count(&opts, 100).unwrap();
+        let mut rng = Rng::seeded(1);
+        let flat = vec![1.0f32; 100];
+        let c = top_candidates(&flat, 100, count);
+        assert_eq!(sample_candidates(&c, count, &opts, 100, &mut rng).unwrap(), None);
+        // All ids above -inf came back: decided, whatever the ties (top-2 keeps all five, as
+        // top-k keeps ties with the k-th).
+        let few: Vec<f32> = (0..100).map(|i| if i < 5 { 1.0 } else { f32::NEG_INFINITY }).collect();
+        let c = top_candidates(&few, 100, count);
+        let mut whole = rng.clone();
+        let token = sample_candidates(&c, count, &opts, 100, &mut rng).unwrap();
+        assert_eq!(token, sample(&few, &[], &[], &opts, 100, &mut whole).ok());
+        assert!(token.is_some_and(|t| t < 5));
+        for bad in [vec![(3, 1.0), (2, 1.0)], vec![(100, 1.0)], vec![(1, f32::NEG_INFINITY)]] {
+            let e = sample_candidates(&bad, count, &opts, 100, &mut rng).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Internal);
+        }
+        let off = SamplerOptions { top_k: 0, ..opts.clone() };
+        assert!(sample_candidates(&[(1, 1.0)], count, &off, 100, &mut rng).is_err());
+        // Options that need the whole row.
+        assert_eq!(candidate_count(&SamplerOptions { top_k: 100, ..opts.clone() }, 100), None);
+        assert_eq!(candidate_count(&SamplerOptions { top_k: 0, ..opts.clone() }, 100), None);
+        assert_eq!(
+            candidate_count(&SamplerOptions { temperature: 0.0, ..opts.clone() }, 100),
+            None
+        );
+        let rep = SamplerOptions { repetition_penalty: 1.1, ..opts.clone() };
+        assert_eq!(candidate_count(&rep, 100), None);
+        let bias = SamplerOptions { logit_bias: vec![(1, 1.0)], ..opts.clone() };
+        assert_eq!(candidate_count(&bias, 100), None);
+        let wide = SamplerOptions { top_k: MAX_CANDIDATES, ..opts };
+        assert_eq!(candidate_count(&wide, 100_000), None);
     }
 
     /// The radix sort gives exactly the order of the comparison it replaces, special values and

@@ -25,7 +25,7 @@ use crate::kv_cache::SeqKv;
 use crate::model::Model;
 use crate::sampler::{self, Rng, SamplerOptions};
 use crate::scheduler::Job;
-use crate::session_file::{self, GreedyChoice, SessionState};
+use crate::session_file::{self, GreedyChoice, SavedCandidates, SessionState};
 use crate::stream::TokenStream;
 
 /// Tokens per forward pass when running a long input, unless the model was loaded with another
@@ -54,6 +54,9 @@ enum LastOutput {
     /// Only the greedy choice among the first `limit` ids (a plain greedy generation step,
     /// chosen where the logits were computed: on the GPU, one id comes back instead of them).
     Greedy { limit: usize, token: Option<u32> },
+    /// Only the `count` largest logits among the first `limit` ids (a top-k sampling step:
+    /// `sampler::candidate_count`; on the GPU they come back instead of all the logits).
+    Candidates { limit: usize, count: usize, entries: Vec<(u32, f32)> },
 }
 
 /// A conversation: tokens, their KV cache, and the logits after the last token.
@@ -153,7 +156,9 @@ impl Session {
         match self.last {
             LastOutput::Greedy { token, .. } => Ok(token),
             LastOutput::Logits(ref logits) => Ok(sampler::greedy_choice(logits, limit)),
-            LastOutput::None => Err(Error::internal("no output after the forward pass")),
+            LastOutput::None | LastOutput::Candidates { .. } => {
+                Err(Error::internal("no greedy choice after the forward pass"))
+            }
         }
     }
 
@@ -391,6 +396,15 @@ impl Session {
                 LastOutput::Greedy { limit, token } => Some(GreedyChoice { limit, token }),
                 _ => None,
             },
+            candidates: match &self.last {
+                LastOutput::Candidates { limit, count, entries } => Some(SavedCandidates {
+                    limit: *limit,
+                    count: *count,
+                    ids: entries.iter().map(|&(id, _)| id).collect(),
+                    logits: entries.iter().map(|&(_, v)| v.to_bits()).collect(),
+                }),
+                _ => None,
+            },
             kv_tokens: self.kv.len(),
             regime: self.kv.regime(),
             kv: self.model.kv_to_host(&self.kv)?,
@@ -420,10 +434,14 @@ impl Session {
             max_context: state.max_context,
             priority: 0,
             id: next_session_id(),
-            last: match state.greedy {
-                Some(GreedyChoice { limit, token }) => LastOutput::Greedy { limit, token },
-                None if state.last_logits.is_empty() => LastOutput::None,
-                None => LastOutput::Logits(state.last_logits),
+            last: match (state.greedy, state.candidates) {
+                (Some(GreedyChoice { limit, token }), _) => LastOutput::Greedy { limit, token },
+                (None, Some(SavedCandidates { limit, count, ids, logits })) => {
+                    let entries = ids.into_iter().zip(logits.into_iter().map(f32::from_bits));
+                    LastOutput::Candidates { limit, count, entries: entries.collect() }
+                }
+                (None, None) if state.last_logits.is_empty() => LastOutput::None,
+                (None, None) => LastOutput::Logits(state.last_logits),
             },
             needs_generation_prompt: state.needs_generation_prompt,
             messages: state.messages,
@@ -493,6 +511,7 @@ impl Session {
         sampling: &SamplerOptions,
         limit: usize,
     ) -> Result<u32> {
+        let vocab = self.model.config().vocab_size;
         let token = match &self.last {
             LastOutput::Logits(logits) => {
                 sampler::sample(logits, &self.tokens, generated, sampling, limit, &mut self.rng)?
@@ -508,6 +527,29 @@ impl Session {
                     ))
                 })?
             }
+            LastOutput::Candidates { limit: taken_below, count, entries }
+                if *taken_below == limit
+                    && sampler::candidate_count(sampling, vocab) == Some(*count) =>
+            {
+                let drawn =
+                    sampler::sample_candidates(entries, *count, sampling, limit, &mut self.rng)?;
+                match drawn {
+                    Some(token) => token,
+                    // Ties or rounding at the k-th logit: the candidates cannot show that no
+                    // other id survives top-k (the generator is untouched). Rare; the whole row
+                    // is computed again (the last token runs again, as a one-token pass: the
+                    // same bits as a decode step's, within rounding of a prefill chunk's) and
+                    // decides.
+                    None => {
+                        self.sync_for(OutputKind::Logits)?;
+                        let LastOutput::Logits(logits) = &self.last else {
+                            return Err(Error::internal("no logits after the forward pass"));
+                        };
+                        let (history, rng) = (&self.tokens, &mut self.rng);
+                        sampler::sample(logits, history, generated, sampling, limit, rng)?
+                    }
+                }
+            }
             _ => return Err(Error::internal("sample_next without the output it needs")),
         };
         self.tokens.push(token);
@@ -515,11 +557,14 @@ impl Session {
         Ok(token)
     }
 
-    /// What a generation step with `sampling` needs of the model: only the greedy choice for
-    /// plain greedy options (`sampler::is_plain_greedy`), else the logits.
-    pub(crate) fn output_for(sampling: &SamplerOptions, limit: usize) -> OutputKind {
+    /// What a generation step with `sampling` needs of the model over a vocabulary of `vocab`:
+    /// only the greedy choice for plain greedy options (`sampler::is_plain_greedy`), only the
+    /// largest logits for a top-k draw (`sampler::candidate_count`), else all the logits.
+    pub(crate) fn output_for(sampling: &SamplerOptions, limit: usize, vocab: usize) -> OutputKind {
         if sampler::is_plain_greedy(sampling) {
             OutputKind::Greedy { limit }
+        } else if let Some(count) = sampler::candidate_count(sampling, vocab) {
+            OutputKind::Candidates { limit, count }
         } else {
             OutputKind::Logits
         }
@@ -548,7 +593,11 @@ impl Session {
             (LastOutput::Greedy { limit, .. }, OutputKind::Greedy { limit: wanted }) => {
                 *limit == wanted
             }
-            (LastOutput::Greedy { .. }, OutputKind::Logits) => false,
+            (
+                LastOutput::Candidates { limit, count, .. },
+                OutputKind::Candidates { limit: wanted_limit, count: wanted_count },
+            ) => *limit == wanted_limit && *count == wanted_count,
+            (LastOutput::Greedy { .. } | LastOutput::Candidates { .. }, _) => false,
         };
         if current && self.kv.len() == self.tokens.len() {
             return Ok(());
@@ -592,8 +641,11 @@ impl Session {
                     (SeqOutput::Greedy(token), OutputKind::Greedy { limit }) => {
                         LastOutput::Greedy { limit, token }
                     }
-                    (SeqOutput::Greedy(_), OutputKind::Logits) => {
-                        return Err(Error::internal("a pass returned a token for logits"))
+                    (SeqOutput::Candidates(entries), OutputKind::Candidates { limit, count }) => {
+                        LastOutput::Candidates { limit, count, entries }
+                    }
+                    (SeqOutput::Greedy(_) | SeqOutput::Candidates(_), _) => {
+                        return Err(Error::internal("a pass returned another output than asked"))
                     }
                 };
             }

@@ -14,7 +14,8 @@
 //! A session whose last pass was a greedy generation step holds that step's token instead of the
 //! logits (`OutputKind::Greedy`); the header then records it as `greedy` (absent otherwise, so
 //! files of other sessions are as before), and a session loaded from it continues exactly as the
-//! original.
+//! original. Likewise a top-k sampling step's candidates (`OutputKind::Candidates`: the largest
+//! logits, as ids and exact bits) are recorded as `candidates`.
 //!
 //! Loading checks, before allocating anything, that the file's length equals what the header
 //! implies and that every size is within the model's limits (a hostile file cannot make us
@@ -61,6 +62,9 @@ struct SessionHeader {
     /// The greedy choice of the last token's pass when that is all the session holds of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     greedy: Option<GreedyChoice>,
+    /// A top-k step's candidates for the last token when that is all the session holds of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    candidates: Option<SavedCandidates>,
     messages: Vec<ChatMessage>,
     needs_generation_prompt: bool,
 }
@@ -73,12 +77,38 @@ pub(crate) struct GreedyChoice {
     pub(crate) token: Option<u32>,
 }
 
+/// A top-k sampling step's result for the last token: the `count` largest logits among the first
+/// `limit` ids (`sampler::top_candidates`), ids ascending, logits as their bits.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SavedCandidates {
+    pub(crate) limit: usize,
+    pub(crate) count: usize,
+    pub(crate) ids: Vec<u32>,
+    pub(crate) logits: Vec<u32>,
+}
+
+impl SavedCandidates {
+    /// Whether these could have been saved from a fully cached session over `vocab` ids: at most
+    /// `count` (itself at most `sampler::MAX_CANDIDATES`) ids, ascending, below `limit <= vocab`,
+    /// each with a logit above -inf.
+    fn consistent(&self, vocab: usize) -> bool {
+        self.limit <= vocab
+            && self.count <= crate::sampler::MAX_CANDIDATES
+            && self.ids.len() == self.logits.len()
+            && self.ids.len() <= self.count
+            && self.ids.windows(2).all(|w| w[0] < w[1])
+            && self.ids.iter().all(|&id| (id as usize) < self.limit)
+            && self.logits.iter().all(|&bits| f32::from_bits(bits) > f32::NEG_INFINITY)
+    }
+}
+
 /// What a session file holds, independent of the `Session` type.
 pub(crate) struct SessionState {
     pub(crate) tokens: Vec<u32>,
     pub(crate) last_logits: Vec<f32>,
-    /// Instead of the logits (never both).
+    /// Instead of the logits (at most one of the three).
     pub(crate) greedy: Option<GreedyChoice>,
+    pub(crate) candidates: Option<SavedCandidates>,
     pub(crate) kv_tokens: usize,
     pub(crate) regime: RopeRegime,
     pub(crate) kv: Vec<f32>,
@@ -111,6 +141,7 @@ pub(crate) fn save(model: &Model, state: &SessionState, path: &Path) -> Result<(
         vocab: config.vocab_size,
         has_logits: !state.last_logits.is_empty(),
         greedy: state.greedy,
+        candidates: state.candidates.clone(),
         messages: state.messages.clone(),
         needs_generation_prompt: state.needs_generation_prompt,
     };
@@ -229,6 +260,26 @@ pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
             return Err(format_err(path, format!("session header: inconsistent greedy {g:?}")));
         }
     }
+    if let Some(c) = &header.candidates {
+        // Only ever saved like a greedy choice, and never with one.
+        let consistent = !header.has_logits
+            && header.greedy.is_none()
+            && header.n_tokens > 0
+            && header.kv_tokens == header.n_tokens
+            && c.consistent(header.vocab);
+        if !consistent {
+            return Err(format_err(
+                path,
+                format!(
+                    "session header: inconsistent candidates ({} ids, {} logits, {} asked below {})",
+                    c.ids.len(),
+                    c.logits.len(),
+                    c.count,
+                    c.limit
+                ),
+            ));
+        }
+    }
     let logits_len = if header.has_logits { header.vocab } else { 0 };
     // Every factor is bounded by the checks above (dims <= 2^20, tokens <= 2^24), yet checked
     // arithmetic keeps a hostile header from wrapping on any platform.
@@ -268,6 +319,7 @@ pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
         tokens,
         last_logits,
         greedy: header.greedy,
+        candidates: header.candidates,
         kv_tokens: header.kv_tokens,
         regime: if header.long_rope { RopeRegime::Long } else { RopeRegime::Short },
         kv,

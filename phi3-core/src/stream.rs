@@ -86,7 +86,7 @@ impl<'s> TokenStream<'s> {
         let prompt_tokens = session.pending();
         let sampling = options.sampler_options();
         let limit = model.emittable_vocab();
-        let output = Session::output_for(&sampling, limit);
+        let output = Session::output_for(&sampling, limit, model.config().vocab_size);
         if let Err(e) = session.sync_for(output) {
             // The assistant prompt was this call's addition: take it back. (Pending tokens from
             // earlier appends stay pending, as the host appended them.)

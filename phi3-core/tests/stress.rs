@@ -25,7 +25,8 @@
 //! timing. A cancelled generate that produced `n` tokens replays as:
 //! - `n == 0`: nothing. The session must hold exactly the tokens it held before the call.
 //! - `n > 0` and the original ended with the output of its last token computed (its logits, or
-//!   for greedy options only its greedy choice: the cancel was seen at the top of the next step): the same generate, cancelled from its own callback after
+//!   for greedy options only its greedy choice, for top-k options only its candidates: the
+//!   cancel was seen at the top of the next step): the same generate, cancelled from its own callback after
 //!   token `n`, which takes exactly that path.
 //! - otherwise (the cancel was seen before token `n`'s forward pass): the same generate limited
 //!   to `max_tokens = n`, which stops at the same place.
@@ -677,7 +678,7 @@ fn replay(worker_name: &str, subject: &Subject, log: &[Entry], tally: &mut Tally
             slots[op.slot()].as_ref().unwrap().save(&mine).unwrap();
             let strip = |path: &Path| {
                 let (mut header, _) = file_parts(path);
-                for key in ["kv_tokens", "long_rope", "has_logits", "greedy"] {
+                for key in ["kv_tokens", "long_rope", "has_logits", "greedy", "candidates"] {
                     header.as_object_mut().unwrap().remove(key);
                 }
                 header

@@ -145,6 +145,16 @@ pub enum OutputKind {
         /// Ids at or past it are never chosen (the tokenizer cannot decode them).
         limit: usize,
     },
+    /// Only the `count` largest logits among the first `limit` ids, by
+    /// [`crate::sampler::top_candidates`]' rule: all a top-k draw needs
+    /// ([`crate::sampler::sample_candidates`]). CUDA selects them on the device and copies back
+    /// `count` (id, logit) pairs instead of the vocabulary's logits.
+    Candidates {
+        /// Ids at or past it are never taken.
+        limit: usize,
+        /// How many; at most [`crate::sampler::MAX_CANDIDATES`] (more is `Internal`).
+        count: usize,
+    },
 }
 
 /// One sequence's result of a forward pass, as its [`OutputKind`] asked.
@@ -154,16 +164,22 @@ pub enum SeqOutput {
     Logits(Vec<f32>),
     /// The greedy choice; None when no logit in range is above -inf.
     Greedy(Option<u32>),
+    /// `(id, logit)` in ascending id order: [`crate::sampler::top_candidates`].
+    Candidates(Vec<(u32, f32)>),
 }
 
 impl SeqOutput {
     /// The output `kind` asks for, from one sequence's logits on the host (the CPU backend's
-    /// way, and the rule every backend's [`OutputKind::Greedy`] must follow).
+    /// way, and the rule every backend's [`OutputKind::Greedy`] and [`OutputKind::Candidates`]
+    /// must follow).
     pub fn from_logits(kind: OutputKind, logits: &[f32]) -> SeqOutput {
         match kind {
             OutputKind::Logits => SeqOutput::Logits(logits.to_vec()),
             OutputKind::Greedy { limit } => {
                 SeqOutput::Greedy(crate::sampler::greedy_choice(logits, limit))
+            }
+            OutputKind::Candidates { limit, count } => {
+                SeqOutput::Candidates(crate::sampler::top_candidates(logits, limit, count))
             }
         }
     }
@@ -324,11 +340,11 @@ pub trait Backend: Send + Sync + 'static {
     /// values each (the embedding through lm_head, reading the pass's tokens and rotary tables
     /// through the batch it is given: [`Backend::embed_pass`], [`Backend::rope_store_kv`]), and
     /// this returns what `outputs` (one per row) asks of each row: its logits on the host, or
-    /// only its greedy choice ([`SeqOutput::from_logits`] is the rule).
+    /// only its greedy choice or its largest logits ([`SeqOutput::from_logits`] is the rule).
     /// The default calls `pass` once with `batch` and works on the host. CUDA may instead
     /// capture `pass` as a graph (with `tokens` and `rope`, the pass's inputs, staged on the
     /// device) and replay it for later passes of the same shape without calling `pass` at all,
-    /// and chooses greedy rows' tokens on the device; the results are the same.
+    /// and chooses greedy rows' tokens and candidates on the device; the results are the same.
     fn run_pass(
         &self,
         batch: &Self::KvBatch,

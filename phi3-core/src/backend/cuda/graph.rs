@@ -21,7 +21,8 @@
 //!   the pass has copied them into the output buffer beside the arena and `phi3_argmax_rows`
 //!   has left each row's greedy choice beside them (with the rows' limits staged like the
 //!   inputs), where the host reads what each row asked for after each launch (`outputs.rs`:
-//!   one id for a greedy row). So a cached graph holds no memory between launches, and CUDA
+//!   one id for a greedy row; a top-k row's candidates are selected there by a kernel launched
+//!   after the graph, outside it). So a cached graph holds no memory between launches, and CUDA
 //!   may back all graphs of the stream (which never run at once) with the same physical memory: the
 //!   graph pool holds about one pass's activations (`memory::graph_bytes`), whatever the number
 //!   of graphs. [`GraphStats`] reports what the pool holds; it is trimmed when graphs are

@@ -117,6 +117,11 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["phi3_argmax_rows"],
     },
     KernelSource {
+        name: "top_candidates.cu",
+        source: include_str!("../../../../kernels/top_candidates.cu"),
+        entries: &["phi3_top_candidates"],
+    },
+    KernelSource {
         name: "convert.cu",
         source: include_str!("../../../../kernels/convert.cu"),
         entries: &[

@@ -39,6 +39,8 @@ pub(crate) const DECODE_GEMM_ROWS: usize = 64;
 pub(crate) const DECODE_GEMM_TOKENS: usize = 64;
 /// Threads per block of phi3_argmax_rows (ARGMAX_THREADS in argmax.cu).
 const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of phi3_top_candidates (TOPC_THREADS in top_candidates.cu).
+const TOP_CANDIDATES_THREADS: u32 = 1024;
 /// Most blocks of threads that copy one KV block (phi3_copy_kv_blocks).
 const KV_COPY_CHUNKS: usize = 64;
 
@@ -188,6 +190,24 @@ impl CudaBackend {
         let cfg = per_row(rows, ARGMAX_THREADS)?;
         let cols = i32_of(cols, "cols")?;
         launch!(self, "phi3_argmax_rows", cfg, logits, limits, &cols, chosen)
+    }
+
+    /// Row `r` of `out` (`[rows, 1 + 2 * stride]`): how many of the `wanted[2r + 1]` largest
+    /// logits among the first `wanted[2r]` ids of row `r` of `logits` (`[rows, cols]`) were
+    /// taken, their ids and their bits (phi3_top_candidates).
+    pub(crate) fn launch_top_candidates(
+        &self,
+        logits: &CudaSlice<f32>,
+        wanted: &CudaSlice<i32>,
+        out: &mut CudaSlice<i32>,
+        rows: usize,
+        cols: usize,
+        stride: usize,
+    ) -> Result<()> {
+        let cfg = per_row(rows, TOP_CANDIDATES_THREADS)?;
+        let cols = i32_of(cols, "cols")?;
+        let stride = i32_of(stride, "candidates per row")?;
+        launch!(self, "phi3_top_candidates", cfg, logits, wanted, &cols, &stride, out)
     }
 
     /// `name` is phi3_gemv_<dtype>; y[out] = w[out, in] x[in].

@@ -1,8 +1,10 @@
 //! A forward pass's outputs brought to the host (`Backend::run_pass`): rows that ask for logits
 //! copy them; rows that ask only for the greedy choice get it from `phi3_argmax_rows`
-//! (`kernels/argmax.cu`) on the device and copy back one id (issue 7: "only the chosen token
-//! copied back"). A greedy decode step of Phi-3 so moves 4 bytes instead of 128 KiB per
-//! sequence, and the host does not scan the vocabulary.
+//! (`kernels/argmax.cu`) on the device and copy back one id; rows that ask for a top-k step's
+//! candidates get them from `phi3_top_candidates` (`kernels/top_candidates.cu`) and copy back
+//! about k (id, logit) pairs (issue 7: "only the chosen token copied back"). A greedy decode step
+//! of Phi-3 so moves 4 bytes instead of 128 KiB per sequence, a top-k 50 step under 1 KiB, and
+//! the host does not scan the vocabulary.
 
 use cudarc::driver::CudaSlice;
 
@@ -10,17 +12,43 @@ use super::error::DriverResultExt;
 use super::CudaBackend;
 use crate::backend::{host_outputs, OutputKind, SeqOutput};
 use crate::error::{Error, Result};
+use crate::sampler::MAX_CANDIDATES;
 
 /// Each row's limit for `phi3_argmax_rows`: a greedy row's (at most `out_cols`), 0 for a row
-/// that wants its logits (its choice, -1, is not read).
+/// that wants something else (its choice, -1, is not read).
 pub(super) fn argmax_limits(outputs: &[OutputKind], out_cols: usize) -> Vec<i32> {
     outputs
         .iter()
         .map(|kind| match *kind {
             OutputKind::Greedy { limit } => limit.min(out_cols).min(i32::MAX as usize) as i32,
-            OutputKind::Logits => 0,
+            OutputKind::Logits | OutputKind::Candidates { .. } => 0,
         })
         .collect()
+}
+
+/// `phi3_top_candidates`' requests: `(limit, count)` per row, `(0, 0)` for rows that want
+/// something else, and the stride of its output (the largest count). None when no row wants
+/// candidates; Internal for a count above [`MAX_CANDIDATES`].
+fn candidate_requests(
+    outputs: &[OutputKind],
+    out_cols: usize,
+) -> Result<Option<(Vec<i32>, usize)>> {
+    let mut wanted = Vec::with_capacity(2 * outputs.len());
+    let mut stride = 0;
+    for kind in outputs {
+        let (limit, count) = match *kind {
+            OutputKind::Candidates { limit, count } => (limit.min(out_cols), count),
+            _ => (0, 0),
+        };
+        if count > MAX_CANDIDATES {
+            return Err(Error::internal(format!(
+                "{count} candidates asked of one row (at most {MAX_CANDIDATES})"
+            )));
+        }
+        stride = stride.max(count);
+        wanted.extend([limit.min(i32::MAX as usize) as i32, count as i32]);
+    }
+    Ok((stride > 0).then_some((wanted, stride)))
 }
 
 impl CudaBackend {
@@ -33,7 +61,7 @@ impl CudaBackend {
         out_cols: usize,
     ) -> Result<Vec<SeqOutput>> {
         check_rows(logits, outputs, out_cols)?;
-        if only_logits(outputs) {
+        if !outputs.iter().any(|k| matches!(k, OutputKind::Greedy { .. })) {
             return self.collect_outputs(logits, None, outputs, out_cols);
         }
         let limits = self.htod(&argmax_limits(outputs, out_cols), "greedy limits")?;
@@ -43,9 +71,10 @@ impl CudaBackend {
     }
 
     /// The rows' outputs once `chosen` holds `phi3_argmax_rows`'s choices for them (a graph ran
-    /// it, or `pass_outputs`; `None` only when every row wants its logits): the logits of the
-    /// rows that want them, in one copy when all do, and every greedy row's id, copied once all
-    /// earlier work is done.
+    /// it, or `pass_outputs`; `None` only when no row is greedy): the logits of the rows that
+    /// want them, in one copy when all do; every greedy row's id; and the candidates of the rows
+    /// that want them, selected here (after the graph, if one ran). Copied once all earlier work
+    /// is done.
     pub(super) fn collect_outputs(
         &self,
         logits: &CudaSlice<f32>,
@@ -58,7 +87,16 @@ impl CudaBackend {
             let all = self.dtoh_prefix(logits, outputs.len() * out_cols)?;
             return host_outputs(&all, outputs, out_cols);
         }
-        let chosen = chosen.ok_or_else(|| Error::internal("greedy rows without their choices"))?;
+        let rows = outputs.len();
+        let candidates = match candidate_requests(outputs, out_cols)? {
+            Some((wanted, stride)) => {
+                let wanted = self.htod(&wanted, "candidate requests")?;
+                let mut taken = self.alloc::<i32>(rows * (1 + 2 * stride), "candidates")?;
+                self.launch_top_candidates(logits, &wanted, &mut taken, rows, out_cols, stride)?;
+                Some((taken, stride))
+            }
+            None => None,
+        };
         let stream = &self.dev.stream;
         let mut rows_logits = Vec::new();
         for (row, kind) in outputs.iter().enumerate() {
@@ -71,23 +109,41 @@ impl CudaBackend {
                 rows_logits.push(host);
             }
         }
-        let ids = self.dtoh_prefix(chosen, outputs.len())?; // waits for the copies above too
+        // Each copy below waits for everything before it on the stream, the copies above too.
+        let ids = match chosen {
+            Some(chosen) => self.dtoh_prefix(chosen, rows)?,
+            None if outputs.iter().any(|k| matches!(k, OutputKind::Greedy { .. })) => {
+                return Err(Error::internal("greedy rows without their choices"))
+            }
+            None => vec![-1; rows],
+        };
+        let (words, stride) = match &candidates {
+            Some((taken, stride)) => (self.dtoh_prefix(taken, rows * (1 + 2 * stride))?, *stride),
+            None => (Vec::new(), 0),
+        };
         let mut rows_logits = rows_logits.into_iter();
         outputs
             .iter()
             .zip(ids)
-            .map(|(kind, id)| match *kind {
+            .enumerate()
+            .map(|(row, (kind, id))| match *kind {
                 OutputKind::Logits => rows_logits
                     .next()
                     .map(SeqOutput::Logits)
                     .ok_or_else(|| Error::internal("a logits row was not copied")),
                 OutputKind::Greedy { limit } => greedy_id(id, limit.min(out_cols)),
+                OutputKind::Candidates { limit, count } => {
+                    let row_words = words.get(row * (1 + 2 * stride)..(row + 1) * (1 + 2 * stride));
+                    let row_words = row_words
+                        .ok_or_else(|| Error::internal("a candidates row was not copied"))?;
+                    candidate_row(row_words, stride, limit.min(out_cols), count)
+                }
             })
             .collect()
     }
 }
 
-/// Whether every row wants its logits (no greedy choice to make).
+/// Whether every row wants its logits (nothing to select on the device).
 fn only_logits(outputs: &[OutputKind]) -> bool {
     outputs.iter().all(|k| *k == OutputKind::Logits)
 }
@@ -116,6 +172,33 @@ fn greedy_id(id: i32, limit: usize) -> Result<SeqOutput> {
     }
 }
 
+/// A candidates row's result from `phi3_top_candidates`' output row `words`
+/// (`[n, ids[stride], bits[stride]]`): the `n` pairs sorted by id. A count above what was asked,
+/// an id outside `0..limit` or repeated, or a logit at -inf or NaN would be a kernel bug,
+/// reported rather than sampled from.
+fn candidate_row(words: &[i32], stride: usize, limit: usize, count: usize) -> Result<SeqOutput> {
+    let bad = |what: String| Error::internal(format!("the device's sampling candidates: {what}"));
+    let n = words.first().copied().unwrap_or(-1);
+    if n < 0 || n as usize > count.min(stride) || words.len() < 1 + 2 * stride {
+        return Err(bad(format!("{n} taken of {count} asked ({} words)", words.len())));
+    }
+    let n = n as usize;
+    let mut entries: Vec<(u32, f32)> = (0..n)
+        .map(|i| (words[1 + i] as u32, f32::from_bits(words[1 + stride + i] as u32)))
+        .collect();
+    entries.sort_unstable_by_key(|&(id, _)| id);
+    if let Some(&(id, _)) = entries.iter().find(|&&(id, _)| id as usize >= limit) {
+        return Err(bad(format!("id {id} is outside 0..{limit}")));
+    }
+    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(bad(format!("id {} taken twice", w[0].0)));
+    }
+    if let Some(&(id, v)) = entries.iter().find(|&&(_, v)| v.is_nan() || v == f32::NEG_INFINITY) {
+        return Err(bad(format!("id {id} has logit {v}")));
+    }
+    Ok(SeqOutput::Candidates(entries))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +216,37 @@ mod tests {
         for bad in [10, -2, i32::MAX] {
             assert!(greedy_id(bad, 10).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn candidate_requests_and_rows() {
+        let kinds = [
+            OutputKind::Candidates { limit: 10, count: 3 },
+            OutputKind::Logits,
+            OutputKind::Candidates { limit: usize::MAX, count: 5 },
+        ];
+        assert_eq!(candidate_requests(&kinds, 64).unwrap(), Some((vec![10, 3, 0, 0, 64, 5], 5)));
+        assert_eq!(candidate_requests(&kinds[1..2], 64).unwrap(), None);
+        let huge = [OutputKind::Candidates { limit: 10, count: MAX_CANDIDATES + 1 }];
+        assert!(candidate_requests(&huge, 64).is_err());
+        // [n, ids[4], bits[4]], taken in any order: sorted by id.
+        let bits = |v: f32| v.to_bits() as i32;
+        let row = [3, 7, 2, 5, 0, bits(1.5), bits(-2.0), bits(0.0), 0];
+        assert_eq!(
+            candidate_row(&row, 4, 10, 3).unwrap(),
+            SeqOutput::Candidates(vec![(2, -2.0), (5, 0.0), (7, 1.5)])
+        );
+        assert_eq!(candidate_row(&[0; 9], 4, 10, 0).unwrap(), SeqOutput::Candidates(vec![]));
+        let broken = [
+            [4, 7, 2, 5, 1, bits(1.5), bits(-2.0), bits(0.0), 0], // more than asked
+            [3, 7, 12, 5, 0, bits(1.5), bits(-2.0), bits(0.0), 0], // past the limit
+            [3, 7, 7, 5, 0, bits(1.5), bits(-2.0), bits(0.0), 0], // twice
+            [3, 7, 2, 5, 0, bits(1.5), bits(f32::NAN), bits(0.0), 0], // NaN
+            [-1, 7, 2, 5, 0, bits(1.5), bits(-2.0), bits(0.0), 0],
+        ];
+        for words in broken {
+            assert!(candidate_row(&words, 4, 10, 3).is_err(), "{words:?}");
+        }
+        assert!(candidate_row(&[1, 2], 4, 10, 3).is_err(), "a short row");
     }
 }
