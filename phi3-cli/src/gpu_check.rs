@@ -1472,35 +1472,40 @@ fn check_graphs(fixtures: &Path, ordinal: usize, r: &mut Report) -> Result<()> {
         ),
         off.cached == 0,
     );
-    // Top-k sampling: each step's candidates selected on the device (after the graph when
-    // graphs are on) and drawn from on the host, against the same seed drawing from all the
-    // logits (a zero logit bias changes no logit but makes the steps ask for them).
-    let sampled = |graphs: bool, via_logits: bool| -> Result<Vec<u32>> {
+    // Top-k sampling, and greedy decoding with a repetition penalty: each step's candidates
+    // selected on the device (after the graph when graphs are on) and the token chosen from them
+    // on the host, against the same options taking all the logits (a raising bias on a padding
+    // id, which the sampler removes first, changes no logit that counts but makes the steps ask
+    // for all of them).
+    let pad = (model.config().vocab_size - 1) as u32;
+    let generate = |graphs: bool, options: &GenerateOptions| -> Result<Vec<u32>> {
         model.set_cuda_graphs(graphs);
         let mut s = model.session(SessionOptions::default())?;
         s.append_tokens(&prompt)?;
-        let options = GenerateOptions {
-            max_tokens: steps,
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            seed: Some(7),
-            stop_token_ids: Some(vec![]),
-            logit_bias: if via_logits { vec![(0, 0.0)] } else { vec![] },
-            ..Default::default()
-        };
-        Ok(s.generate(&options, |_, _| std::ops::ControlFlow::Continue(()))?.tokens)
+        Ok(s.generate(options, |_, _| std::ops::ControlFlow::Continue(()))?.tokens)
     };
-    let want = sampled(false, true)?;
-    for (name, graphs) in [("eager", false), ("cuda graphs", true)] {
-        let got = sampled(graphs, false)?;
-        r.flag(
-            &format!(
-                "top-k candidates on the device ({name}): {steps} drawn tokens vs all logits'"
-            ),
-            if got == want { "equal".into() } else { format!("{got:?} vs {want:?}") },
-            got == want && got.len() == steps,
-        );
+    let base = GenerateOptions {
+        max_tokens: steps,
+        seed: Some(7),
+        stop_token_ids: Some(vec![]),
+        ..Default::default()
+    };
+    let sampled = GenerateOptions { temperature: 0.8, top_k: 40, top_p: 0.95, ..base.clone() };
+    let penalised = GenerateOptions { repetition_penalty: 1.2, ..base };
+    for (what, options) in [("top-k 40", sampled), ("greedy, repetition 1.2", penalised)] {
+        let mut all_logits = options.clone();
+        all_logits.logit_bias.push((pad, 1.0));
+        let want = generate(false, &all_logits)?;
+        for (name, graphs) in [("eager", false), ("cuda graphs", true)] {
+            let got = generate(graphs, &options)?;
+            r.flag(
+                &format!(
+                    "candidates on the device, {what} ({name}): {steps} tokens vs all logits'"
+                ),
+                if got == want { "equal".into() } else { format!("{got:?} vs {want:?}") },
+                got == want && got.len() == steps,
+            );
+        }
     }
     model.set_cuda_graphs(false);
     let dir = fixtures.join("gqa-longrope-bf16");

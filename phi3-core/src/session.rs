@@ -54,8 +54,9 @@ enum LastOutput {
     /// Only the greedy choice among the first `limit` ids (a plain greedy generation step,
     /// chosen where the logits were computed: on the GPU, one id comes back instead of them).
     Greedy { limit: usize, token: Option<u32> },
-    /// Only the `count` largest logits among the first `limit` ids (a top-k sampling step:
-    /// `sampler::candidate_count`; on the GPU they come back instead of all the logits).
+    /// Only the `count` largest logits among the first `limit` ids (a top-k sampling step, or a
+    /// greedy one with penalties: `sampler::candidate_count`; on the GPU they come back instead
+    /// of all the logits).
     Candidates { limit: usize, count: usize, entries: Vec<(u32, f32)> },
 }
 
@@ -531,8 +532,10 @@ impl Session {
                 if *taken_below == limit
                     && sampler::candidate_count(sampling, vocab) == Some(*count) =>
             {
-                let drawn =
-                    sampler::sample_candidates(entries, *count, sampling, limit, &mut self.rng)?;
+                let (history, rng) = (&self.tokens, &mut self.rng);
+                let drawn = sampler::sample_candidates(
+                    entries, *count, history, generated, sampling, limit, rng,
+                )?;
                 match drawn {
                     Some(token) => token,
                     // Ties or rounding at the k-th logit: the candidates cannot show that no
@@ -559,7 +562,7 @@ impl Session {
 
     /// What a generation step with `sampling` needs of the model over a vocabulary of `vocab`:
     /// only the greedy choice for plain greedy options (`sampler::is_plain_greedy`), only the
-    /// largest logits for a top-k draw (`sampler::candidate_count`), else all the logits.
+    /// largest logits when they decide the token (`sampler::candidate_count`), else all of them.
     pub(crate) fn output_for(sampling: &SamplerOptions, limit: usize, vocab: usize) -> OutputKind {
         if sampler::is_plain_greedy(sampling) {
             OutputKind::Greedy { limit }

@@ -14,13 +14,18 @@ fn demo_cpu() -> Model {
     demo::demo_model(&LoadOptions { device: Device::Cpu, ..Default::default() }).unwrap()
 }
 
-/// Greedy options; `via_logits` adds a zero logit bias, which changes nothing in the choice but
-/// makes the sampler process the logits on the host (the path every backend had before).
+/// Greedy options; `via_logits` adds a positive bias on a padding id (past the ids the tokenizer
+/// can emit, which the sampler removes first), which changes nothing in the choice but makes the
+/// step ask for all the logits and process them on the host (the path every backend had before;
+/// a bias that only lowers logits would take the candidates' path).
 fn greedy(max_tokens: usize, via_logits: bool) -> GenerateOptions {
+    let model = demo_cpu();
+    let pad = model.config().vocab_size - 1;
+    assert!(pad >= model.emittable_vocab(), "the demo model has padding ids");
     GenerateOptions {
         max_tokens,
         stop_token_ids: Some(vec![]),
-        logit_bias: if via_logits { vec![(0, 0.0)] } else { vec![] },
+        logit_bias: if via_logits { vec![(pad as u32, 1.0)] } else { vec![] },
         ..Default::default()
     }
 }
