@@ -3,10 +3,12 @@
 // and the host's sampler works on those alone (issue 7: "sampling on the device, only the chosen
 // token copied back"; the draw itself stays on the host: sampler::sample_candidates).
 //
-// phi3_top_candidates: logits [rows, cols] f32; wanted [rows, 2] int (limit, count); out
-// [rows, 1 + 2 * stride] int. Row r takes the min(count, stride) largest logits among its ids
-// below min(limit, cols) that are above -inf (NaN never taken), ranked as the host's
-// sampler::top_candidates ranks them: f32 total order (0.0 above -0.0), ties to the lower id.
+// phi3_top_candidates: logits [rows, cols] f32; wanted [rows, 2] int (limit, count), or NULL when
+// every row wants (uniform_limit, uniform_count) (no copy of the requests for a pass whose rows
+// all ask the same); out [rows, 1 + 2 * stride] int. Row r takes the min(count, stride) largest
+// logits among its ids below min(limit, cols) that are above -inf (NaN never taken), ranked as
+// the host's sampler::top_candidates ranks them: f32 total order (0.0 above -0.0), ties to the
+// lower id.
 // out row: [n, ids[stride], logit bits[stride]], the n taken in no particular order (the host
 // sorts them by id); n = 0 for count <= 0 or limit <= 0 (a row that wants something else).
 //
@@ -34,7 +36,8 @@ __device__ __forceinline__ unsigned int candidate_key(float v) {
 }
 
 extern "C" __global__ void __launch_bounds__(TOPC_THREADS)
-    phi3_top_candidates(const float* logits, const int* wanted, int cols, int stride, int* out) {
+    phi3_top_candidates(const float* logits, const int* wanted, int uniform_limit,
+                        int uniform_count, int cols, int stride, int* out) {
     __shared__ unsigned int hist[TOPC_WARPS][256];
     __shared__ unsigned int part[32];
     // The prefix found so far: key bits under key_mask equal key_prefix, complemented-id bits
@@ -42,8 +45,8 @@ extern "C" __global__ void __launch_bounds__(TOPC_THREADS)
     __shared__ unsigned int key_prefix, key_mask, id_prefix, id_mask, need, done, taken;
     const int row = blockIdx.x;
     const float* x = logits + (size_t)row * cols;
-    const int limit = min(wanted[2 * row], cols);
-    const int count = min(wanted[2 * row + 1], stride);
+    const int limit = min(wanted ? wanted[2 * row] : uniform_limit, cols);
+    const int count = min(wanted ? wanted[2 * row + 1] : uniform_count, stride);
     int* o = out + (size_t)row * (1 + 2 * stride);
     if (limit <= 0 || count <= 0) {
         if (threadIdx.x == 0) o[0] = 0;

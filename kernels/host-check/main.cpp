@@ -832,7 +832,7 @@ static void argmax_case() {
     limits[8] = 1;                                                    // one id: 0
     std::vector<int> out(rows, -2);
     launch((unsigned)rows, ARGMAX_THREADS, [&] {
-        phi3_argmax_rows(x.data(), limits.data(), cols, out.data());
+        phi3_argmax_rows(x.data(), limits.data(), 0, cols, out.data());
     });
     for (int r = 0; r < rows; ++r) {
         const int limit = std::min(limits[r], cols);
@@ -847,6 +847,19 @@ static void argmax_case() {
     }
     const int planted[rows] = {90, 31999, -1, 40, -1, cols - 1, 17, 5, 0};
     for (int r = 0; r < rows; ++r) expect(out[r] == planted[r], "argmax planted", out[r], planted[r]);
+    // No limits array: every row takes the one limit passed (here 32011, as most rows above).
+    std::vector<int> same(rows, -2);
+    launch((unsigned)rows, ARGMAX_THREADS, [&] {
+        phi3_argmax_rows(x.data(), nullptr, 32011, cols, same.data());
+    });
+    for (int r = 0; r < rows; ++r) {
+        int want = -1;
+        for (int c = 0; c < 32011; ++c) {
+            const float v = row(r)[c];
+            if (v == v && v > -inf && (want < 0 || v > row(r)[want])) want = c;
+        }
+        expect(same[r] == want, "argmax one limit", same[r], want);
+    }
 }
 
 // phi3_top_candidates: each row's min(count, stride) largest logits below its limit that are
@@ -879,7 +892,7 @@ static void top_candidates_case() {
     const int words = 1 + 2 * stride;
     std::vector<int> out((size_t)rows * words, -7);
     launch((unsigned)rows, TOPC_THREADS, [&] {
-        phi3_top_candidates(x.data(), wanted.data(), cols, stride, out.data());
+        phi3_top_candidates(x.data(), wanted.data(), 0, 0, cols, stride, out.data());
     });
     auto key = [](float v) { return candidate_key(v); };
     for (int r = 0; r < rows; ++r) {
@@ -920,6 +933,20 @@ static void top_candidates_case() {
     const int* o8 = out.data() + 8 * (size_t)words;
     expect(o8[0] == 114 && *std::max_element(o8 + 1, o8 + 115) == 113,
            "top candidates: one value everywhere takes ids 0..113", o8[0], 114);
+    // No requests array: every row takes the one request passed, (32011, 114), which rows 0, 1,
+    // 2 and 8 asked above: the same ids (in any order) and count.
+    std::vector<int> same((size_t)rows * words, -7);
+    launch((unsigned)rows, TOPC_THREADS, [&] {
+        phi3_top_candidates(x.data(), nullptr, 32011, 114, cols, stride, same.data());
+    });
+    for (int r : {0, 1, 2, 8}) {
+        const int* a = out.data() + (size_t)r * words;
+        const int* b = same.data() + (size_t)r * words;
+        std::vector<int> ia(a + 1, a + 1 + std::max(a[0], 0)), ib(b + 1, b + 1 + std::max(b[0], 0));
+        std::sort(ia.begin(), ia.end());
+        std::sort(ib.begin(), ib.end());
+        expect(a[0] == b[0] && ia == ib, "top candidates: one request for all rows", b[0], a[0]);
+    }
 }
 
 // phi3_embed_bf16 and phi3_gather_rows_f32: rows copied (widened) exactly, in the order given,

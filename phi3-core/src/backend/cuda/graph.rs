@@ -42,6 +42,7 @@ use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
 use super::error::DriverResultExt;
 use super::kv::{RopeOnDevice, RopeUpload};
+use super::ops::PerRow;
 use super::outputs::argmax_limits;
 use super::{CudaAct, CudaBackend, CudaKvBatch};
 use crate::backend::{OutputKind, SeqOutput};
@@ -428,7 +429,7 @@ impl CudaBackend {
                 .memcpy_dtod(&logits.buf.slice(0..out_len), &mut output.slice_mut(0..out_len))
                 .ctx("graph outputs: logits")?;
             let GreedyBuffers { limits, chosen } = greedy;
-            self.launch_argmax_rows(output, limits, chosen, rows, out_cols)
+            self.launch_argmax_rows(output, PerRow::Device(limits), chosen, rows, out_cols)
         });
         let graph = guard.end();
         copied?;

@@ -41,6 +41,14 @@ pub(crate) const DECODE_GEMM_TOKENS: usize = 64;
 const ARGMAX_THREADS: u32 = 1024;
 /// Threads per block of phi3_top_candidates (TOPC_THREADS in top_candidates.cu).
 const TOP_CANDIDATES_THREADS: u32 = 1024;
+
+/// A per-row kernel input: an array on the device, or one value for every row (passed as a
+/// kernel argument, so a pass whose rows all ask the same copies nothing to the device for it).
+#[derive(Clone, Copy)]
+pub(crate) enum PerRow<'a, T> {
+    Device(&'a CudaSlice<i32>),
+    Same(T),
+}
 /// Most blocks of threads that copy one KV block (phi3_copy_kv_blocks).
 const KV_COPY_CHUNKS: usize = 64;
 
@@ -178,27 +186,38 @@ impl CudaBackend {
     }
 
     /// `chosen[r]` = the greedy choice among the first `limits[r]` ids of row `r` of `logits`
-    /// (`[rows, cols]`), -1 for none (phi3_argmax_rows).
+    /// (`[rows, cols]`), -1 for none (phi3_argmax_rows). `PerRow::Same` passes one limit for
+    /// all rows as an argument, so nothing is copied to the device for it.
     pub(crate) fn launch_argmax_rows(
         &self,
         logits: &CudaSlice<f32>,
-        limits: &CudaSlice<i32>,
+        limits: PerRow<'_, i32>,
         chosen: &mut CudaSlice<i32>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
         let cfg = per_row(rows, ARGMAX_THREADS)?;
         let cols = i32_of(cols, "cols")?;
-        launch!(self, "phi3_argmax_rows", cfg, logits, limits, &cols, chosen)
+        match limits {
+            PerRow::Device(limits) => {
+                let none = 0i32;
+                launch!(self, "phi3_argmax_rows", cfg, logits, limits, &none, &cols, chosen)
+            }
+            PerRow::Same(limit) => {
+                let null = 0u64; // a NULL `const int*`
+                launch!(self, "phi3_argmax_rows", cfg, logits, &null, &limit, &cols, chosen)
+            }
+        }
     }
 
     /// Row `r` of `out` (`[rows, 1 + 2 * stride]`): how many of the `wanted[2r + 1]` largest
     /// logits among the first `wanted[2r]` ids of row `r` of `logits` (`[rows, cols]`) were
-    /// taken, their ids and their bits (phi3_top_candidates).
+    /// taken, their ids and their bits (phi3_top_candidates). `PerRow::Same((limit, count))`
+    /// passes one request for all rows as arguments, so nothing is copied to the device for it.
     pub(crate) fn launch_top_candidates(
         &self,
         logits: &CudaSlice<f32>,
-        wanted: &CudaSlice<i32>,
+        wanted: PerRow<'_, (i32, i32)>,
         out: &mut CudaSlice<i32>,
         rows: usize,
         cols: usize,
@@ -207,7 +226,17 @@ impl CudaBackend {
         let cfg = per_row(rows, TOP_CANDIDATES_THREADS)?;
         let cols = i32_of(cols, "cols")?;
         let stride = i32_of(stride, "candidates per row")?;
-        launch!(self, "phi3_top_candidates", cfg, logits, wanted, &cols, &stride, out)
+        let name = "phi3_top_candidates";
+        match wanted {
+            PerRow::Device(wanted) => {
+                let none = 0i32;
+                launch!(self, name, cfg, logits, wanted, &none, &none, &cols, &stride, out)
+            }
+            PerRow::Same((limit, count)) => {
+                let null = 0u64; // a NULL `const int*`
+                launch!(self, name, cfg, logits, &null, &limit, &count, &cols, &stride, out)
+            }
+        }
     }
 
     /// `name` is phi3_gemv_<dtype>; y[out] = w[out, in] x[in].

@@ -9,6 +9,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::error::DriverResultExt;
+use super::ops::PerRow;
 use super::CudaBackend;
 use crate::backend::{host_outputs, OutputKind, SeqOutput};
 use crate::error::{Error, Result};
@@ -26,13 +27,28 @@ pub(super) fn argmax_limits(outputs: &[OutputKind], out_cols: usize) -> Vec<i32>
         .collect()
 }
 
-/// `phi3_top_candidates`' requests: `(limit, count)` per row, `(0, 0)` for rows that want
-/// something else, and the stride of its output (the largest count). None when no row wants
-/// candidates; Internal for a count above [`MAX_CANDIDATES`].
+/// The one value every item has, if they all have the same (None for none).
+fn same<T: PartialEq + Copy>(mut items: impl Iterator<Item = T>) -> Option<T> {
+    let first = items.next()?;
+    items.all(|x| x == first).then_some(first)
+}
+
+/// What `phi3_top_candidates` is asked: `wanted`, `(limit, count)` per row (`(0, 0)` for rows
+/// that want something else), `same` when every row asks the same (no copy of `wanted` then),
+/// and the stride of its output (the largest count).
+#[derive(Debug, PartialEq)]
+struct CandidateRequests {
+    wanted: Vec<i32>,
+    same: Option<(i32, i32)>,
+    stride: usize,
+}
+
+/// The pass's [`CandidateRequests`]; None when no row wants candidates; Internal for a count
+/// above [`MAX_CANDIDATES`].
 fn candidate_requests(
     outputs: &[OutputKind],
     out_cols: usize,
-) -> Result<Option<(Vec<i32>, usize)>> {
+) -> Result<Option<CandidateRequests>> {
     let mut wanted = Vec::with_capacity(2 * outputs.len());
     let mut stride = 0;
     for kind in outputs {
@@ -48,7 +64,8 @@ fn candidate_requests(
         stride = stride.max(count);
         wanted.extend([limit.min(i32::MAX as usize) as i32, count as i32]);
     }
-    Ok((stride > 0).then_some((wanted, stride)))
+    let same = same(wanted.chunks(2).map(|w| (w[0], w[1])));
+    Ok((stride > 0).then_some(CandidateRequests { wanted, same, stride }))
 }
 
 impl CudaBackend {
@@ -64,9 +81,18 @@ impl CudaBackend {
         if !outputs.iter().any(|k| matches!(k, OutputKind::Greedy { .. })) {
             return self.collect_outputs(logits, None, outputs, out_cols);
         }
-        let limits = self.htod(&argmax_limits(outputs, out_cols), "greedy limits")?;
+        let limits = argmax_limits(outputs, out_cols);
+        let one_limit = same(limits.iter().copied());
+        let on_device = match one_limit {
+            Some(_) => None,
+            None => Some(self.htod(&limits, "greedy limits")?),
+        };
+        let per_row = match &on_device {
+            Some(limits) => PerRow::Device(limits),
+            None => PerRow::Same(one_limit.unwrap_or(0)),
+        };
         let mut chosen = self.alloc::<i32>(outputs.len(), "greedy choices")?;
-        self.launch_argmax_rows(logits, &limits, &mut chosen, outputs.len(), out_cols)?;
+        self.launch_argmax_rows(logits, per_row, &mut chosen, outputs.len(), out_cols)?;
         self.collect_outputs(logits, Some(&chosen), outputs, out_cols)
     }
 
@@ -89,10 +115,17 @@ impl CudaBackend {
         }
         let rows = outputs.len();
         let candidates = match candidate_requests(outputs, out_cols)? {
-            Some((wanted, stride)) => {
-                let wanted = self.htod(&wanted, "candidate requests")?;
+            Some(CandidateRequests { wanted, same, stride }) => {
+                let on_device = match same {
+                    Some(_) => None,
+                    None => Some(self.htod(&wanted, "candidate requests")?),
+                };
+                let per_row = match &on_device {
+                    Some(wanted) => PerRow::Device(wanted),
+                    None => PerRow::Same(same.unwrap_or((0, 0))),
+                };
                 let mut taken = self.alloc::<i32>(rows * (1 + 2 * stride), "candidates")?;
-                self.launch_top_candidates(logits, &wanted, &mut taken, rows, out_cols, stride)?;
+                self.launch_top_candidates(logits, per_row, &mut taken, rows, out_cols, stride)?;
                 Some((taken, stride))
             }
             None => None,
@@ -225,8 +258,16 @@ mod tests {
             OutputKind::Logits,
             OutputKind::Candidates { limit: usize::MAX, count: 5 },
         ];
-        assert_eq!(candidate_requests(&kinds, 64).unwrap(), Some((vec![10, 3, 0, 0, 64, 5], 5)));
+        let mixed = CandidateRequests { wanted: vec![10, 3, 0, 0, 64, 5], same: None, stride: 5 };
+        assert_eq!(candidate_requests(&kinds, 64).unwrap(), Some(mixed));
         assert_eq!(candidate_requests(&kinds[1..2], 64).unwrap(), None);
+        // Every row asking the same: one request, passed as arguments.
+        let alike = [kinds[2], OutputKind::Candidates { limit: 64, count: 5 }];
+        let one = CandidateRequests { wanted: vec![64, 5, 64, 5], same: Some((64, 5)), stride: 5 };
+        assert_eq!(candidate_requests(&alike, 64).unwrap(), Some(one));
+        assert_eq!(same([3, 3, 3].into_iter()), Some(3));
+        assert_eq!(same([3, 4].into_iter()), None);
+        assert_eq!(same(std::iter::empty::<i32>()), None);
         let huge = [OutputKind::Candidates { limit: 10, count: MAX_CANDIDATES + 1 }];
         assert!(candidate_requests(&huge, 64).is_err());
         // [n, ids[4], bits[4]], taken in any order: sorted by id.
