@@ -386,6 +386,31 @@ pub fn top_candidates(logits: &[f32], limit: usize, count: usize) -> Vec<(u32, f
     out
 }
 
+/// Whether `candidates` could be [`top_candidates`]' answer for `count` below `limit`: at most
+/// `count` of them, ids strictly ascending and below `limit`, logits above -inf (not NaN).
+/// Err names the first thing wrong. One rule for the device's answer, the sampler's input and a
+/// session file's record.
+pub fn check_candidates(
+    candidates: &[(u32, f32)],
+    limit: usize,
+    count: usize,
+) -> std::result::Result<(), String> {
+    if candidates.len() > count {
+        return Err(format!("{} of them for {count} asked", candidates.len()));
+    }
+    if let Some(w) = candidates.windows(2).find(|w| w[0].0 >= w[1].0) {
+        return Err(format!("id {} before id {} (ascending and once each)", w[0].0, w[1].0));
+    }
+    if let Some(&(id, _)) = candidates.iter().find(|&&(id, _)| id as usize >= limit) {
+        return Err(format!("id {id} is outside 0..{limit}"));
+    }
+    if let Some(&(id, v)) = candidates.iter().find(|&&(_, v)| v.is_nan() || v == f32::NEG_INFINITY)
+    {
+        return Err(format!("id {id} has logit {v}"));
+    }
+    Ok(())
+}
+
 /// [`sample`]'s token for options that [`candidate_count`] accepts, from only the row's
 /// `count = candidate_count(..)` largest logits as [`top_candidates`] gives them (`candidates`,
 /// ascending ids below `limit`; `penalty_history` and `generated` as for [`sample`]). The same
@@ -408,18 +433,12 @@ pub fn sample_candidates(
     limit: usize,
     rng: &mut Rng,
 ) -> Result<Option<u32>> {
-    let sorted = candidates.windows(2).all(|w| w[0].0 < w[1].0);
-    let in_range = candidates.iter().all(|&(id, v)| (id as usize) < limit && v > f32::NEG_INFINITY);
     let greedy = opts.temperature == 0.0;
-    if !sorted || !in_range || candidates.len() > count || !(greedy || opts.top_k > 0) {
-        return Err(Error::internal(format!(
-            "{} sampling candidates for {count} asked (ids ascending: {sorted}; below {limit} and \
-             above -inf: {in_range}) with temperature {} and top_k {}",
-            candidates.len(),
-            opts.temperature,
-            opts.top_k
-        )));
+    if !(greedy || opts.top_k > 0) {
+        return Err(Error::internal("sampling candidates without top-k or temperature 0"));
     }
+    check_candidates(candidates, limit, count)
+        .map_err(|e| Error::internal(format!("sampling candidates: {e}")))?;
     let none = || {
         Error::internal(format!(
             "no token can be sampled: all {} candidate logits are -inf after processing, and no \
@@ -452,22 +471,14 @@ pub fn sample_candidates(
                 _ => Ok(None),
             };
         }
-        if t != 1.0 {
-            x.iter_mut().for_each(|v| *v /= t);
-        }
-        sanitize(x);
+        divide_by_temperature(x, t);
         // Step 5, with the proof that nothing left out survives it.
-        let k = opts.top_k;
-        if x.len() >= k {
-            let values = &mut s.values;
-            values.clear();
-            values.extend_from_slice(x);
-            let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            let kth = *kth;
+        if x.len() >= opts.top_k {
+            let kth = kth_largest(x, opts.top_k, &mut s.values);
             if bound.is_some_and(|b| b >= kth) {
                 return Ok(None);
             }
-            x.iter_mut().filter(|v| **v < kth).for_each(|v| *v = f32::NEG_INFINITY);
+            remove_below(x, kth);
         } else if bound.is_some() {
             return Ok(None);
         }
@@ -580,24 +591,34 @@ fn processed_logits(
         sanitize(x);
         return;
     }
-    if opts.temperature != 1.0 {
-        let t = opts.temperature;
+    divide_by_temperature(x, opts.temperature);
+    if opts.top_k > 0 && opts.top_k < n {
+        let kth = kth_largest(x, opts.top_k, &mut s.values);
+        remove_below(x, kth);
+    }
+    probability_filters(opts, s);
+}
+
+/// Step 4: `x / t` in f32 (torch divides, it does not multiply by `1 / t`; nothing for 1), then
+/// NaN to -inf: a NaN here (from options that validate() rejects) must not reach the filters.
+fn divide_by_temperature(x: &mut [f32], t: f32) {
+    if t != 1.0 {
         x.iter_mut().for_each(|v| *v /= t);
     }
-    // A NaN here (from options that validate() rejects) must not reach the filters below.
     sanitize(x);
+}
 
-    if opts.top_k > 0 && opts.top_k < n {
-        let sorted = &mut s.values;
-        sorted.clear();
-        sorted.extend_from_slice(x);
-        // The k-th largest value: everything strictly below it goes; ties with it stay (HF).
-        let (_, kth, _) = sorted.select_nth_unstable_by(opts.top_k - 1, |a, b| b.total_cmp(a));
-        let kth = *kth;
-        x.iter_mut().filter(|v| **v < kth).for_each(|v| *v = f32::NEG_INFINITY);
-    }
+/// Top-k's threshold: the `k`-th largest of `x` (`1 <= k <= x.len()`) in total order, selected
+/// in `scratch`.
+fn kth_largest(x: &[f32], k: usize, scratch: &mut Vec<f32>) -> f32 {
+    scratch.clear();
+    scratch.extend_from_slice(x);
+    *scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+}
 
-    probability_filters(opts, s);
+/// Top-k's cut: everything strictly below `kth` goes; ties with it stay (HF).
+fn remove_below(x: &mut [f32], kth: f32) {
+    x.iter_mut().filter(|v| **v < kth).for_each(|v| *v = f32::NEG_INFINITY);
 }
 
 /// Steps 2-3 of the module docs on `x`, where `x[i]` is the logit of id `id_at(i)` and

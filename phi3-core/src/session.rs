@@ -437,9 +437,8 @@ impl Session {
             id: next_session_id(),
             last: match (state.greedy, state.candidates) {
                 (Some(GreedyChoice { limit, token }), _) => LastOutput::Greedy { limit, token },
-                (None, Some(SavedCandidates { limit, count, ids, logits })) => {
-                    let entries = ids.into_iter().zip(logits.into_iter().map(f32::from_bits));
-                    LastOutput::Candidates { limit, count, entries: entries.collect() }
+                (None, Some(c)) => {
+                    LastOutput::Candidates { limit: c.limit, count: c.count, entries: c.entries() }
                 }
                 (None, None) if state.last_logits.is_empty() => LastOutput::None,
                 (None, None) => LastOutput::Logits(state.last_logits),
@@ -542,14 +541,10 @@ impl Session {
                     // other id survives top-k (the generator is untouched). Rare; the whole row
                     // is computed again (the last token runs again, as a one-token pass: the
                     // same bits as a decode step's, within rounding of a prefill chunk's) and
-                    // decides.
+                    // the logits arm above decides.
                     None => {
                         self.sync_for(OutputKind::Logits)?;
-                        let LastOutput::Logits(logits) = &self.last else {
-                            return Err(Error::internal("no logits after the forward pass"));
-                        };
-                        let (history, rng) = (&self.tokens, &mut self.rng);
-                        sampler::sample(logits, history, generated, sampling, limit, rng)?
+                        return self.sample_next(generated, sampling, limit);
                     }
                 }
             }

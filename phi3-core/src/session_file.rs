@@ -88,17 +88,22 @@ pub(crate) struct SavedCandidates {
 }
 
 impl SavedCandidates {
-    /// Whether these could have been saved from a fully cached session over `vocab` ids: at most
-    /// `count` (itself at most `sampler::MAX_CANDIDATES`) ids, ascending, below `limit <= vocab`,
-    /// each with a logit above -inf.
-    fn consistent(&self, vocab: usize) -> bool {
-        self.limit <= vocab
-            && self.count <= crate::sampler::MAX_CANDIDATES
-            && self.ids.len() == self.logits.len()
-            && self.ids.len() <= self.count
-            && self.ids.windows(2).all(|w| w[0] < w[1])
-            && self.ids.iter().all(|&id| (id as usize) < self.limit)
-            && self.logits.iter().all(|&bits| f32::from_bits(bits) > f32::NEG_INFINITY)
+    /// The (id, logit) pairs.
+    pub(crate) fn entries(&self) -> Vec<(u32, f32)> {
+        self.ids.iter().copied().zip(self.logits.iter().map(|&bits| f32::from_bits(bits))).collect()
+    }
+
+    /// Whether these could have been saved over `vocab` ids: `limit <= vocab`, `count` at most
+    /// `sampler::MAX_CANDIDATES`, as many logits as ids, and the pairs as `top_candidates` gives
+    /// them (`sampler::check_candidates`). Err says what is wrong.
+    fn check(&self, vocab: usize) -> std::result::Result<(), String> {
+        if self.limit > vocab || self.count > crate::sampler::MAX_CANDIDATES {
+            return Err(format!("limit above the vocabulary of {vocab} or count above the cap"));
+        }
+        if self.ids.len() != self.logits.len() {
+            return Err("as many ids as logits are needed".into());
+        }
+        crate::sampler::check_candidates(&self.entries(), self.limit, self.count)
     }
 }
 
@@ -248,12 +253,15 @@ pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
     {
         return Err(format_err(path, "session header sizes do not fit this model"));
     }
+    // A greedy choice or candidates are only ever saved for a fully cached session without
+    // logits, and never both.
+    let only_output = !header.has_logits
+        && header.n_tokens > 0
+        && header.kv_tokens == header.n_tokens
+        && !(header.greedy.is_some() && header.candidates.is_some());
     if let Some(g) = header.greedy {
-        // Only ever saved for a fully cached session without logits, with a token below its
-        // limit (which is at most the vocabulary).
-        let consistent = !header.has_logits
-            && header.n_tokens > 0
-            && header.kv_tokens == header.n_tokens
+        // With a token below its limit (which is at most the vocabulary).
+        let consistent = only_output
             && g.limit <= header.vocab
             && g.token.is_none_or(|t| (t as usize) < g.limit);
         if !consistent {
@@ -261,17 +269,13 @@ pub(crate) fn load(model: &Model, path: &Path) -> Result<SessionState> {
         }
     }
     if let Some(c) = &header.candidates {
-        // Only ever saved like a greedy choice, and never with one.
-        let consistent = !header.has_logits
-            && header.greedy.is_none()
-            && header.n_tokens > 0
-            && header.kv_tokens == header.n_tokens
-            && c.consistent(header.vocab);
-        if !consistent {
+        let checked = if only_output { c.check(header.vocab) } else { Err("not alone".into()) };
+        if let Err(why) = checked {
             return Err(format_err(
                 path,
                 format!(
-                    "session header: inconsistent candidates ({} ids, {} logits, {} asked below {})",
+                    "session header: inconsistent candidates ({} ids, {} logits, {} asked below \
+                     {}): {why}",
                     c.ids.len(),
                     c.logits.len(),
                     c.count,

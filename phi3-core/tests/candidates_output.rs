@@ -6,8 +6,9 @@
 //! decide and the session computes the whole row again; the session must hand out exact logits
 //! afterwards, and one saved after such a step must load and continue exactly.
 
-use std::fs;
 use std::ops::ControlFlow;
+
+mod common;
 
 use phi3_core::sampler::{candidate_count, SamplerOptions};
 use phi3_core::{
@@ -174,18 +175,11 @@ fn after_a_top_k_step_logits_are_exact_and_a_saved_session_continues() {
     assert_eq!(generate(&mut loaded, &next), generate(&mut plain, &next));
 
     // A header whose candidates are not ascending ids is refused before anything is read.
-    let good = fs::read(&path).unwrap();
-    let header_len = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&good[16..16 + header_len]).unwrap();
-    let ids = header["candidates"]["ids"].as_array_mut().expect("the header records the ids");
-    ids.swap(0, 1);
-    let bad_header = serde_json::to_vec(&header).unwrap();
-    let mut bad = good[..12].to_vec();
-    bad.extend_from_slice(&(bad_header.len() as u32).to_le_bytes());
-    bad.extend_from_slice(&bad_header);
-    bad.extend_from_slice(&good[16 + header_len..]);
     let bad_path = dir.path().join("bad.phi3");
-    fs::write(&bad_path, bad).unwrap();
+    common::write_with_edited_header(&path, &bad_path, |header| {
+        let ids = header["candidates"]["ids"].as_array_mut().expect("the header records the ids");
+        ids.swap(0, 1);
+    });
     let err = Session::load(&model, &bad_path).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ModelFormat, "{err}");
     assert!(err.to_string().contains("inconsistent candidates"), "{err}");

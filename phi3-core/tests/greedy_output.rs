@@ -3,7 +3,8 @@
 //! those of the logits path, the session must hand out exact logits afterwards, and a session
 //! saved after such a step must load and continue exactly.
 
-use std::fs;
+mod common;
+
 use std::ops::ControlFlow;
 
 use phi3_core::{
@@ -94,18 +95,12 @@ fn a_session_saved_after_a_greedy_step_loads_and_continues_exactly() {
     assert_eq!(original.logits().unwrap(), loaded.logits().unwrap());
 
     // A header whose greedy choice is outside its limit is refused before anything is read.
-    let good = fs::read(&path).unwrap();
-    let header_len = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
-    let header = std::str::from_utf8(&good[16..16 + header_len]).unwrap();
-    let at = header.find("\"token\":").expect("the header records the greedy choice");
-    let end = at + header[at..].find('}').unwrap();
-    let bad_header = format!("{}\"token\":4000000000{}", &header[..at], &header[end..]);
-    let mut bad = good[..12].to_vec();
-    bad.extend_from_slice(&(bad_header.len() as u32).to_le_bytes());
-    bad.extend_from_slice(bad_header.as_bytes());
-    bad.extend_from_slice(&good[16 + header_len..]);
     let bad_path = dir.path().join("bad.phi3");
-    fs::write(&bad_path, bad).unwrap();
+    common::write_with_edited_header(&path, &bad_path, |header| {
+        let greedy = header["greedy"].as_object_mut().expect("the header records the choice");
+        assert!(greedy.contains_key("token"), "{greedy:?}");
+        greedy.insert("token".into(), 4_000_000_000u64.into());
+    });
     let err = Session::load(&model, &bad_path).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ModelFormat, "{err}");
     assert!(err.to_string().contains("inconsistent greedy"), "{err}");

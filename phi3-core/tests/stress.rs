@@ -59,6 +59,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use phi3_core::{
     demo, Device, ErrorKind, FinishReason, GenerateOptions, LoadOptions, Model, Session,
     SessionOptions,
@@ -303,11 +305,9 @@ fn file(dir: &Path, index: usize) -> PathBuf {
 /// The session file's JSON header (without the RNG state) and body (without the checksum).
 fn file_parts(path: &Path) -> (serde_json::Value, Vec<u8>) {
     let bytes = std::fs::read(path).unwrap();
-    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value =
-        serde_json::from_slice(&bytes[16..16 + header_len]).unwrap();
+    let (mut header, rest) = common::session_header(&bytes);
     header.as_object_mut().unwrap().remove("rng_state");
-    (header, bytes[16 + header_len..bytes.len() - 32].to_vec())
+    (header, rest[..rest.len() - 32].to_vec())
 }
 
 /// Run `op` on `slots`. Panics on a broken invariant that needs no replay to see (streamed text

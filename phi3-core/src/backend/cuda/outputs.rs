@@ -13,7 +13,7 @@ use super::ops::PerRow;
 use super::CudaBackend;
 use crate::backend::{host_outputs, OutputKind, SeqOutput};
 use crate::error::{Error, Result};
-use crate::sampler::MAX_CANDIDATES;
+use crate::sampler::{check_candidates, MAX_CANDIDATES};
 
 /// Each row's limit for `phi3_argmax_rows`: a greedy row's (at most `out_cols`), 0 for a row
 /// that wants something else (its choice, -1, is not read).
@@ -82,18 +82,28 @@ impl CudaBackend {
             return self.collect_outputs(logits, None, outputs, out_cols);
         }
         let limits = argmax_limits(outputs, out_cols);
+        let mut held = None;
         let one_limit = same(limits.iter().copied());
-        let on_device = match one_limit {
-            Some(_) => None,
-            None => Some(self.htod(&limits, "greedy limits")?),
-        };
-        let per_row = match &on_device {
-            Some(limits) => PerRow::Device(limits),
-            None => PerRow::Same(one_limit.unwrap_or(0)),
-        };
+        let per_row = self.per_row_input(&limits, one_limit, &mut held, "greedy limits")?;
         let mut chosen = self.alloc::<i32>(outputs.len(), "greedy choices")?;
         self.launch_argmax_rows(logits, per_row, &mut chosen, outputs.len(), out_cols)?;
         self.collect_outputs(logits, Some(&chosen), outputs, out_cols)
+    }
+
+    /// A per-row kernel input: `Same(value)` when every row has the same one (`same`), passed
+    /// as kernel arguments; otherwise `values` copied to the device into `held`, which must live
+    /// until the launch.
+    fn per_row_input<'a, T>(
+        &self,
+        values: &[i32],
+        same: Option<T>,
+        held: &'a mut Option<CudaSlice<i32>>,
+        what: &str,
+    ) -> Result<PerRow<'a, T>> {
+        if let Some(value) = same {
+            return Ok(PerRow::Same(value));
+        }
+        Ok(PerRow::Device(held.insert(self.htod(values, what)?)))
     }
 
     /// The rows' outputs once `chosen` holds `phi3_argmax_rows`'s choices for them (a graph ran
@@ -116,14 +126,8 @@ impl CudaBackend {
         let rows = outputs.len();
         let candidates = match candidate_requests(outputs, out_cols)? {
             Some(CandidateRequests { wanted, same, stride }) => {
-                let on_device = match same {
-                    Some(_) => None,
-                    None => Some(self.htod(&wanted, "candidate requests")?),
-                };
-                let per_row = match &on_device {
-                    Some(wanted) => PerRow::Device(wanted),
-                    None => PerRow::Same(same.unwrap_or((0, 0))),
-                };
+                let mut held = None;
+                let per_row = self.per_row_input(&wanted, same, &mut held, "candidate requests")?;
                 let mut taken = self.alloc::<i32>(rows * (1 + 2 * stride), "candidates")?;
                 self.launch_top_candidates(logits, per_row, &mut taken, rows, out_cols, stride)?;
                 Some((taken, stride))
@@ -207,8 +211,8 @@ fn greedy_id(id: i32, limit: usize) -> Result<SeqOutput> {
 
 /// A candidates row's result from `phi3_top_candidates`' output row `words`
 /// (`[n, ids[stride], bits[stride]]`): the `n` pairs sorted by id. A count above what was asked,
-/// an id outside `0..limit` or repeated, or a logit at -inf or NaN would be a kernel bug,
-/// reported rather than sampled from.
+/// or pairs that break `sampler::check_candidates` (an id outside `0..limit` or repeated, a
+/// logit at -inf or NaN) would be a kernel bug, reported rather than sampled from.
 fn candidate_row(words: &[i32], stride: usize, limit: usize, count: usize) -> Result<SeqOutput> {
     let bad = |what: String| Error::internal(format!("the device's sampling candidates: {what}"));
     let n = words.first().copied().unwrap_or(-1);
@@ -220,15 +224,7 @@ fn candidate_row(words: &[i32], stride: usize, limit: usize, count: usize) -> Re
         .map(|i| (words[1 + i] as u32, f32::from_bits(words[1 + stride + i] as u32)))
         .collect();
     entries.sort_unstable_by_key(|&(id, _)| id);
-    if let Some(&(id, _)) = entries.iter().find(|&&(id, _)| id as usize >= limit) {
-        return Err(bad(format!("id {id} is outside 0..{limit}")));
-    }
-    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(bad(format!("id {} taken twice", w[0].0)));
-    }
-    if let Some(&(id, v)) = entries.iter().find(|&&(_, v)| v.is_nan() || v == f32::NEG_INFINITY) {
-        return Err(bad(format!("id {id} has logit {v}")));
-    }
+    check_candidates(&entries, limit, count).map_err(bad)?;
     Ok(SeqOutput::Candidates(entries))
 }
 
