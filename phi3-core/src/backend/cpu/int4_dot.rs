@@ -10,12 +10,16 @@
 //! only new error is the activations' rounding, at most half a step of `max |x| / 32767` in
 //! their group: 15 bits against the 8 of the bf16 values the model was trained with.
 //!
-//! The loop's shape (bytes widened into two `i16` arrays, then pairs multiplied) is what lets the
-//! compiler find `pmaddwd`; small rewrites of it (subtracting the zero point from the nibbles
-//! first, 16-byte steps) made it emit 32-bit multiplies or scalar code, 1.8-4x slower
-//! (docs/PERF.md).
+//! On x86 with AVX2 or AVX-512 the products are written out as `pmaddwd` (`x86.rs`, same bits,
+//! 1.7x on AVX-512). Elsewhere the portable loop below runs; its shape (bytes widened into two
+//! `i16` arrays, then pairs multiplied) is what lets the compiler find multiply-adds at all;
+//! small rewrites of it (subtracting the zero point from the nibbles first, 16-byte steps) made
+//! it emit 32-bit multiplies or scalar code, 1.8-4x slower (docs/PERF.md).
 
 use multiversion::multiversion;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Weights per inner-loop step: 32 bytes of nibbles, two `i16` arrays of 32 each.
 const CHUNK: usize = 32;
@@ -74,6 +78,21 @@ impl Int16Activations {
 /// One row of an int4 weight (`bytes`: column `2i` in the low nibble of byte `i`; the row's
 /// group `scales` and `zeros`) against prepared activations: Σ scale · (q - zero) · x.
 pub(super) fn dot(
+    x: &Int16Activations,
+    bytes: &[u8],
+    scales: &[f32],
+    zeros: &[u8],
+    group: usize,
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = x86::dot(x, bytes, scales, zeros, group) {
+        return v;
+    }
+    dot_portable(x, bytes, scales, zeros, group)
+}
+
+/// [`dot`] by the portable kernel.
+fn dot_portable(
     x: &Int16Activations,
     bytes: &[u8],
     scales: &[f32],
@@ -203,6 +222,51 @@ mod tests {
                 .sum();
             assert!((got - want).abs() <= rounding + 1e-6 * magnitude, "k {k}: {got} vs {want}");
         }
+    }
+
+    /// The x86 kernels give the portable kernel's bits: random rows, and the extremes (every
+    /// nibble 15 against activations at ±32767, zero points 0 and 15, all-zero groups), for both
+    /// group sizes. Swapping the even and odd activations, or a lane's order, fails it.
+    #[test]
+    fn every_kernel_gives_the_same_bits() {
+        let mut rng = Rng::seeded(77);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut checked = 0;
+        for (k, group) in [(128, 64), (128, 128), (3072, 128), (3072, 64), (8192, 128)] {
+            for case in 0..12 {
+                let x: Vec<f32> = (0..k)
+                    .map(|i| match case {
+                        0 => 1.0,
+                        1 => -1.0,
+                        2 if i < group => 0.0,
+                        _ => (rng.next_f64() as f32 - 0.5) * (1 + i % 7) as f32,
+                    })
+                    .collect();
+                let (mut bytes, scales, mut zeros) = weights(&mut rng, k, group);
+                if case < 2 {
+                    bytes.iter_mut().for_each(|b| *b = 0xff);
+                    zeros
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(g, z)| *z = if g % 2 == 0 { 0 } else { 15 });
+                }
+                let a = Int16Activations::new(&x, group).unwrap();
+                let want = dot_portable(&a, &bytes, &scales, &zeros, group);
+                #[cfg(target_arch = "x86_64")]
+                for (name, got) in x86::each_available(&a, &bytes, &scales, &zeros, group) {
+                    assert_eq!(got.to_bits(), want.to_bits(), "{name}, k {k}, case {case}");
+                    checked += 1;
+                }
+                assert_eq!(dot(&a, &bytes, &scales, &zeros, group).to_bits(), want.to_bits());
+            }
+        }
+        // Any x86 machine this runs on in practice has AVX2: the check must not pass by
+        // comparing nothing.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            assert!(checked >= 60, "only {checked} comparisons ran");
+        }
+        let _ = checked;
     }
 
     /// Every activation within half a step of its fixed-point value; the extremes of each group
