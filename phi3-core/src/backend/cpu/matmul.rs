@@ -8,11 +8,11 @@
 //! - decode rows: a dot product per (row, output) that widens bf16/f16 or dequantizes
 //!   int8/int4 on the fly; it is bound by weight bandwidth, so it reads weights exactly once and
 //!   keeps x in cache. int8: `scale_r * Σ x·q`. int4 with groups of 64 or 128: x as 15-bit
-//!   fixed point per group and integer products (`int4_dot.rs`: 1.46x the f32 kernel on one
-//!   matrix and core, 1.1-1.2x on whole decode steps; docs/PERF.md). Other int4 (groups of 32,
-//!   or x not finite): `Σ_g scale_g * (Σ x·q - zero_g * Σ_g x)`,
-//!   with x split once per call into its even and odd columns (the low and high nibbles) and
-//!   its group sums, so the inner loop is contiguous and vectorises. bf16 takes four weight rows
+//!   fixed point per group and integer products (`int4_dot.rs`, `pmaddwd` written out on
+//!   AVX-512 and AVX2; docs/PERF.md). Other int4 (groups of 32, or x not finite):
+//!   `Σ_g scale_g * (Σ x·q - zero_g * Σ_g x)`, with x split once per call into its even and odd
+//!   columns (the low and high nibbles) and its group sums, so the inner loop is contiguous and
+//!   vectorises. bf16 takes four weight rows
 //!   per pass over x (`dot_bf16_x4`, the same bits as four `dot_bf16`s), so several decode rows
 //!   cost less load traffic per row.
 //! - prefill rows: each task widens (or dequantizes) a block of weight rows to f32 and
