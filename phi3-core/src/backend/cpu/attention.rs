@@ -2,8 +2,15 @@
 //!
 //! For each query row at position p and head h (KV head h / (n_heads / n_kv_heads)):
 //! scores_j = (q · k_j) * scale for visible j (j <= p, and j > p - window with a sliding
-//! window), softmax in f32 with the max subtracted, out = Σ p_j v_j. Rows run in parallel.
+//! window), softmax in f32 with the max subtracted, out = Σ p_j v_j.
+//!
+//! One task per (row, KV head), run in parallel: the query heads that share a KV head read each
+//! key and value row once, together. A decode step (one row) thus spreads over all cores; with
+//! one task per row it ran on one core while the KV reads, which grow with the context, came to
+//! dominate the step (docs/PERF.md). Each head's arithmetic is the same, in the same order,
+//! whatever the split, so the results do not depend on it.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::{CpuKvBatch, CpuKvPool};
@@ -29,38 +36,70 @@ pub(super) fn attention(
         row_seq[seq.row..seq.row + seq.len].iter_mut().for_each(|r| *r = s);
     }
     let mut out = vec![0.0f32; rows * q_dim];
-    out.par_chunks_mut(q_dim).enumerate().for_each(|(row, out_row)| {
+    // Task `t`: row t / n_kv_heads, KV head t % n_kv_heads, whose query heads' outputs are the
+    // `group * hd` values at t * group * hd. `scores` (`[group, visible]`) is reused by a thread.
+    let scratch = || (Vec::new(), Vec::new(), Vec::new());
+    let tasks = out.par_chunks_mut(group * hd).enumerate();
+    tasks.for_each_init(scratch, |(scores, rows_k, rows_v), (task, out)| {
+        let (row, kv_head) = (task / p.n_kv_heads, task % p.n_kv_heads);
         let seq = &seqs[row_seq[row]];
         let table = &batch.tables[row_seq[row]];
         let pos = seq.pos0 + (row - seq.row);
         let first = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let mut scores = vec![0.0f32; pos + 1 - first];
-        for h in 0..p.n_heads {
-            let qh = &q[row * q_dim + h * hd..row * q_dim + (h + 1) * hd];
-            let kv_off = (h / group) * hd;
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in (first..=pos).zip(scores.iter_mut()) {
-                let k = &pool.row(table, layer, false, j)[kv_off..kv_off + hd];
-                *s = dot(qh, k) * p.scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let oh = &mut out_row[h * hd..(h + 1) * hd];
-            for (j, &s) in (first..=pos).zip(scores.iter()) {
-                let w = s / sum;
-                let v = &pool.row(table, layer, true, j)[kv_off..kv_off + hd];
-                oh.iter_mut().zip(v).for_each(|(o, &v)| *o += w * v);
-            }
+        let visible = pos + 1 - first;
+        debug_assert!(visible > 0);
+        let kv_off = kv_head * hd;
+        let q_heads = &q[row * q_dim + kv_off * group..row * q_dim + (kv_off + hd) * group];
+        // This task's key and value rows, gathered once: the loops below then run inside one
+        // vectorised call each rather than a call per row and head.
+        rows_k.clear();
+        rows_v.clear();
+        for j in first..=pos {
+            rows_k.push(&pool.row(table, layer, false, j)[kv_off..kv_off + hd]);
+            rows_v.push(&pool.row(table, layer, true, j)[kv_off..kv_off + hd]);
         }
+        scores.clear();
+        scores.resize(group * visible, 0.0);
+        head_scores(q_heads, rows_k, p.scale, scores);
+        weighted_values(scores, rows_v, out);
     });
     out
 }
 
-/// Dot product with 8 independent accumulators (lets the compiler vectorise).
+/// `scores` (`[heads, keys.len()]`) = each of the `heads` query heads in `q_heads` (`[heads,
+/// hd]`) dotted with every key, times `scale`, then its softmax: the max subtracted, `exp`, and
+/// divided by the sum, each step in the order of the keys.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn head_scores(q_heads: &[f32], keys: &[&[f32]], scale: f32, scores: &mut [f32]) {
+    let hd = keys.first().map_or(1, |k| k.len()).max(1);
+    for (qh, s) in q_heads.chunks_exact(hd).zip(scores.chunks_exact_mut(keys.len().max(1))) {
+        for (s, k) in s.iter_mut().zip(keys) {
+            *s = dot(qh, k) * scale;
+        }
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0f32;
+        for v in s.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        s.iter_mut().for_each(|v| *v /= sum);
+    }
+}
+
+/// `out` (`[heads, hd]`) += Σ_j `weights[h, j]` * `values[j]` for each head, in the order of j.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn weighted_values(weights: &[f32], values: &[&[f32]], out: &mut [f32]) {
+    let hd = values.first().map_or(1, |v| v.len()).max(1);
+    for (oh, w) in out.chunks_exact_mut(hd).zip(weights.chunks_exact(values.len().max(1))) {
+        for (&w, v) in w.iter().zip(values) {
+            oh.iter_mut().zip(*v).for_each(|(o, &v)| *o += w * v);
+        }
+    }
+}
+
+/// Dot product with 8 independent accumulators (lets the compiler vectorise; the same bits on
+/// every target, as the lanes do not depend on the vector width).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
