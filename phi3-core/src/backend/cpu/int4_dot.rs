@@ -11,7 +11,7 @@
 //! their group: 15 bits against the 8 of the bf16 values the model was trained with.
 //!
 //! On x86 with AVX2 or AVX-512 the products are written out as `pmaddwd` (`x86.rs`, same bits,
-//! 1.7x on AVX-512). Elsewhere the portable loop below runs; its shape (bytes widened into two
+//! 1.6-1.9x on AVX-512, 1.4-1.5x on AVX2). Elsewhere the portable loop below runs; its shape (bytes widened into two
 //! `i16` arrays, then pairs multiplied) is what lets the compiler find multiply-adds at all;
 //! small rewrites of it (subtracting the zero point from the nibbles first, 16-byte steps) made
 //! it emit 32-bit multiplies or scalar code, 1.8-4x slower (docs/PERF.md).

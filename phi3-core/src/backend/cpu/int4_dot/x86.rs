@@ -5,8 +5,8 @@
 //! the way: LLVM proves the nibbles non-negative, turns their sign extension into a zero
 //! extension, and then no longer matches the pattern, so it multiplies even and odd lanes apart
 //! (shifts, masks and two multiply-adds where one does). Written out, an AVX-512 core does the
-//! same sums in about half the instructions: 1.7x on one matrix, where two cores then reach the
-//! memory's bandwidth (docs/PERF.md).
+//! same sums in about half the instructions: 1.6-1.9x on one matrix held in cache, and int4
+//! decode on two cores then streams weights as fast as int8 does (docs/PERF.md).
 //!
 //! Each lane holds what the portable kernel's lane of the same index holds (`part[l]`: the
 //! products of columns `2l` and `2l + 1` of each 32-byte chunk, exact integers), and the f32
