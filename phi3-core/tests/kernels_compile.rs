@@ -49,3 +49,27 @@ fn every_entry_point_is_defined_in_its_source() {
         }
     }
 }
+
+/// A source that does not compile is a `Device` error naming the file and the architecture and
+/// carrying NVRTC's own log, read back byte by byte (the log is `c_char`s: `i8` on x86-64,
+/// `u8` on aarch64).
+#[test]
+fn a_compile_error_carries_nvrtcs_log() {
+    if kernels::nvrtc_version().is_err() {
+        if std::env::var("PHI3_REQUIRE_NVRTC").as_deref() == Ok("1") {
+            panic!("PHI3_REQUIRE_NVRTC=1 but NVRTC is unavailable");
+        }
+        println!("SKIPPED: needs libnvrtc");
+        return;
+    }
+    let broken = kernels::KernelSource {
+        name: "broken.cu",
+        source: "extern \"C\" __global__ void phi3_broken(float* out) { *out = not_declared; }\n",
+        entries: &["phi3_broken"],
+    };
+    let err = kernels::compile(&broken, 80).expect_err("an undeclared identifier compiled");
+    let text = err.to_string();
+    assert_eq!(err.kind(), phi3_core::ErrorKind::Device, "{err:?}");
+    assert!(text.contains("broken.cu does not compile for sm_80"), "{text}");
+    assert!(text.contains("not_declared"), "NVRTC's log is missing: {text}");
+}

@@ -59,7 +59,9 @@ fn log(prog: &Program) -> String {
     // SAFETY: a live program.
     match unsafe { result::get_program_log(prog.0) } {
         Ok(chars) => {
-            let bytes: Vec<u8> = chars.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+            // c_char is i8 on x86-64 and u8 on aarch64: reinterpret the bytes either way.
+            let chars: &[u8] = bytemuck::cast_slice(chars.as_slice());
+            let bytes: Vec<u8> = chars.iter().copied().take_while(|&b| b != 0).collect();
             String::from_utf8_lossy(&bytes).trim().to_string()
         }
         Err(e) => format!("(no log: {:?})", e.0),
