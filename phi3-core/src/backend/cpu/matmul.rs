@@ -12,9 +12,8 @@
 //!   AVX-512 and AVX2; docs/PERF.md). Other int4 (groups of 32, or x not finite):
 //!   `Σ_g scale_g * (Σ x·q - zero_g * Σ_g x)`, with x split once per call into its even and odd
 //!   columns (the low and high nibbles) and its group sums, so the inner loop is contiguous and
-//!   vectorises. bf16 takes four weight rows
-//!   per pass over x (`dot_bf16_x4`, the same bits as four `dot_bf16`s), so several decode rows
-//!   cost less load traffic per row.
+//!   vectorises. bf16 takes four weight rows per pass over x (`dot_bf16_x4`, the same bits as
+//!   four `dot_bf16`s), so several decode rows cost less load traffic per row.
 //! - prefill rows: each task widens (or dequantizes) a block of weight rows to f32 and
 //!   multiplies it with all of x through `ndarray` (matrixmultiply's blocked, SIMD sgemm); bound
 //!   by compute.
@@ -190,7 +189,9 @@ fn gemv_quant(x: &[f32], n: usize, k: usize, w: &QuantizedTensor, out_t: &mut [f
                 let j0 = block * GEMV_BLOCK;
                 let mut block_scales = vec![0.0f32; out.len() / n * ng];
                 scales.widen_into(j0 * ng..j0 * ng + block_scales.len(), &mut block_scales);
-                for ((jj, o), s) in out.chunks_mut(n).enumerate().zip(block_scales.chunks(ng)) {
+                // ng.max(1): no panic for a zero-width tensor (there is then nothing to scale).
+                let per_row = block_scales.chunks(ng.max(1));
+                for ((jj, o), s) in out.chunks_mut(n).enumerate().zip(per_row) {
                     let j = j0 + jj;
                     let bytes = &packed[j * k / 2..(j + 1) * k / 2];
                     let z = &zeros[j * ng..(j + 1) * ng];
