@@ -11,9 +11,9 @@
 //! their group: 15 bits against the 8 of the bf16 values the model was trained with.
 //!
 //! On x86 with AVX2 or AVX-512 the products are written out as `pmaddwd` (`x86.rs`, same bits,
-//! 1.6-1.9x on AVX-512, 1.4-1.5x on AVX2). Elsewhere the portable loop below runs; its shape (bytes widened into two
-//! `i16` arrays, then pairs multiplied) is what lets the compiler find multiply-adds at all;
-//! small rewrites of it (subtracting the zero point from the nibbles first, 16-byte steps) made
+//! 1.6-1.9x on AVX-512, 1.4-1.5x on AVX2). Elsewhere the portable loop below runs; its shape
+//! (bytes widened into two `i16` arrays, then pairs multiplied) is what lets the compiler find
+//! multiply-adds at all; small rewrites of it (subtracting the zero point from the nibbles first, 16-byte steps) made
 //! it emit 32-bit multiplies or scalar code, 1.8-4x slower (docs/PERF.md).
 
 use multiversion::multiversion;
@@ -84,21 +84,27 @@ pub(super) fn dot(
     zeros: &[u8],
     group: usize,
 ) -> f32 {
+    let row = Row { x, bytes, scales, zeros, group };
     #[cfg(target_arch = "x86_64")]
-    if let Some(v) = x86::dot(x, bytes, scales, zeros, group) {
+    if let Some(v) = x86::dot(row) {
         return v;
     }
-    dot_portable(x, bytes, scales, zeros, group)
+    dot_portable(row)
+}
+
+/// [`dot`]'s arguments, as every kernel takes them.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    x: &'a Int16Activations,
+    bytes: &'a [u8],
+    scales: &'a [f32],
+    zeros: &'a [u8],
+    group: usize,
 }
 
 /// [`dot`] by the portable kernel.
-fn dot_portable(
-    x: &Int16Activations,
-    bytes: &[u8],
-    scales: &[f32],
-    zeros: &[u8],
-    group: usize,
-) -> f32 {
+fn dot_portable(row: Row<'_>) -> f32 {
+    let Row { x, bytes, scales, zeros, group } = row;
     let (even, odd) = x.values.split_at(x.values.len() / 2);
     dot_groups(even, odd, bytes, scales, zeros, &x.scales, &x.sums, group)
 }
@@ -251,9 +257,10 @@ mod tests {
                         .for_each(|(g, z)| *z = if g % 2 == 0 { 0 } else { 15 });
                 }
                 let a = Int16Activations::new(&x, group).unwrap();
-                let want = dot_portable(&a, &bytes, &scales, &zeros, group);
+                let row = Row { x: &a, bytes: &bytes, scales: &scales, zeros: &zeros, group };
+                let want = dot_portable(row);
                 #[cfg(target_arch = "x86_64")]
-                for (name, got) in x86::each_available(&a, &bytes, &scales, &zeros, group) {
+                for (name, got) in x86::each_available(row) {
                     assert_eq!(got.to_bits(), want.to_bits(), "{name}, k {k}, case {case}");
                     checked += 1;
                 }

@@ -18,32 +18,15 @@ use core::arch::x86_64::{__m128i, __m256, __m256i, __m512, __m512i};
 use pulp::x86::{V3, V4};
 use pulp::{as_arrays, cast, NullaryFnOnce};
 
-use super::Int16Activations;
+use super::Row;
 
 /// The kernel for this CPU, when one of these fits it (None: the portable one).
-pub(super) fn dot(
-    x: &Int16Activations,
-    bytes: &[u8],
-    scales: &[f32],
-    zeros: &[u8],
-    group: usize,
-) -> Option<f32> {
-    let row = Row { x, bytes, scales, zeros, group };
+pub(super) fn dot(row: Row<'_>) -> Option<f32> {
     if let Some(simd) = V4::try_new() {
         Some(simd.vectorize(Avx512 { simd, row }))
     } else {
         V3::try_new().map(|simd| simd.vectorize(Avx2 { simd, row }))
     }
-}
-
-/// One weight row against prepared activations, as [`super::dot`] takes them.
-#[derive(Clone, Copy)]
-struct Row<'a> {
-    x: &'a Int16Activations,
-    bytes: &'a [u8],
-    scales: &'a [f32],
-    zeros: &'a [u8],
-    group: usize,
 }
 
 impl<'a> Row<'a> {
@@ -146,14 +129,7 @@ impl NullaryFnOnce for Avx2<'_> {
 
 /// Each kernel this CPU has, forced, for the tests: AVX-512, then AVX2.
 #[cfg(test)]
-pub(super) fn each_available(
-    x: &Int16Activations,
-    bytes: &[u8],
-    scales: &[f32],
-    zeros: &[u8],
-    group: usize,
-) -> Vec<(&'static str, f32)> {
-    let row = Row { x, bytes, scales, zeros, group };
+pub(super) fn each_available(row: Row<'_>) -> Vec<(&'static str, f32)> {
     let mut out = Vec::new();
     if let Some(simd) = V4::try_new() {
         out.push(("avx512", simd.vectorize(Avx512 { simd, row })));
