@@ -43,6 +43,7 @@
 //! matmul kernels (`backend/cpu/matmul.rs`).
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 use half::{bf16, f16};
@@ -277,22 +278,33 @@ impl QuantizedTensor {
 
     /// Write row `r`, dequantized, into `out` (`cols` long). Panics when `r >= rows`.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.dequantize_columns(r, 0..self.cols, out);
+    }
+
+    /// Write columns `range` of row `r`, dequantized, into `out` (`range.len()` long). For int4
+    /// the range starts and ends on group boundaries. Panics when `r >= rows` or the range is
+    /// out of bounds.
+    pub fn dequantize_columns(&self, r: usize, range: Range<usize>, out: &mut [f32]) {
         let c = self.cols;
         match &self.data {
             QuantData::Int8 { values, scales } => {
                 let s = scales[r];
-                for (o, &q) in out.iter_mut().zip(&values[r * c..(r + 1) * c]) {
+                for (o, &q) in out.iter_mut().zip(&values[r * c + range.start..r * c + range.end]) {
                     *o = s * q as f32;
                 }
             }
             QuantData::Int4 { group, packed, scales, zeros } => {
+                debug_assert!(
+                    range.start.is_multiple_of(*group) && range.end.is_multiple_of(*group)
+                );
                 let ng = c / group;
-                let bytes = &packed[r * c / 2..(r + 1) * c / 2];
+                let bytes = &packed[(r * c + range.start) / 2..(r * c + range.end) / 2];
+                let first = r * ng + range.start / group;
                 for (g, (out, bytes)) in
                     out.chunks_exact_mut(*group).zip(bytes.chunks_exact(group / 2)).enumerate()
                 {
-                    let s = scales.get(r * ng + g);
-                    let z = zeros[r * ng + g] as f32;
+                    let s = scales.get(first + g);
+                    let z = zeros[first + g] as f32;
                     for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
                         pair[0] = s * ((b & 15) as f32 - z);
                         pair[1] = s * ((b >> 4) as f32 - z);

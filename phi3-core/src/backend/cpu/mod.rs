@@ -10,6 +10,7 @@
 //! KV writes).
 
 mod attention;
+mod gemm;
 mod int4_dot;
 mod matmul;
 mod norm;
@@ -365,7 +366,7 @@ impl Backend for CpuBackend {
             )));
         }
         // Prefill runs need no splitting: the sgemm path's rows are independent.
-        let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows, rows.decode_rows())?;
+        let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows, rows.decode_rows());
         Ok(CpuAct::new(x.rows, w.rows, data))
     }
 
