@@ -33,7 +33,11 @@
 //!
 //! The produced tokens, text and session tokens must then be equal. Where the cancel landed can
 //! still leave the hidden cache differently filled (a prefill stopped between chunks, a cache
-//! emptied for a LongRoPE switch before the cancel was seen). When the cache state differs, the
+//! emptied for a LongRoPE switch before the cancel was seen), or filled with other bits: a
+//! generate whose sampler needs the logits that a greedy pass did not keep recomputes the last
+//! position in a one-row pass, whose rows take the decode path and round differently from the
+//! prefill that computed it first, and a cancel after that pass leaves those bits in the cache.
+//! When the cache state differs (the whole session file is compared), the
 //! replay checks that everything else in the session file (tokens, chat messages, pending
 //! assistant prompt, max context) is equal and that the snapshot's next logits equal its own up
 //! to rounding (the cancel left a consistent cache), then continues from the snapshot the worker
@@ -670,12 +674,14 @@ fn replay(worker_name: &str, subject: &Subject, log: &[Entry], tally: &mut Tally
                 ""
             }
         );
-        if got_view != want_view {
+        // The whole session file, not only the view: the cache can differ in its bits alone
+        // (the last position recomputed before the cancel was seen).
+        let snapshot = entry.snapshot.as_ref().unwrap();
+        let mine = dir.path().join("mine.phi3");
+        slots[op.slot()].as_ref().unwrap().save(&mine).unwrap();
+        if got_view != want_view || file_parts(&mine) != file_parts(snapshot) {
             // The cancel left the cache filled differently: all else must match; then continue
             // from the worker's snapshot.
-            let snapshot = entry.snapshot.as_ref().unwrap();
-            let mine = dir.path().join("mine.phi3");
-            slots[op.slot()].as_ref().unwrap().save(&mine).unwrap();
             let strip = |path: &Path| {
                 let (mut header, _) = file_parts(path);
                 for key in ["kv_tokens", "long_rope", "has_logits", "greedy", "candidates"] {

@@ -308,6 +308,7 @@ fn store_row<S: Simd, const NR: usize>(simd: S, row: [S::f32s; NR], out: &mut [f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::simd_kinds::SimdKind;
     use crate::loader::quant::{QuantizedTensor, WeightFormat};
     use half::{bf16, f16};
 
@@ -340,25 +341,13 @@ mod tests {
         w: WeightView<'_>,
         m: usize,
     ) -> Vec<(&'static str, bool, Vec<f32>)> {
-        let run = |simd_run: &dyn Fn(Multiply<'_>)| {
+        let kinds = SimdKind::all().into_iter();
+        let run = |(name, fuses, kind): (&'static str, bool, SimdKind)| {
             let mut out = vec![0.0f32; m * n];
-            simd_run(Multiply { x, n, k, w, out_t: &mut out });
-            out
+            kind.run(Multiply { x, n, k, w, out_t: &mut out });
+            (name, fuses, out)
         };
-        let mut got = vec![("scalar", false, run(&|op| pulp::Scalar::new().vectorize(op)))];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if let Some(simd) = pulp::x86::V3::try_new() {
-                got.push(("avx2", true, run(&|op| Simd::vectorize(simd, op))));
-            }
-            if let Some(simd) = pulp::x86::V4::try_new() {
-                got.push(("avx512", true, run(&|op| Simd::vectorize(simd, op))));
-            }
-        }
-        let arch = pulp::Arch::new();
-        let fused = !matches!(arch, pulp::Arch::Scalar);
-        got.push(("dispatched", fused, run(&|op| arch.dispatch(op))));
-        got
+        kinds.map(run).collect()
     }
 
     fn values(len: usize, seed: usize, scale: f32) -> Vec<f32> {

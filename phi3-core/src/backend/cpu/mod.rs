@@ -15,6 +15,9 @@ mod int4_dot;
 mod matmul;
 mod norm;
 mod rope;
+mod simd_exp;
+#[cfg(test)]
+mod simd_kinds;
 
 use half::{bf16, f16};
 
@@ -82,25 +85,39 @@ pub struct CpuKvBatch {
 }
 
 impl CpuKvPool {
-    /// Offset within a block of the keys (`values == false`) or values of `layer` at the
-    /// block's `slot`-th token.
-    fn offset(&self, layer: usize, values: bool, slot: usize) -> usize {
-        let row = self.layout.row_len();
-        ((2 * layer + usize::from(values)) * KV_BLOCK_TOKENS + slot) * row
+    /// Offset within a block of head `head`'s keys (`values == false`) or values of `layer` at
+    /// the block's `slot`-th token. A head's tokens are next to each other: attention reads one
+    /// head's keys token after token, and with whole token rows side by side each of its key
+    /// rows sat on a page of its own (`row_len` × 4 bytes apart), so a decode step's attention
+    /// missed the TLB on every key (docs/PERF.md, "CPU attention").
+    fn offset(&self, layer: usize, values: bool, head: usize, slot: usize) -> usize {
+        let KvLayout { n_kv_heads, head_dim, .. } = self.layout;
+        (((2 * layer + usize::from(values)) * n_kv_heads + head) * KV_BLOCK_TOKENS + slot)
+            * head_dim
     }
 
-    /// The key (`values == false`) or value row of `layer` at position `pos` of the sequence
-    /// stored in `table`.
-    pub(crate) fn row(&self, table: &[u32], layer: usize, values: bool, pos: usize) -> &[f32] {
-        let at = self.offset(layer, values, pos % KV_BLOCK_TOKENS);
-        &self.blocks[table[pos / KV_BLOCK_TOKENS] as usize][at..at + self.layout.row_len()]
+    /// Head `head`'s key (`values == false`) or value row of `layer` at position `pos` of the
+    /// sequence stored in `table`.
+    pub(crate) fn head_row(
+        &self,
+        table: &[u32],
+        layer: usize,
+        values: bool,
+        head: usize,
+        pos: usize,
+    ) -> &[f32] {
+        let at = self.offset(layer, values, head, pos % KV_BLOCK_TOKENS);
+        &self.blocks[table[pos / KV_BLOCK_TOKENS] as usize][at..at + self.layout.head_dim]
     }
 
-    /// [`CpuKvPool::row`], writable.
-    fn row_mut(&mut self, table: &[u32], layer: usize, values: bool, pos: usize) -> &mut [f32] {
-        let at = self.offset(layer, values, pos % KV_BLOCK_TOKENS);
-        let row = self.layout.row_len();
-        &mut self.blocks[table[pos / KV_BLOCK_TOKENS] as usize][at..at + row]
+    /// Writes `row` (every head's keys, or values, of one token: `row_len` values) at
+    /// position `pos`.
+    fn write_row(&mut self, table: &[u32], layer: usize, values: bool, pos: usize, row: &[f32]) {
+        let block = table[pos / KV_BLOCK_TOKENS] as usize;
+        for (head, src) in row.chunks_exact(self.layout.head_dim).enumerate() {
+            let at = self.offset(layer, values, head, pos % KV_BLOCK_TOKENS);
+            self.blocks[block][at..at + src.len()].copy_from_slice(src);
+        }
     }
 
     /// Check that `table` covers `n_tokens` tokens with ids of this pool (`Internal` otherwise:
@@ -288,7 +305,9 @@ impl Backend for CpuBackend {
         for layer in 0..pool.layout.n_layers {
             for values in [false, true] {
                 for pos in 0..n_tokens {
-                    out.extend_from_slice(pool.row(blocks, layer, values, pos));
+                    for head in 0..pool.layout.n_kv_heads {
+                        out.extend_from_slice(pool.head_row(blocks, layer, values, head, pos));
+                    }
                 }
             }
         }
@@ -309,7 +328,7 @@ impl Backend for CpuBackend {
         {
             for (values, half) in [(false, &chunk[..n]), (true, &chunk[n..])] {
                 for (pos, src) in half.chunks_exact(row).enumerate() {
-                    pool.row_mut(blocks, layer, values, pos).copy_from_slice(src);
+                    pool.write_row(blocks, layer, values, pos, src);
                 }
             }
         }

@@ -36,6 +36,7 @@ pub(super) fn rope_store_kv(
     let kv_dim = p.n_kv_heads * hd;
     let rows = qkv.len() / qkv_cols;
     let mut q_out = Vec::with_capacity(rows * q_dim);
+    let mut k = Vec::with_capacity(kv_dim);
     for (seq, table) in batch.seqs.iter().zip(&batch.tables) {
         for t in 0..seq.len {
             let row_idx = seq.row + t;
@@ -50,13 +51,13 @@ pub(super) fn rope_store_kv(
             }
 
             let pos = seq.pos0 + t;
-            let k = pool.row_mut(table, layer, false, pos);
-            k.copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+            k.clear();
+            k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
             for head in k.chunks_exact_mut(hd) {
                 rotate(head, cos, sin);
             }
-            let v = pool.row_mut(table, layer, true, pos);
-            v.copy_from_slice(&row[q_dim + kv_dim..q_dim + 2 * kv_dim]);
+            pool.write_row(table, layer, false, pos, &k);
+            pool.write_row(table, layer, true, pos, &row[q_dim + kv_dim..q_dim + 2 * kv_dim]);
         }
     }
     q_out
