@@ -25,6 +25,7 @@ use half::slice::HalfFloatSliceExt;
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::simd::{fuses, load, mul_add, store};
 use super::WeightView;
 
 /// Weight rows per task: a multiple of every tile height below.
@@ -239,10 +240,7 @@ fn tile<S: Simd, const NJ: usize, const NR: usize>(
     mut acc: Accumulators<'_>,
 ) {
     let lanes = S::F32_LANES;
-    // pulp's one-lane fallback runs where there is no SIMD with FMA: on x86 before AVX2 (Haswell,
-    // 2013), where `mul_add` is a libm call and the kernel ran at 0.8 GFLOP/s. There each
-    // product is rounded before it is added (LLVM vectorises that for SSE).
-    let fused = S::F32_LANES > 1;
+    let fused = fuses::<S>();
     // Every access to `sums` is indexed with constant bounds so that LLVM keeps them in
     // registers (iterating over them by reference spilled every sum on every column).
     let mut sums = [[simd.splat_f32s(0.0); NR]; NJ];
@@ -260,11 +258,7 @@ fn tile<S: Simd, const NJ: usize, const NR: usize>(
         for jj in 0..NJ {
             let b = simd.splat_f32s(rows[jj][c]);
             for r in 0..NR {
-                sums[jj][r] = if fused {
-                    simd.mul_add_f32s(column[r], b, sums[jj][r])
-                } else {
-                    simd.add_f32s(simd.mul_f32s(column[r], b), sums[jj][r])
-                };
+                sums[jj][r] = mul_add(simd, fused, column[r], b, sums[jj][r]);
             }
         }
     }
@@ -279,14 +273,9 @@ fn tile<S: Simd, const NJ: usize, const NR: usize>(
 #[allow(clippy::needless_range_loop)] // constant bounds, as in `tile`
 #[inline(always)]
 fn load_row<S: Simd, const NR: usize>(simd: S, out: &[f32]) -> [S::f32s; NR] {
-    let (full, tail) = S::as_simd_f32s(out);
     let mut row = [simd.splat_f32s(0.0); NR];
     for r in 0..NR {
-        if r < full.len() {
-            row[r] = full[r];
-        } else if r == full.len() {
-            row[r] = simd.partial_load_f32s(tail);
-        }
+        row[r] = load(simd, out.get(r * S::F32_LANES..).unwrap_or_default());
     }
     row
 }
@@ -295,12 +284,9 @@ fn load_row<S: Simd, const NR: usize>(simd: S, out: &[f32]) -> [S::f32s; NR] {
 #[allow(clippy::needless_range_loop)] // constant bounds, as in `tile`
 #[inline(always)]
 fn store_row<S: Simd, const NR: usize>(simd: S, row: [S::f32s; NR], out: &mut [f32]) {
-    let (full, tail) = S::as_mut_simd_f32s(out);
     for r in 0..NR {
-        if r < full.len() {
-            full[r] = row[r];
-        } else if r == full.len() {
-            simd.partial_store_f32s(tail, row[r]);
+        if let Some(dst) = out.get_mut(r * S::F32_LANES..) {
+            store(simd, row[r], dst);
         }
     }
 }

@@ -15,6 +15,7 @@ mod int4_dot;
 mod matmul;
 mod norm;
 mod rope;
+mod simd;
 mod simd_exp;
 #[cfg(test)]
 mod simd_kinds;
@@ -384,7 +385,7 @@ impl Backend for CpuBackend {
                 x.rows
             )));
         }
-        // Prefill runs need no splitting: the sgemm path's rows are independent.
+        // Prefill runs need no splitting: the tiled path's rows are independent.
         let data = matmul::linear(&x.data, x.rows, x.cols, w.view()?, w.rows, rows.decode_rows());
         Ok(CpuAct::new(x.rows, w.rows, data))
     }

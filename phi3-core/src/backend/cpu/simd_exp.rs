@@ -9,6 +9,8 @@
 
 use pulp::Simd;
 
+use super::simd::mul_add;
+
 /// Below this, `e^x` is under the smallest normal f32 and the result is 0.
 const LOWEST: f32 = -87.336_55;
 /// Above this the result is +inf: `2^n` would overflow at n = 128, and the softmax only asks
@@ -22,23 +24,6 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// Cephes' minimax coefficients of (e^r - 1 - r) / r² on [-ln2/2, ln2/2], highest degree first.
 const POLY: [f32; 6] =
     [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
-
-/// `a · b + c`, fused, or (`fused == false`, pulp's one-lane fallback where a fused
-/// multiply-add is a libm call) with the product rounded first.
-#[inline(always)]
-pub(super) fn mul_add<S: Simd>(
-    simd: S,
-    fused: bool,
-    a: S::f32s,
-    b: S::f32s,
-    c: S::f32s,
-) -> S::f32s {
-    if fused {
-        simd.mul_add_f32s(a, b, c)
-    } else {
-        simd.add_f32s(simd.mul_f32s(a, b), c)
-    }
-}
 
 /// `e^x` for each lane. NaN stays NaN, -inf and anything below [`LOWEST`] give 0.
 #[inline(always)]

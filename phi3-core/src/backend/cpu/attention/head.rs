@@ -14,7 +14,8 @@ use std::ops::Range;
 
 use pulp::{Simd, WithSimd};
 
-use crate::backend::cpu::simd_exp::{exp, mul_add};
+use crate::backend::cpu::simd::{fuses, load, mul_add, store};
+use crate::backend::cpu::simd_exp::exp;
 
 /// Keys per pass of the weighted sum: their value rows (48 KiB at 96 dimensions) stay in L2
 /// while each tile of queries passes over them.
@@ -51,7 +52,7 @@ impl WithSimd for Head<'_, '_> {
             return;
         }
         let lanes = S::F32_LANES;
-        let fused = lanes > 1;
+        let fused = fuses::<S>();
         let nv = nq.div_ceil(lanes);
         let stride = nv * lanes;
         // q transposed, `[dimension][stride]`: lanes past the queries hold zeros.
@@ -62,7 +63,7 @@ impl WithSimd for Head<'_, '_> {
                 transposed[d * stride + i] = v;
             }
         }
-        let bounds = Bounds::new(simd, queries, nk, stride);
+        let bounds = Bounds::<S>::new(queries, nk, stride);
         scores.clear();
         scores.resize(nk * stride, 0.0);
         let pass = Scores {
@@ -116,7 +117,7 @@ struct Bounds<S: Simd> {
 }
 
 impl<S: Simd> Bounds<S> {
-    fn new(_simd: S, queries: &[Query<'_>], nk: usize, stride: usize) -> Self {
+    fn new(queries: &[Query<'_>], nk: usize, stride: usize) -> Self {
         let lane =
             |i: usize, f: fn(&Query<'_>) -> usize, pad: usize| queries.get(i).map_or(pad, f) as i32;
         let first: Vec<i32> = (0..stride).map(|i| lane(i, |q| q.first, 0)).collect();
@@ -215,8 +216,8 @@ impl<S: Simd> Scores<'_, '_, S> {
 /// Each lane's scores down the keys (`scores`: `[key][nv]`) into softmax weights.
 #[inline(always)]
 fn softmax<S: Simd>(simd: S, fused: bool, scores: &mut [S::f32s], nv: usize) {
+    let len = scores.len();
     for v in 0..nv {
-        let len = scores.len();
         let column = || (v..len).step_by(nv);
         let mut max = simd.splat_f32s(f32::NEG_INFINITY);
         for j in column() {
@@ -351,24 +352,6 @@ impl WeightedSum<'_, '_> {
                 }
             }
         }
-    }
-}
-
-/// The vector at the start of `src` (zeros past its end).
-#[inline(always)]
-fn load<S: Simd>(simd: S, src: &[f32]) -> S::f32s {
-    match S::as_simd_f32s(src).0.first() {
-        Some(&v) => v,
-        None => simd.partial_load_f32s(src),
-    }
-}
-
-/// `v` into the start of `dst`, as far as it goes.
-#[inline(always)]
-fn store<S: Simd>(simd: S, v: S::f32s, dst: &mut [f32]) {
-    match S::as_mut_simd_f32s(dst).0.first_mut() {
-        Some(slot) => *slot = v,
-        None => simd.partial_store_f32s(dst, v),
     }
 }
 
