@@ -18,6 +18,8 @@
 
 use multiversion::multiversion;
 
+use super::prefetch;
+
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -133,6 +135,7 @@ fn dot_groups(
     let groups = even.chunks_exact(half).zip(odd.chunks_exact(half)).zip(bytes.chunks_exact(half));
     let per_group = scales.iter().zip(zeros).zip(x_scales).zip(x_sums);
     for (((e, o), b), (((&s, &z), &x_s), &x_sum)) in groups.zip(per_group) {
+        prefetch::ahead(b);
         let mut part = [0i32; LANES];
         for ((e, o), b) in
             e.chunks_exact(CHUNK).zip(o.chunks_exact(CHUNK)).zip(b.chunks_exact(CHUNK))

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 
 use super::gemm;
 use super::int4_dot::{self, Int16Activations};
+use super::prefetch;
 use super::WeightView;
 use crate::loader::quant::{QuantData, QuantizedTensor};
 
@@ -127,11 +128,23 @@ fn gemv_quant(x: &[f32], n: usize, k: usize, w: &QuantizedTensor, out_t: &mut [f
     match &w.data {
         QuantData::Int8 { values, scales } => {
             out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
-                for (jj, o) in out.chunks_mut(n).enumerate() {
-                    let j = block * GEMV_BLOCK + jj;
-                    let q = &values[j * k..(j + 1) * k];
-                    for (i, o) in o.iter_mut().enumerate() {
-                        *o = scales[j] * dot_i8(&x[i * k..(i + 1) * k], q);
+                let row = |j: usize| &values[j * k..(j + 1) * k];
+                // Four rows at a time, as for bf16, so four independent chains of adds are in
+                // flight: one row's single chain bound the kernel by the adds' latency (int8
+                // decode streamed weights at half the memory bandwidth on a Xeon, docs/PERF.md).
+                for (g, rows) in out.chunks_mut(4 * n).enumerate() {
+                    let j = block * GEMV_BLOCK + 4 * g;
+                    for (i, xi) in x.chunks_exact(k).enumerate() {
+                        if rows.len() == 4 * n {
+                            let sums = dot_i8_x4(xi, [row(j), row(j + 1), row(j + 2), row(j + 3)]);
+                            for (r, sum) in sums.into_iter().enumerate() {
+                                rows[r * n + i] = scales[j + r] * sum;
+                            }
+                        } else {
+                            for r in 0..rows.len() / n {
+                                rows[r * n + i] = scales[j + r] * dot_i8(xi, row(j + r));
+                            }
+                        }
                     }
                 }
             });
@@ -247,6 +260,10 @@ fn dot_bf16_x4(x: &[f32], w: [&[bf16]; 4]) -> [f32; 4] {
     let mut acc = [[0.0f32; 16]; 4];
     let full = x.len() / 16 * 16;
     for c in (0..full).step_by(16) {
+        if c % 32 == 0 {
+            // Each row's line a few kilobytes ahead, 64 bytes a line (prefetch.rs).
+            w.iter().for_each(|w| prefetch::ahead_in_rows(w, c, 4));
+        }
         let a = &x[c..c + 16];
         for (acc, w) in acc.iter_mut().zip(&w) {
             let b = &w[c..c + 16];
@@ -277,6 +294,32 @@ fn dot_i8(x: &[f32], q: &[i8]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`dot_i8`] of `x` with four weight rows at once: every output adds the same products in the
+/// same order as `dot_i8`, so the bits are the same; the four chains of adds overlap.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn dot_i8_x4(x: &[f32], q: [&[i8]; 4]) -> [f32; 4] {
+    let mut acc = [[0.0f32; 16]; 4];
+    let full = x.len() / 16 * 16;
+    for c in (0..full).step_by(16) {
+        if c % 64 == 0 {
+            q.iter().for_each(|q| prefetch::ahead_in_rows(q, c, 4));
+        }
+        let a = &x[c..c + 16];
+        for (acc, q) in acc.iter_mut().zip(&q) {
+            let b = &q[c..c + 16];
+            for l in 0..16 {
+                acc[l] += a[l] * b[l] as f32;
+            }
+        }
+    }
+    let mut out = [0.0f32; 4];
+    for ((o, acc), q) in out.iter_mut().zip(&acc).zip(&q) {
+        let tail: f32 = x[full..].iter().zip(&q[full..]).map(|(a, &b)| a * b as f32).sum();
+        *o = acc.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
 /// One row of an int4 weight against one row of x: `even`/`odd` are x's even and odd columns
 /// (paired with the low and high nibbles of `bytes`), `sums` x's group sums; `scales`, `zeros`
 /// the row's groups. `group / 2` is a multiple of 16 (groups are 32, 64 or 128).
@@ -295,6 +338,7 @@ fn dot_int4(
     let mut zero_term = 0.0f32;
     let groups = even.chunks_exact(half).zip(odd.chunks_exact(half)).zip(bytes.chunks_exact(half));
     for (((e, o), b), ((s, &z), &sum)) in groups.zip(scales.iter().zip(zeros).zip(sums)) {
+        prefetch::ahead(b);
         let mut part = [0.0f32; 16];
         for ((e, o), b) in e.chunks_exact(16).zip(o.chunks_exact(16)).zip(b.chunks_exact(16)) {
             for l in 0..16 {
@@ -431,21 +475,26 @@ mod tests {
         }
     }
 
-    /// The four-row bf16 dot product is `dot_bf16` four times, bit for bit.
+    /// The four-row dot products are the one-row ones four times, bit for bit (bf16 and int8),
+    /// including a tail shorter than a vector.
     #[test]
-    fn dot_bf16_x4_is_dot_bf16_bit_for_bit() {
+    fn four_row_dot_products_are_the_one_row_ones_bit_for_bit() {
         for k in [1, 15, 16, 17, 100, 512, 515] {
             let x: Vec<f32> = (0..k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let value = |r: usize, i: usize| ((i * 53 + r * 11) % 97) as f32;
             let w: Vec<Vec<bf16>> = (0..4)
-                .map(|r| {
-                    (0..k)
-                        .map(|i| bf16::from_f32(((i * 53 + r * 11) % 97) as f32 / 9.0 - 5.0))
-                        .collect()
-                })
+                .map(|r| (0..k).map(|i| bf16::from_f32(value(r, i) / 9.0 - 5.0)).collect())
                 .collect();
-            let got = dot_bf16_x4(&x, [&w[0], &w[1], &w[2], &w[3]]);
+            let q: Vec<Vec<i8>> = (0..4)
+                .map(|r| (0..k).map(|i| (value(r, i) * 2.6 - 127.0) as i8).collect())
+                .collect();
+            let got_bf16 = dot_bf16_x4(&x, [&w[0], &w[1], &w[2], &w[3]]);
+            let got_i8 = dot_i8_x4(&x, [&q[0], &q[1], &q[2], &q[3]]);
             for r in 0..4 {
-                assert_eq!(got[r].to_bits(), dot_bf16(&x, &w[r]).to_bits(), "k {k} row {r}");
+                let want = dot_bf16(&x, &w[r]);
+                assert_eq!(got_bf16[r].to_bits(), want.to_bits(), "bf16 k {k} row {r}");
+                let want = dot_i8(&x, &q[r]);
+                assert_eq!(got_i8[r].to_bits(), want.to_bits(), "int8 k {k} row {r}");
             }
         }
     }

@@ -14,6 +14,7 @@ mod gemm;
 mod int4_dot;
 mod matmul;
 mod norm;
+mod prefetch;
 mod rope;
 mod simd;
 mod simd_exp;

@@ -19,6 +19,7 @@ use pulp::x86::{V3, V4};
 use pulp::{as_arrays, cast, NullaryFnOnce};
 
 use super::Row;
+use crate::backend::cpu::prefetch;
 
 /// The kernel for this CPU, when one of these fits it (None: the portable one).
 pub(super) fn dot(row: Row<'_>) -> Option<f32> {
@@ -65,6 +66,7 @@ impl NullaryFnOnce for Avx512<'_> {
         let mut acc: __m512 = f._mm512_setzero_ps();
         let mut zero_term = 0.0f32;
         for (e, o, b, step, zero) in self.row.groups() {
+            prefetch::ahead(b);
             let mut part: __m512i = f._mm512_setzero_si512();
             let (b, _) = as_arrays::<32, u8>(b);
             let (e, _) = as_arrays::<32, i16>(e);
@@ -103,6 +105,7 @@ impl NullaryFnOnce for Avx2<'_> {
         let mut acc: [__m256; 2] = [avx._mm256_setzero_ps(); 2];
         let mut zero_term = 0.0f32;
         for (e, o, b, step, zero) in self.row.groups() {
+            prefetch::ahead(b);
             let mut part: [__m256i; 2] = [avx._mm256_setzero_si256(); 2];
             let (b, _) = as_arrays::<16, u8>(b);
             let (e, _) = as_arrays::<16, i16>(e);
