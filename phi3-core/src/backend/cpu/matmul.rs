@@ -12,8 +12,11 @@
 //!   AVX-512 and AVX2; docs/PERF.md). Other int4 (groups of 32, or x not finite):
 //!   `Σ_g scale_g * (Σ x·q - zero_g * Σ_g x)`, with x split once per call into its even and odd
 //!   columns (the low and high nibbles) and its group sums, so the inner loop is contiguous and
-//!   vectorises. bf16 takes four weight rows per pass over x (`dot_bf16_x4`, the same bits as
-//!   four `dot_bf16`s), so several decode rows cost less load traffic per row.
+//!   vectorises. bf16 and int8 take four weight rows per pass over x (`dot_bf16_x4`,
+//!   `dot_i8_x4`, the same bits as four one-row calls): x is loaded once for the four, and four
+//!   chains of adds are in flight. The bf16, int8 and int4 kernels ask for their weights a few
+//!   kilobytes ahead (`prefetch.rs`): on a Xeon that made the int4 and int8 GEMVs about twice as
+//!   fast (docs/PERF.md).
 //! - prefill rows: `gemm.rs`, register tiles of weight rows against vectors of tokens, with the
 //!   weights widened (or dequantized) to f32 a block of rows at a time; bound by compute. Each
 //!   output is one fused multiply-add chain over k, the same bits on AVX-512, AVX2 and NEON.

@@ -4,11 +4,12 @@
 //! On the development VM (Xeon, AVX-512) the hardware prefetchers did not keep far enough ahead of
 //! the int4 kernel: one core streamed its rows at 5.6 GB/s where a plain read runs at 10-11, as if
 //! each line's wait for memory and its arithmetic took turns. Asking for the line a few kilobytes
-//! ahead keeps enough misses in flight: the int4 GEMV on two cores went from 10.6 to 23-24 GB/s,
-//! and bf16 from about 20 to 22-26 (docs/PERF.md, "Decode kernels that keep memory busy").
+//! ahead keeps more misses in flight: one token against Phi-3-medium's gate_up on two cores went
+//! from 10-18 to 23-24 GB/s in int4 and from 20-22 to 26-32 in bf16 (docs/PERF.md, "Decode
+//! kernels that keep memory busy").
 
-/// How far past the bytes being read a kernel asks for the next line. Measured on the int4
-/// GEMV: 1 KiB 19 GB/s, 2 KiB 20-23, 4 KiB 23-25.
+/// How far past the bytes being read a kernel asks for the next line. The int4 GEMV above, one
+/// run each: 1 KiB 19.2 GB/s, 2 KiB 22.7, 4 KiB 23.9.
 const AHEAD_BYTES: usize = 4096;
 
 /// Starts loading the cache line `AHEAD_BYTES` past the start of `data`: for kernels that read
