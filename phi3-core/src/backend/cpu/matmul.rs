@@ -255,32 +255,10 @@ fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// [`dot_bf16`] of `x` with four weight rows at once (each chunk of x is loaded once): every
-/// output adds the same products in the same order as `dot_bf16`, so the bits are the same.
+/// [`dot_bf16`] of `x` with four weight rows at once: the same bits as four `dot_bf16`s.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 fn dot_bf16_x4(x: &[f32], w: [&[bf16]; 4]) -> [f32; 4] {
-    let widen = |b: bf16| f32::from_bits((b.to_bits() as u32) << 16);
-    let mut acc = [[0.0f32; 16]; 4];
-    let full = x.len() / 16 * 16;
-    for c in (0..full).step_by(16) {
-        if c % 32 == 0 {
-            // Each row's line a few kilobytes ahead, 64 bytes a line (prefetch.rs).
-            w.iter().for_each(|w| prefetch::ahead_in_rows(w, c, 4));
-        }
-        let a = &x[c..c + 16];
-        for (acc, w) in acc.iter_mut().zip(&w) {
-            let b = &w[c..c + 16];
-            for l in 0..16 {
-                acc[l] += a[l] * widen(b[l]);
-            }
-        }
-    }
-    let mut out = [0.0f32; 4];
-    for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
-        let tail: f32 = x[full..].iter().zip(&w[full..]).map(|(a, &b)| a * widen(b)).sum();
-        *o = acc.iter().sum::<f32>() + tail;
-    }
-    out
+    dot_x4(x, w, |b| f32::from_bits((b.to_bits() as u32) << 16))
 }
 
 /// Σ x_i q_i for int8 weights (the caller multiplies by the row's scale).
@@ -297,27 +275,38 @@ fn dot_i8(x: &[f32], q: &[i8]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// [`dot_i8`] of `x` with four weight rows at once: every output adds the same products in the
-/// same order as `dot_i8`, so the bits are the same; the four chains of adds overlap.
+/// [`dot_i8`] of `x` with four weight rows at once: the same bits as four `dot_i8`s.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 fn dot_i8_x4(x: &[f32], q: [&[i8]; 4]) -> [f32; 4] {
+    dot_x4(x, q, f32::from)
+}
+
+/// `x` against four adjacent weight rows, each widened by `widen`, inlined into the caller's
+/// target. Each chunk of x is loaded once for the four rows, four chains of adds are in flight,
+/// and each row's products are added in the order of the one-row kernels (`dot_bf16`,
+/// `dot_i8`: 16 lanes, then their sum, then the tail), so the bits are theirs.
+#[inline(always)]
+fn dot_x4<T: Copy>(x: &[f32], w: [&[T]; 4], widen: impl Fn(T) -> f32) -> [f32; 4] {
+    // Elements per 64-byte line of weights: each row asks for one line per line it reads.
+    let per_line = (64 / size_of::<T>()).max(16);
     let mut acc = [[0.0f32; 16]; 4];
     let full = x.len() / 16 * 16;
     for c in (0..full).step_by(16) {
-        if c % 64 == 0 {
-            q.iter().for_each(|q| prefetch::ahead_in_rows(q, c, 4));
+        if c % per_line == 0 {
+            // Each row's line a few kilobytes ahead (prefetch.rs).
+            w.iter().for_each(|w| prefetch::ahead_in_rows(w, c, 4));
         }
         let a = &x[c..c + 16];
-        for (acc, q) in acc.iter_mut().zip(&q) {
-            let b = &q[c..c + 16];
+        for (acc, w) in acc.iter_mut().zip(&w) {
+            let b = &w[c..c + 16];
             for l in 0..16 {
-                acc[l] += a[l] * b[l] as f32;
+                acc[l] += a[l] * widen(b[l]);
             }
         }
     }
     let mut out = [0.0f32; 4];
-    for ((o, acc), q) in out.iter_mut().zip(&acc).zip(&q) {
-        let tail: f32 = x[full..].iter().zip(&q[full..]).map(|(a, &b)| a * b as f32).sum();
+    for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
+        let tail: f32 = x[full..].iter().zip(&w[full..]).map(|(a, &b)| a * widen(b)).sum();
         *o = acc.iter().sum::<f32>() + tail;
     }
     out
