@@ -72,30 +72,10 @@ fn linear_one_path(
     if let (WeightView::Quant(q), true) = (w, gemv) {
         gemv_quant(x, n, k, q, &mut out_t);
     } else if let (WeightView::Bf16(w), true) = (w, gemv) {
-        // Four weight rows at a time: each chunk of x is loaded once for the four.
         out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
             let j0 = block * GEMV_BLOCK;
-            let rows = out.len() / n;
-            let row = |j: usize| &w[j * k..(j + 1) * k];
-            let mut jj = 0;
-            while jj + 4 <= rows {
-                let j = j0 + jj;
-                for i in 0..n {
-                    let got = dot_bf16_x4(
-                        &x[i * k..(i + 1) * k],
-                        [row(j), row(j + 1), row(j + 2), row(j + 3)],
-                    );
-                    for (r, v) in got.into_iter().enumerate() {
-                        out[(jj + r) * n + i] = v;
-                    }
-                }
-                jj += 4;
-            }
-            for jj in jj..rows {
-                for i in 0..n {
-                    out[jj * n + i] = dot_bf16(&x[i * k..(i + 1) * k], row(j0 + jj));
-                }
-            }
+            let row = |jj: usize| &w[(j0 + jj) * k..(j0 + jj + 1) * k];
+            four_rows_at_a_time(x, n, k, out, row, dot_bf16_x4, dot_bf16);
         });
     } else if gemv {
         out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
@@ -126,29 +106,49 @@ fn linear_one_path(
     transpose(&out_t, m, n)
 }
 
+/// A block of decode rows (`out`: `[rows, n]`; `row(jj)` is the block's weight row `jj`)
+/// through a four-row kernel, four rows at a time: each chunk of x is loaded once for the four,
+/// and four chains of adds are in flight (one row's single chain bound int8 decode by the adds'
+/// latency, docs/PERF.md). The rows left over take the one-row kernel, whose bits are the same.
+#[inline(always)]
+fn four_rows_at_a_time<'w, T: 'w>(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    row: impl Fn(usize) -> &'w [T],
+    four: impl Fn(&[f32], [&'w [T]; 4]) -> [f32; 4],
+    one: impl Fn(&[f32], &'w [T]) -> f32,
+) {
+    let rows = out.len() / n;
+    let mut jj = 0;
+    while jj + 4 <= rows {
+        for (i, xi) in x.chunks_exact(k).enumerate() {
+            let got = four(xi, [row(jj), row(jj + 1), row(jj + 2), row(jj + 3)]);
+            for (r, v) in got.into_iter().enumerate() {
+                out[(jj + r) * n + i] = v;
+            }
+        }
+        jj += 4;
+    }
+    for jj in jj..rows {
+        for (i, xi) in x.chunks_exact(k).enumerate() {
+            out[jj * n + i] = one(xi, row(jj));
+        }
+    }
+}
+
 /// The decode path for quantized weights: `out_t` `[m, n]` = `w @ x^T`.
 fn gemv_quant(x: &[f32], n: usize, k: usize, w: &QuantizedTensor, out_t: &mut [f32]) {
     match &w.data {
         QuantData::Int8 { values, scales } => {
             out_t.par_chunks_mut(GEMV_BLOCK * n).enumerate().for_each(|(block, out)| {
-                let row = |j: usize| &values[j * k..(j + 1) * k];
-                // Four rows at a time, as for bf16, so four independent chains of adds are in
-                // flight: one row's single chain bound the kernel by the adds' latency (int8
-                // decode streamed weights at half the memory bandwidth on a Xeon, docs/PERF.md).
-                for (g, rows) in out.chunks_mut(4 * n).enumerate() {
-                    let j = block * GEMV_BLOCK + 4 * g;
-                    for (i, xi) in x.chunks_exact(k).enumerate() {
-                        if rows.len() == 4 * n {
-                            let sums = dot_i8_x4(xi, [row(j), row(j + 1), row(j + 2), row(j + 3)]);
-                            for (r, sum) in sums.into_iter().enumerate() {
-                                rows[r * n + i] = scales[j + r] * sum;
-                            }
-                        } else {
-                            for r in 0..rows.len() / n {
-                                rows[r * n + i] = scales[j + r] * dot_i8(xi, row(j + r));
-                            }
-                        }
-                    }
+                let j0 = block * GEMV_BLOCK;
+                let row = |jj: usize| &values[(j0 + jj) * k..(j0 + jj + 1) * k];
+                four_rows_at_a_time(x, n, k, out, row, dot_i8_x4, dot_i8);
+                // Each sum times its row's scale: the product the one-row loop took.
+                for (o, &scale) in out.chunks_mut(n).zip(&scales[j0..]) {
+                    o.iter_mut().for_each(|v| *v *= scale);
                 }
             });
         }
